@@ -1,0 +1,116 @@
+"""Host-side argument checks shared by every public entry point.
+
+Everything here looks only at metadata (shape, dtype, device, strides) except `check_labels`, which
+looks at user-supplied label values once (one host sync, only when the caller passes labels).
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation / statistics dtype: fp64 for fp64 inputs, fp32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_features(name: str, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [N, D], got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}"
+        )
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}); batch size must be >= 1")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} has feature dimension 0 (shape {tuple(x.shape)}); D must be >= 1")
+    return x
+
+
+def check_pair(
+    a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor, *, same_batch: bool
+) -> None:
+    check_features(a_name, a)
+    check_features(b_name, b)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"{a_name} and {b_name} must have the same feature dimension, "
+            f"got {a.shape[1]} and {b.shape[1]} (shapes {tuple(a.shape)} and {tuple(b.shape)})"
+        )
+    if same_batch and a.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"{a_name} and {b_name} must have the same batch size for a paired loss, "
+            f"got {a.shape[0]} and {b.shape[0]}"
+        )
+    if a.dtype != b.dtype:
+        raise TypeError(
+            f"{a_name} and {b_name} must have the same dtype, got {a.dtype} and {b.dtype}"
+        )
+    if a.device != b.device:
+        raise ValueError(
+            f"{a_name} and {b_name} must be on the same device, got {a.device} and {b.device}"
+        )
+
+
+def as_scale(name: str, value: object, like: torch.Tensor) -> torch.Tensor:
+    """A python number, 0-d or one-element tensor -> 0-d tensor in the accumulation dtype on
+    `like`'s device, keeping the autograd graph of a tensor argument."""
+    dtype = acc_dtype(like.dtype)
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"{name} must be a number or a tensor with one element, "
+                f"got shape {tuple(value.shape)}"
+            )
+        if not value.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        if value.device != like.device:
+            raise ValueError(
+                f"{name} is on {value.device} but the features are on {like.device}"
+            )
+        return value.reshape(()).to(dtype)
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return torch.tensor(float(value), dtype=dtype, device=like.device)
+
+
+def check_reduction(reduction: object) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return reduction  # type: ignore[return-value]
+
+
+def check_label_smoothing(label_smoothing: object) -> float:
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, Real):
+        raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    return float(label_smoothing)
+
+
+def check_labels(labels: object, rows: int, cols: int, device: torch.device) -> torch.Tensor:
+    """Validates user-supplied labels (one host sync for the range check)."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be an int64 tensor, got {type(labels).__name__}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be an integer (int64) tensor, got {labels.dtype}")
+    if labels.shape != (rows,):
+        raise ValueError(f"labels must have shape ({rows},), got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device} but the features are on {device}")
+    lo, hi = torch.aminmax(labels)
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= cols:
+        raise ValueError(f"labels must lie in [0, {cols - 1}], got values in [{lo}, {hi}]")
+    return labels.long()

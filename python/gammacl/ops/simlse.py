@@ -1,0 +1,163 @@
+"""simlse: row and column log-sum-exp of the scaled similarity matrix, never materialised.
+
+    l_ij  = scale * <a_i, b_j>                      a: [M, D], b: [N, D], fp32 accumulation
+    r_i   = log sum_j exp(l_ij)                     (row LSE, [M])
+    c_j   = log sum_i exp(l_ij)                     (column LSE, [N]; only when cols=True)
+Entries (i, i + offset) are left out of both sums when exclude_pos=True (the positive pair), so
+r_i is then the log-partition over negatives only (gamma / SogCLR losses).
+
+Every contrastive loss in gammacl is an O(N*D) expression in (r, c) and a few row-wise dots, so
+this one op carries all the N^2 work. Its backward, given upstream g_r [M] and g_c [N]:
+    W_ij   = g_r_i * exp(l_ij - r_i) + g_c_j * exp(l_ij - c_j)      (0 on excluded entries)
+    da_raw = W @ b,  db_raw = W^T @ a                                (fp32 / fp64)
+    dA = scale * da_raw,  dB = scale * db_raw,  dscale = sum_ij W_ij <a_i,b_j> = <A, da_raw>_F
+FLOPs: forward one N x M x D GEMM (2MND); backward recompute + two GEMMs (6MND): 8MND in all,
+the 4-GEMM floor. Saved for backward: a, b, r, c, scale (O((M+N)D)), never an M x N buffer.
+
+Backends implement two functions with one signature each:
+    fwd(a, b, scale, offset, exclude_pos, cols) -> (row_lse [M], col_lse [N] or [0])
+    bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols) -> (da_raw, db_raw)
+with `scale` a 0-d tensor in the accumulation dtype on the features' device, statistics and raw
+gradients in the accumulation dtype (fp64 for fp64 inputs, else fp32), g_row / g_col contiguous.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from gammacl._validate import acc_dtype
+from gammacl.dispatch import resolve_backend
+
+# torch backend chunk: rows per chunk chosen so one chunk x N fp32 buffer stays under this budget.
+_CHUNK_BYTES = int(float(os.environ.get("GAMMACL_CHUNK_MIB", "32")) * 2**20)
+
+
+def _chunk_rows(m: int, n: int, itemsize: int) -> int:
+    return max(1, min(m, _CHUNK_BYTES // max(1, n * itemsize)))
+
+
+def _masked_logits(
+    a_chunk: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, i0: int, offset: int, exclude: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scaled logits of one row chunk in the accumulation dtype, excluded entries at -inf."""
+    s = torch.mm(a_chunk, b.t()) * scale
+    if not exclude:
+        return s, None
+    rows = torch.arange(i0, i0 + s.shape[0], device=s.device)
+    cols = rows + offset
+    ok = (cols >= 0) & (cols < s.shape[1])
+    r_idx = (rows - i0)[ok]
+    c_idx = cols[ok]
+    s[r_idx, c_idx] = float("-inf")
+    return s, (r_idx, c_idx)
+
+
+def torch_fwd(a, b, scale, offset: int, exclude_pos: bool, cols: bool):
+    acc = acc_dtype(a.dtype)
+    m, n = a.shape[0], b.shape[0]
+    af, bf = a.to(acc), b.to(acc)
+    row = torch.empty(m, dtype=acc, device=a.device)
+    col = torch.full((n if cols else 0,), float("-inf"), dtype=acc, device=a.device)
+    step = _chunk_rows(m, n, 4 if acc == torch.float32 else 8)
+    for i0 in range(0, m, step):
+        s, _ = _masked_logits(af[i0 : i0 + step], bf, scale, i0, offset, exclude_pos)
+        row[i0 : i0 + step] = torch.logsumexp(s, dim=1)
+        if cols:
+            col = torch.logaddexp(col, torch.logsumexp(s, dim=0))
+    return row, col
+
+
+def torch_bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset: int, exclude_pos: bool,
+              cols: bool):
+    acc = acc_dtype(a.dtype)
+    m, n = a.shape[0], b.shape[0]
+    af, bf = a.to(acc), b.to(acc)
+    da = torch.empty(m, a.shape[1], dtype=acc, device=a.device)
+    db = torch.zeros(n, b.shape[1], dtype=acc, device=a.device)
+    step = _chunk_rows(m, n, 4 if acc == torch.float32 else 8)
+    for i0 in range(0, m, step):
+        i1 = min(m, i0 + step)
+        s, masked = _masked_logits(af[i0:i1], bf, scale, i0, offset, exclude_pos)
+        w = torch.exp(s - row_lse[i0:i1, None]) * g_row[i0:i1, None]
+        if cols:
+            w += torch.exp(s - col_lse[None, :]) * g_col[None, :]
+        if masked is not None:
+            w[masked] = 0.0  # exp(-inf - (-inf)) on an all-excluded row would be nan
+        da[i0:i1] = torch.mm(w, bf)
+        db.addmm_(w.t(), af[i0:i1])
+    return da, db
+
+
+def _backend_impl(name: str):
+    if name == "torch":
+        return torch_fwd, torch_bwd
+    if name == "triton":
+        from gammacl.kernels import simlse as k
+
+        return k.simlse_fwd, k.simlse_bwd
+    if name in ("cpp", "cuda"):
+        from gammacl import _ext
+
+        ops = _ext.load(cuda=name == "cuda")
+        return ops.simlse_fwd, ops.simlse_bwd
+    raise ValueError(f"simlse has no backend {name!r}")
+
+
+class SimLSE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, scale, offset, exclude_pos, cols, backend):
+        fwd, _ = _backend_impl(backend)
+        row, col = fwd(a, b, scale, offset, exclude_pos, cols)
+        ctx.save_for_backward(a, b, scale, row, col)
+        ctx.args = (offset, exclude_pos, cols, backend)
+        return row, col
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_row, g_col):
+        a, b, scale, row, col = ctx.saved_tensors
+        offset, exclude_pos, cols, backend = ctx.args
+        acc = row.dtype
+        g_row = torch.zeros_like(row) if g_row is None else g_row.to(acc).contiguous()
+        if cols:
+            g_col = torch.zeros_like(col) if g_col is None else g_col.to(acc).contiguous()
+        else:
+            g_col = torch.zeros(0, dtype=acc, device=row.device)
+        _, bwd = _backend_impl(backend)
+        da_raw, db_raw = bwd(a, b, scale, row, col, g_row, g_col, offset, exclude_pos, cols)
+        need_a, need_b, need_s = ctx.needs_input_grad[:3]
+        da = (da_raw * scale).to(a.dtype) if need_a else None
+        db = (db_raw * scale).to(b.dtype) if need_b else None
+        ds = (a.to(acc) * da_raw).sum() if need_s else None
+        return da, db, ds, None, None, None, None
+
+
+def _reference(a, b, scale, offset, exclude_pos, cols):
+    from gammacl.reference import simlse as ref
+
+    return ref(a, b, scale, offset=offset, exclude_pos=exclude_pos, cols=cols, upcast=False)
+
+
+def simlse(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    offset: int = 0,
+    exclude_pos: bool = False,
+    cols: bool = True,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column LSE of scale * a @ b.T (see module docstring). `scale` is a 0-d tensor in
+    the accumulation dtype (callers go through gammacl._validate.as_scale). Inputs must already
+    be validated; this is the internal entry every loss uses."""
+    name = resolve_backend(backend, a.device)
+    if name == "reference":
+        return _reference(a, b, scale, offset, exclude_pos, cols)
+    if a.stride(-1) != 1:
+        a = a.contiguous()
+    if b.stride(-1) != 1:
+        b = b.contiguous()
+    return SimLSE.apply(a, b, scale, int(offset), bool(exclude_pos), bool(cols), name)
