@@ -16,6 +16,12 @@ from gammacl.dispatch import resolve_backend
 from gammacl.ops.simlse import simlse
 
 
+def _nan_if_not_finite(per: torch.Tensor) -> torch.Tensor:
+    """inf - inf gives NaN in the materialised loss but our LSE form can return +-inf for
+    non-finite inputs; map those to NaN so a non-finite input never yields a number."""
+    return torch.where(torch.isfinite(per), per, torch.full_like(per, float("nan")))
+
+
 def _reduce(per: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "mean":
         return per.mean()
@@ -53,7 +59,9 @@ def infonce_rows(
     loss = row - (1.0 - label_smoothing) * _pos_logits(q, pos_k, scale)
     if label_smoothing:
         loss = loss - label_smoothing * _smooth_term(q, k, scale)
-    return loss
+    if k.shape[0] == 1:  # one candidate, no negatives: exactly 0 (NaN/inf inputs still give NaN)
+        loss = loss * 0.0
+    return _nan_if_not_finite(loss)
 
 
 def infonce_loss(
@@ -115,7 +123,9 @@ def clip_pairs(
         if labels is not None:
             smooth_cols = smooth_cols[labels]
         per = per - 0.5 * label_smoothing * (smooth_rows + smooth_cols)
-    return per
+    if image.shape[0] == 1:  # one pair, no negatives: exactly 0 (NaN/inf inputs still give NaN)
+        per = per * 0.0
+    return _nan_if_not_finite(per)
 
 
 def clip_loss(

@@ -80,9 +80,12 @@ def torch_bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset: int, exclude_
     for i0 in range(0, m, step):
         i1 = min(m, i0 + step)
         s, masked = _masked_logits(af[i0:i1], bf, scale, i0, offset, exclude_pos)
-        w = torch.exp(s - row_lse[i0:i1, None]) * g_row[i0:i1, None]
-        if cols:
-            w += torch.exp(s - col_lse[None, :]) * g_col[None, :]
+        # two chunk buffers: s (turned into the row term in place) and the column term
+        e = torch.sub(s, col_lse[None, :]).exp_().mul_(g_col[None, :]) if cols else None
+        w = s.sub_(row_lse[i0:i1, None]).exp_().mul_(g_row[i0:i1, None])
+        if e is not None:
+            w.add_(e)
+            del e
         if masked is not None:
             w[masked] = 0.0  # exp(-inf - (-inf)) on an all-excluded row would be nan
         da[i0:i1] = torch.mm(w, bf)

@@ -1,0 +1,52 @@
+"""The one tolerance table of the test suite, and the comparison rule every parity test uses.
+
+float64: the fused path must match the float64 reference tightly (rtol 1e-9).
+Lower precision: the path's error against the float64 reference may be at most twice PyTorch's
+own error in that dtype (the reference run in the input dtype) plus TOL[dtype] relative to the
+reference's scale (CCE / FlashAttention rule).
+"""
+
+from __future__ import annotations
+
+import torch
+
+RTOL_FP64 = 1e-9
+ATOL_FP64 = 1e-12
+
+# extra allowance on top of 2 x PyTorch's own error, relative to max(1, max|reference|)
+TOL = {
+    torch.float32: 1e-5,
+    torch.float16: 1e-3,
+    torch.bfloat16: 1e-2,
+}
+
+
+def _err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    diff = (x.double() - ref.double()).abs()
+    return float(diff.max()) if diff.numel() else 0.0
+
+
+def assert_close_fp64(out: torch.Tensor, ref: torch.Tensor, what: str = "") -> None:
+    torch.testing.assert_close(out.double(), ref.double(), rtol=RTOL_FP64, atol=ATOL_FP64,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def assert_close_dtype(
+    out: torch.Tensor, ref64: torch.Tensor, torch_same_dtype: torch.Tensor | None,
+    dtype: torch.dtype, what: str = "",
+) -> None:
+    """out (computed from `dtype` inputs) vs the float64 reference, relative to torch's error."""
+    if dtype == torch.float64:
+        assert_close_fp64(out, ref64, what)
+        return
+    assert out.shape == ref64.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    fin = torch.isfinite(ref64)
+    assert torch.equal(torch.isfinite(out), fin), f"{what}: finite pattern differs from reference"
+    scale = max(1.0, float(ref64[fin].abs().max())) if fin.any() else 1.0
+    torch_err = _err(torch_same_dtype[fin], ref64[fin]) if torch_same_dtype is not None else 0.0
+    err = _err(out[fin], ref64[fin])
+    bound = 2.0 * torch_err + TOL[dtype] * scale
+    assert err <= bound, (
+        f"{what}: max error {err:.3e} > bound {bound:.3e} "
+        f"(2 x torch {dtype} error {torch_err:.3e} + {TOL[dtype]:.0e} x {scale:.3g})"
+    )
