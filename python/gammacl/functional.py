@@ -42,6 +42,12 @@ def _smooth_term(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch
     return scale * (a.to(acc) @ b.to(acc).mean(dim=0))
 
 
+def no_autocast(x: torch.Tensor):
+    """Our statistics are fp32 whatever autocast says: the GEMMs inside the losses must not be
+    recast to bf16/fp16 (inputs keep their own dtype; results come back fp32)."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def infonce_rows(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -54,6 +60,11 @@ def infonce_rows(
 ) -> torch.Tensor:
     """Per-row InfoNCE losses of q (M x D) against k (N x D); row i's positive is labels[i], or
     column i + offset when labels is None. Inputs are assumed validated; `scale` is 0-d."""
+    with no_autocast(q):
+        return _infonce_rows(q, k, scale, labels, offset, label_smoothing, backend)
+
+
+def _infonce_rows(q, k, scale, labels, offset, label_smoothing, backend):
     row, _ = simlse(q, k, scale, cols=False, backend=backend)
     pos_k = k[labels] if labels is not None else k[offset : offset + q.shape[0]]
     loss = row - (1.0 - label_smoothing) * _pos_logits(q, pos_k, scale)
@@ -110,6 +121,11 @@ def clip_pairs(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Per-pair symmetric CLIP losses (validated inputs, 0-d scale): 0.5 * (row_i + col_{p_i})."""
+    with no_autocast(image):
+        return _clip_pairs(image, text, scale, labels, label_smoothing, backend)
+
+
+def _clip_pairs(image, text, scale, labels, label_smoothing, backend):
     row, col = simlse(image, text, scale, cols=True, backend=backend)
     if labels is None:
         pos = _pos_logits(image, text, scale)

@@ -108,39 +108,78 @@ def _backend_impl(name: str):
     raise ValueError(f"simlse has no backend {name!r}")
 
 
-class SimLSE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, b, scale, offset, exclude_pos, cols, backend):
-        fwd, _ = _backend_impl(backend)
-        row, col = fwd(a, b, scale, offset, exclude_pos, cols)
-        ctx.save_for_backward(a, b, scale, row, col)
-        ctx.args = (offset, exclude_pos, cols, backend)
-        return row, col
+# The op is a torch.library custom op so torch.compile(fullgraph=True) sees one opaque node (no
+# graph break) and opcheck can test its schema, fake (meta) function and autograd registration.
+@torch.library.custom_op("gammacl::simlse", mutates_args=())
+def _simlse_op(
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, offset: int, exclude_pos: bool,
+    cols: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    fwd, _ = _backend_impl(backend)
+    with torch.autocast(a.device.type, enabled=False):
+        return fwd(a, b, scale, offset, exclude_pos, cols)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_row, g_col):
-        a, b, scale, row, col = ctx.saved_tensors
-        offset, exclude_pos, cols, backend = ctx.args
-        acc = row.dtype
-        g_row = torch.zeros_like(row) if g_row is None else g_row.to(acc).contiguous()
-        if cols:
-            g_col = torch.zeros_like(col) if g_col is None else g_col.to(acc).contiguous()
-        else:
-            g_col = torch.zeros(0, dtype=acc, device=row.device)
-        _, bwd = _backend_impl(backend)
-        da_raw, db_raw = bwd(a, b, scale, row, col, g_row, g_col, offset, exclude_pos, cols)
-        need_a, need_b, need_s = ctx.needs_input_grad[:3]
-        da = (da_raw * scale).to(a.dtype) if need_a else None
-        db = (db_raw * scale).to(b.dtype) if need_b else None
-        ds = (a.to(acc) * da_raw).sum() if need_s else None
-        return da, db, ds, None, None, None, None
+
+@_simlse_op.register_fake
+def _(a, b, scale, offset, exclude_pos, cols, backend):
+    acc = acc_dtype(a.dtype)
+    return a.new_empty(a.shape[0], dtype=acc), a.new_empty(b.shape[0] if cols else 0, dtype=acc)
+
+
+@torch.library.custom_op("gammacl::simlse_backward", mutates_args=())
+def _simlse_backward_op(
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, row_lse: torch.Tensor,
+    col_lse: torch.Tensor, g_row: torch.Tensor, g_col: torch.Tensor, offset: int,
+    exclude_pos: bool, cols: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _, bwd = _backend_impl(backend)
+    with torch.autocast(a.device.type, enabled=False):
+        return bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols)
+
+
+@_simlse_backward_op.register_fake
+def _(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols, backend):
+    acc = acc_dtype(a.dtype)
+    return a.new_empty(a.shape, dtype=acc), b.new_empty(b.shape, dtype=acc)
+
+
+def _setup_context(ctx, inputs, output):
+    a, b, scale, offset, exclude_pos, cols, backend = inputs
+    row, col = output
+    ctx.save_for_backward(a, b, scale, row, col)
+    ctx.args = (offset, exclude_pos, cols, backend)
+
+
+def _backward(ctx, g_row, g_col):
+    a, b, scale, row, col = ctx.saved_tensors
+    offset, exclude_pos, cols, backend = ctx.args
+    acc = row.dtype
+    g_row = torch.zeros_like(row) if g_row is None else g_row.to(acc).contiguous()
+    if cols:
+        g_col = torch.zeros_like(col) if g_col is None else g_col.to(acc).contiguous()
+    else:
+        g_col = row.new_zeros(0)
+    da_raw, db_raw = _simlse_backward_op(a, b, scale, row, col, g_row, g_col, offset,
+                                         exclude_pos, cols, backend)
+    need_a, need_b, need_s = ctx.needs_input_grad[:3]
+    da = (da_raw * scale).to(a.dtype) if need_a else None
+    db = (db_raw * scale).to(b.dtype) if need_b else None
+    ds = (a.to(acc) * da_raw).sum() if need_s else None
+    return da, db, ds, None, None, None, None
+
+
+_simlse_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _reference(a, b, scale, offset, exclude_pos, cols):
     from gammacl.reference import simlse as ref
 
     return ref(a, b, scale, offset=offset, exclude_pos=exclude_pos, cols=cols, upcast=False)
+
+
+@torch.compiler.assume_constant_result
+def _resolve(backend: str, device: torch.device) -> str:
+    return resolve_backend(backend, device)
 
 
 def simlse(
@@ -156,11 +195,11 @@ def simlse(
     """Row and column LSE of scale * a @ b.T (see module docstring). `scale` is a 0-d tensor in
     the accumulation dtype (callers go through gammacl._validate.as_scale). Inputs must already
     be validated; this is the internal entry every loss uses."""
-    name = resolve_backend(backend, a.device)
+    name = _resolve(backend, a.device)
     if name == "reference":
         return _reference(a, b, scale, offset, exclude_pos, cols)
     if a.stride(-1) != 1:
         a = a.contiguous()
     if b.stride(-1) != 1:
         b = b.contiguous()
-    return SimLSE.apply(a, b, scale, int(offset), bool(exclude_pos), bool(cols), name)
+    return _simlse_op(a, b, scale, int(offset), bool(exclude_pos), bool(cols), name)

@@ -1,0 +1,77 @@
+// Shared declarations for gammacl's C++ (simlse.cpp), CUDA-kernel (simlse_cuda.cu) and CUDA-binding
+// (simlse_cuda.cpp) translation units. No torch and no CUDA header here: the .cu files include it
+// and are compile-checked by nvcc alone (tests/test_cuda_compile.py).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+
+namespace gammacl {
+
+// Row-chunk memory budget in bytes: environment variable `env` in MiB (a float, e.g. "0.5"), or
+// `default_mib` when unset/invalid. Read on every call so tests and users can change it at run time.
+inline int64_t chunk_budget_bytes(const char* env, double default_mib) {
+  double mib = default_mib;
+  if (const char* v = std::getenv(env)) {
+    char* end = nullptr;
+    const double parsed = std::strtod(v, &end);
+    if (end != v && parsed > 0.0) mib = parsed;
+  }
+  const double bytes = mib * 1048576.0;
+  return bytes < 1.0 ? int64_t{1} : static_cast<int64_t>(bytes);
+}
+
+// Rows per chunk so that rows * bytes_per_row <= budget (at least 1, at most m). Counts above
+// `multiple` are rounded down to a multiple of it (GEMM tile friendliness).
+inline int64_t chunk_rows(int64_t m, int64_t bytes_per_row, int64_t budget, int64_t multiple) {
+  int64_t rows = budget / (bytes_per_row > 0 ? bytes_per_row : 1);
+  if (multiple > 1 && rows > multiple) rows -= rows % multiple;
+  if (rows < 1) rows = 1;
+  return rows < m ? rows : (m > 0 ? m : 1);
+}
+
+// Element types of the buffers handed to the CUDA launchers.
+enum class GcType : int { F32 = 0, F64 = 1, F16 = 2, BF16 = 3 };
+
+}  // namespace gammacl
+
+// ---------------------------------------------------------------------------------------------
+// CUDA launchers for the simlse epilogues (defined in simlse_cuda.cu). Plain C++ with raw pointers,
+// sizes, leading dimensions and a stream; `CUstream_st*` is exactly cudaStream_t. Every launcher
+// returns a cudaError_t value as int (0 = cudaSuccess) from cudaGetLastError() after its launches.
+// The accumulation type `acc` is double when the logit buffer is F64, float otherwise; `scale`,
+// statistics, upstream gradients and workspaces are acc-typed device pointers. The scale is read on
+// the device (no host sync). Sizes are int64 and all indexing is int64: chunk x N may pass 2^31.
+// Logits l_ij = scale * S[i, j]; entry (row0 + i, row0 + i + offset) is excluded when `exclude`.
+// ---------------------------------------------------------------------------------------------
+struct CUstream_st;
+
+namespace gammacl::cuda {
+
+// Bytes of device workspace simlse_fwd_chunk needs for a chunk of `rows` rows (acc = f64 or f32).
+size_t simlse_fwd_workspace_bytes(int64_t rows, int64_t n, bool f64);
+
+// Forward epilogue of one row chunk: S (rows x n, leading dim ld, type s_type) holds raw dot
+// products a_i . b_j of global rows row0..row0+rows-1.
+//   row_lse[row0 + i] = log sum_j exp(l_ij)                       (written for the chunk's rows)
+//   cols: (col_m, col_l)[j] <- running base-2 column stats (max m, sum of 2^(l*log2e - m)) merged
+//         with this chunk's; `first` starts them fresh (no initialisation needed), `last` writes
+//         col_lse[j] = ln2 * (m + log2 l) instead of storing them.
+// Rows with every entry excluded get -inf. Race-free: per-(row-tile, column) partials in `work`
+// are merged by one thread per column; no atomics.
+int simlse_fwd_chunk(const void* s, gammacl::GcType s_type, int64_t rows, int64_t n, int64_t ld,
+                     int64_t row0, int64_t offset, bool exclude, bool cols, const void* scale,
+                     void* row_lse, void* col_m, void* col_l, bool first, bool last,
+                     void* col_lse, void* work, CUstream_st* stream);
+
+// Backward weights of one row chunk, written to w (may alias s when the types match):
+//   W_ij = g_row[i] exp(l_ij - row_lse[i]) + [cols] g_col[j] exp(l_ij - col_lse[j]),  0 if excluded
+// with i = row0 + local row. s_type in {F32, F64, F16, BF16}; w_type = F64 iff s_type is F64.
+int simlse_bwd_weights(const void* s, gammacl::GcType s_type, void* w, gammacl::GcType w_type,
+                       int64_t rows, int64_t n, int64_t ld_s, int64_t ld_w, int64_t row0,
+                       int64_t offset, bool exclude, bool cols, const void* scale,
+                       const void* row_lse, const void* col_lse, const void* g_row,
+                       const void* g_col, CUstream_st* stream);
+
+}  // namespace gammacl::cuda

@@ -1,0 +1,538 @@
+"""Triton backend of the simlse op: row / column log-sum-exp of l = scale * a @ b.T, fused.
+
+Maths (a: [M, D], b: [N, D], l_ij = scale * <a_i, b_j>; entries (i, i + offset) are -inf when
+exclude_pos):
+    forward   r_i = log sum_j exp(l_ij)              c_j = log sum_i exp(l_ij)     (cols=True)
+    backward  W_ij = g_r_i exp(l_ij - r_i) + g_c_j exp(l_ij - c_j)   (0 on excluded entries)
+              da_raw = W @ b,  db_raw = W^T @ a       (statistics and raw grads fp32; fp64 inputs
+                                                       -> fp64 throughout)
+The caller (gammacl.ops.simlse.SimLSE) turns (da_raw, db_raw) into dA = scale*da_raw,
+dB = scale*db_raw, dscale = <a, da_raw>_F.
+
+Forward, one sweep (`_simlse_fwd_kernel`): program p owns rows [p*BM, (p+1)*BM) and streams all
+column tiles. Per tile: S = a_blk @ b_tile^T (tl.dot, operands in the input dtype, fp32
+accumulation; fp64 operands and accumulator for fp64 inputs), l = scale*S with log2(e) folded
+into scale (exp2/log2; the fp64 path uses exp/log), an online row LSE (running max m, sum
+l_sum, rescaled by exp2(m_old - m_new)) and the tile's column partial
+    part[p, j] = log sum_{i in block p} exp(l_ij)
+written to a [ceil(M/BM), N] buffer in the accumulation dtype; `_simlse_col_merge_kernel`
+then LSE-merges the R = ceil(M/BM) partials of each column. Memory: R*N*4 bytes
+(N = M = 65536, BM = 128: 128 MiB). When that buffer would exceed _COL_PART_MAX_BYTES
+(256 MiB) the forward instead runs a second, transposed sweep (rows of b against a, offset
+-> -offset, COLS off): O(N) extra memory, 2MND extra FLOPs. Never an M x N buffer.
+    FLOPs: 2MND (+2MND with the transposed sweep); exps: 2 per entry with cols (row and column
+    shifts differ), 1 without.
+    Bytes: a read once, b read ceil(M/BM) times (mostly from L2); writes 4M (+4RN partials,
+    read back once by the merge).
+
+Backward, one kernel launched twice, no atomics, deterministic (`_simlse_bwd_kernel`):
+    launch 1 (rows of a):    da_raw_i = sum_j W_ij b_j
+    launch 2 (rows of b):    db_raw_j = sum_i W_ij a_i   = the same kernel on (b, a, c, r, g_c,
+                                                           g_r, -offset): W^T has the same form
+Each program owns BM output rows, recomputes its S tiles (2 recomputes in all) and multiplies
+W (cast to the input dtype, as flash-attention does with P) by the other operand's tile.
+    FLOPs: 2 x (2MND recompute + 2MND product) = 8MND; forward + backward = 10MND (12MND with
+    the transposed column sweep). exps: 2 per entry per launch with cols.
+Large D: the S recompute loops over D in BLOCK_D chunks. When D <= BLOCK_D ("single chunk",
+D <= 128 for 16-bit inputs) the row block of the input is held in registers and the output
+accumulates in registers. Otherwise the program accumulates its own output rows in the fp32
+output buffer itself (read-modify-write per column tile and D chunk; rows are owned by one
+program, so there is no race and no atomics; the first column tile stores without reading).
+That adds 8*BM*D bytes of (mostly L2) traffic per (row block, column tile) but keeps the
+8MND FLOP floor for any D; a full-D register tile is impossible at D = 1024.
+
+Numerics: excluded and out-of-range entries are -inf before any exp; running maxima and LSEs
+that are -inf (an all-excluded row or column) are replaced by 0 as the exp shift, so the
+all-excluded row gets LSE -inf and W = 0, never NaN. fp32 inputs use input_precision="ieee"
+(matches an fp32 reference on GPU); TF32 is an opt-in that follows PyTorch's own switch,
+torch.set_float32_matmul_precision("high" or "medium").
+
+Configs: one fixed config per (dtype, D range) (_config); GAMMACL_AUTOTUNE=1 (read at import,
+ignored under TRITON_INTERPRET) wraps the kernels in triton.autotune over a small list.
+Under the interpreter (a test harness: ~1-2 ms per program x loop trip) tiles are 64 x 64 and
+bf16 tiles are upcast to fp32 before tl.dot (the interpreter multiplies raw bf16 bit patterns);
+bf16 x bf16 products are exact in fp32, so the maths is that of the GPU path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from gammacl.dispatch import interpreter_on
+
+_LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * log2 e)
+_LN2 = tl.constexpr(0.6931471805599453)  # ln(2):    log(x) = log2(x) * ln 2
+_NEG_INF = tl.constexpr(float("-inf"))
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Column partials buffer [ceil(M/BLOCK_M), N] allowed up to this size; beyond it the forward
+# computes the column LSE with a second, transposed sweep instead.
+_COL_PART_MAX_BYTES = 256 * 2**20
+
+_AUTOTUNE = os.environ.get("GAMMACL_AUTOTUNE", "0") == "1" and not interpreter_on()
+
+
+def _autotune_configs(kind: str) -> list[triton.Config]:
+    shapes = {
+        "fwd": [(128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3),
+                (128, 64, 32, 4, 4), (64, 64, 64, 4, 3), (64, 64, 32, 4, 2), (32, 32, 16, 4, 1)],
+        "bwd": [(64, 64, 64, 4, 2), (64, 128, 64, 8, 2), (128, 64, 64, 8, 2),
+                (64, 64, 128, 4, 2), (64, 64, 32, 4, 2), (32, 32, 16, 4, 1)],
+    }[kind]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": d}, num_warps=w, num_stages=s)
+        for m, n, d, w, s in shapes
+    ]
+
+
+def _autotune_prune(configs, named_args, **kwargs):
+    """Keep configs whose D chunk suits the operand width (wide chunks for 16-bit only) and is
+    not wider than D needs."""
+    args = {**named_args, **kwargs}
+    size = args["X"].element_size()
+    d_cap = max(16, triton.next_power_of_2(args["D"]))
+    keep = [
+        c for c in configs
+        if c.kwargs["BLOCK_D"] * size <= 256 and c.kwargs["BLOCK_D"] <= d_cap
+        and (size < 8 or c.kwargs["BLOCK_M"] <= 64)
+    ]
+    return keep or configs[-1:]
+
+
+_AUTOTUNE_MIN_BLOCK_M = 32  # smallest BLOCK_M in the autotune lists (sizes the partials buffer)
+
+
+# ----------------------------------------------------------------------------------------------
+# shared device helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _exp(x, BASE2: tl.constexpr):
+    if BASE2:
+        return tl.exp2(x)
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
+def _log(x, BASE2: tl.constexpr):
+    if BASE2:
+        return tl.log2(x)
+    else:
+        return tl.log(x)
+
+
+@triton.jit
+def _load_rows(PTR, offs_r, offs_d, stride, n_rows, D):
+    """[len(offs_r), len(offs_d)] tile of a row-major matrix, zeros outside [n_rows, D]."""
+    mask = (offs_r[:, None] < n_rows) & (offs_d[None, :] < D)
+    return tl.load(PTR + offs_r[:, None] * stride + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _dot_nt(x, y, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + x @ y^T (x: [BM, BD], y: [BN, BD])."""
+    if UPCAST:
+        x = x.to(tl.float32)
+        y = y.to(tl.float32)
+    return tl.dot(x, tl.trans(y), acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _dot_nn(w, y, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + w @ y (w: [BM, BN] already in the operand dtype, y: [BN, BD])."""
+    if UPCAST:
+        y = y.to(tl.float32)
+    return tl.dot(w, y, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _scores_chunked(X, Y, offs_m, offs_n, M, N, D, stride_x, stride_y, ACC: tl.constexpr,
+                    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """S = X[offs_m] @ Y[offs_n]^T with the K loop over D in BLOCK_D chunks (2*BM*BN*D FLOPs)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    s = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for k0 in range(0, D, BLOCK_D):
+        x = _load_rows(X, offs_m, k0 + offs_d, stride_x, M, D)
+        y = _load_rows(Y, offs_n, k0 + offs_d, stride_y, N, D)
+        s = _dot_nt(x, y, s, UPCAST, PRECISION)
+    return s
+
+
+@triton.jit
+def _valid(offs_m, offs_n, M, N, offset, EXCLUDE: tl.constexpr):
+    """In-range entries, minus (i, i + offset) when EXCLUDE."""
+    ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if EXCLUDE:
+        ok = ok & (offs_n[None, :] != offs_m[:, None] + offset)
+    return ok
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+@triton.heuristics({"SINGLE_D": lambda args: args["D"] <= args["BLOCK_D"]})
+@triton.jit(do_not_specialize=["offset"])
+def _simlse_fwd_kernel(
+    X, Y, SCALE, ROW_LSE, COL_PART,
+    M, N, D, stride_x, stride_y, stride_part, offset,
+    EXCLUDE: tl.constexpr, COLS: tl.constexpr, ACC: tl.constexpr, BASE2: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
+):
+    """ROW_LSE[i] = LSE_j l_ij for this program's BLOCK_M rows of X; with COLS, also
+    COL_PART[pid, j] = LSE_{i in block} l_ij for every column j."""
+    pid = tl.program_id(0).to(tl.int64)  # int64: offsets reach M*D, R*N > 2^31
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    scale = tl.load(SCALE).to(ACC)
+    if BASE2:
+        scale = scale * _LOG2E  # l * log2(e): every exp below is an exp2
+    m_i = tl.full((BLOCK_M,), _NEG_INF, dtype=ACC)  # running row max (log2 units when BASE2)
+    l_i = tl.zeros((BLOCK_M,), dtype=ACC)  # running sum of exp(l - m_i)
+    if SINGLE_D:
+        x = _load_rows(X, offs_m, offs_d, stride_x, M, D)  # held for the whole sweep
+    for j0 in range(0, N, BLOCK_N):
+        offs_n = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        if SINGLE_D:
+            y = _load_rows(Y, offs_n, offs_d, stride_y, N, D)
+            s = _dot_nt(x, y, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), UPCAST, PRECISION)
+        else:
+            s = _scores_chunked(X, Y, offs_m, offs_n, M, N, D, stride_x, stride_y, ACC, UPCAST,
+                                PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        s = tl.where(_valid(offs_m, offs_n, M, N, offset, EXCLUDE), s * scale, _NEG_INF)
+        # online row LSE: m' = max(m, max_j s), l' = l * exp(m - m') + sum_j exp(s - m');
+        # a shift of -inf (nothing valid yet) is replaced by 0 so exp never sees -inf - -inf.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_shift = tl.where(m_new == _NEG_INF, 0.0, m_new)
+        l_i = l_i * _exp(m_i - m_shift, BASE2) + tl.sum(_exp(s - m_shift[:, None], BASE2), axis=1)
+        m_i = m_new
+        if COLS:
+            # column partial of this row block: LSE_i s_ij = cm_j + log sum_i exp(s_ij - cm_j)
+            cm = tl.max(s, axis=0)
+            cm_shift = tl.where(cm == _NEG_INF, 0.0, cm)
+            cl = tl.sum(_exp(s - cm_shift[None, :], BASE2), axis=0)
+            part = tl.where(cl > 0, cm_shift + _log(tl.where(cl > 0, cl, 1.0), BASE2), _NEG_INF)
+            if BASE2:
+                part = part * _LN2
+            tl.store(COL_PART + pid * stride_part + offs_n, part, mask=offs_n < N)
+    row = tl.where(l_i > 0, m_i + _log(tl.where(l_i > 0, l_i, 1.0), BASE2), _NEG_INF)
+    if BASE2:
+        row = row * _LN2
+    tl.store(ROW_LSE + offs_m, row, mask=offs_m < M)
+
+
+@triton.jit
+def _simlse_col_merge_kernel(
+    PART, COL_LSE, R, N, stride_part,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """COL_LSE[j] = LSE_p PART[p, j] (online over the R row-block partials; -inf stays -inf)."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < N
+    m = tl.full((BLOCK_N,), _NEG_INF, dtype=ACC)
+    acc = tl.zeros((BLOCK_N,), dtype=ACC)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+        mask = (offs_r[:, None] < R) & col_ok[None, :]
+        p = tl.load(PART + offs_r[:, None] * stride_part + offs_n[None, :], mask=mask,
+                    other=_NEG_INF)
+        m_new = tl.maximum(m, tl.max(p, axis=0))
+        m_shift = tl.where(m_new == _NEG_INF, 0.0, m_new)
+        acc = acc * tl.exp(m - m_shift) + tl.sum(tl.exp(p - m_shift[None, :]), axis=0)
+        m = m_new
+    out = tl.where(acc > 0, m + tl.log(tl.where(acc > 0, acc, 1.0)), _NEG_INF)
+    tl.store(COL_LSE + offs_n, out, mask=col_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------
+@triton.heuristics({"SINGLE_D": lambda args: args["D"] <= args["BLOCK_D"]})
+@triton.jit(do_not_specialize=["offset"])
+def _simlse_bwd_kernel(
+    X, Y, SCALE, LSE_X, LSE_Y, G_X, G_Y, OUT,
+    M, N, D, stride_x, stride_y, stride_out, offset,
+    EXCLUDE: tl.constexpr, HAS_X: tl.constexpr, HAS_Y: tl.constexpr, ACC: tl.constexpr,
+    BASE2: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
+):
+    """OUT[i] = sum_j W_ij Y[j] for this program's BLOCK_M rows of X, with
+    W_ij = [HAS_X] G_X[i] exp(l_ij - LSE_X[i]) + [HAS_Y] G_Y[j] exp(l_ij - LSE_Y[j]),
+    l_ij = scale * <X_i, Y_j>, W = 0 on excluded (j == i + offset) and out-of-range entries.
+    Per column tile: 2*BM*BN*D FLOPs to recompute S and 2*BM*BN*D for W @ Y."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < M
+    offs_d = tl.arange(0, BLOCK_D)
+    scale = tl.load(SCALE).to(ACC)
+    if BASE2:
+        scale = scale * _LOG2E
+    if HAS_X:
+        lse_x = tl.load(LSE_X + offs_m, mask=row_ok, other=0.0)
+        lse_x = tl.where(lse_x == _NEG_INF, 0.0, lse_x)  # all-excluded row: all W_ij masked
+        if BASE2:
+            lse_x = lse_x * _LOG2E
+        g_x = tl.load(G_X + offs_m, mask=row_ok, other=0.0)
+    if SINGLE_D:
+        x = _load_rows(X, offs_m, offs_d, stride_x, M, D)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
+    for j0 in range(0, N, BLOCK_N):
+        offs_n = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        if SINGLE_D:
+            y = _load_rows(Y, offs_n, offs_d, stride_y, N, D)
+            s = _dot_nt(x, y, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), UPCAST, PRECISION)
+        else:
+            s = _scores_chunked(X, Y, offs_m, offs_n, M, N, D, stride_x, stride_y, ACC, UPCAST,
+                                PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        # -inf on excluded / out-of-range entries makes their softmax weights exactly 0
+        s = tl.where(_valid(offs_m, offs_n, M, N, offset, EXCLUDE), s * scale, _NEG_INF)
+        w = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        if HAS_X:  # row-softmax term: g_r_i * P_row_ij
+            w += g_x[:, None] * _exp(s - lse_x[:, None], BASE2)
+        if HAS_Y:  # column-softmax term: g_c_j * P_col_ij
+            col_ok = offs_n < N
+            lse_y = tl.load(LSE_Y + offs_n, mask=col_ok, other=0.0)
+            lse_y = tl.where(lse_y == _NEG_INF, 0.0, lse_y)
+            if BASE2:
+                lse_y = lse_y * _LOG2E
+            g_y = tl.load(G_Y + offs_n, mask=col_ok, other=0.0)
+            w += g_y[None, :] * _exp(s - lse_y[None, :], BASE2)
+        # W in the operand dtype for the tensor-core product (fp32 accumulation)
+        w = w.to(Y.dtype.element_ty)
+        if UPCAST:
+            w = w.to(tl.float32)
+        if SINGLE_D:
+            acc = _dot_nn(w, y, acc, UPCAST, PRECISION)
+        else:
+            # this program alone owns OUT rows offs_m: accumulate there chunk by chunk
+            # (read-modify-write; the first column tile writes without reading)
+            for k0 in range(0, D, BLOCK_D):
+                offs_k = k0 + offs_d
+                y = _load_rows(Y, offs_n, offs_k, stride_y, N, D)
+                o_ptr = OUT + offs_m[:, None] * stride_out + offs_k[None, :]
+                o_mask = row_ok[:, None] & (offs_k[None, :] < D)
+                o = tl.load(o_ptr, mask=o_mask & (j0 > 0), other=0.0)
+                o = _dot_nn(w, y, o, UPCAST, PRECISION)
+                tl.store(o_ptr, o, mask=o_mask)
+            tl.debug_barrier()  # stores visible to every thread before the next tile's loads
+    if SINGLE_D:
+        o_ptr = OUT + offs_m[:, None] * stride_out + offs_d[None, :]
+        tl.store(o_ptr, acc, mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+if _AUTOTUNE:
+    _simlse_fwd_kernel = triton.autotune(
+        configs=_autotune_configs("fwd"), key=["M", "N", "D"],
+        prune_configs_by={"early_config_prune": _autotune_prune},
+        restore_value=["COL_PART"],  # partial rows of a config are left for the next config
+    )(_simlse_fwd_kernel)
+    _simlse_bwd_kernel = triton.autotune(
+        configs=_autotune_configs("bwd"), key=["M", "N", "D"],
+        prune_configs_by={"early_config_prune": _autotune_prune},
+    )(_simlse_bwd_kernel)  # OUT is rewritten from scratch by every run (first tile stores)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _config(kind: str, dtype: torch.dtype, d: int) -> dict:
+    """The fixed launch config for kernel `kind` ("fwd" or "bwd"), input dtype and D.
+
+    BLOCK_D >= 16 always (tl.dot needs K >= 16 on H100; D is padded with masked zeros). D up to
+    BLOCK_D is one chunk held in registers; larger D loops in BLOCK_D chunks. GPU choices are
+    not measured yet."""
+    p2 = max(16, triton.next_power_of_2(max(d, 1)))
+    if interpreter_on():
+        # few programs x loop trips (~1-2 ms each); D > 32 exercises the chunked path
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=min(p2, 32), num_warps=4, num_stages=1)
+    if dtype in (torch.float16, torch.bfloat16):
+        bm, bn, warps, stages = (128, 64, 8, 3) if kind == "fwd" else (64, 64, 4, 2)
+        bd = p2 if d <= 128 else 64
+    elif dtype == torch.float32:
+        bm, bn, warps, stages = 64, 64, 4, 2
+        bd = p2 if d <= 64 else 32
+    else:  # float64
+        bm, bn, warps, stages = 32, 32, 4, 1
+        bd = p2 if d <= 32 else 16
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages)
+
+
+def _flags(dtype: torch.dtype) -> dict:
+    acc = _acc_dtype(dtype)
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        precision = "tf32"  # opt-in, PyTorch's own switch
+    elif dtype in (torch.float16, torch.bfloat16):
+        precision = "tf32"  # ignored for 16-bit operands (the backend default)
+    else:
+        precision = "ieee"
+    return dict(
+        ACC=tl.float64 if acc == torch.float64 else tl.float32,
+        BASE2=acc == torch.float32,
+        UPCAST=dtype == torch.bfloat16 and interpreter_on(),
+        PRECISION=precision,
+    )
+
+
+def _device_guard(device: torch.device):
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _check_features(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> None:
+    for name, x in (("a", a), ("b", b)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"simlse (triton): {name} must be a torch.Tensor, got {type(x)}")
+        if x.ndim != 2:
+            raise ValueError(f"simlse (triton): {name} must be 2-D, got shape {tuple(x.shape)}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise ValueError(
+                f"simlse (triton): {name} must be float16/bfloat16/float32/float64, got {x.dtype}"
+            )
+        if x.shape[1] > 1 and x.stride(1) != 1:
+            raise ValueError(
+                f"simlse (triton): {name} must have a contiguous last dim (stride(-1) == 1), "
+                f"got strides {tuple(x.stride())}"
+            )
+        if x.device.type not in ("cuda", "cpu"):
+            raise ValueError(f"simlse (triton): {name} is on {x.device}; need cuda (or cpu "
+                             "under TRITON_INTERPRET=1)")
+    if a.dtype != b.dtype:
+        raise ValueError(f"simlse (triton): a and b dtypes differ: {a.dtype} vs {b.dtype}")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"simlse (triton): a and b feature dims differ: {tuple(a.shape)} vs {tuple(b.shape)}"
+        )
+    if a.device != b.device:
+        raise ValueError(f"simlse (triton): a on {a.device} but b on {b.device}")
+    acc = _acc_dtype(a.dtype)
+    if not isinstance(scale, torch.Tensor) or scale.ndim != 0:
+        raise ValueError(
+            f"simlse (triton): scale must be a 0-d tensor, got "
+            f"{tuple(scale.shape) if isinstance(scale, torch.Tensor) else type(scale)}"
+        )
+    if scale.dtype != acc or scale.device != a.device:
+        raise ValueError(
+            f"simlse (triton): scale must be a 0-d {acc} tensor on {a.device}, "
+            f"got {scale.dtype} on {scale.device}"
+        )
+
+
+def _check_vector(name: str, v: torch.Tensor, n: int, acc: torch.dtype, device) -> torch.Tensor:
+    if not isinstance(v, torch.Tensor) or v.shape != (n,):
+        shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v)
+        raise ValueError(f"simlse (triton): {name} must have shape ({n},), got {shape}")
+    if v.dtype != acc or v.device != device:
+        raise ValueError(
+            f"simlse (triton): {name} must be {acc} on {device}, got {v.dtype} on {v.device}"
+        )
+    return v.contiguous()
+
+
+def _row_lse(x, y, scale, offset, exclude_pos, out, col_part=None) -> None:
+    """Launches the forward sweep of x's rows against y: out[i] = LSE_j l_ij; with col_part
+    ([ceil(M/BLOCK_M), N]) also the per-row-block column partials."""
+    m, d = x.shape
+    n = y.shape[0]
+    cols = col_part is not None
+    kw = {} if _AUTOTUNE else _config("fwd", x.dtype, d)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
+    _simlse_fwd_kernel[grid](
+        X=x, Y=y, SCALE=scale, ROW_LSE=out, COL_PART=col_part if cols else out,
+        M=m, N=n, D=d, stride_x=x.stride(0), stride_y=y.stride(0),
+        stride_part=col_part.stride(0) if cols else 0, offset=offset,
+        EXCLUDE=exclude_pos, COLS=cols, **_flags(x.dtype), **kw,
+    )
+
+
+def simlse_fwd(
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, offset: int, exclude_pos: bool,
+    cols: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row_lse [M], col_lse [N] or [0]) of l = scale * a @ b.T, excluded (i, i+offset)."""
+    _check_features(a, b, scale)
+    offset, exclude_pos, cols = int(offset), bool(exclude_pos), bool(cols)
+    m, n = a.shape[0], b.shape[0]
+    acc = _acc_dtype(a.dtype)
+    dev = a.device
+    row = torch.empty(m, dtype=acc, device=dev)
+    col = torch.empty(n if cols else 0, dtype=acc, device=dev)
+    if m == 0 or n == 0:  # LSE over an empty set
+        return row.fill_(float("-inf")), col.fill_(float("-inf"))
+    with _device_guard(dev):
+        if not cols:
+            _row_lse(a, b, scale, offset, exclude_pos, row)
+            return row, col
+        bm = _AUTOTUNE_MIN_BLOCK_M if _AUTOTUNE else _config("fwd", a.dtype, a.shape[1])["BLOCK_M"]
+        r = triton.cdiv(m, bm)
+        if r * n * col.element_size() <= _COL_PART_MAX_BYTES:
+            # rows a config does not write (autotune: larger BLOCK_M) must read as -inf
+            if _AUTOTUNE:
+                part = torch.full((r, n), float("-inf"), dtype=acc, device=dev)
+            else:
+                part = torch.empty((r, n), dtype=acc, device=dev)
+            _row_lse(a, b, scale, offset, exclude_pos, row, col_part=part)
+            block_r, block_n = (32, 64) if interpreter_on() else (16, 256)
+            _simlse_col_merge_kernel[(triton.cdiv(n, block_n),)](
+                PART=part, COL_LSE=col, R=r, N=n, stride_part=part.stride(0),
+                ACC=_flags(a.dtype)["ACC"], BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4,
+            )
+        else:
+            # transposed sweep: c_j = LSE_i l_ij is the row LSE of b @ a.T with offset -offset
+            _row_lse(a, b, scale, offset, exclude_pos, row)
+            _row_lse(b, a, scale, -offset, exclude_pos, col)
+    return row, col
+
+
+def simlse_bwd(
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, row_lse: torch.Tensor,
+    col_lse: torch.Tensor, g_row: torch.Tensor, g_col: torch.Tensor, offset: int,
+    exclude_pos: bool, cols: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(da_raw, db_raw) = (W @ b, W^T @ a), W_ij = g_row_i exp(l_ij - row_lse_i)
+    + [cols] g_col_j exp(l_ij - col_lse_j), 0 on excluded entries; acc dtype."""
+    _check_features(a, b, scale)
+    offset, exclude_pos, cols = int(offset), bool(exclude_pos), bool(cols)
+    m, d = a.shape
+    n = b.shape[0]
+    acc = _acc_dtype(a.dtype)
+    dev = a.device
+    row_lse = _check_vector("row_lse", row_lse, m, acc, dev)
+    g_row = _check_vector("g_row", g_row, m, acc, dev)
+    col_lse = _check_vector("col_lse", col_lse, n if cols else 0, acc, dev)
+    g_col = _check_vector("g_col", g_col, n if cols else 0, acc, dev)
+    da = torch.empty(m, d, dtype=acc, device=dev)
+    db = torch.empty(n, d, dtype=acc, device=dev)
+    if m == 0 or n == 0:
+        return da.zero_(), db.zero_()
+    flags = _flags(a.dtype)
+    with _device_guard(dev):
+        # da_raw = W @ b over row blocks of a; db_raw = W^T @ a over row blocks of b, where W^T
+        # has the same form with (r, g_r) <-> (c, g_c) and offset -> -offset.
+        for x, y, lse_x, lse_y, g_x, g_y, off, has_x, has_y, out in (
+            (a, b, row_lse, col_lse, g_row, g_col, offset, True, cols, da),
+            (b, a, col_lse, row_lse, g_col, g_row, -offset, cols, True, db),
+        ):
+            kw = {} if _AUTOTUNE else _config("bwd", x.dtype, d)
+            rows = x.shape[0]
+            grid = lambda meta, rows=rows: (triton.cdiv(rows, meta["BLOCK_M"]),)  # noqa: E731
+            _simlse_bwd_kernel[grid](
+                X=x, Y=y, SCALE=scale,
+                LSE_X=lse_x if has_x else lse_y, LSE_Y=lse_y if has_y else lse_x,
+                G_X=g_x if has_x else g_y, G_Y=g_y if has_y else g_x, OUT=out,
+                M=rows, N=y.shape[0], D=d, stride_x=x.stride(0), stride_y=y.stride(0),
+                stride_out=out.stride(0), offset=off,
+                EXCLUDE=exclude_pos, HAS_X=has_x, HAS_Y=has_y, **flags, **kw,
+            )
+    return da, db

@@ -1,0 +1,380 @@
+"""Multi-process (gloo, 127.0.0.1) tests of gammacl.distributed, 2 and 3 ranks.
+
+Each world size starts its processes once (module fixture); every rank runs all checks in one go
+and reports one line per check through a queue, so a hang in one check still reports the others
+and the fixture's hard timeout turns any hang into a failure. Values are compared inside the
+workers (float64, tolerances.py); the parent asserts that every rank reported "ok" and compares
+the error messages of the fail-fast checks across ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import time
+import traceback
+import warnings
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+TIMEOUT_S = 150  # whole run of one world size, start-up included
+N_LOCAL, DIM = 5, 7
+
+CLIP_CONFIGS = [(True, True), (False, True), (False, False), (True, False)]  # (local, with_grad)
+
+
+# ----------------------------------------------------------------------------------------------
+# ORACLE: a verbatim copy of open_clip's distributed ClipLoss logic (open_clip src/open_clip/
+# loss.py, gather_features + ClipLoss.forward, torch.distributed path). It materialises the
+# logits; tests compare gammacl against it, never the reverse.
+
+
+def oracle_gather_features(image_features, text_features, local_loss=False,
+                           gather_with_grad=False, rank=0, world_size=1):
+    import torch.distributed as dist
+    import torch.distributed.nn
+
+    if gather_with_grad:
+        all_image_features = torch.cat(torch.distributed.nn.all_gather(image_features), dim=0)
+        all_text_features = torch.cat(torch.distributed.nn.all_gather(text_features), dim=0)
+    else:
+        gathered_image_features = [torch.zeros_like(image_features) for _ in range(world_size)]
+        gathered_text_features = [torch.zeros_like(text_features) for _ in range(world_size)]
+        dist.all_gather(gathered_image_features, image_features)
+        dist.all_gather(gathered_text_features, text_features)
+        if not local_loss:
+            # ensure grads for local rank when all_* features don't have a gradient
+            gathered_image_features[rank] = image_features
+            gathered_text_features[rank] = text_features
+        all_image_features = torch.cat(gathered_image_features, dim=0)
+        all_text_features = torch.cat(gathered_text_features, dim=0)
+    return all_image_features, all_text_features
+
+
+def oracle_clip_loss(image_features, text_features, logit_scale, *, local_loss,
+                     gather_with_grad, rank, world_size):
+    import torch.nn.functional as F
+
+    if world_size > 1:
+        all_image_features, all_text_features = oracle_gather_features(
+            image_features, text_features, local_loss, gather_with_grad, rank, world_size)
+        if local_loss:
+            logits_per_image = logit_scale * image_features @ all_text_features.T
+            logits_per_text = logit_scale * text_features @ all_image_features.T
+        else:
+            logits_per_image = logit_scale * all_image_features @ all_text_features.T
+            logits_per_text = logits_per_image.T
+    else:
+        logits_per_image = logit_scale * image_features @ text_features.T
+        logits_per_text = logit_scale * text_features @ image_features.T
+    num_logits = logits_per_image.shape[0]
+    labels = torch.arange(num_logits, device=image_features.device, dtype=torch.long)
+    if world_size > 1 and local_loss:
+        labels = labels + num_logits * rank
+    return (F.cross_entropy(logits_per_image, labels)
+            + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+# END ORACLE
+# ----------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _global_batch(world: int, dtype=torch.float64, n: int = N_LOCAL, d: int = DIM):
+    g = torch.Generator().manual_seed(1234 + world)
+    img = torch.nn.functional.normalize(torch.randn(world * n, d, generator=g,
+                                                    dtype=torch.float64), dim=1)
+    txt = torch.nn.functional.normalize(img + 0.8 * torch.randn(world * n, d, generator=g,
+                                                                dtype=torch.float64), dim=1)
+    return img.to(dtype), txt.to(dtype)
+
+
+def _grads(fn, img, txt, scale):
+    img = img.detach().clone().requires_grad_()
+    txt = txt.detach().clone().requires_grad_()
+    scale = scale.detach().clone().requires_grad_()
+    loss = fn(img, txt, scale)
+    gi, gt, gs = torch.autograd.grad(loss, (img, txt, scale), allow_unused=True)
+    z = torch.zeros_like
+    return (loss.detach(), gi if gi is not None else z(img), gt if gt is not None else z(txt),
+            gs if gs is not None else z(scale))
+
+
+# ---------------------------------------------------------------------------------------------
+# worker side
+
+
+def _check_clip(rank, world, report):
+    from tolerances import assert_close_dtype, assert_close_fp64
+
+    import gammacl
+    from gammacl import reference
+    from gammacl.distributed import clip_loss_distributed
+
+    img, txt = _global_batch(world)
+    sl = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
+    scale = torch.tensor(3.7, dtype=torch.float64)
+    # single-process full-batch loss and gradients (float64 reference)
+    full = _grads(lambda a, b, s: reference.clip_loss(a, b, s), img, txt, scale)
+
+    for local, with_grad in CLIP_CONFIGS:
+        key = f"clip local={local} grad={with_grad}"
+
+        def run():
+            loss_mod = gammacl.ClipLoss(local_loss=local, gather_with_grad=with_grad, rank=rank,
+                                        world_size=world, backend="torch")
+            ours = _grads(loss_mod, img[sl], txt[sl], scale)
+            ref = _grads(lambda a, b, s: oracle_clip_loss(
+                a, b, s, local_loss=local, gather_with_grad=with_grad, rank=rank,
+                world_size=world), img[sl], txt[sl], scale)
+            for what, x, y in zip(("loss", "d_image", "d_text", "d_scale"), ours, ref):
+                assert_close_fp64(x, y, f"{key} {what} vs open_clip")
+            # vs the single-process full batch: the factor each configuration gives
+            if local:
+                if with_grad:  # sum over ranks of loss_r = W * L
+                    assert_close_fp64(ours[1], world * full[1][sl], f"{key} d_image = W dL")
+                    assert_close_fp64(ours[2], world * full[2][sl], f"{key} d_text = W dL")
+            else:
+                assert_close_fp64(ours[0], full[0], f"{key} loss = full-batch loss")
+                assert_close_fp64(ours[3], full[3], f"{key} d_scale = full-batch")
+                factor = world if with_grad else 1  # open_clip #616
+                assert_close_fp64(ours[1], factor * full[1][sl], f"{key} d_image = {factor} dL")
+                assert_close_fp64(ours[2], factor * full[2][sl], f"{key} d_text = {factor} dL")
+            return {"loss": float(ours[0]), "d_scale": float(ours[3])}
+
+        report(key, run)
+
+    def defaults_from_group():
+        # rank / world_size taken from the default process group; non-contiguous features
+        base_i = img[sl].detach().t().contiguous().requires_grad_()
+        base_t = txt[sl].detach().t().contiguous().requires_grad_()
+        s = scale.clone().requires_grad_()
+        assert not base_i.t().is_contiguous()
+        loss = clip_loss_distributed(base_i.t(), base_t.t(), s, local_loss=True,
+                                     gather_with_grad=True, backend="torch")
+        loss.backward()
+        ref = _grads(lambda a, b, s_: oracle_clip_loss(
+            a, b, s_, local_loss=True, gather_with_grad=True, rank=rank, world_size=world),
+            img[sl], txt[sl], scale)
+        assert_close_fp64(loss.detach(), ref[0], "loss")
+        assert_close_fp64(base_i.grad.t(), ref[1], "d_image (non-contiguous input)")
+        assert_close_fp64(base_t.grad.t(), ref[2], "d_text (non-contiguous input)")
+        assert_close_fp64(s.grad, ref[3], "d_scale")
+
+    report("clip defaults from process group, non-contiguous", defaults_from_group)
+
+    def fp32():
+        i32, t32 = _global_batch(world, torch.float32)
+        s32 = torch.tensor(3.7, dtype=torch.float32)
+        for local, with_grad in ((True, True), (False, False)):
+            mod = gammacl.ClipLoss(local_loss=local, gather_with_grad=with_grad, rank=rank,
+                                   world_size=world, backend="torch")
+            ours = _grads(mod, i32[sl], t32[sl], s32)
+            orc = lambda a, b, s: oracle_clip_loss(a, b, s, local_loss=local,
+                                                   gather_with_grad=with_grad, rank=rank,
+                                                   world_size=world)
+            same = _grads(orc, i32[sl], t32[sl], s32)
+            ref64 = _grads(orc, i32[sl].double(), t32[sl].double(), s32.double())
+            assert ours[0].dtype == torch.float32 and ours[1].dtype == torch.float32
+            for what, x, y, z in zip(("loss", "d_image", "d_text", "d_scale"), ours, ref64,
+                                     same):
+                assert_close_dtype(x, y, z, torch.float32, f"fp32 local={local} {what}")
+
+    report("clip fp32", fp32)
+
+
+def _check_fail_fast(rank, world, report):
+    """Bad inputs on some ranks: the same ValueError on every rank, then the group still works."""
+    import gammacl
+
+    img, txt = _global_batch(world)
+    sl = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
+    last = world - 1
+    cases = {
+        "uneven batch": lambda: (img[sl][: N_LOCAL - 1], txt[sl][: N_LOCAL - 1])
+        if rank == last else (img[sl], txt[sl]),
+        "mismatched dim": lambda: (img[sl][:, :-1], txt[sl][:, :-1]) if rank == 0
+        else (img[sl], txt[sl]),
+        "mismatched dtype": lambda: (img[sl].float(), txt[sl].float()) if rank == last
+        else (img[sl], txt[sl]),
+        "invalid on one rank": lambda: (img[sl][0], txt[sl]) if rank == last
+        else (img[sl], txt[sl]),
+    }
+    for name, make in cases.items():
+        def run(make=make):
+            a, b = make()
+            mod = gammacl.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank,
+                                   world_size=world, backend="torch")
+            t0 = time.perf_counter()
+            try:
+                mod(a, b, 2.0)
+            except ValueError as e:
+                if rank == last and make is cases["invalid on one rank"]:
+                    assert isinstance(e.__cause__, ValueError), "local error not chained"
+                return {"error": str(e), "seconds": time.perf_counter() - t0}
+            raise AssertionError("no error raised")
+
+        report(f"fail-fast {name}", run)
+
+    def wrong_rank():
+        mod = gammacl.ClipLoss(local_loss=True, gather_with_grad=True, rank=0, world_size=world,
+                               backend="torch")
+        try:
+            mod(img[sl], txt[sl], 2.0)
+        except ValueError as e:
+            return {"error": str(e)}
+        raise AssertionError("no error raised")
+
+    report("fail-fast wrong rank=", wrong_rank)
+
+    def still_in_sync():  # after all the errors above, a normal call on every rank works
+        mod = gammacl.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank,
+                               world_size=world, backend="torch")
+        ref = oracle_clip_loss(img[sl], txt[sl], 2.0, local_loss=True, gather_with_grad=True,
+                               rank=rank, world_size=world)
+        torch.testing.assert_close(mod(img[sl], txt[sl], 2.0), ref, rtol=1e-9, atol=1e-12)
+
+    report("fail-fast then in sync", still_in_sync)
+
+
+def _worker(rank: int, world: int, port: int, out) -> None:
+    warnings.simplefilter("ignore")  # torch.distributed.nn deprecation noise in the oracle
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=60))
+
+    def report(name, fn):
+        try:
+            res = fn()
+            out.put((rank, name, "ok", res))
+        except BaseException:  # noqa: BLE001 - reported to the parent verbatim
+            out.put((rank, name, "FAIL", traceback.format_exc()))
+
+    try:
+        _check_clip(rank, world, report)
+        _check_fail_fast(rank, world, report)
+    finally:
+        out.put((rank, "__done__", "ok", None))
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# parent side
+
+
+def _run_world(world: int) -> dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, q), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results: dict = {}
+    done = set()
+    deadline = time.monotonic() + TIMEOUT_S
+    while len(done) < world and time.monotonic() < deadline:
+        try:
+            rank, name, status, payload = q.get(timeout=1.0)
+        except queue.Empty:
+            if all(not p.is_alive() for p in procs):
+                break
+            continue
+        if name == "__done__":
+            done.add(rank)
+        else:
+            results.setdefault(name, {})[rank] = (status, payload)
+    for p in procs:
+        p.join(timeout=max(1.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    results["__hung__"] = hung
+    results["__exitcodes__"] = [p.exitcode for p in procs]
+    return results
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])
+def world_run(request):
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available in this torch build")
+    world = request.param
+    return world, _run_world(world)
+
+
+def _ok(world_run, name):
+    world, res = world_run
+    assert not res["__hung__"], f"ranks {res['__hung__']} hung (killed after {TIMEOUT_S}s)"
+    got = res.get(name, {})
+    missing = [r for r in range(world) if r not in got]
+    assert not missing, f"{name}: no report from ranks {missing} (exit codes " \
+                        f"{res['__exitcodes__']})"
+    fails = {r: p for r, (s, p) in got.items() if s != "ok"}
+    assert not fails, "\n".join(f"rank {r}:\n{p}" for r, p in fails.items())
+    return [got[r][1] for r in range(world)]
+
+
+@pytest.mark.parametrize("local,with_grad", CLIP_CONFIGS)
+def test_clip_matches_open_clip_and_full_batch(world_run, local, with_grad):
+    """Per rank: loss and every gradient equal open_clip's; vs the single-process full batch the
+    loss averages to it (local_loss) or equals it, and the feature gradients carry open_clip's
+    factor (W with gather_with_grad, #616; 1 without; none for local_loss without grad)."""
+    from tolerances import assert_close_fp64
+
+    world, _ = world_run
+    per_rank = _ok(world_run, f"clip local={local} grad={with_grad}")
+    if local:
+        from gammacl import reference
+
+        img, txt = _global_batch(world)
+        s = torch.tensor(3.7, dtype=torch.float64, requires_grad=True)
+        full = reference.clip_loss(img, txt, s)
+        (ds,) = torch.autograd.grad(full, s)
+        mean_loss = torch.tensor(sum(p["loss"] for p in per_rank) / world, dtype=torch.float64)
+        mean_ds = torch.tensor(sum(p["d_scale"] for p in per_rank) / world, dtype=torch.float64)
+        assert_close_fp64(mean_loss, full.detach(), "mean over ranks of loss_r = full loss")
+        assert_close_fp64(mean_ds, ds, "mean over ranks of d_scale = full-batch d_scale")
+
+
+def test_clip_defaults_from_group_noncontiguous(world_run):
+    _ok(world_run, "clip defaults from process group, non-contiguous")
+
+
+def test_clip_fp32(world_run):
+    _ok(world_run, "clip fp32")
+
+
+@pytest.mark.parametrize("case", ["uneven batch", "mismatched dim", "mismatched dtype",
+                                  "invalid on one rank", "wrong rank="])
+def test_fail_fast_same_error_on_every_rank(world_run, case):
+    world, _ = world_run
+    per_rank = _ok(world_run, f"fail-fast {case}")
+    msgs = [p["error"] for p in per_rank]
+    assert all(m == msgs[0] for m in msgs), "ranks raised different messages:\n" + "\n".join(msgs)
+    msg = msgs[0]
+    assert "ClipLoss" in msg and f"across the {world} ranks" in msg
+    if case == "uneven batch":
+        assert f"image_features ({N_LOCAL - 1}, {DIM})" in msg and "drop_last=True" in msg
+        assert all(p["seconds"] < 30 for p in per_rank)
+    elif case == "mismatched dim":
+        assert f"image_features ({N_LOCAL}, {DIM - 1})" in msg
+    elif case == "mismatched dtype":
+        assert "float32" in msg and "float64" in msg
+    elif case == "invalid on one rank":
+        assert f"rank(s) [{world - 1}]" in msg and "image_features (7,) float64" in msg
+    else:
+        assert "rank= must equal" in msg and str([0] * world) in msg
+    _ok(world_run, "fail-fast then in sync")
