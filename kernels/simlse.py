@@ -33,19 +33,23 @@ Each program owns BM output rows, recomputes its S tiles (2 recomputes in all) a
 W (cast to the input dtype, as flash-attention does with P) by the other operand's tile.
     FLOPs: 2 x (2MND recompute + 2MND product) = 8MND; forward + backward = 10MND (12MND with
     the transposed column sweep). exps: 2 per entry per launch with cols.
-Large D: the S recompute loops over D in BLOCK_D chunks. When D <= BLOCK_D ("single chunk",
-D <= 128 for 16-bit inputs) the row block of the input is held in registers and the output
-accumulates in registers. Otherwise the program accumulates its own output rows in the fp32
-output buffer itself (read-modify-write per column tile and D chunk; rows are owned by one
-program, so there is no race and no atomics; the first column tile stores without reading).
+Large D: the S recompute loops over D in BLOCK_D chunks. When D <= BLOCK_D ("single chunk":
+D <= 128 for 16-bit inputs, 64 for fp32, 32 for fp64) the row block of the input is held in
+registers and the output accumulates in registers. Otherwise the program accumulates its own
+output rows in the fp32 output buffer itself (read-modify-write per column tile and D chunk;
+rows are owned by one program, so there is no race and no atomics; the first column tile
+stores without reading).
 That adds 8*BM*D bytes of (mostly L2) traffic per (row block, column tile) but keeps the
 8MND FLOP floor for any D; a full-D register tile is impossible at D = 1024.
 
 Numerics: excluded and out-of-range entries are -inf before any exp; running maxima and LSEs
 that are -inf (an all-excluded row or column) are replaced by 0 as the exp shift, so the
-all-excluded row gets LSE -inf and W = 0, never NaN. fp32 inputs use input_precision="ieee"
-(matches an fp32 reference on GPU); TF32 is an opt-in that follows PyTorch's own switch,
-torch.set_float32_matmul_precision("high" or "medium").
+all-excluded row gets LSE -inf and W = 0, never NaN. fp16 only: W = g * P with g ~ 1/N (mean
+losses) would fall below fp16's range when cast for the product, so the backward scales W by
+1/gmax (gmax = max|g| rounded up to a power of two, computed on the device: no host sync) and the
+fp32 result back by gmax; bf16 has fp32's exponent range and needs no scaling. fp32 inputs use
+input_precision="ieee" (matches an fp32 reference on GPU); TF32 is an opt-in that follows
+PyTorch's own switch, torch.set_float32_matmul_precision("high" or "medium").
 
 Configs: one fixed config per (dtype, D range) (_config); GAMMACL_AUTOTUNE=1 (read at import,
 ignored under TRITON_INTERPRET) wraps the kernels in triton.autotune over a small list.
@@ -79,10 +83,23 @@ _AUTOTUNE = os.environ.get("GAMMACL_AUTOTUNE", "0") == "1" and not interpreter_o
 
 def _autotune_configs(kind: str) -> list[triton.Config]:
     shapes = {
-        "fwd": [(128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3),
-                (128, 64, 32, 4, 4), (64, 64, 64, 4, 3), (64, 64, 32, 4, 2), (32, 32, 16, 4, 1)],
-        "bwd": [(64, 64, 64, 4, 2), (64, 128, 64, 8, 2), (128, 64, 64, 8, 2),
-                (64, 64, 128, 4, 2), (64, 64, 32, 4, 2), (32, 32, 16, 4, 1)],
+        "fwd": [
+            (128, 64, 64, 8, 3),
+            (128, 128, 64, 8, 3),
+            (64, 128, 64, 4, 3),
+            (128, 64, 32, 4, 4),
+            (64, 64, 64, 4, 3),
+            (64, 64, 32, 4, 2),
+            (32, 32, 16, 4, 1),
+        ],
+        "bwd": [
+            (64, 64, 64, 4, 2),
+            (64, 128, 64, 8, 2),
+            (128, 64, 64, 8, 2),
+            (64, 64, 128, 4, 2),
+            (64, 64, 32, 4, 2),
+            (32, 32, 16, 4, 1),
+        ],
     }[kind]
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": d}, num_warps=w, num_stages=s)
@@ -97,8 +114,10 @@ def _autotune_prune(configs, named_args, **kwargs):
     size = args["X"].element_size()
     d_cap = max(16, triton.next_power_of_2(args["D"]))
     keep = [
-        c for c in configs
-        if c.kwargs["BLOCK_D"] * size <= 256 and c.kwargs["BLOCK_D"] <= d_cap
+        c
+        for c in configs
+        if c.kwargs["BLOCK_D"] * size <= 256
+        and c.kwargs["BLOCK_D"] <= d_cap
         and (size < 8 or c.kwargs["BLOCK_M"] <= 64)
     ]
     return keep or configs[-1:]
@@ -113,17 +132,19 @@ _AUTOTUNE_MIN_BLOCK_M = 32  # smallest BLOCK_M in the autotune lists (sizes the 
 @triton.jit
 def _exp(x, BASE2: tl.constexpr):
     if BASE2:
-        return tl.exp2(x)
+        y = tl.exp2(x)
     else:
-        return tl.exp(x)
+        y = tl.exp(x)
+    return y
 
 
 @triton.jit
 def _log(x, BASE2: tl.constexpr):
     if BASE2:
-        return tl.log2(x)
+        y = tl.log2(x)
     else:
-        return tl.log(x)
+        y = tl.log(x)
+    return y
 
 
 @triton.jit
@@ -151,9 +172,23 @@ def _dot_nn(w, y, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _scores_chunked(X, Y, offs_m, offs_n, M, N, D, stride_x, stride_y, ACC: tl.constexpr,
-                    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _scores_chunked(
+    X,
+    Y,
+    offs_m,
+    offs_n,
+    M,
+    N,
+    D,
+    stride_x,
+    stride_y,
+    ACC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """S = X[offs_m] @ Y[offs_n]^T with the K loop over D in BLOCK_D chunks (2*BM*BN*D FLOPs)."""
     offs_d = tl.arange(0, BLOCK_D)
     s = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
@@ -179,11 +214,28 @@ def _valid(offs_m, offs_n, M, N, offset, EXCLUDE: tl.constexpr):
 @triton.heuristics({"SINGLE_D": lambda args: args["D"] <= args["BLOCK_D"]})
 @triton.jit(do_not_specialize=["offset"])
 def _simlse_fwd_kernel(
-    X, Y, SCALE, ROW_LSE, COL_PART,
-    M, N, D, stride_x, stride_y, stride_part, offset,
-    EXCLUDE: tl.constexpr, COLS: tl.constexpr, ACC: tl.constexpr, BASE2: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
+    X,
+    Y,
+    SCALE,
+    ROW_LSE,
+    COL_PART,
+    M,
+    N,
+    D,
+    stride_x,
+    stride_y,
+    stride_part,
+    offset,
+    EXCLUDE: tl.constexpr,
+    COLS: tl.constexpr,
+    ACC: tl.constexpr,
+    BASE2: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SINGLE_D: tl.constexpr,
 ):
     """ROW_LSE[i] = LSE_j l_ij for this program's BLOCK_M rows of X; with COLS, also
     COL_PART[pid, j] = LSE_{i in block} l_ij for every column j."""
@@ -203,8 +255,23 @@ def _simlse_fwd_kernel(
             y = _load_rows(Y, offs_n, offs_d, stride_y, N, D)
             s = _dot_nt(x, y, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), UPCAST, PRECISION)
         else:
-            s = _scores_chunked(X, Y, offs_m, offs_n, M, N, D, stride_x, stride_y, ACC, UPCAST,
-                                PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+            s = _scores_chunked(
+                X,
+                Y,
+                offs_m,
+                offs_n,
+                M,
+                N,
+                D,
+                stride_x,
+                stride_y,
+                ACC,
+                UPCAST,
+                PRECISION,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_D,
+            )
         s = tl.where(_valid(offs_m, offs_n, M, N, offset, EXCLUDE), s * scale, _NEG_INF)
         # online row LSE: m' = max(m, max_j s), l' = l * exp(m - m') + sum_j exp(s - m');
         # a shift of -inf (nothing valid yet) is replaced by 0 so exp never sees -inf - -inf.
@@ -229,8 +296,14 @@ def _simlse_fwd_kernel(
 
 @triton.jit
 def _simlse_col_merge_kernel(
-    PART, COL_LSE, R, N, stride_part,
-    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    PART,
+    COL_LSE,
+    R,
+    N,
+    stride_part,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """COL_LSE[j] = LSE_p PART[p, j] (online over the R row-block partials; -inf stays -inf)."""
     pid = tl.program_id(0).to(tl.int64)
@@ -241,8 +314,9 @@ def _simlse_col_merge_kernel(
     for r0 in range(0, R, BLOCK_R):
         offs_r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
         mask = (offs_r[:, None] < R) & col_ok[None, :]
-        p = tl.load(PART + offs_r[:, None] * stride_part + offs_n[None, :], mask=mask,
-                    other=_NEG_INF)
+        p = tl.load(
+            PART + offs_r[:, None] * stride_part + offs_n[None, :], mask=mask, other=_NEG_INF
+        )
         m_new = tl.maximum(m, tl.max(p, axis=0))
         m_shift = tl.where(m_new == _NEG_INF, 0.0, m_new)
         acc = acc * tl.exp(m - m_shift) + tl.sum(tl.exp(p - m_shift[None, :]), axis=0)
@@ -257,15 +331,40 @@ def _simlse_col_merge_kernel(
 @triton.heuristics({"SINGLE_D": lambda args: args["D"] <= args["BLOCK_D"]})
 @triton.jit(do_not_specialize=["offset"])
 def _simlse_bwd_kernel(
-    X, Y, SCALE, LSE_X, LSE_Y, G_X, G_Y, OUT,
-    M, N, D, stride_x, stride_y, stride_out, offset,
-    EXCLUDE: tl.constexpr, HAS_X: tl.constexpr, HAS_Y: tl.constexpr, ACC: tl.constexpr,
-    BASE2: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
+    X,
+    Y,
+    SCALE,
+    LSE_X,
+    LSE_Y,
+    G_X,
+    G_Y,
+    G_INV,
+    OUT,
+    M,
+    N,
+    D,
+    stride_x,
+    stride_y,
+    stride_out,
+    offset,
+    EXCLUDE: tl.constexpr,
+    HAS_X: tl.constexpr,
+    HAS_Y: tl.constexpr,
+    G_NORM: tl.constexpr,
+    ACC: tl.constexpr,
+    BASE2: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SINGLE_D: tl.constexpr,
 ):
     """OUT[i] = sum_j W_ij Y[j] for this program's BLOCK_M rows of X, with
     W_ij = [HAS_X] G_X[i] exp(l_ij - LSE_X[i]) + [HAS_Y] G_Y[j] exp(l_ij - LSE_Y[j]),
     l_ij = scale * <X_i, Y_j>, W = 0 on excluded (j == i + offset) and out-of-range entries.
+    With G_NORM, OUT = (W * G_INV) @ Y (G_INV = 1 / max|g|, a power of two; the launcher
+    multiplies it back): fp16 W = g * P with g ~ 1/N would otherwise flush to zero.
     Per column tile: 2*BM*BN*D FLOPs to recompute S and 2*BM*BN*D for W @ Y."""
     pid = tl.program_id(0).to(tl.int64)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -289,8 +388,23 @@ def _simlse_bwd_kernel(
             y = _load_rows(Y, offs_n, offs_d, stride_y, N, D)
             s = _dot_nt(x, y, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), UPCAST, PRECISION)
         else:
-            s = _scores_chunked(X, Y, offs_m, offs_n, M, N, D, stride_x, stride_y, ACC, UPCAST,
-                                PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+            s = _scores_chunked(
+                X,
+                Y,
+                offs_m,
+                offs_n,
+                M,
+                N,
+                D,
+                stride_x,
+                stride_y,
+                ACC,
+                UPCAST,
+                PRECISION,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_D,
+            )
         # -inf on excluded / out-of-range entries makes their softmax weights exactly 0
         s = tl.where(_valid(offs_m, offs_n, M, N, offset, EXCLUDE), s * scale, _NEG_INF)
         w = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
@@ -304,6 +418,8 @@ def _simlse_bwd_kernel(
                 lse_y = lse_y * _LOG2E
             g_y = tl.load(G_Y + offs_n, mask=col_ok, other=0.0)
             w += g_y[None, :] * _exp(s - lse_y[None, :], BASE2)
+        if G_NORM:
+            w = w * tl.load(G_INV).to(ACC)
         # W in the operand dtype for the tensor-core product (fp32 accumulation)
         w = w.to(Y.dtype.element_ty)
         if UPCAST:
@@ -329,12 +445,14 @@ def _simlse_bwd_kernel(
 
 if _AUTOTUNE:
     _simlse_fwd_kernel = triton.autotune(
-        configs=_autotune_configs("fwd"), key=["M", "N", "D"],
+        configs=_autotune_configs("fwd"),
+        key=["M", "N", "D"],
         prune_configs_by={"early_config_prune": _autotune_prune},
         restore_value=["COL_PART"],  # partial rows of a config are left for the next config
     )(_simlse_fwd_kernel)
     _simlse_bwd_kernel = triton.autotune(
-        configs=_autotune_configs("bwd"), key=["M", "N", "D"],
+        configs=_autotune_configs("bwd"),
+        key=["M", "N", "D"],
         prune_configs_by={"early_config_prune": _autotune_prune},
     )(_simlse_bwd_kernel)  # OUT is rewritten from scratch by every run (first tile stores)
 
@@ -406,8 +524,10 @@ def _check_features(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> No
                 f"got strides {tuple(x.stride())}"
             )
         if x.device.type not in ("cuda", "cpu"):
-            raise ValueError(f"simlse (triton): {name} is on {x.device}; need cuda (or cpu "
-                             "under TRITON_INTERPRET=1)")
+            raise ValueError(
+                f"simlse (triton): {name} is on {x.device}; need cuda (or cpu "
+                "under TRITON_INTERPRET=1)"
+            )
     if a.dtype != b.dtype:
         raise ValueError(f"simlse (triton): a and b dtypes differ: {a.dtype} vs {b.dtype}")
     if a.shape[1] != b.shape[1]:
@@ -449,15 +569,31 @@ def _row_lse(x, y, scale, offset, exclude_pos, out, col_part=None) -> None:
     kw = {} if _AUTOTUNE else _config("fwd", x.dtype, d)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
     _simlse_fwd_kernel[grid](
-        X=x, Y=y, SCALE=scale, ROW_LSE=out, COL_PART=col_part if cols else out,
-        M=m, N=n, D=d, stride_x=x.stride(0), stride_y=y.stride(0),
-        stride_part=col_part.stride(0) if cols else 0, offset=offset,
-        EXCLUDE=exclude_pos, COLS=cols, **_flags(x.dtype), **kw,
+        X=x,
+        Y=y,
+        SCALE=scale,
+        ROW_LSE=out,
+        COL_PART=col_part if cols else out,
+        M=m,
+        N=n,
+        D=d,
+        stride_x=x.stride(0),
+        stride_y=y.stride(0),
+        stride_part=col_part.stride(0) if cols else 0,
+        offset=offset,
+        EXCLUDE=exclude_pos,
+        COLS=cols,
+        **_flags(x.dtype),
+        **kw,
     )
 
 
 def simlse_fwd(
-    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, offset: int, exclude_pos: bool,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    offset: int,
+    exclude_pos: bool,
     cols: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(row_lse [M], col_lse [N] or [0]) of l = scale * a @ b.T, excluded (i, i+offset)."""
@@ -485,8 +621,15 @@ def simlse_fwd(
             _row_lse(a, b, scale, offset, exclude_pos, row, col_part=part)
             block_r, block_n = (32, 64) if interpreter_on() else (16, 256)
             _simlse_col_merge_kernel[(triton.cdiv(n, block_n),)](
-                PART=part, COL_LSE=col, R=r, N=n, stride_part=part.stride(0),
-                ACC=_flags(a.dtype)["ACC"], BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4,
+                PART=part,
+                COL_LSE=col,
+                R=r,
+                N=n,
+                stride_part=part.stride(0),
+                ACC=_flags(a.dtype)["ACC"],
+                BLOCK_R=block_r,
+                BLOCK_N=block_n,
+                num_warps=4,
             )
         else:
             # transposed sweep: c_j = LSE_i l_ij is the row LSE of b @ a.T with offset -offset
@@ -496,9 +639,16 @@ def simlse_fwd(
 
 
 def simlse_bwd(
-    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, row_lse: torch.Tensor,
-    col_lse: torch.Tensor, g_row: torch.Tensor, g_col: torch.Tensor, offset: int,
-    exclude_pos: bool, cols: bool,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    row_lse: torch.Tensor,
+    col_lse: torch.Tensor,
+    g_row: torch.Tensor,
+    g_col: torch.Tensor,
+    offset: int,
+    exclude_pos: bool,
+    cols: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(da_raw, db_raw) = (W @ b, W^T @ a), W_ij = g_row_i exp(l_ij - row_lse_i)
     + [cols] g_col_j exp(l_ij - col_lse_j), 0 on excluded entries; acc dtype."""
@@ -517,6 +667,16 @@ def simlse_bwd(
     if m == 0 or n == 0:
         return da.zero_(), db.zero_()
     flags = _flags(a.dtype)
+    # fp16 only (5-bit exponent): |W| <= max|g_r| + max|g_c| and g ~ 1/N, so W = g * P would
+    # underflow fp16 at large N; scale W by 1/gmax (gmax a power of two, on the device, no sync)
+    # and the fp32 result back by gmax. bf16 shares fp32's exponent range and needs no scaling.
+    g_norm = a.dtype == torch.float16
+    if g_norm:
+        gmax = g_row.abs().amax()
+        if cols:
+            gmax = torch.maximum(gmax, g_col.abs().amax())
+        gmax = torch.exp2(torch.ceil(torch.log2(torch.where(gmax > 0, gmax, 1.0))))
+        g_inv = 1.0 / gmax
     with _device_guard(dev):
         # da_raw = W @ b over row blocks of a; db_raw = W^T @ a over row blocks of b, where W^T
         # has the same form with (r, g_r) <-> (c, g_c) and offset -> -offset.
@@ -528,11 +688,30 @@ def simlse_bwd(
             rows = x.shape[0]
             grid = lambda meta, rows=rows: (triton.cdiv(rows, meta["BLOCK_M"]),)  # noqa: E731
             _simlse_bwd_kernel[grid](
-                X=x, Y=y, SCALE=scale,
-                LSE_X=lse_x if has_x else lse_y, LSE_Y=lse_y if has_y else lse_x,
-                G_X=g_x if has_x else g_y, G_Y=g_y if has_y else g_x, OUT=out,
-                M=rows, N=y.shape[0], D=d, stride_x=x.stride(0), stride_y=y.stride(0),
-                stride_out=out.stride(0), offset=off,
-                EXCLUDE=exclude_pos, HAS_X=has_x, HAS_Y=has_y, **flags, **kw,
+                X=x,
+                Y=y,
+                SCALE=scale,
+                LSE_X=lse_x if has_x else lse_y,
+                LSE_Y=lse_y if has_y else lse_x,
+                G_X=g_x if has_x else g_y,
+                G_Y=g_y if has_y else g_x,
+                G_INV=g_inv if g_norm else scale,
+                OUT=out,
+                M=rows,
+                N=y.shape[0],
+                D=d,
+                stride_x=x.stride(0),
+                stride_y=y.stride(0),
+                stride_out=out.stride(0),
+                offset=off,
+                EXCLUDE=exclude_pos,
+                HAS_X=has_x,
+                HAS_Y=has_y,
+                G_NORM=g_norm,
+                **flags,
+                **kw,
             )
+    if g_norm:
+        da.mul_(gmax)
+        db.mul_(gmax)
     return da, db

@@ -1,9 +1,230 @@
-"""Placeholder, replaced by the extension loader."""
+"""Builds and loads gammacl's C++ (CPU) and C++/CUDA extensions from csrc/, on first use.
+
+Two shared libraries, both plain torch op libraries (no Python module):
+  cpu : every csrc/*.cpp except *_cuda.cpp. Defines the `gammacl::` op schemas
+        (TORCH_LIBRARY_FRAGMENT) and their CPU kernels. Flags -O3 -fopenmp.
+  cuda: csrc/*_cuda.cpp + csrc/*.cu, only CUDA kernels (TORCH_LIBRARY_IMPL(gammacl, CUDA, ...)).
+        Loaded after the cpu library, which owns the schemas, so both can live in one process.
+        Needs a CUDA torch, a visible GPU and nvcc (CUDA_HOME); links cuBLAS.
+        Archs: TORCH_CUDA_ARCH_LIST (default "8.0;9.0").
+
+torch.utils.cpp_extension (ninja) compiles them into GAMMACL_EXT_DIR, else
+<repo>/.ext_build/<torch version>-py<XY>-<cpu|cuda> when the source tree is a writable checkout
+(editable install), else ~/.cache/gammacl/ext/<same>. ninja rebuilds whatever changed (sources
+and headers), so editing csrc/ needs no manual step. `python -m gammacl.build_ext [--cuda]` builds
+ahead of time. GAMMACL_NO_EXT=1 disables both (the dispatcher then falls back to the torch backend
+with one warning).
+
+Fake (meta) kernels of the ops are registered here in Python (torch.library.register_fake), so
+torch.compile and torch.library.opcheck can trace them with symbolic shapes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+_LOCK = threading.RLock()
+_STATE: dict[bool, tuple[bool, str]] = {}
+_BUILT: dict[bool, str] = {}
+_FAKES_REGISTERED = False
+
+
+def csrc_dir() -> Path:
+    """Directory of the C++/CUDA sources (the gammacl.csrc package)."""
+    import gammacl.csrc
+
+    return Path(gammacl.csrc.__file__).resolve().parent
+
+
+def sources(cuda: bool = False) -> list[Path]:
+    """Sources of the cpu library, or of the cuda library when cuda=True."""
+    d = csrc_dir()
+    if cuda:
+        return sorted(d.glob("*_cuda.cpp")) + sorted(d.glob("*.cu"))
+    return sorted(p for p in d.glob("*.cpp") if not p.name.endswith("_cuda.cpp"))
+
+
+def _tag(cuda: bool) -> str:
+    return (
+        f"{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}-"
+        f"{'cuda' if cuda else 'cpu'}"
+    )
+
+
+def build_dir(cuda: bool = False) -> Path:
+    """Where the library for `cuda` is (or will be) built; see the module docstring."""
+    env = os.environ.get("GAMMACL_EXT_DIR", "").strip()
+    if env:
+        return Path(env).expanduser() / _tag(cuda)
+    repo = csrc_dir().parent
+    if (repo / "pyproject.toml").is_file() and os.access(repo, os.W_OK):
+        return repo / ".ext_build" / _tag(cuda)
+    cache = Path(os.environ.get("XDG_CACHE_HOME", "") or Path.home() / ".cache")
+    return cache / "gammacl" / "ext" / _tag(cuda)
+
+
+def _name(cuda: bool) -> str:
+    return "gammacl_cuda" if cuda else "gammacl_cpu"
+
+
+def _arch_flags() -> list[str]:
+    """-gencode flags from TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), e.g. "8.0;9.0a+PTX"."""
+    spec = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or "8.0;9.0"
+    flags = []
+    for item in spec.replace(",", ";").replace(" ", ";").split(";"):
+        if not item:
+            continue
+        ptx = item.endswith("+PTX")
+        arch = item.removesuffix("+PTX")
+        num = arch.replace(".", "")
+        if not num.rstrip("af").isdigit():
+            raise ValueError(f"TORCH_CUDA_ARCH_LIST entry {item!r} is not like '8.0' or '9.0a+PTX'")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    return flags
+
+
+def _needs_compile(cuda: bool) -> bool:
+    lib = build_dir(cuda) / f"{_name(cuda)}.so"
+    if not lib.exists():
+        return True
+    t = lib.stat().st_mtime
+    deps = sources(cuda) + sorted(csrc_dir().glob("*.h")) + sorted(csrc_dir().glob("*.cuh"))
+    return any(p.stat().st_mtime > t for p in deps)
+
+
+def _toolchain_problem(cuda: bool) -> str | None:
+    if os.environ.get("GAMMACL_NO_EXT", "0") not in ("", "0"):
+        return "disabled by GAMMACL_NO_EXT=1"
+    from torch.utils import cpp_extension
+
+    if not sources(cuda):
+        return f"no {'CUDA ' if cuda else ''}sources in {csrc_dir()}"
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler found ({cxx!r} is not on PATH; set CXX)"
+    if cuda:
+        if torch.version.cuda is None:
+            return f"this torch build ({torch.__version__}) has no CUDA support"
+        if not torch.cuda.is_available():
+            return "no CUDA device is visible"
+        home = cpp_extension.CUDA_HOME
+        if home is None or not (Path(home) / "bin" / "nvcc").exists():
+            return "nvcc not found (set CUDA_HOME to a CUDA toolkit matching torch.version.cuda)"
+    return None
+
+
+def _build(cuda: bool) -> str:
+    """Compiles (when needed) and loads one library; returns the .so path."""
+    from torch.utils import cpp_extension
+
+    out = build_dir(cuda)
+    out.mkdir(parents=True, exist_ok=True)
+    kw: dict = {}
+    cflags = ["-O3", "-fopenmp"] if sys.platform.startswith("linux") else ["-O3"]
+    ldflags = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    if cuda:
+        kw["extra_cuda_cflags"] = ["-O3", "-lineinfo", *_arch_flags()]
+        cflags = ["-O3"]
+        ldflags = ["-lcublas"]
+    if _needs_compile(cuda):
+        print(
+            f"building gammacl C++{'/CUDA' if cuda else ''} extension (first use, ~1 min) "
+            f"in {out} ...",
+            file=sys.stderr,
+            flush=True,
+        )
+    path = cpp_extension.load(
+        name=_name(cuda),
+        sources=[str(p) for p in sources(cuda)],
+        extra_cflags=cflags,
+        extra_ldflags=ldflags,
+        extra_include_paths=[str(csrc_dir())],
+        build_directory=str(out),
+        with_cuda=cuda,
+        is_python_module=False,
+        verbose=False,
+        **kw,
+    )
+    return str(path)
+
+
+def _register_fakes() -> None:
+    """Shape/dtype-only kernels for FakeTensor / torch.compile / opcheck (once per process)."""
+    global _FAKES_REGISTERED
+    if _FAKES_REGISTERED:
+        return
+
+    def acc(t: torch.Tensor) -> torch.dtype:
+        return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+    @torch.library.register_fake("gammacl::simlse_fwd")
+    def _simlse_fwd_fake(a, b, scale, offset, exclude_pos, cols):
+        n = b.shape[0] if cols else 0
+        return a.new_empty((a.shape[0],), dtype=acc(a)), a.new_empty((n,), dtype=acc(a))
+
+    @torch.library.register_fake("gammacl::simlse_bwd")
+    def _simlse_bwd_fake(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols):
+        return a.new_empty(a.shape, dtype=acc(a)), b.new_empty(b.shape, dtype=acc(a))
+
+    _FAKES_REGISTERED = True
+
+
+def _short(exc: BaseException, limit: int = 1500) -> str:
+    msg = f"{type(exc).__name__}: {exc}".strip()
+    return msg if len(msg) <= limit else "... " + msg[-limit:]
+
+
+def _try_load(cuda: bool) -> tuple[bool, str]:
+    problem = _toolchain_problem(cuda)
+    if problem is not None:
+        return False, problem
+    if cuda:
+        ok, why = available(cuda=False)
+        if not ok:
+            return False, f"the CPU library (which defines the op schemas) is unavailable: {why}"
+    try:
+        _BUILT[cuda] = _build(cuda)
+        if not cuda:
+            _register_fakes()
+    except Exception as exc:  # compiler errors, missing headers, ABI problems: report, never raise
+        where = build_dir(cuda)
+        return False, f"building the {'CUDA' if cuda else 'C++'} extension in {where} failed: " + (
+            _short(exc)
+        )
+    return True, ""
 
 
 def available(cuda: bool = False) -> tuple[bool, str]:
-    return False, "the C++ extension is not built in this tree yet"
+    """(True, "") when the cpu (or cuda) library is built and loaded, else (False, reason).
+    Builds on first call; the answer is cached for the process. Never raises."""
+    with _LOCK:
+        if cuda not in _STATE:
+            try:
+                _STATE[cuda] = _try_load(cuda)
+            except Exception as exc:  # pragma: no cover - belt and braces
+                _STATE[cuda] = (False, _short(exc))
+        return _STATE[cuda]
 
 
 def load(cuda: bool = False):
-    raise RuntimeError("the C++ extension is not built in this tree yet")
+    """torch.ops.gammacl, after making sure the cpu (and, for cuda=True, cuda) library is loaded.
+    Raises RuntimeError with the reason when it cannot be."""
+    ok, why = available(cuda=cuda)
+    if not ok:
+        raise RuntimeError(f"gammacl {'CUDA' if cuda else 'C++'} extension unavailable: {why}")
+    return torch.ops.gammacl
+
+
+def library_path(cuda: bool = False) -> str | None:
+    """Path of the loaded library, or None when it is not loaded."""
+    return _BUILT.get(cuda)

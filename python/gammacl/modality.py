@@ -30,6 +30,7 @@ torch / cpp / triton / cuda backends all apply and no N x N buffer is formed:
 
 from __future__ import annotations
 
+import functools
 import math
 from numbers import Real
 
@@ -38,7 +39,7 @@ from torch import nn
 
 from gammacl import _validate as V
 from gammacl.dispatch import BACKENDS, resolve_backend
-from gammacl.functional import _pos_logits, clip_pairs, infonce_rows
+from gammacl.functional import _pos_logits, clip_pairs, infonce_rows, no_autocast
 from gammacl.ops.simlse import simlse
 
 INMODAL_FORMS = ("cyclip", "printed")
@@ -89,7 +90,9 @@ def _check_bridge_t(t: object, like: torch.Tensor) -> float | torch.Tensor:
         if not t.dtype.is_floating_point:
             raise TypeError(f"t must be a floating-point tensor, got {t.dtype}")
         if tuple(t.shape) not in ((n,), (n, 1)):
-            raise ValueError(f"a per-row t must have shape ({n},) or ({n}, 1), got {tuple(t.shape)}")
+            raise ValueError(
+                f"a per-row t must have shape ({n},) or ({n}, 1), got {tuple(t.shape)}"
+            )
         if t.device != like.device:
             raise ValueError(f"t is on {t.device} but the features are on {like.device}")
         lo, hi = torch.aminmax(t.detach())
@@ -118,12 +121,25 @@ def _check_aug_pair(z_v_aug, z_t_aug) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+def _fp32_region(fn):
+    """Runs fn with autocast off (on its first argument's device): the Grams and statistics
+    stay in the accumulation dtype even inside a user's autocast region."""
+
+    @functools.wraps(fn)
+    def wrapper(x, *args, **kwargs):
+        with no_autocast(x):
+            return fn(x, *args, **kwargs)
+
+    return wrapper
+
+
+@_fp32_region
 def _gaussian_lse_rows(u: torch.Tensor, t: float, backend: str) -> torch.Tensor:
     """row_j = log sum_k exp(-t ||u_j - u_k||^2) through simlse (module docstring)."""
     acc = V.acc_dtype(u.dtype)
     h = -0.5 * u.to(acc).square().sum(dim=1, keepdim=True)  # [N, 1]
     one = torch.ones_like(h, dtype=u.dtype)
-    if False:
+    if u.dtype in _HALF:
         hi = h.to(u.dtype)
         lo = (h - hi.to(acc)).to(u.dtype)  # hi + lo == h to ~16 bits; d(hi + lo)/dh = 1
         a = torch.cat([u, hi, lo, one, one], dim=1)
@@ -136,8 +152,10 @@ def _gaussian_lse_rows(u: torch.Tensor, t: float, backend: str) -> torch.Tensor:
     return row
 
 
-def _inmodal_rows(z: torch.Tensor, z_aug: torch.Tensor, scale: torch.Tensor, inmodal: str,
-                  backend: str) -> torch.Tensor:
+@_fp32_region
+def _inmodal_rows(
+    z: torch.Tensor, z_aug: torch.Tensor, scale: torch.Tensor, inmodal: str, backend: str
+) -> torch.Tensor:
     """Per-row in-modal InfoNCE: "cyclip" LSE_k s<z_j, za_k> - s<z_j, za_j>;
     "printed" LSE_k s<z_j, z_k> - s<z_j, za_j> (B.1 as printed)."""
     if inmodal == "cyclip":
@@ -157,18 +175,37 @@ class _SymGram(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
-        return x @ (g + g.t())
+        with no_autocast(x):  # a backward called inside autocast must not recast the GEMM
+            return x @ (g + g.t())
+
+
+class _CrossGram(torch.autograd.Function):
+    """C = X^T Y (d x d); dX = Y G^T, dY = X G: two N*D^2 GEMMs in the backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, y)
+        return x.t() @ y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, y = ctx.saved_tensors
+        with no_autocast(x):
+            dx = y @ g.t() if ctx.needs_input_grad[0] else None
+            dy = x @ g if ctx.needs_input_grad[1] else None
+        return dx, dy
 
 
 def _fro2(c: torch.Tensor) -> torch.Tensor:
     return c.square().sum()
 
 
+@_fp32_region
 def _gc_gram(z_v, z_t, z_v_aug, z_t_aug, inmodal_weight: float, crossmodal_weight: float):
     acc = V.acc_dtype(z_v.dtype)
     v, t = z_v.to(acc), z_t.to(acc)
     n = v.shape[0]
-    c_vv, c_tt, c_vt = _SymGram.apply(v), _SymGram.apply(t), v.t() @ t
+    c_vv, c_tt, c_vt = _SymGram.apply(v), _SymGram.apply(t), _CrossGram.apply(v, t)
     f_vv, f_tt = _fro2(c_vv), _fro2(c_tt)
     loss = v.new_zeros(())
     if crossmodal_weight:  # sum_jk (S_jk - S_kj)^2, S = V T^T
@@ -178,9 +215,15 @@ def _gc_gram(z_v, z_t, z_v_aug, z_t_aug, inmodal_weight: float, crossmodal_weigh
         loss = loss + inmodal_weight * (f_vv + f_tt - 2.0 * _fro2(c_vt))
     if z_v_aug is not None:
         va, ta = z_v_aug.to(acc), z_t_aug.to(acc)
-        aug = (f_vv + _fro2(_SymGram.apply(va)) - 2.0 * _fro2(v.t() @ va)
-               + f_tt + _fro2(_SymGram.apply(ta)) - 2.0 * _fro2(t.t() @ ta)
-               + ((v * t).sum(1) - (va * ta).sum(1)).square().sum())
+        aug = (
+            f_vv
+            + _fro2(_SymGram.apply(va))
+            - 2.0 * _fro2(_CrossGram.apply(v, va))
+            + f_tt
+            + _fro2(_SymGram.apply(ta))
+            - 2.0 * _fro2(_CrossGram.apply(t, ta))
+            + ((v * t).sum(1) - (va * ta).sum(1)).square().sum()
+        )
         loss = loss + aug
     return loss / n
 
@@ -190,8 +233,9 @@ def _gc_gram(z_v, z_t, z_v_aug, z_t_aug, inmodal_weight: float, crossmodal_weigh
 # ---------------------------------------------------------------------------------------------
 
 
-def orthogonality_loss(z_v: torch.Tensor, zi_v: torch.Tensor, z_t: torch.Tensor,
-                       zi_t: torch.Tensor) -> torch.Tensor:
+def orthogonality_loss(
+    z_v: torch.Tensor, zi_v: torch.Tensor, z_t: torch.Tensor, zi_t: torch.Tensor
+) -> torch.Tensor:
     """L_Ortho = (1/N) sum_j (<z_Vj, zi_Vj>^2 + <z_Tj, zi_Tj>^2) (B.2); row-wise, O(N*D)."""
     _check_group([("z_v", z_v), ("zi_v", zi_v), ("z_t", z_t), ("zi_t", zi_t)])
     acc = V.acc_dtype(z_v.dtype)
@@ -200,8 +244,9 @@ def orthogonality_loss(z_v: torch.Tensor, zi_v: torch.Tensor, z_t: torch.Tensor,
     return (dv.square() + dt.square()).mean()
 
 
-def uniformity_loss(zi_v: torch.Tensor, zi_t: torch.Tensor, t: float = 2.0, *,
-                    backend: str = "auto") -> torch.Tensor:
+def uniformity_loss(
+    zi_v: torch.Tensor, zi_t: torch.Tensor, t: float = 2.0, *, backend: str = "auto"
+) -> torch.Tensor:
     """L^i_Uni = log (1/N) sum_j sum_k [G_t(zi_Vj, zi_Vk) + G_t(zi_Tj, zi_Tk)],
     G_t(u, v) = exp(-t ||u - v||^2), j = k included, one log over both modalities (B.2 as
     printed). Exact for any vectors (normalised or not); fused through simlse with one global
@@ -213,9 +258,14 @@ def uniformity_loss(zi_v: torch.Tensor, zi_t: torch.Tensor, t: float = 2.0, *,
     return torch.logsumexp(rows, dim=0) - math.log(zi_v.shape[0])
 
 
-def inmodal_infonce_loss(z: torch.Tensor, z_aug: torch.Tensor,
-                         logit_scale: float | torch.Tensor, *, inmodal: str = "cyclip",
-                         backend: str = "auto") -> torch.Tensor:
+def inmodal_infonce_loss(
+    z: torch.Tensor,
+    z_aug: torch.Tensor,
+    logit_scale: float | torch.Tensor,
+    *,
+    inmodal: str = "cyclip",
+    backend: str = "auto",
+) -> torch.Tensor:
     """In-modal InfoNCE of z against its augmented view, mean over rows.
     inmodal="cyclip" (default): CE(s * z @ z_aug.T, arange), CyCLIP's code, which Paper B builds
     on; "printed": -(1/N) sum_j log(e^{s<z_j,za_j>} / sum_k e^{s<z_j,z_k>}), the denominator over
@@ -228,9 +278,17 @@ def inmodal_infonce_loss(z: torch.Tensor, z_aug: torch.Tensor,
 
 
 def feature_separation_loss(
-    z_v: torch.Tensor, z_t: torch.Tensor, zi_v: torch.Tensor, zi_t: torch.Tensor,
-    zi_v_aug: torch.Tensor, zi_t_aug: torch.Tensor, logit_scale: float | torch.Tensor, *,
-    t: float = 2.0, inmodal: str = "cyclip", backend: str = "auto",
+    z_v: torch.Tensor,
+    z_t: torch.Tensor,
+    zi_v: torch.Tensor,
+    zi_t: torch.Tensor,
+    zi_v_aug: torch.Tensor,
+    zi_t_aug: torch.Tensor,
+    logit_scale: float | torch.Tensor,
+    *,
+    t: float = 2.0,
+    inmodal: str = "cyclip",
+    backend: str = "auto",
 ) -> torch.Tensor:
     """L_Sep = L_Ortho(z, zi) + L^i_V2V + L^i_T2T + L^i_Uni(zi; t), unit weights (B.2).
 
@@ -239,22 +297,33 @@ def feature_separation_loss(
     1/tau), read as the typo for <zi_j, zi^a_j>. Default inmodal="cyclip" (denominator over
     zi_aug, CyCLIP's code); "printed" puts the non-augmented zi in the denominator (B.1's form).
     L^i_Con is the SUM of the two directions, as printed."""
-    _check_group([("z_v", z_v), ("z_t", z_t), ("zi_v", zi_v), ("zi_t", zi_t),
-                  ("zi_v_aug", zi_v_aug), ("zi_t_aug", zi_t_aug)])
+    _check_group(
+        [
+            ("z_v", z_v),
+            ("z_t", z_t),
+            ("zi_v", zi_v),
+            ("zi_t", zi_t),
+            ("zi_v_aug", zi_v_aug),
+            ("zi_t_aug", zi_t_aug),
+        ]
+    )
     t = _check_positive("t", t)
     inmodal = _check_choice("inmodal", inmodal, INMODAL_FORMS)
     scale = V.as_scale("logit_scale", logit_scale, zi_v)
     name = resolve_backend(backend, z_v.device)
     ortho = orthogonality_loss(z_v, zi_v, z_t, zi_t)
-    con = (_inmodal_rows(zi_v, zi_v_aug, scale, inmodal, name).mean()
-           + _inmodal_rows(zi_t, zi_t_aug, scale, inmodal, name).mean())
+    con = (
+        _inmodal_rows(zi_v, zi_v_aug, scale, inmodal, name).mean()
+        + _inmodal_rows(zi_t, zi_t_aug, scale, inmodal, name).mean()
+    )
     rows = torch.cat([_gaussian_lse_rows(zi_v, t, name), _gaussian_lse_rows(zi_t, t, name)])
     uni = torch.logsumexp(rows, dim=0) - math.log(zi_v.shape[0])
     return ortho + con + uni
 
 
-def brownian_bridge_loss(z_v: torch.Tensor, z_t: torch.Tensor, z_v_aug: torch.Tensor,
-                         t: float | torch.Tensor = 0.25) -> torch.Tensor:
+def brownian_bridge_loss(
+    z_v: torch.Tensor, z_t: torch.Tensor, z_v_aug: torch.Tensor, t: float | torch.Tensor = 0.25
+) -> torch.Tensor:
     """L_Br = (1/N) sum_j ||z^a_Vj - mu_j||^2, mu_j = normalize(t z_Vj + (1 - t) z_Tj) (B.3,
     first line; the paper's closed form is wrong). t in [0, 1]: a number (the paper fixes 0.25)
     or a per-row tensor [N] / [N, 1] (random t; its range check costs one host sync). Gradients
@@ -263,14 +332,20 @@ def brownian_bridge_loss(z_v: torch.Tensor, z_t: torch.Tensor, z_v_aug: torch.Te
     _check_group([("z_v", z_v), ("z_t", z_t), ("z_v_aug", z_v_aug)])
     t = _check_bridge_t(t, z_v)
     acc = V.acc_dtype(z_v.dtype)
-    m = t * z_v.to(acc) + (1.0 - t) * z_t.to(acc)
-    mu = torch.nn.functional.normalize(m, dim=1)
-    return (z_v_aug.to(acc) - mu).square().sum(1).mean()
+    with no_autocast(z_v):
+        m = t * z_v.to(acc) + (1.0 - t) * z_t.to(acc)
+        mu = torch.nn.functional.normalize(m, dim=1)
+        return (z_v_aug.to(acc) - mu).square().sum(1).mean()
 
 
 def geometric_consistency_loss(
-    z_v: torch.Tensor, z_t: torch.Tensor, z_v_aug: torch.Tensor | None = None,
-    z_t_aug: torch.Tensor | None = None, *, form: str = "paper", inmodal_weight: float = 1.0,
+    z_v: torch.Tensor,
+    z_t: torch.Tensor,
+    z_v_aug: torch.Tensor | None = None,
+    z_t_aug: torch.Tensor | None = None,
+    *,
+    form: str = "paper",
+    inmodal_weight: float = 1.0,
     crossmodal_weight: float = 1.0,
 ) -> torch.Tensor:
     """Geometric consistency (B.4) from d x d Grams in O(N * D^2), exact, no N x N:
@@ -289,8 +364,10 @@ def geometric_consistency_loss(
     form = _check_choice("form", form, GC_FORMS)
     if has_aug:
         if form == "cyclip":
-            raise ValueError("form='cyclip' has no augmented term; pass form='paper' to add "
-                             "L^a_GC, or drop z_v_aug / z_t_aug")
+            raise ValueError(
+                "form='cyclip' has no augmented term; pass form='paper' to add "
+                "L^a_GC, or drop z_v_aug / z_t_aug"
+            )
         _check_group([("z_v", z_v), ("z_v_aug", z_v_aug), ("z_t_aug", z_t_aug)])
     w_in = _check_weight("inmodal_weight", inmodal_weight)
     w_x = _check_weight("crossmodal_weight", crossmodal_weight)
@@ -298,8 +375,14 @@ def geometric_consistency_loss(
 
 
 def modality_contrastive_loss(
-    z_v: torch.Tensor, z_t: torch.Tensor, z_v_aug: torch.Tensor, z_t_aug: torch.Tensor,
-    logit_scale: float | torch.Tensor, *, inmodal: str = "cyclip", backend: str = "auto",
+    z_v: torch.Tensor,
+    z_t: torch.Tensor,
+    z_v_aug: torch.Tensor,
+    z_t_aug: torch.Tensor,
+    logit_scale: float | torch.Tensor,
+    *,
+    inmodal: str = "cyclip",
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Paper B's base loss L_Con = (L_V2T + L_T2V + L_V2V + L_T2T) / 4 (B.1): the symmetric CLIP
     pair (clip_pairs) plus the two in-modal InfoNCE terms of each modality against its augmented
@@ -310,8 +393,10 @@ def modality_contrastive_loss(
     scale = V.as_scale("logit_scale", logit_scale, z_v)
     name = resolve_backend(backend, z_v.device)
     cross = clip_pairs(z_v, z_t, scale, backend=name).mean()  # (L_V2T + L_T2V) / 2
-    inm = (_inmodal_rows(z_v, z_v_aug, scale, inmodal, name).mean()
-           + _inmodal_rows(z_t, z_t_aug, scale, inmodal, name).mean())
+    inm = (
+        _inmodal_rows(z_v, z_v_aug, scale, inmodal, name).mean()
+        + _inmodal_rows(z_t, z_t_aug, scale, inmodal, name).mean()
+    )
     return 0.5 * cross + 0.25 * inm
 
 
@@ -336,8 +421,9 @@ class ModalityContrastiveLoss(nn.Module):
         self.backend = _check_backend(backend)
 
     def forward(self, z_v, z_t, z_v_aug, z_t_aug, logit_scale, output_dict: bool = False):
-        loss = modality_contrastive_loss(z_v, z_t, z_v_aug, z_t_aug, logit_scale,
-                                         inmodal=self.inmodal, backend=self.backend)
+        loss = modality_contrastive_loss(
+            z_v, z_t, z_v_aug, z_t_aug, logit_scale, inmodal=self.inmodal, backend=self.backend
+        )
         return {"contrastive_loss": loss} if output_dict else loss
 
 
@@ -346,19 +432,30 @@ class FeatureSeparationLoss(nn.Module):
     not found); CyCLIP-style 0.25 is a reasonable start. output_dict gives
     {"feature_separation_loss": weighted loss}, ready to sum with open_clip's loss dict."""
 
-    def __init__(self, weight: float = 1.0, *, t: float = 2.0, inmodal: str = "cyclip",
-                 backend: str = "auto") -> None:
+    def __init__(
+        self, weight: float = 1.0, *, t: float = 2.0, inmodal: str = "cyclip", backend: str = "auto"
+    ) -> None:
         super().__init__()
         self.weight = _check_weight("weight", weight)
         self.t = _check_positive("t", t)
         self.inmodal = _check_choice("inmodal", inmodal, INMODAL_FORMS)
         self.backend = _check_backend(backend)
 
-    def forward(self, z_v, z_t, zi_v, zi_t, zi_v_aug, zi_t_aug, logit_scale,
-                output_dict: bool = False):
+    def forward(
+        self, z_v, z_t, zi_v, zi_t, zi_v_aug, zi_t_aug, logit_scale, output_dict: bool = False
+    ):
         loss = self.weight * feature_separation_loss(
-            z_v, z_t, zi_v, zi_t, zi_v_aug, zi_t_aug, logit_scale, t=self.t,
-            inmodal=self.inmodal, backend=self.backend)
+            z_v,
+            z_t,
+            zi_v,
+            zi_t,
+            zi_v_aug,
+            zi_t_aug,
+            logit_scale,
+            t=self.t,
+            inmodal=self.inmodal,
+            backend=self.backend,
+        )
         return {"feature_separation_loss": loss} if output_dict else loss
 
 
@@ -367,13 +464,20 @@ class BrownianBridgeLoss(nn.Module):
     "random": a fresh t ~ U[0, 1) per row each call, drawn with `generator` (on the features'
     device) when given."""
 
-    def __init__(self, weight: float = 1.0, *, t: float | str = 0.25,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        weight: float = 1.0,
+        *,
+        t: float | str = 0.25,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         self.weight = _check_weight("weight", weight)
         if isinstance(t, torch.Tensor):
-            raise TypeError("BrownianBridgeLoss takes t as a number or 'random'; pass a per-row "
-                            "t tensor to gammacl.brownian_bridge_loss instead")
+            raise TypeError(
+                "BrownianBridgeLoss takes t as a number or 'random'; pass a per-row "
+                "t tensor to gammacl.brownian_bridge_loss instead"
+            )
         if t != "random":
             t = _check_bridge_t(t, torch.empty(0, 1))
         self.t = t
@@ -383,8 +487,12 @@ class BrownianBridgeLoss(nn.Module):
         t = self.t
         if t == "random":
             V.check_features("z_v", z_v)
-            t = torch.rand(z_v.shape[0], generator=self.generator, device=z_v.device,
-                           dtype=V.acc_dtype(z_v.dtype))
+            t = torch.rand(
+                z_v.shape[0],
+                generator=self.generator,
+                device=z_v.device,
+                dtype=V.acc_dtype(z_v.dtype),
+            )
         loss = self.weight * brownian_bridge_loss(z_v, z_t, z_v_aug, t)
         return {"brownian_bridge_loss": loss} if output_dict else loss
 
@@ -394,8 +502,14 @@ class GeometricConsistencyLoss(nn.Module):
     form="cyclip" with inmodal_weight = crossmodal_weight = 0.25 and weight=1 reproduces
     CyCLIP's cyclic regularisers (cylambda1 = cylambda2 = 0.25)."""
 
-    def __init__(self, weight: float = 1.0, *, form: str = "paper", inmodal_weight: float = 1.0,
-                 crossmodal_weight: float = 1.0) -> None:
+    def __init__(
+        self,
+        weight: float = 1.0,
+        *,
+        form: str = "paper",
+        inmodal_weight: float = 1.0,
+        crossmodal_weight: float = 1.0,
+    ) -> None:
         super().__init__()
         self.weight = _check_weight("weight", weight)
         self.form = _check_choice("form", form, GC_FORMS)
@@ -404,8 +518,14 @@ class GeometricConsistencyLoss(nn.Module):
 
     def forward(self, z_v, z_t, z_v_aug=None, z_t_aug=None, output_dict: bool = False):
         loss = self.weight * geometric_consistency_loss(
-            z_v, z_t, z_v_aug, z_t_aug, form=self.form, inmodal_weight=self.inmodal_weight,
-            crossmodal_weight=self.crossmodal_weight)
+            z_v,
+            z_t,
+            z_v_aug,
+            z_t_aug,
+            form=self.form,
+            inmodal_weight=self.inmodal_weight,
+            crossmodal_weight=self.crossmodal_weight,
+        )
         return {"geometric_consistency_loss": loss} if output_dict else loss
 
 

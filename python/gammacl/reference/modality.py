@@ -40,14 +40,16 @@ def _gaussian_sum(u: torch.Tensor, t) -> torch.Tensor:
 
 
 def uniformity_loss(zi_v, zi_t, t=2.0, *, upcast: bool = True) -> torch.Tensor:
-    """log (1/N) sum_j sum_k [G_t(zi_Vj, zi_Vk) + G_t(zi_Tj, zi_Tk)], j = k included (as printed)."""
+    """log (1/N) sum_j sum_k [G_t(zi_Vj, zi_Vk) + G_t(zi_Tj, zi_Tk)], j = k included (as
+    printed)."""
     zi_v, zi_t = _up(zi_v, upcast), _up(zi_t, upcast)
     n = zi_v.shape[0]
     return torch.log((_gaussian_sum(zi_v, t) + _gaussian_sum(zi_t, t)) / n)
 
 
-def inmodal_infonce(z, z_aug, logit_scale, *, inmodal: str = "cyclip",
-                    upcast: bool = True) -> torch.Tensor:
+def inmodal_infonce(
+    z, z_aug, logit_scale, *, inmodal: str = "cyclip", upcast: bool = True
+) -> torch.Tensor:
     """One modality's in-modal InfoNCE (mean over rows), "cyclip" or "printed" form."""
     dt = _dtype(z, upcast)
     z, z_aug = z.to(dt), z_aug.to(dt)
@@ -62,8 +64,19 @@ def inmodal_infonce(z, z_aug, logit_scale, *, inmodal: str = "cyclip",
     raise ValueError(f"inmodal must be 'cyclip' or 'printed', got {inmodal!r}")
 
 
-def feature_separation_loss(z_v, z_t, zi_v, zi_t, zi_v_aug, zi_t_aug, logit_scale, *, t=2.0,
-                            inmodal: str = "cyclip", upcast: bool = True) -> torch.Tensor:
+def feature_separation_loss(
+    z_v,
+    z_t,
+    zi_v,
+    zi_t,
+    zi_v_aug,
+    zi_t_aug,
+    logit_scale,
+    *,
+    t=2.0,
+    inmodal: str = "cyclip",
+    upcast: bool = True,
+) -> torch.Tensor:
     """L_Sep = L_Ortho + (L^i_V2V + L^i_T2T) + L^i_Uni, unit weights (B.2)."""
     return (
         orthogonality_loss(z_v, zi_v, z_t, zi_t, upcast=upcast)
@@ -85,9 +98,16 @@ def brownian_bridge_loss(z_v, z_t, z_v_aug, t=0.25, *, upcast: bool = True) -> t
     return ((z_v_aug - mu) ** 2).sum() / n
 
 
-def geometric_consistency_loss(z_v, z_t, z_v_aug=None, z_t_aug=None, *,
-                               inmodal_weight=1.0, crossmodal_weight=1.0,
-                               upcast: bool = True) -> torch.Tensor:
+def geometric_consistency_loss(
+    z_v,
+    z_t,
+    z_v_aug=None,
+    z_t_aug=None,
+    *,
+    inmodal_weight=1.0,
+    crossmodal_weight=1.0,
+    upcast: bool = True,
+) -> torch.Tensor:
     """L_GC (+ L^a_GC when the augmented pair is given), pairwise as printed in B.4:
         L_GC  = (1/N) sum_jk [ w_x (<V_j,T_k> - <V_k,T_j>)^2 + w_in (<V_j,V_k> - <T_j,T_k>)^2 ]
         L^a_GC = (1/N) sum_jk [(<V_j,V_k> - <Va_j,Va_k>)^2 + (<T_j,T_k> - <Ta_j,Ta_k>)^2]
@@ -97,12 +117,21 @@ def geometric_consistency_loss(z_v, z_t, z_v_aug=None, z_t_aug=None, *,
     v, t = z_v.to(dt), z_t.to(dt)
     n = v.shape[0]
     s_vt, s_vv, s_tt = v @ t.t(), v @ v.t(), t @ t.t()
-    loss = (crossmodal_weight * ((s_vt - s_vt.t()) ** 2).sum()
-            + inmodal_weight * ((s_vv - s_tt) ** 2).sum()) / n
+    loss = (
+        crossmodal_weight * ((s_vt - s_vt.t()) ** 2).sum()
+        + inmodal_weight * ((s_vv - s_tt) ** 2).sum()
+    ) / n
     if z_v_aug is not None:
         va, ta = z_v_aug.to(dt), z_t_aug.to(dt)
-        loss = loss + (((s_vv - va @ va.t()) ** 2).sum() + ((s_tt - ta @ ta.t()) ** 2).sum()
-                       + (((v * t).sum(1) - (va * ta).sum(1)) ** 2).sum()) / n
+        loss = (
+            loss
+            + (
+                ((s_vv - va @ va.t()) ** 2).sum()
+                + ((s_tt - ta @ ta.t()) ** 2).sum()
+                + (((v * t).sum(1) - (va * ta).sum(1)) ** 2).sum()
+            )
+            / n
+        )
     return loss
 
 
@@ -124,8 +153,9 @@ def cyclip_cyclic_losses(image_embeds, text_embeds, logit_scale, *, upcast: bool
     return inmodal_cyclic, crossmodal_cyclic
 
 
-def modality_contrastive_loss(z_v, z_t, z_v_aug, z_t_aug, logit_scale, *,
-                              inmodal: str = "cyclip", upcast: bool = True) -> torch.Tensor:
+def modality_contrastive_loss(
+    z_v, z_t, z_v_aug, z_t_aug, logit_scale, *, inmodal: str = "cyclip", upcast: bool = True
+) -> torch.Tensor:
     """L_Con = (L_V2T + L_T2V + L_V2V + L_T2T) / 4 (B.1), every matrix materialised."""
     dt = _dtype(z_v, upcast)
     v, t = z_v.to(dt), z_t.to(dt)
@@ -140,7 +170,7 @@ def modality_contrastive_loss(z_v, z_t, z_v_aug, z_t_aug, logit_scale, *,
 
 def brownian_bridge_closed_form(z_v, z_t, z_v_aug, t=0.25) -> torch.Tensor:
     """math.md B.3's corrected closed form for unit vectors (a cross-check of the first line):
-    ||z^a - mu||^2 = 2 - 2 (t<z_V,z^a> + (1-t)<z_T,z^a>) / sqrt(t^2 + (1-t)^2 + 2t(1-t)<z_V,z_T>)."""
+    ||z^a - mu||^2 = 2 - 2 (t<z_V,z^a> + (1-t)<z_T,z^a>) / sqrt(t^2 + (1-t)^2 + 2t(1-t)<V,T>)."""
     v, tt, a = (x.double() for x in (z_v, z_t, z_v_aug))
     num = t * (v * a).sum(1) + (1 - t) * (tt * a).sum(1)
     den = torch.sqrt(t * t + (1 - t) ** 2 + 2 * t * (1 - t) * (v * tt).sum(1))

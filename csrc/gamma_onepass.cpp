@@ -1,0 +1,188 @@
+// gamma_onepass, CPU: value and gradient of the decomposable (gamma / SogCLR) negative term in one
+// sweep (contract: python/gammacl/ops/gamma_onepass.py).
+//
+//   l_ij = scale * <a_i, b_j>, entries (i, i + offset) excluded
+//   row_lse_i  = LSE_j l_ij                          col_lse_j  = LSE_i l_ij
+//   row_term_i = sum_j e^{min(l_ij + alpha_row_i, clamp)}   col_term_j = sum_i e^{min(l_ij + alpha_col_j, clamp)}
+//   W_ij = w_row e^{min(l_ij + alpha_row_i, clamp)} + w_col e^{min(l_ij + alpha_col_j, clamp)}
+//   da_raw = W @ b,  db_raw = W^T @ a                       (only when grad)
+//
+// Per row chunk (rows chosen so one chunk x N buffer stays under GAMMACL_CHUNK_MIB, default 32):
+//   S = a_chunk @ b^T (ATen GEMM, 2RND FLOPs) into the buffer;
+//   column epilogue (parallel over column ranges; each task owns its columns): online column
+//   max / sum-exp merged across chunks, col_term;
+//   row epilogue (parallel over rows): row LSE, row_term, and W written over S in place;
+//   da_chunk = W @ b, db += W^T @ a_chunk (2 x 2RND FLOPs).
+// 6MND FLOPs in all (3 GEMM-equivalents); memory O(chunk * N + (M + N) * D). Inputs are
+// up-cast once to the accumulation dtype (fp32, or fp64 for fp64 inputs).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+int64_t chunk_rows(int64_t m, int64_t n, int64_t itemsize) {
+  const char* env = std::getenv("GAMMACL_CHUNK_MIB");
+  const double mib = env ? std::atof(env) : 32.0;
+  const int64_t budget = static_cast<int64_t>((mib > 0 ? mib : 32.0) * 1024.0 * 1024.0);
+  return std::max<int64_t>(1, std::min<int64_t>(m, budget / std::max<int64_t>(1, n * itemsize)));
+}
+
+// log(sum) + shift with an empty sum -> -inf and a NaN sum kept NaN.
+template <typename T>
+T finish_lse(T shift, T sum) {
+  if (sum > T(0)) return shift + std::log(sum);
+  if (std::isnan(sum)) return sum;
+  return -std::numeric_limits<T>::infinity();
+}
+
+// min(x, c) that keeps a NaN x NaN (std::min(x, c) returns x when x is NaN; spelled out).
+template <typename T>
+inline T cap(T x, T c) {
+  return c < x ? c : x;
+}
+
+template <typename T>
+void onepass_impl(const at::Tensor& af, const at::Tensor& bf, T sc, const T* alpha_r,
+                  const T* alpha_c, T w_row, T w_col, T clamp, int64_t offset, bool grad,
+                  at::Tensor& row_lse, at::Tensor& col_lse, at::Tensor& row_term,
+                  at::Tensor& col_term, at::Tensor& da, at::Tensor& db) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  const int64_t m = af.size(0), n = bf.size(0);
+  std::vector<T> cmax(n, ninf), csum(n, T(0));
+  T* ct = col_term.data_ptr<T>();
+  T* rl = row_lse.data_ptr<T>();
+  T* rt = row_term.data_ptr<T>();
+  const int64_t step = chunk_rows(m, n, sizeof(T));
+  at::Tensor buf = at::empty({step, n}, af.options());
+  const at::Tensor bt = bf.t();
+  for (int64_t i0 = 0; i0 < m; i0 += step) {
+    const int64_t rows = std::min(step, m - i0);
+    at::Tensor s = buf.narrow(0, 0, rows);
+    at::mm_out(s, af.narrow(0, i0, rows), bt);
+    T* S = s.data_ptr<T>();
+    // column statistics: online LSE  (c', s') = (max(c, l), s e^{c - c'} + e^{l - c'})
+    at::parallel_for(0, n, 256, [&](int64_t j0, int64_t j1) {
+      for (int64_t i = 0; i < rows; ++i) {
+        const T* srow = S + i * n;
+        const int64_t ex = i0 + i + offset;  // excluded column of this row
+        for (int64_t j = j0; j < j1; ++j) {
+          if (j == ex) continue;
+          const T l = srow[j] * sc;
+          if (l > cmax[j]) {
+            csum[j] = csum[j] * std::exp(cmax[j] - l) + T(1);
+            cmax[j] = l;
+          } else {
+            csum[j] += std::exp(l - cmax[j]);  // NaN l lands here and stays NaN
+          }
+          ct[j] += std::exp(cap(l + alpha_c[j], clamp));
+        }
+      }
+    });
+    // row statistics and the weights W (over S, in place)
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) {
+        T* srow = S + i * n;
+        const int64_t ex = i0 + i + offset;
+        const T ar = alpha_r[i0 + i];
+        T mx = ninf;
+        for (int64_t j = 0; j < n; ++j) {
+          if (j == ex) continue;
+          const T l = srow[j] * sc;
+          mx = l > mx ? l : mx;
+        }
+        const T shift = mx == ninf ? T(0) : mx;
+        T sum = T(0), term = T(0);
+        for (int64_t j = 0; j < n; ++j) {
+          if (j == ex) {
+            srow[j] = T(0);
+            continue;
+          }
+          const T l = srow[j] * sc;
+          sum += std::exp(l - shift);
+          const T er = std::exp(cap(l + ar, clamp));
+          term += er;
+          if (grad) srow[j] = w_row * er + w_col * std::exp(cap(l + alpha_c[j], clamp));
+        }
+        rl[i0 + i] = finish_lse(shift, sum);
+        rt[i0 + i] = term;
+      }
+    });
+    if (grad) {
+      at::Tensor da_c = da.narrow(0, i0, rows);
+      at::mm_out(da_c, s, bf);
+      db.addmm_(s.t(), af.narrow(0, i0, rows));
+    }
+  }
+  T* cl = col_lse.data_ptr<T>();
+  for (int64_t j = 0; j < n; ++j) cl[j] = finish_lse(cmax[j] == ninf ? T(0) : cmax[j], csum[j]);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gamma_onepass_fwd_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
+                      const at::Tensor& alpha_row, const at::Tensor& alpha_col, double w_row,
+                      double w_col, double clamp, int64_t offset, bool grad) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "gamma_onepass_fwd: a and b must be 2-D, got ",
+              a.sizes(), " and ", b.sizes());
+  TORCH_CHECK(a.size(1) == b.size(1), "gamma_onepass_fwd: feature dims differ: ", a.sizes(),
+              " vs ", b.sizes());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "gamma_onepass_fwd: a and b dtypes differ: ",
+              a.scalar_type(), " vs ", b.scalar_type());
+  TORCH_CHECK(at::isFloatingType(a.scalar_type()), "gamma_onepass_fwd: a must be floating, got ",
+              a.scalar_type());
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), "gamma_onepass_fwd: CPU tensors only");
+  const auto acc = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(scale.dim() == 0 && scale.scalar_type() == acc,
+              "gamma_onepass_fwd: scale must be a 0-d ", acc, " tensor, got ", scale.sizes(), " ",
+              scale.scalar_type());
+  const int64_t m = a.size(0), n = b.size(0), d = a.size(1);
+  TORCH_CHECK(alpha_row.dim() == 1 && alpha_row.size(0) == m && alpha_row.scalar_type() == acc,
+              "gamma_onepass_fwd: alpha_row must be [", m, "] ", acc, ", got ", alpha_row.sizes(),
+              " ", alpha_row.scalar_type());
+  TORCH_CHECK(alpha_col.dim() == 1 && alpha_col.size(0) == n && alpha_col.scalar_type() == acc,
+              "gamma_onepass_fwd: alpha_col must be [", n, "] ", acc, ", got ", alpha_col.sizes(),
+              " ", alpha_col.scalar_type());
+  const auto opts = a.options().dtype(acc);
+  at::Tensor af = a.to(acc).contiguous(), bf = b.to(acc).contiguous();
+  at::Tensor ar = alpha_row.contiguous(), ac = alpha_col.contiguous();
+  at::Tensor row_lse = at::empty({m}, opts), row_term = at::empty({m}, opts);
+  at::Tensor col_lse = at::full({n}, -std::numeric_limits<double>::infinity(), opts);
+  at::Tensor col_term = at::zeros({n}, opts);
+  at::Tensor da = at::empty({grad ? m : 0, d}, opts), db = at::zeros({grad ? n : 0, d}, opts);
+  if (m == 0 || n == 0) {
+    row_lse.fill_(-std::numeric_limits<double>::infinity());
+    row_term.zero_();
+    da.zero_();
+    return {row_lse, col_lse, row_term, col_term, da, db};
+  }
+  if (acc == at::kDouble) {
+    onepass_impl<double>(af, bf, scale.item<double>(), ar.data_ptr<double>(),
+                         ac.data_ptr<double>(), w_row, w_col, clamp, offset, grad, row_lse,
+                         col_lse, row_term, col_term, da, db);
+  } else {
+    onepass_impl<float>(af, bf, scale.item<float>(), ar.data_ptr<float>(), ac.data_ptr<float>(),
+                        static_cast<float>(w_row), static_cast<float>(w_col),
+                        static_cast<float>(clamp), offset, grad, row_lse, col_lse, row_term,
+                        col_term, da, db);
+  }
+  return {row_lse, col_lse, row_term, col_term, da, db};
+}
+
+TORCH_LIBRARY_FRAGMENT(gammacl, m) {
+  m.def(
+      "gamma_onepass_fwd(Tensor a, Tensor b, Tensor scale, Tensor alpha_row, Tensor alpha_col, "
+      "float w_row, float w_col, float clamp, int offset, bool grad) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(gammacl, CPU, m) { m.impl("gamma_onepass_fwd", &gamma_onepass_fwd_cpu); }

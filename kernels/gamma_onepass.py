@@ -1,0 +1,216 @@
+"""Triton backend of the gamma_onepass op: the decomposable negative term's value AND gradient in
+one sweep over S (contract: gammacl.ops.gamma_onepass).
+
+Maths (a: [M, D], b: [N, D], l_ij = scale * <a_i, b_j>, entries (i, i + offset) excluded):
+    row_lse_i  = LSE_j l_ij                      col_lse_j  = LSE_i l_ij
+    row_term_i = sum_j e^{min(l_ij + alpha_row_i, clamp)}
+    col_term_j = sum_i e^{min(l_ij + alpha_col_j, clamp)}
+    W_ij = w_row e^{min(l_ij + alpha_row_i, clamp)} + w_col e^{min(l_ij + alpha_col_j, clamp)}
+    da_raw = W @ b,  db_raw = W^T @ a            (acc dtype: fp32, fp64 for fp64 inputs)
+The weights need only per-row / per-column scalars known before the sweep, so each S tile is
+final when computed: no normaliser pass, no recompute.
+
+One kernel (`_gamma_onepass_fwd_kernel`): program p owns rows [p*BM, (p+1)*BM) and streams all
+column tiles. Per tile:
+    S = a_blk @ b_tile^T          (tl.dot over D in BLOCK_D chunks, fp32 accumulation)  2*BM*BN*D
+    online row LSE (running max m, sum l, rescaled by exp2(m_old - m_new)), row_term
+    column partial LSE of this row block, cm_j + log sum_i e^{l_ij - cm_j}, merged across row
+    blocks by an fp64 atomic add of e^{cm_j} * sum (no shift: fp64 holds e^x for |x| < 709,
+    while logits reach +-100), col_term by an fp32 atomic add
+    W (cast to the operand dtype) ->  dA[rows] += W @ b_tile   (rows owned by p: read-modify-write
+                                                                per D chunk, no atomics)
+                                      dB[cols] += W^T @ a_blk  (atomic add: every row block adds)
+    FLOPs: 6MND in all (3 GEMM-equivalents; the two-pass LSE + gradient path costs 8MND).
+    Bytes: a read ~3x per column tile from L2, b likewise per row block; dA RMW 8*BM*D per tile
+    (L2); dB atomics 4*BN*D per tile; O(M + N) statistics; never an M x N buffer.
+Atomics make col_term, col_lse and dB sums run-to-run order dependent at fp32 rounding level on
+GPU (the interpreter runs programs in order).
+
+Numerics: excluded / out-of-range entries are -inf before any exp (weight exactly 0); a running
+max of -inf is replaced by 0 as the shift, so an all-excluded row has LSE -inf and term 0.
+fp32 uses exp2 with log2(e) folded into scale, alpha and clamp; fp64 uses exp / log.
+Config: one fixed config per dtype (_config); GPU choices are not measured. Under the
+interpreter (a test harness) bf16 tiles are upcast before tl.dot, as in kernels/simlse.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gammacl.dispatch import interpreter_on
+from gammacl.kernels.simlse import (
+    _LN2,
+    _LOG2E,
+    _NEG_INF,
+    _acc_dtype,
+    _device_guard,
+    _dot_nn,
+    _exp,
+    _flags,
+    _load_rows,
+    _log,
+    _scores_chunked,
+    _valid,
+)
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@triton.jit(do_not_specialize=["offset"])
+def _gamma_onepass_fwd_kernel(
+    X, Y, SCALE, PARAMS, ALPHA_R, ALPHA_C,
+    ROW_LSE, ROW_TERM, COL_SUM, COL_TERM, DA, DB,
+    M, N, D, stride_x, stride_y, stride_da, stride_db, offset,
+    GRAD: tl.constexpr, ACC: tl.constexpr, BASE2: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Rows [pid*BLOCK_M, ...) of X against every row of Y: ROW_LSE, ROW_TERM stored; COL_SUM
+    (fp64, += e^{col partial LSE}), COL_TERM and DB accumulated atomically; DA rows written.
+    PARAMS = [w_row, w_col, clamp] in the accumulation dtype (read from memory: Python floats
+    would arrive as fp32 and cost the fp64 path its precision)."""
+    pid = tl.program_id(0).to(tl.int64)  # int64: offsets reach M*D > 2^31
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < M
+    offs_d = tl.arange(0, BLOCK_D)
+    scale = tl.load(SCALE).to(ACC)
+    alpha_r = tl.load(ALPHA_R + offs_m, mask=row_ok, other=_NEG_INF).to(ACC)
+    w_row = tl.load(PARAMS).to(ACC)
+    w_col = tl.load(PARAMS + 1).to(ACC)
+    cap = tl.load(PARAMS + 2).to(ACC)
+    if BASE2:  # every exponent in log2 units: e^x = 2^{x log2 e}
+        scale = scale * _LOG2E
+        alpha_r = alpha_r * _LOG2E
+        cap = cap * _LOG2E
+    m_i = tl.full((BLOCK_M,), _NEG_INF, dtype=ACC)  # running row max
+    l_i = tl.zeros((BLOCK_M,), dtype=ACC)  # running sum of exp(l - m_i)
+    t_i = tl.zeros((BLOCK_M,), dtype=ACC)  # row_term
+    for j0 in range(0, N, BLOCK_N):
+        offs_n = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        col_ok = offs_n < N
+        s = _scores_chunked(X, Y, offs_m, offs_n, M, N, D, stride_x, stride_y, ACC, UPCAST,
+                            PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        s = tl.where(_valid(offs_m, offs_n, M, N, offset, True), s * scale, _NEG_INF)
+        # online row LSE; a shift of -inf (nothing valid yet) is replaced by 0
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_shift = tl.where(m_new == _NEG_INF, 0.0, m_new)
+        l_i = l_i * _exp(m_i - m_shift, BASE2) + tl.sum(_exp(s - m_shift[:, None], BASE2), axis=1)
+        m_i = m_new
+        # column partial of this row block, added as e^{cm} * sum_i e^{l_ij - cm} in fp64
+        cm = tl.max(s, axis=0)
+        cm_shift = tl.where(cm == _NEG_INF, 0.0, cm)
+        cl = tl.sum(_exp(s - cm_shift[None, :], BASE2), axis=0)
+        cm_nat = cm_shift.to(tl.float64)
+        if BASE2:
+            cm_nat = cm_nat * 0.6931471805599453
+        part = tl.where(cl > 0, tl.exp(cm_nat) * cl.to(tl.float64), cl.to(tl.float64))
+        tl.atomic_add(COL_SUM + offs_n, part, mask=col_ok)
+        # weights: e^{min(l + alpha, clamp)} (NaN propagates so a NaN batch stays visible)
+        alpha_c = tl.load(ALPHA_C + offs_n, mask=col_ok, other=_NEG_INF).to(ACC)
+        if BASE2:
+            alpha_c = alpha_c * _LOG2E
+        er = _exp(tl.minimum(s + alpha_r[:, None], cap, propagate_nan=tl.PropagateNan.ALL),
+                  BASE2)
+        ec = _exp(tl.minimum(s + alpha_c[None, :], cap, propagate_nan=tl.PropagateNan.ALL),
+                  BASE2)
+        t_i += tl.sum(er, axis=1)
+        tl.atomic_add(COL_TERM + offs_n, tl.sum(ec, axis=0), mask=col_ok)
+        if GRAD:
+            w = (w_row * er + w_col * ec).to(Y.dtype.element_ty)  # operand dtype, fp32 acc
+            if UPCAST:
+                w = w.to(tl.float32)
+            wt = tl.trans(w)
+            for k0 in range(0, D, BLOCK_D):
+                offs_k = k0 + offs_d
+                k_ok = offs_k < D
+                y = _load_rows(Y, offs_n, offs_k, stride_y, N, D)
+                x = _load_rows(X, offs_m, offs_k, stride_x, M, D)
+                # dA rows belong to this program alone (the first column tile stores)
+                o_ptr = DA + offs_m[:, None] * stride_da + offs_k[None, :]
+                o_mask = row_ok[:, None] & k_ok[None, :]
+                o = tl.load(o_ptr, mask=o_mask & (j0 > 0), other=0.0)
+                o = _dot_nn(w, y, o, UPCAST, PRECISION)
+                tl.store(o_ptr, o, mask=o_mask)
+                # dB rows are shared by every row block
+                p = _dot_nn(wt, x, tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC), UPCAST, PRECISION)
+                tl.atomic_add(DB + offs_n[:, None] * stride_db + offs_k[None, :], p,
+                              mask=col_ok[:, None] & k_ok[None, :])
+            tl.debug_barrier()  # dA stores visible to every thread before the next tile's loads
+    row = tl.where(l_i > 0, m_i + _log(tl.where(l_i > 0, l_i, 1.0), BASE2), _NEG_INF)
+    row = tl.where(l_i != l_i, l_i, row)  # NaN sum stays NaN
+    if BASE2:
+        row = row * _LN2
+    tl.store(ROW_LSE + offs_m, row, mask=row_ok)
+    tl.store(ROW_TERM + offs_m, t_i, mask=row_ok)
+
+
+def _config(dtype: torch.dtype, d: int) -> dict:
+    """Fixed launch config. BLOCK_M, BLOCK_N, BLOCK_D >= 16 (tl.dot needs K >= 16 on H100: the
+    S product has K = BLOCK_D, dA has K = BLOCK_N, dB has K = BLOCK_M). Not measured on GPU."""
+    p2 = max(16, triton.next_power_of_2(max(d, 1)))
+    if interpreter_on():  # ~1-2 ms per program x loop trip: small tiles still give several trips
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=min(p2, 32), num_warps=4, num_stages=1)
+    if dtype in (torch.float16, torch.bfloat16):
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=min(p2, 64), num_warps=4, num_stages=2)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=min(p2, 32), num_warps=4, num_stages=2)
+    return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=16, num_warps=4, num_stages=1)
+
+
+def _check(a, b, scale, alpha_row, alpha_col) -> None:
+    for name, x in (("a", a), ("b", b)):
+        if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"gamma_onepass (triton): {name} must be a 2-D float16/bfloat16/"
+                             f"float32/float64 tensor, got {getattr(x, 'shape', type(x))}")
+        if x.shape[1] > 1 and x.stride(1) != 1:
+            raise ValueError(f"gamma_onepass (triton): {name} needs stride(-1) == 1, got "
+                             f"strides {tuple(x.stride())}")
+    if a.dtype != b.dtype or a.shape[1] != b.shape[1] or a.device != b.device:
+        raise ValueError(f"gamma_onepass (triton): a {tuple(a.shape)} {a.dtype} {a.device} and "
+                         f"b {tuple(b.shape)} {b.dtype} {b.device} must agree in D, dtype, device")
+    acc = _acc_dtype(a.dtype)
+    if scale.ndim != 0 or scale.dtype != acc or scale.device != a.device:
+        raise ValueError(f"gamma_onepass (triton): scale must be a 0-d {acc} tensor on "
+                         f"{a.device}, got shape {tuple(scale.shape)} {scale.dtype}")
+    for name, v, n in (("alpha_row", alpha_row, a.shape[0]), ("alpha_col", alpha_col, b.shape[0])):
+        if v.shape != (n,) or v.dtype != acc or v.device != a.device:
+            raise ValueError(f"gamma_onepass (triton): {name} must be [{n}] {acc} on {a.device},"
+                             f" got {tuple(v.shape)} {v.dtype} on {v.device}")
+
+
+def gamma_onepass_fwd(
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, alpha_row: torch.Tensor,
+    alpha_col: torch.Tensor, w_row: float, w_col: float, clamp: float, offset: int, grad: bool,
+) -> tuple[torch.Tensor, ...]:
+    """(row_lse, col_lse, row_term, col_term, da_raw, db_raw), see the module docstring."""
+    _check(a, b, scale, alpha_row, alpha_col)
+    m, d = a.shape
+    n = b.shape[0]
+    acc = _acc_dtype(a.dtype)
+    dev = a.device
+    alpha_row, alpha_col = alpha_row.contiguous(), alpha_col.contiguous()
+    row_lse = torch.empty(m, dtype=acc, device=dev)
+    row_term = torch.zeros(m, dtype=acc, device=dev)
+    col_sum = torch.zeros(n, dtype=torch.float64, device=dev)
+    col_term = torch.zeros(n, dtype=acc, device=dev)
+    da = torch.zeros(m if grad else 0, d, dtype=acc, device=dev)
+    db = torch.zeros(n if grad else 0, d, dtype=acc, device=dev)
+    if m == 0 or n == 0:
+        row_lse.fill_(float("-inf"))
+        return row_lse, torch.full_like(col_term, float("-inf")), row_term, col_term, da, db
+    cfg = _config(a.dtype, d)
+    params = torch.tensor([w_row, w_col, clamp], dtype=acc).to(dev, non_blocking=True)
+    with _device_guard(dev):
+        _gamma_onepass_fwd_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
+            X=a, Y=b, SCALE=scale, PARAMS=params, ALPHA_R=alpha_row, ALPHA_C=alpha_col,
+            ROW_LSE=row_lse, ROW_TERM=row_term, COL_SUM=col_sum, COL_TERM=col_term,
+            DA=da if grad else row_term, DB=db if grad else row_term,
+            M=m, N=n, D=d, stride_x=a.stride(0), stride_y=b.stride(0),
+            stride_da=da.stride(0) if grad else 0, stride_db=db.stride(0) if grad else 0,
+            offset=int(offset),
+            GRAD=bool(grad), **_flags(a.dtype), **cfg,
+        )
+    col_lse = torch.log(col_sum).to(acc)  # log 0 = -inf for an all-excluded column; NaN stays
+    return row_lse, col_lse, row_term, col_term, da, db
