@@ -106,9 +106,7 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    rank, world, device = setup_distributed()
+def train(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict:
     torch.manual_seed(args.seed)  # same initial weights on every rank (DDP also broadcasts them)
     train = SyntheticPairs(args.num_samples, args.latent, args.noise, seed=args.seed)
     held_out = SyntheticPairs(args.eval_size, args.latent, args.noise, seed=args.seed + 1)
@@ -176,11 +174,21 @@ def main(argv=None) -> dict:
               f"{recall_after:.3f} (chance {1.0 / args.eval_size:.3f})", flush=True)
         if args.json:
             print("RESULT " + json.dumps(result), flush=True)
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
     return result
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    rank, world, device = setup_distributed()
+    try:
+        # train() returns before the process group goes: the DDP reducer it owns must be freed
+        # first (freeing it after destroy_process_group intermittently hung gloo at exit).
+        return train(args, rank, world, device)
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import gammacl
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_clip.py"
-TIMEOUT_S = 240
+TIMEOUT_S = 180
 TINY = ["--steps", "40", "--batch-size", "32", "--num-samples", "1024", "--eval-size", "128",
         "--backend", "torch", "--log-every", "20", "--json"]
 
@@ -30,11 +31,19 @@ def _free_port() -> int:
 def _run(cmd: list[str]) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     env.pop("GAMMACL_BACKEND", None)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT_S)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert len(lines) == 1, f"expected one RESULT line (rank 0 only):\n{proc.stdout}"
+    # own session, so a hang kills torchrun *and* its workers
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {TIMEOUT_S}s\n{out}\n{err}")
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{out}\n{err}"
+    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+    assert len(lines) == 1, f"expected one RESULT line (rank 0 only):\n{out}"
     return json.loads(lines[0][len("RESULT "):])
 
 

@@ -237,6 +237,13 @@ def test_gram_form_equals_pairwise(n, d):
     )
 
 
+def test_zero_weights_keep_graph():
+    v, t = _feats(2, 5, 3, torch.float64)
+    loss = M.geometric_consistency_loss(v, t, inmodal_weight=0.0, crossmodal_weight=0.0)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and float(v.grad.abs().max()) == 0.0
+
+
 def test_cyclip_compatible_form():
     """CyCLIP's (s*A - s*B)^2.mean()/s^2*B losses are Paper B's L_GC terms (s cancels)."""
     v, t = _feats(2, 17, 9, torch.float64)

@@ -9,14 +9,38 @@ from gammacl import reference
 from gammacl.dispatch import BACKENDS, resolve_backend
 from gammacl.functional import clip_loss, infonce_loss
 from gammacl.losses import ClipLoss
+from gammacl.modality import (
+    BrownianBridgeLoss,
+    FeatureSeparationLoss,
+    GeometricConsistencyLoss,
+    ModalityContrastiveLoss,
+    brownian_bridge_loss,
+    feature_separation_loss,
+    geometric_consistency_loss,
+    inmodal_infonce_loss,
+    modality_contrastive_loss,
+    orthogonality_loss,
+    uniformity_loss,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "BrownianBridgeLoss",
     "ClipLoss",
+    "FeatureSeparationLoss",
+    "GeometricConsistencyLoss",
+    "ModalityContrastiveLoss",
+    "brownian_bridge_loss",
     "clip_loss",
+    "feature_separation_loss",
+    "geometric_consistency_loss",
     "infonce_loss",
+    "inmodal_infonce_loss",
+    "modality_contrastive_loss",
+    "orthogonality_loss",
     "reference",
     "resolve_backend",
+    "uniformity_loss",
 ]

@@ -260,6 +260,11 @@ class Runner:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args._argv = list(sys.argv[1:] if argv is None else argv)
+    with M.frozen_gc():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from gammacl.dispatch import interpreter_on
 
     device = M.resolve_device(args.device)

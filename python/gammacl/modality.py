@@ -26,6 +26,8 @@ torch / cpp / triton / cuda backends all apply and no N x N buffer is formed:
   The Grams are formed in the accumulation dtype (fp32 for half inputs; the cancellation
   between terms needs it). Relative error of the loss ~ eps_acc * (||C_VV||^2 + ||C_TT||^2) /
   (N * L): the Gram form is exact algebra but cancels when L is tiny next to the Grams.
+Autocast is switched off inside every loss (forward and the Gram backward), so a user's autocast
+region never recasts these GEMMs to bf16/fp16.
 """
 
 from __future__ import annotations
@@ -207,7 +209,7 @@ def _gc_gram(z_v, z_t, z_v_aug, z_t_aug, inmodal_weight: float, crossmodal_weigh
     n = v.shape[0]
     c_vv, c_tt, c_vt = _SymGram.apply(v), _SymGram.apply(t), _CrossGram.apply(v, t)
     f_vv, f_tt = _fro2(c_vv), _fro2(c_tt)
-    loss = v.new_zeros(())
+    loss = 0.0 * f_vv  # keeps the graph when every weight is 0
     if crossmodal_weight:  # sum_jk (S_jk - S_kj)^2, S = V T^T
         cross = 2.0 * (c_vv * c_tt).sum() - 2.0 * (c_vt * c_vt.t()).sum()
         loss = loss + crossmodal_weight * cross
