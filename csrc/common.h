@@ -10,7 +10,7 @@
 namespace gammacl {
 
 // Row-chunk memory budget in bytes: environment variable `env` in MiB (a float, e.g. "0.5"), or
-// `default_mib` when unset/invalid. Read on every call so tests and users can change it at run time.
+// `default_mib` when unset/invalid. Read on every call, so it can be changed at run time.
 inline int64_t chunk_budget_bytes(const char* env, double default_mib) {
   double mib = default_mib;
   if (const char* v = std::getenv(env)) {
@@ -66,12 +66,14 @@ int simlse_fwd_chunk(const void* s, gammacl::GcType s_type, int64_t rows, int64_
                      void* col_lse, void* work, CUstream_st* stream);
 
 // Backward weights of one row chunk, written to w (may alias s when the types match):
-//   W_ij = g_row[i] exp(l_ij - row_lse[i]) + [cols] g_col[j] exp(l_ij - col_lse[j]),  0 if excluded
-// with i = row0 + local row. s_type in {F32, F64, F16, BF16}; w_type = F64 iff s_type is F64.
+//   W_ij = w_scale * (g_row[i] exp(l_ij - row_lse[i]) + [cols] g_col[j] exp(l_ij - col_lse[j]))
+// (0 if excluded) with i = row0 + local row. s_type in {F32, F64, F16, BF16}; w_type = F64 iff
+// s_type is F64. w_scale: optional acc-typed device scalar (nullptr = 1), a power of two that
+// keeps fp16 weights out of fp16's subnormal range; the caller divides the GEMM results by it.
 int simlse_bwd_weights(const void* s, gammacl::GcType s_type, void* w, gammacl::GcType w_type,
                        int64_t rows, int64_t n, int64_t ld_s, int64_t ld_w, int64_t row0,
                        int64_t offset, bool exclude, bool cols, const void* scale,
                        const void* row_lse, const void* col_lse, const void* g_row,
-                       const void* g_col, CUstream_st* stream);
+                       const void* g_col, const void* w_scale, CUstream_st* stream);
 
 }  // namespace gammacl::cuda

@@ -9,9 +9,12 @@
 //
 // Per row chunk (rows chosen so one chunk x N buffer stays under GAMMACL_CHUNK_MIB, default 32):
 //   S = a_chunk @ b^T (ATen GEMM, 2RND FLOPs) into the buffer;
-//   column epilogue (parallel over column ranges; each task owns its columns): online column
-//   max / sum-exp merged across chunks, col_term;
-//   row epilogue (parallel over rows): row LSE, row_term, and W written over S in place;
+//   column epilogue (parallel over column ranges; each task owns its columns): chunk column
+//   max, q = e^{l - max} (column LSE, merged across chunks) and e^{l + alpha_col} = q e^{max +
+//   alpha_col} into a second buffer as w_col e^{...}; col_term;
+//   row epilogue (parallel over rows): p = e^{l - rowmax} for the row LSE and e^{l + alpha_row}
+//   = p e^{rowmax + alpha_row}; row_term; W written over S in place.
+//   Two exps per entry (one per direction) while no exponent reaches the cap; else four.
 //   da_chunk = W @ b, db += W^T @ a_chunk (2 x 2RND FLOPs).
 // 6MND FLOPs in all (3 GEMM-equivalents); memory O(chunk * N + (M + N) * D). Inputs are
 // up-cast once to the accumulation dtype (fp32, or fp64 for fp64 inputs).
@@ -50,6 +53,25 @@ inline T cap(T x, T c) {
   return c < x ? c : x;
 }
 
+// e^{min(l + alpha, clamp)} for the entries of one row (or column) whose max logit is `mx`:
+// when every exponent of the line is below the cap (mx + alpha <= clamp) and e^{mx + alpha} is a
+// normal number, e^{l + alpha} = e^{l - mx} * e^{mx + alpha} reuses the LSE's exponential, one
+// multiply instead of one exp; otherwise (cap possibly active, or extreme ranges) exp directly.
+template <typename T>
+struct Weight {
+  T factor;
+  bool reuse;
+  Weight(T mx, T alpha, T clamp) {
+    const T lo = sizeof(T) == 4 ? T(-80) : T(-700);  // e^lo stays a normal number
+    const T top = mx + alpha;
+    reuse = top <= clamp && top >= lo;
+    factor = reuse ? std::exp(top) : T(0);
+  }
+  T operator()(T p, T l, T alpha, T clamp) const {
+    return reuse ? p * factor : std::exp(cap(l + alpha, clamp));
+  }
+};
+
 template <typename T>
 void onepass_impl(const at::Tensor& af, const at::Tensor& bf, T sc, const T* alpha_r,
                   const T* alpha_c, T w_row, T w_col, T clamp, int64_t offset, bool grad,
@@ -57,60 +79,96 @@ void onepass_impl(const at::Tensor& af, const at::Tensor& bf, T sc, const T* alp
                   at::Tensor& col_term, at::Tensor& da, at::Tensor& db) {
   const T ninf = -std::numeric_limits<T>::infinity();
   const int64_t m = af.size(0), n = bf.size(0);
-  std::vector<T> cmax(n, ninf), csum(n, T(0));
+  std::vector<T> cmax(n, ninf), csum(n, T(0));  // running column LSE = cmax + log csum
+  std::vector<T> chunk_max(n), chunk_sum(n);
   T* ct = col_term.data_ptr<T>();
   T* rl = row_lse.data_ptr<T>();
   T* rt = row_term.data_ptr<T>();
-  const int64_t step = chunk_rows(m, n, sizeof(T));
+  // two chunk x N buffers with grad (S, then W over it; the column weights w_col e^{...})
+  const int64_t step = chunk_rows(m, n, (grad ? 2 : 1) * sizeof(T));
   at::Tensor buf = at::empty({step, n}, af.options());
+  at::Tensor wbuf = at::empty({grad ? step : 0, n}, af.options());
   const at::Tensor bt = bf.t();
   for (int64_t i0 = 0; i0 < m; i0 += step) {
     const int64_t rows = std::min(step, m - i0);
     at::Tensor s = buf.narrow(0, 0, rows);
     at::mm_out(s, af.narrow(0, i0, rows), bt);
+    s.mul_(sc);  // l = scale * S
     T* S = s.data_ptr<T>();
-    // column statistics: online LSE  (c', s') = (max(c, l), s e^{c - c'} + e^{l - c'})
+    T* WC = grad ? wbuf.data_ptr<T>() : nullptr;
+    // columns (each task owns a column range): chunk max, then e^{l - max} once per entry for
+    // both the column LSE and the column weight; merged into the running (cmax, csum)
     at::parallel_for(0, n, 256, [&](int64_t j0, int64_t j1) {
+      std::fill(chunk_max.begin() + j0, chunk_max.begin() + j1, ninf);
+      std::fill(chunk_sum.begin() + j0, chunk_sum.begin() + j1, T(0));
       for (int64_t i = 0; i < rows; ++i) {
         const T* srow = S + i * n;
         const int64_t ex = i0 + i + offset;  // excluded column of this row
         for (int64_t j = j0; j < j1; ++j) {
-          if (j == ex) continue;
-          const T l = srow[j] * sc;
-          if (l > cmax[j]) {
-            csum[j] = csum[j] * std::exp(cmax[j] - l) + T(1);
-            cmax[j] = l;
-          } else {
-            csum[j] += std::exp(l - cmax[j]);  // NaN l lands here and stays NaN
+          if (j != ex && srow[j] > chunk_max[j]) chunk_max[j] = srow[j];
+        }
+      }
+      std::vector<Weight<T>> wc;
+      wc.reserve(j1 - j0);
+      for (int64_t j = j0; j < j1; ++j) {
+        if (chunk_max[j] == ninf) chunk_max[j] = T(0);  // nothing valid (yet): shift 0
+        wc.emplace_back(chunk_max[j], alpha_c[j], clamp);
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        const T* srow = S + i * n;
+        T* wrow = grad ? WC + i * n : nullptr;
+        const int64_t ex = i0 + i + offset;
+        for (int64_t j = j0; j < j1; ++j) {
+          if (j == ex) {
+            if (grad) wrow[j] = T(0);
+            continue;
           }
-          ct[j] += std::exp(cap(l + alpha_c[j], clamp));
+          const T l = srow[j];
+          const T q = std::exp(l - chunk_max[j]);  // NaN l stays NaN
+          chunk_sum[j] += q;
+          const T ec = wc[j - j0](q, l, alpha_c[j], clamp);
+          ct[j] += ec;
+          if (grad) wrow[j] = w_col * ec;
+        }
+      }
+      for (int64_t j = j0; j < j1; ++j) {  // (c, s) + (c', s') = (M, s e^{c - M} + s' e^{c' - M})
+        const T c2 = chunk_max[j], s2 = chunk_sum[j];
+        if (!(s2 > T(0)) && !std::isnan(s2)) continue;  // no valid entry in this chunk
+        if (cmax[j] == ninf) {
+          cmax[j] = c2;
+          csum[j] = s2;
+        } else {
+          const T mx = c2 > cmax[j] ? c2 : cmax[j];
+          csum[j] = csum[j] * std::exp(cmax[j] - mx) + s2 * std::exp(c2 - mx);
+          cmax[j] = mx;
         }
       }
     });
-    // row statistics and the weights W (over S, in place)
+    // rows: LSE, row_term, and W = w_row e^{...} + w_col e^{...} written over S
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
       for (int64_t i = r0; i < r1; ++i) {
         T* srow = S + i * n;
+        const T* wrow = grad ? WC + i * n : nullptr;
         const int64_t ex = i0 + i + offset;
         const T ar = alpha_r[i0 + i];
         T mx = ninf;
         for (int64_t j = 0; j < n; ++j) {
-          if (j == ex) continue;
-          const T l = srow[j] * sc;
-          mx = l > mx ? l : mx;
+          if (j != ex && srow[j] > mx) mx = srow[j];
         }
         const T shift = mx == ninf ? T(0) : mx;
+        const Weight<T> wr(shift, ar, clamp);
         T sum = T(0), term = T(0);
         for (int64_t j = 0; j < n; ++j) {
           if (j == ex) {
             srow[j] = T(0);
             continue;
           }
-          const T l = srow[j] * sc;
-          sum += std::exp(l - shift);
-          const T er = std::exp(cap(l + ar, clamp));
+          const T l = srow[j];
+          const T p = std::exp(l - shift);
+          sum += p;
+          const T er = wr(p, l, ar, clamp);
           term += er;
-          if (grad) srow[j] = w_row * er + w_col * std::exp(cap(l + alpha_c[j], clamp));
+          if (grad) srow[j] = w_row * er + wrow[j];
         }
         rl[i0 + i] = finish_lse(shift, sum);
         rt[i0 + i] = term;

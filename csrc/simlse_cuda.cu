@@ -76,7 +76,13 @@ __device__ __forceinline__ T from_acc(double x);
 template <>
 __device__ __forceinline__ double from_acc<double>(double x) { return x; }
 
-__device__ __forceinline__ float ex2(float x) { return exp2f(x); }
+// 2^x by the MUFU unit (ex2.approx.ftz: rel. error ~2^-22, -inf -> 0, NaN -> NaN; results
+// below 2^-126 flush to 0, irrelevant next to the running max's term 1).
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 __device__ __forceinline__ double ex2(double x) { return exp2(x); }
 __device__ __forceinline__ float lg2(float x) { return log2f(x); }
 __device__ __forceinline__ double lg2(double x) { return log2(x); }
@@ -283,9 +289,11 @@ __global__ void __launch_bounds__(kThreads)
                              const typename AccOf<T>::type* __restrict__ row_lse,
                              const typename AccOf<T>::type* __restrict__ col_lse,
                              const typename AccOf<T>::type* __restrict__ g_row,
-                             const typename AccOf<T>::type* __restrict__ g_col) {
+                             const typename AccOf<T>::type* __restrict__ g_col,
+                             const typename AccOf<T>::type* __restrict__ w_scale) {
   using A = typename AccOf<T>::type;
   const A sl2 = scale[0] * A(kLog2e);
+  const A ws = w_scale ? w_scale[0] : A(1);
   const A ninf = neg_inf<A>();
   const int64_t jstride = int64_t(gridDim.x) * kThreads * VEC;
   for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
@@ -311,7 +319,7 @@ __global__ void __launch_bounds__(kThreads)
           const A c2 = col_lse[j] * A(kLog2e);
           if (gc != A(0) && c2 != ninf) wv += gc * ex2(l2 - c2);
         }
-        q.v[v] = from_acc<TW>(j == excl ? A(0) : wv);
+        q.v[v] = from_acc<TW>(j == excl ? A(0) : wv * ws);
       }
       *reinterpret_cast<Pack<TW, VEC>*>(wrow + j0) = q;
     }
@@ -388,24 +396,25 @@ template <typename T, typename TW>
 int launch_bwd(const T* s, TW* w, int64_t rows, int64_t n, int64_t ld_s, int64_t ld_w,
                int64_t row0, int64_t offset, bool exclude, bool cols, const void* scale,
                const void* row_lse, const void* col_lse, const void* g_row, const void* g_col,
-               cudaStream_t stream) {
+               const void* w_scale, cudaStream_t stream) {
   using A = typename AccOf<T>::type;
   const A* sc = static_cast<const A*>(scale);
   const A* rl = static_cast<const A*>(row_lse);
   const A* cl = static_cast<const A*>(col_lse);
   const A* gr = static_cast<const A*>(g_row);
   const A* gc = static_cast<const A*>(g_col);
+  const A* wsc = static_cast<const A*>(w_scale);
   constexpr int VEC = 16 / sizeof(T);  // 16-byte loads of S; W stores are VEC * sizeof(TW)
   const bool vec_ok = n % VEC == 0 && ld_s % VEC == 0 && ld_w % VEC == 0 && aligned(s, 16) &&
                       aligned(w, VEC * sizeof(TW));
   if (vec_ok) {
     const dim3 grid(static_cast<unsigned>(cdiv(n, int64_t(kThreads) * VEC)), grid_cap(rows));
     simlse_bwd_weight_kernel<T, TW, VEC><<<grid, kThreads, 0, stream>>>(
-        s, w, rows, n, ld_s, ld_w, row0, offset, exclude, cols, sc, rl, cl, gr, gc);
+        s, w, rows, n, ld_s, ld_w, row0, offset, exclude, cols, sc, rl, cl, gr, gc, wsc);
   } else {
     const dim3 grid(static_cast<unsigned>(cdiv(n, int64_t(kThreads))), grid_cap(rows));
     simlse_bwd_weight_kernel<T, TW, 1><<<grid, kThreads, 0, stream>>>(
-        s, w, rows, n, ld_s, ld_w, row0, offset, exclude, cols, sc, rl, cl, gr, gc);
+        s, w, rows, n, ld_s, ld_w, row0, offset, exclude, cols, sc, rl, cl, gr, gc, wsc);
   }
   return static_cast<int>(cudaGetLastError());
 }
@@ -444,12 +453,12 @@ int simlse_bwd_weights(const void* s, gammacl::GcType s_type, void* w, gammacl::
                        int64_t rows, int64_t n, int64_t ld_s, int64_t ld_w, int64_t row0,
                        int64_t offset, bool exclude, bool cols, const void* scale,
                        const void* row_lse, const void* col_lse, const void* g_row,
-                       const void* g_col, CUstream_st* stream) {
+                       const void* g_col, const void* w_scale, CUstream_st* stream) {
   using gammacl::GcType;
   if (rows <= 0 || n <= 0) return static_cast<int>(cudaSuccess);
 #define GC_BWD(TS, TWT)                                                                         \
   launch_bwd(static_cast<const TS*>(s), static_cast<TWT*>(w), rows, n, ld_s, ld_w, row0, offset, \
-             exclude, cols, scale, row_lse, col_lse, g_row, g_col, stream)
+             exclude, cols, scale, row_lse, col_lse, g_row, g_col, w_scale, stream)
   if (s_type == GcType::F64) {
     return w_type == GcType::F64 ? GC_BWD(double, double)
                                  : static_cast<int>(cudaErrorInvalidValue);

@@ -1,7 +1,7 @@
 """Train a small two-tower model on synthetic paired data with gammacl's ClipLoss or GammaClipLoss.
 
     python examples/train_clip.py --steps 200                              # one process
-    torchrun --nproc_per_node=2 examples/train_clip.py --steps 200         # gloo on CPU, NCCL on GPU
+    torchrun --nproc_per_node=2 examples/train_clip.py --steps 200     # gloo on CPU, NCCL on GPU
     torchrun --nproc_per_node=2 examples/train_clip.py --loss gamma
 
 Data: shared latents z ~ N(0, I_k) per dataset index; the "image" is z A + noise and the "text"
@@ -11,7 +11,8 @@ takes its slice, as a DistributedSampler with drop_last=True would. The model is
 L2-normalised outputs and a learnable log logit-scale clamped to log(100) after every step
 (open_clip's recipe); with several processes it is wrapped in DDP and the loss is open_clip's
 recommended local_loss + gather_with_grad, which gives the global-batch gradient. Printed: the
-loss (averaged over ranks) and image->text recall@1 on a held-out synthetic set.
+loss (averaged over ranks; for --loss gamma the loss's estimate of its objective, since the value
+it backpropagates is a random surrogate) and image->text recall@1 on a held-out synthetic set.
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 class SyntheticPairs:
     """x_i = z_i A + noise (image view), y_i = z_i B + noise (text view); index i -> (x_i, y_i)."""
 
-    def __init__(self, num: int, latent: int, noise: float, seed: int,
-                 img_dim: int = 48, txt_dim: int = 32) -> None:
+    def __init__(
+        self, num: int, latent: int, noise: float, seed: int, img_dim: int = 48, txt_dim: int = 32
+    ) -> None:
         g = torch.Generator().manual_seed(seed)
         mix = torch.Generator().manual_seed(12345)  # same towers' inputs for train and eval
         a = torch.randn(latent, img_dim, generator=mix) / math.sqrt(latent)
@@ -108,37 +110,52 @@ def setup_distributed() -> tuple[int, int, torch.device]:
 
 def train(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict:
     torch.manual_seed(args.seed)  # same initial weights on every rank (DDP also broadcasts them)
-    train = SyntheticPairs(args.num_samples, args.latent, args.noise, seed=args.seed)
+    data = SyntheticPairs(args.num_samples, args.latent, args.noise, seed=args.seed)
     held_out = SyntheticPairs(args.eval_size, args.latent, args.noise, seed=args.seed + 1)
-    model = TwoTower(train.image.shape[1], train.text.shape[1], args.hidden, args.dim).to(device)
+    model = TwoTower(data.image.shape[1], data.text.shape[1], args.hidden, args.dim).to(device)
     net: nn.Module = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.loss == "clip":
-        loss_fn = gammacl.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank,
-                                   world_size=world, backend=args.backend)
+        loss_fn = gammacl.ClipLoss(
+            local_loss=True,
+            gather_with_grad=True,
+            rank=rank,
+            world_size=world,
+            backend=args.backend,
+        )
     else:
-        loss_fn = gammacl.GammaClipLoss(len(train), shape=args.gamma_shape,
-                                        backend=args.backend).to(device)
+        # per-sample state on `device`, indexed by the global data-set index; under torchrun it
+        # is gathered and updated identically on every rank, with rank 0's Gamma draws
+        loss_fn = gammacl.GammaClipLoss(
+            len(data),
+            shape=args.gamma_shape,
+            backend=args.backend,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
+        loss_fn = loss_fn.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
 
     global_batch = world * args.batch_size
-    if global_batch > len(train):
-        raise ValueError(f"world_size * batch_size = {global_batch} exceeds --num-samples "
-                         f"{len(train)}")
+    if global_batch > len(data):
+        raise ValueError(
+            f"world_size * batch_size = {global_batch} exceeds --num-samples {len(data)}"
+        )
     order_gen = torch.Generator().manual_seed(args.seed + 2)  # identical on every rank
     recall_before = recall_at_1(model, held_out, device)
     losses = []
     if rank == 0:
-        print(f"world_size={world} device={device} loss={args.loss} "
-              f"global_batch={global_batch} recall@1 (i->t) before: {recall_before:.3f}",
-              flush=True)
+        print(
+            f"world_size={world} device={device} loss={args.loss} "
+            f"global_batch={global_batch} recall@1 (i->t) before: {recall_before:.3f}",
+            flush=True,
+        )
     for step in range(1, args.steps + 1):
-        index = torch.randperm(len(train), generator=order_gen)[:global_batch]
+        index = torch.randperm(len(data), generator=order_gen)[:global_batch]
         index = index[rank * args.batch_size : (rank + 1) * args.batch_size]
-        out = net(train.image[index].to(device), train.text[index].to(device))
+        out = net(data.image[index].to(device), data.text[index].to(device))
         if args.loss == "clip":
             loss = loss_fn(**out)
         else:
@@ -148,7 +165,9 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         opt.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        shown = loss.detach().clone()
+        # the gamma loss value is a random surrogate (its gradient is what matters); show its
+        # estimate of the objective instead: 1/2 mean(-l_ii + log R_i) + (text side)
+        shown = (loss if args.loss == "clip" else loss_fn.global_loss_estimate).detach().clone()
         if world > 1:
             import torch.distributed as dist
 
@@ -156,8 +175,11 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
             shown /= world
         losses.append(float(shown))
         if rank == 0 and (step % args.log_every == 0 or step in (1, args.steps)):
-            print(f"step {step:5d}  loss {losses[-1]:.4f}  "
-                  f"logit_scale {float(model.logit_scale.detach().exp()):.2f}", flush=True)
+            print(
+                f"step {step:5d}  loss {losses[-1]:.4f}  "
+                f"logit_scale {float(model.logit_scale.detach().exp()):.2f}",
+                flush=True,
+            )
     recall_after = recall_at_1(model, held_out, device)
     k = max(1, min(10, len(losses) // 5))
     result = {
@@ -170,8 +192,11 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         "chance": 1.0 / args.eval_size,
     }
     if rank == 0:
-        print(f"recall@1 (i->t) on {args.eval_size} held-out pairs: {recall_before:.3f} -> "
-              f"{recall_after:.3f} (chance {1.0 / args.eval_size:.3f})", flush=True)
+        print(
+            f"recall@1 (i->t) on {args.eval_size} held-out pairs: {recall_before:.3f} -> "
+            f"{recall_after:.3f} (chance {1.0 / args.eval_size:.3f})",
+            flush=True,
+        )
         if args.json:
             print("RESULT " + json.dumps(result), flush=True)
     return result

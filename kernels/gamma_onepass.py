@@ -22,13 +22,17 @@ column tiles. Per tile:
                                       dB[cols] += W^T @ a_blk  (atomic add: every row block adds)
     FLOPs: 6MND in all (3 GEMM-equivalents; the two-pass LSE + gradient path costs 8MND).
     Bytes: a read ~3x per column tile from L2, b likewise per row block; dA RMW 8*BM*D per tile
-    (L2); dB atomics 4*BN*D per tile; O(M + N) statistics; never an M x N buffer.
+    (L2); dB atomics 4*BN*D per tile, i.e. (M/BM)*N*D fp32 atomic adds in all (one per 2*BM
+    GEMM FLOPs); O(M + N) statistics; never an M x N buffer. Whether the dB atomics keep this at
+    the GEMM floor on a GPU is not measured (a wider row panel per program would cut them).
 Atomics make col_term, col_lse and dB sums run-to-run order dependent at fp32 rounding level on
 GPU (the interpreter runs programs in order).
 
 Numerics: excluded / out-of-range entries are -inf before any exp (weight exactly 0); a running
 max of -inf is replaced by 0 as the shift, so an all-excluded row has LSE -inf and term 0.
 fp32 uses exp2 with log2(e) folded into scale, alpha and clamp; fp64 uses exp / log.
+fp16 operands: W is cast to fp16 for the gradient products, saturating at 65504 (with the cap
+at 30 a weight can reach 1e13/(2B); bf16 / fp32 hold it).
 Config: one fixed config per dtype (_config); GPU choices are not measured. Under the
 interpreter (a test harness) bf16 tiles are upcast before tl.dot, as in kernels/simlse.py.
 """
@@ -60,11 +64,34 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 @triton.jit(do_not_specialize=["offset"])
 def _gamma_onepass_fwd_kernel(
-    X, Y, SCALE, PARAMS, ALPHA_R, ALPHA_C,
-    ROW_LSE, ROW_TERM, COL_SUM, COL_TERM, DA, DB,
-    M, N, D, stride_x, stride_y, stride_da, stride_db, offset,
-    GRAD: tl.constexpr, ACC: tl.constexpr, BASE2: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    X,
+    Y,
+    SCALE,
+    PARAMS,
+    ALPHA_R,
+    ALPHA_C,
+    ROW_LSE,
+    ROW_TERM,
+    COL_SUM,
+    COL_TERM,
+    DA,
+    DB,
+    M,
+    N,
+    D,
+    stride_x,
+    stride_y,
+    stride_da,
+    stride_db,
+    offset,
+    GRAD: tl.constexpr,
+    SAT_FP16: tl.constexpr,
+    ACC: tl.constexpr,
+    BASE2: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """Rows [pid*BLOCK_M, ...) of X against every row of Y: ROW_LSE, ROW_TERM stored; COL_SUM
@@ -90,8 +117,23 @@ def _gamma_onepass_fwd_kernel(
     for j0 in range(0, N, BLOCK_N):
         offs_n = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         col_ok = offs_n < N
-        s = _scores_chunked(X, Y, offs_m, offs_n, M, N, D, stride_x, stride_y, ACC, UPCAST,
-                            PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        s = _scores_chunked(
+            X,
+            Y,
+            offs_m,
+            offs_n,
+            M,
+            N,
+            D,
+            stride_x,
+            stride_y,
+            ACC,
+            UPCAST,
+            PRECISION,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+        )
         s = tl.where(_valid(offs_m, offs_n, M, N, offset, True), s * scale, _NEG_INF)
         # online row LSE; a shift of -inf (nothing valid yet) is replaced by 0
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -104,21 +146,22 @@ def _gamma_onepass_fwd_kernel(
         cl = tl.sum(_exp(s - cm_shift[None, :], BASE2), axis=0)
         cm_nat = cm_shift.to(tl.float64)
         if BASE2:
-            cm_nat = cm_nat * 0.6931471805599453
+            cm_nat = cm_nat * _LN2
         part = tl.where(cl > 0, tl.exp(cm_nat) * cl.to(tl.float64), cl.to(tl.float64))
         tl.atomic_add(COL_SUM + offs_n, part, mask=col_ok)
         # weights: e^{min(l + alpha, clamp)} (NaN propagates so a NaN batch stays visible)
         alpha_c = tl.load(ALPHA_C + offs_n, mask=col_ok, other=_NEG_INF).to(ACC)
         if BASE2:
             alpha_c = alpha_c * _LOG2E
-        er = _exp(tl.minimum(s + alpha_r[:, None], cap, propagate_nan=tl.PropagateNan.ALL),
-                  BASE2)
-        ec = _exp(tl.minimum(s + alpha_c[None, :], cap, propagate_nan=tl.PropagateNan.ALL),
-                  BASE2)
+        er = _exp(tl.minimum(s + alpha_r[:, None], cap, propagate_nan=tl.PropagateNan.ALL), BASE2)
+        ec = _exp(tl.minimum(s + alpha_c[None, :], cap, propagate_nan=tl.PropagateNan.ALL), BASE2)
         t_i += tl.sum(er, axis=1)
         tl.atomic_add(COL_TERM + offs_n, tl.sum(ec, axis=0), mask=col_ok)
         if GRAD:
-            w = (w_row * er + w_col * ec).to(Y.dtype.element_ty)  # operand dtype, fp32 acc
+            w = w_row * er + w_col * ec
+            if SAT_FP16:  # fp16 operands: saturate at the fp16 maximum instead of inf
+                w = tl.minimum(w, 65504.0)
+            w = w.to(Y.dtype.element_ty)  # operand dtype for tl.dot, fp32 accumulation
             if UPCAST:
                 w = w.to(tl.float32)
             wt = tl.trans(w)
@@ -135,8 +178,11 @@ def _gamma_onepass_fwd_kernel(
                 tl.store(o_ptr, o, mask=o_mask)
                 # dB rows are shared by every row block
                 p = _dot_nn(wt, x, tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC), UPCAST, PRECISION)
-                tl.atomic_add(DB + offs_n[:, None] * stride_db + offs_k[None, :], p,
-                              mask=col_ok[:, None] & k_ok[None, :])
+                tl.atomic_add(
+                    DB + offs_n[:, None] * stride_db + offs_k[None, :],
+                    p,
+                    mask=col_ok[:, None] & k_ok[None, :],
+                )
             tl.debug_barrier()  # dA stores visible to every thread before the next tile's loads
     row = tl.where(l_i > 0, m_i + _log(tl.where(l_i > 0, l_i, 1.0), BASE2), _NEG_INF)
     row = tl.where(l_i != l_i, l_i, row)  # NaN sum stays NaN
@@ -162,27 +208,45 @@ def _config(dtype: torch.dtype, d: int) -> dict:
 def _check(a, b, scale, alpha_row, alpha_col) -> None:
     for name, x in (("a", a), ("b", b)):
         if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"gamma_onepass (triton): {name} must be a 2-D float16/bfloat16/"
-                             f"float32/float64 tensor, got {getattr(x, 'shape', type(x))}")
+            raise ValueError(
+                f"gamma_onepass (triton): {name} must be a 2-D float16/bfloat16/"
+                f"float32/float64 tensor, got {getattr(x, 'shape', type(x))}"
+            )
         if x.shape[1] > 1 and x.stride(1) != 1:
-            raise ValueError(f"gamma_onepass (triton): {name} needs stride(-1) == 1, got "
-                             f"strides {tuple(x.stride())}")
+            raise ValueError(
+                f"gamma_onepass (triton): {name} needs stride(-1) == 1, got "
+                f"strides {tuple(x.stride())}"
+            )
     if a.dtype != b.dtype or a.shape[1] != b.shape[1] or a.device != b.device:
-        raise ValueError(f"gamma_onepass (triton): a {tuple(a.shape)} {a.dtype} {a.device} and "
-                         f"b {tuple(b.shape)} {b.dtype} {b.device} must agree in D, dtype, device")
+        raise ValueError(
+            f"gamma_onepass (triton): a {tuple(a.shape)} {a.dtype} {a.device} and "
+            f"b {tuple(b.shape)} {b.dtype} {b.device} must agree in D, dtype, device"
+        )
     acc = _acc_dtype(a.dtype)
     if scale.ndim != 0 or scale.dtype != acc or scale.device != a.device:
-        raise ValueError(f"gamma_onepass (triton): scale must be a 0-d {acc} tensor on "
-                         f"{a.device}, got shape {tuple(scale.shape)} {scale.dtype}")
+        raise ValueError(
+            f"gamma_onepass (triton): scale must be a 0-d {acc} tensor on "
+            f"{a.device}, got shape {tuple(scale.shape)} {scale.dtype}"
+        )
     for name, v, n in (("alpha_row", alpha_row, a.shape[0]), ("alpha_col", alpha_col, b.shape[0])):
         if v.shape != (n,) or v.dtype != acc or v.device != a.device:
-            raise ValueError(f"gamma_onepass (triton): {name} must be [{n}] {acc} on {a.device},"
-                             f" got {tuple(v.shape)} {v.dtype} on {v.device}")
+            raise ValueError(
+                f"gamma_onepass (triton): {name} must be [{n}] {acc} on {a.device},"
+                f" got {tuple(v.shape)} {v.dtype} on {v.device}"
+            )
 
 
 def gamma_onepass_fwd(
-    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, alpha_row: torch.Tensor,
-    alpha_col: torch.Tensor, w_row: float, w_col: float, clamp: float, offset: int, grad: bool,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    alpha_row: torch.Tensor,
+    alpha_col: torch.Tensor,
+    w_row: float,
+    w_col: float,
+    clamp: float,
+    offset: int,
+    grad: bool,
 ) -> tuple[torch.Tensor, ...]:
     """(row_lse, col_lse, row_term, col_term, da_raw, db_raw), see the module docstring."""
     _check(a, b, scale, alpha_row, alpha_col)
@@ -204,13 +268,30 @@ def gamma_onepass_fwd(
     params = torch.tensor([w_row, w_col, clamp], dtype=acc).to(dev, non_blocking=True)
     with _device_guard(dev):
         _gamma_onepass_fwd_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
-            X=a, Y=b, SCALE=scale, PARAMS=params, ALPHA_R=alpha_row, ALPHA_C=alpha_col,
-            ROW_LSE=row_lse, ROW_TERM=row_term, COL_SUM=col_sum, COL_TERM=col_term,
-            DA=da if grad else row_term, DB=db if grad else row_term,
-            M=m, N=n, D=d, stride_x=a.stride(0), stride_y=b.stride(0),
-            stride_da=da.stride(0) if grad else 0, stride_db=db.stride(0) if grad else 0,
+            X=a,
+            Y=b,
+            SCALE=scale,
+            PARAMS=params,
+            ALPHA_R=alpha_row,
+            ALPHA_C=alpha_col,
+            ROW_LSE=row_lse,
+            ROW_TERM=row_term,
+            COL_SUM=col_sum,
+            COL_TERM=col_term,
+            DA=da if grad else row_term,
+            DB=db if grad else row_term,
+            M=m,
+            N=n,
+            D=d,
+            stride_x=a.stride(0),
+            stride_y=b.stride(0),
+            stride_da=da.stride(0) if grad else 0,
+            stride_db=db.stride(0) if grad else 0,
             offset=int(offset),
-            GRAD=bool(grad), **_flags(a.dtype), **cfg,
+            GRAD=bool(grad),
+            SAT_FP16=a.dtype == torch.float16,
+            **_flags(a.dtype),
+            **cfg,
         )
     col_lse = torch.log(col_sum).to(acc)  # log 0 = -inf for an all-excluded column; NaN stays
     return row_lse, col_lse, row_term, col_term, da, db

@@ -33,8 +33,9 @@ CLIP_CONFIGS = [(True, True), (False, True), (False, False), (True, False)]  # (
 # logits; tests compare gammacl against it, never the reverse.
 
 
-def oracle_gather_features(image_features, text_features, local_loss=False,
-                           gather_with_grad=False, rank=0, world_size=1):
+def oracle_gather_features(
+    image_features, text_features, local_loss=False, gather_with_grad=False, rank=0, world_size=1
+):
     import torch.distributed as dist
     import torch.distributed.nn
 
@@ -55,13 +56,15 @@ def oracle_gather_features(image_features, text_features, local_loss=False,
     return all_image_features, all_text_features
 
 
-def oracle_clip_loss(image_features, text_features, logit_scale, *, local_loss,
-                     gather_with_grad, rank, world_size):
+def oracle_clip_loss(
+    image_features, text_features, logit_scale, *, local_loss, gather_with_grad, rank, world_size
+):
     import torch.nn.functional as F
 
     if world_size > 1:
         all_image_features, all_text_features = oracle_gather_features(
-            image_features, text_features, local_loss, gather_with_grad, rank, world_size)
+            image_features, text_features, local_loss, gather_with_grad, rank, world_size
+        )
         if local_loss:
             logits_per_image = logit_scale * image_features @ all_text_features.T
             logits_per_text = logit_scale * text_features @ all_image_features.T
@@ -75,12 +78,19 @@ def oracle_clip_loss(image_features, text_features, logit_scale, *, local_loss,
     labels = torch.arange(num_logits, device=image_features.device, dtype=torch.long)
     if world_size > 1 and local_loss:
         labels = labels + num_logits * rank
-    return (F.cross_entropy(logits_per_image, labels)
-            + F.cross_entropy(logits_per_text, labels)) / 2
+    return (
+        F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)
+    ) / 2
 
 
 # END ORACLE
 # ----------------------------------------------------------------------------------------------
+
+
+def _have_gamma() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("gammacl.gamma") is not None
 
 
 def _free_port() -> int:
@@ -91,10 +101,12 @@ def _free_port() -> int:
 
 def _global_batch(world: int, dtype=torch.float64, n: int = N_LOCAL, d: int = DIM):
     g = torch.Generator().manual_seed(1234 + world)
-    img = torch.nn.functional.normalize(torch.randn(world * n, d, generator=g,
-                                                    dtype=torch.float64), dim=1)
-    txt = torch.nn.functional.normalize(img + 0.8 * torch.randn(world * n, d, generator=g,
-                                                                dtype=torch.float64), dim=1)
+    img = torch.nn.functional.normalize(
+        torch.randn(world * n, d, generator=g, dtype=torch.float64), dim=1
+    )
+    txt = torch.nn.functional.normalize(
+        img + 0.8 * torch.randn(world * n, d, generator=g, dtype=torch.float64), dim=1
+    )
     return img.to(dtype), txt.to(dtype)
 
 
@@ -105,8 +117,12 @@ def _grads(fn, img, txt, scale):
     loss = fn(img, txt, scale)
     gi, gt, gs = torch.autograd.grad(loss, (img, txt, scale), allow_unused=True)
     z = torch.zeros_like
-    return (loss.detach(), gi if gi is not None else z(img), gt if gt is not None else z(txt),
-            gs if gs is not None else z(scale))
+    return (
+        loss.detach(),
+        gi if gi is not None else z(img),
+        gt if gt is not None else z(txt),
+        gs if gs is not None else z(scale),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,14 +145,30 @@ def _check_clip(rank, world, report):
     for local, with_grad in CLIP_CONFIGS:
         key = f"clip local={local} grad={with_grad}"
 
-        def run():
-            loss_mod = gammacl.ClipLoss(local_loss=local, gather_with_grad=with_grad, rank=rank,
-                                        world_size=world, backend="torch")
+        def run(local=local, with_grad=with_grad, key=key):
+            loss_mod = gammacl.ClipLoss(
+                local_loss=local,
+                gather_with_grad=with_grad,
+                rank=rank,
+                world_size=world,
+                backend="torch",
+            )
             ours = _grads(loss_mod, img[sl], txt[sl], scale)
-            ref = _grads(lambda a, b, s: oracle_clip_loss(
-                a, b, s, local_loss=local, gather_with_grad=with_grad, rank=rank,
-                world_size=world), img[sl], txt[sl], scale)
-            for what, x, y in zip(("loss", "d_image", "d_text", "d_scale"), ours, ref):
+            ref = _grads(
+                lambda a, b, s: oracle_clip_loss(
+                    a,
+                    b,
+                    s,
+                    local_loss=local,
+                    gather_with_grad=with_grad,
+                    rank=rank,
+                    world_size=world,
+                ),
+                img[sl],
+                txt[sl],
+                scale,
+            )
+            for what, x, y in zip(("loss", "d_image", "d_text", "d_scale"), ours, ref, strict=True):
                 assert_close_fp64(x, y, f"{key} {what} vs open_clip")
             # vs the single-process full batch: the factor each configuration gives
             if local:
@@ -159,12 +191,18 @@ def _check_clip(rank, world, report):
         base_t = txt[sl].detach().t().contiguous().requires_grad_()
         s = scale.clone().requires_grad_()
         assert not base_i.t().is_contiguous()
-        loss = clip_loss_distributed(base_i.t(), base_t.t(), s, local_loss=True,
-                                     gather_with_grad=True, backend="torch")
+        loss = clip_loss_distributed(
+            base_i.t(), base_t.t(), s, local_loss=True, gather_with_grad=True, backend="torch"
+        )
         loss.backward()
-        ref = _grads(lambda a, b, s_: oracle_clip_loss(
-            a, b, s_, local_loss=True, gather_with_grad=True, rank=rank, world_size=world),
-            img[sl], txt[sl], scale)
+        ref = _grads(
+            lambda a, b, s_: oracle_clip_loss(
+                a, b, s_, local_loss=True, gather_with_grad=True, rank=rank, world_size=world
+            ),
+            img[sl],
+            txt[sl],
+            scale,
+        )
         assert_close_fp64(loss.detach(), ref[0], "loss")
         assert_close_fp64(base_i.grad.t(), ref[1], "d_image (non-contiguous input)")
         assert_close_fp64(base_t.grad.t(), ref[2], "d_text (non-contiguous input)")
@@ -176,20 +214,60 @@ def _check_clip(rank, world, report):
         i32, t32 = _global_batch(world, torch.float32)
         s32 = torch.tensor(3.7, dtype=torch.float32)
         for local, with_grad in ((True, True), (False, False)):
-            mod = gammacl.ClipLoss(local_loss=local, gather_with_grad=with_grad, rank=rank,
-                                   world_size=world, backend="torch")
+            mod = gammacl.ClipLoss(
+                local_loss=local,
+                gather_with_grad=with_grad,
+                rank=rank,
+                world_size=world,
+                backend="torch",
+            )
             ours = _grads(mod, i32[sl], t32[sl], s32)
-            orc = lambda a, b, s: oracle_clip_loss(a, b, s, local_loss=local,
-                                                   gather_with_grad=with_grad, rank=rank,
-                                                   world_size=world)
+
+            def orc(a, b, s, local=local, with_grad=with_grad):
+                return oracle_clip_loss(
+                    a,
+                    b,
+                    s,
+                    local_loss=local,
+                    gather_with_grad=with_grad,
+                    rank=rank,
+                    world_size=world,
+                )
+
             same = _grads(orc, i32[sl], t32[sl], s32)
             ref64 = _grads(orc, i32[sl].double(), t32[sl].double(), s32.double())
             assert ours[0].dtype == torch.float32 and ours[1].dtype == torch.float32
-            for what, x, y, z in zip(("loss", "d_image", "d_text", "d_scale"), ours, ref64,
-                                     same):
+            for what, x, y, z in zip(
+                ("loss", "d_image", "d_text", "d_scale"), ours, ref64, same, strict=True
+            ):
                 assert_close_dtype(x, y, z, torch.float32, f"fp32 local={local} {what}")
 
     report("clip fp32", fp32)
+
+    def module_world_from_group():
+        # ClipLoss(rank=None, world_size=None): rank and world size from the default group
+        try:
+            mod = gammacl.ClipLoss(
+                local_loss=True, gather_with_grad=True, rank=None, world_size=None, backend="torch"
+            )
+            ours = _grads(mod, img[sl], txt[sl], scale)
+        except TypeError as e:  # ClipLoss without the None support (compares None > 1)
+            return {"unsupported": str(e)}
+        ref = _grads(
+            lambda a, b, s_: oracle_clip_loss(
+                a, b, s_, local_loss=True, gather_with_grad=True, rank=rank, world_size=world
+            ),
+            img[sl],
+            txt[sl],
+            scale,
+        )
+        for what, x, y in zip(("loss", "d_image", "d_text", "d_scale"), ours, ref, strict=True):
+            assert_close_fp64(x, y, f"world_size=None {what}")
+        labels = mod.get_ground_truth(torch.device("cpu"), N_LOCAL)
+        assert labels.tolist() == list(range(rank * N_LOCAL, (rank + 1) * N_LOCAL))
+        return {}
+
+    report("clip module world from group", module_world_from_group)
 
 
 def _check_fail_fast(rank, world, report):
@@ -200,20 +278,26 @@ def _check_fail_fast(rank, world, report):
     sl = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
     last = world - 1
     cases = {
-        "uneven batch": lambda: (img[sl][: N_LOCAL - 1], txt[sl][: N_LOCAL - 1])
-        if rank == last else (img[sl], txt[sl]),
-        "mismatched dim": lambda: (img[sl][:, :-1], txt[sl][:, :-1]) if rank == 0
-        else (img[sl], txt[sl]),
-        "mismatched dtype": lambda: (img[sl].float(), txt[sl].float()) if rank == last
-        else (img[sl], txt[sl]),
-        "invalid on one rank": lambda: (img[sl][0], txt[sl]) if rank == last
-        else (img[sl], txt[sl]),
+        "uneven batch": lambda: (
+            (img[sl][: N_LOCAL - 1], txt[sl][: N_LOCAL - 1]) if rank == last else (img[sl], txt[sl])
+        ),
+        "mismatched dim": lambda: (
+            (img[sl][:, :-1], txt[sl][:, :-1]) if rank == 0 else (img[sl], txt[sl])
+        ),
+        "mismatched dtype": lambda: (
+            (img[sl].float(), txt[sl].float()) if rank == last else (img[sl], txt[sl])
+        ),
+        "invalid on one rank": lambda: (
+            (img[sl][0], txt[sl]) if rank == last else (img[sl], txt[sl])
+        ),
     }
     for name, make in cases.items():
+
         def run(make=make):
             a, b = make()
-            mod = gammacl.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank,
-                                   world_size=world, backend="torch")
+            mod = gammacl.ClipLoss(
+                local_loss=True, gather_with_grad=True, rank=rank, world_size=world, backend="torch"
+            )
             t0 = time.perf_counter()
             try:
                 mod(a, b, 2.0)
@@ -226,8 +310,9 @@ def _check_fail_fast(rank, world, report):
         report(f"fail-fast {name}", run)
 
     def wrong_rank():
-        mod = gammacl.ClipLoss(local_loss=True, gather_with_grad=True, rank=0, world_size=world,
-                               backend="torch")
+        mod = gammacl.ClipLoss(
+            local_loss=True, gather_with_grad=True, rank=0, world_size=world, backend="torch"
+        )
         try:
             mod(img[sl], txt[sl], 2.0)
         except ValueError as e:
@@ -237,13 +322,180 @@ def _check_fail_fast(rank, world, report):
     report("fail-fast wrong rank=", wrong_rank)
 
     def still_in_sync():  # after all the errors above, a normal call on every rank works
-        mod = gammacl.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank,
-                               world_size=world, backend="torch")
-        ref = oracle_clip_loss(img[sl], txt[sl], 2.0, local_loss=True, gather_with_grad=True,
-                               rank=rank, world_size=world)
+        mod = gammacl.ClipLoss(
+            local_loss=True, gather_with_grad=True, rank=rank, world_size=world, backend="torch"
+        )
+        ref = oracle_clip_loss(
+            img[sl],
+            txt[sl],
+            2.0,
+            local_loss=True,
+            gather_with_grad=True,
+            rank=rank,
+            world_size=world,
+        )
         torch.testing.assert_close(mod(img[sl], txt[sl], 2.0), ref, rtol=1e-9, atol=1e-12)
 
     report("fail-fast then in sync", still_in_sync)
+
+
+GAMMA_CONFIGS = {  # name -> (class name, constructor kwargs)
+    "gamma ema before": ("GammaClipLoss", {"rate": "ema", "update": "before", "ema": 0.3}),
+    "gamma ema after": (
+        "GammaClipLoss",
+        {"rate": "ema", "update": "after", "ema": 0.3, "shape": 2.0},
+    ),
+    "gamma batch": ("GammaClipLoss", {"rate": "batch"}),
+    "gamma fixed": ("GammaClipLoss", {"rate": "fixed"}),
+    "sogclr before": ("SogCLRLoss", {"ema": 0.5}),
+}
+G_LOCAL, G_SAMPLES, G_STEPS = 4, 20, 3
+
+
+def _gamma_steps(world: int):
+    """Per step: global features [W n, D] (float64) and global data-set indices [W n]; step 2
+    revisits samples (EMA updates), step 3 repeats indices across ranks (duplicate rule)."""
+    g = torch.Generator().manual_seed(99 + world)
+    b = world * G_LOCAL
+    steps = []
+    for k in range(G_STEPS):
+        img, txt = _global_batch(world, n=G_LOCAL)
+        img = torch.nn.functional.normalize(
+            img + 0.3 * torch.randn(img.shape, generator=g, dtype=img.dtype), dim=1
+        )
+        idx = torch.randperm(G_SAMPLES, generator=g)[:b]
+        if k == G_STEPS - 1:  # all seen before (the one-pass path without an LSE pass)
+            idx = steps[-1][2].roll(1).clone()
+            idx[G_LOCAL] = idx[0]  # rank 0's first pair and rank 1's first pair: one sample
+            idx[-1] = idx[1]
+        steps.append((img, txt, idx))
+    return steps
+
+
+def _has_gamma_hook() -> bool:
+    import inspect
+
+    from gammacl import gamma
+
+    return "distributed" in inspect.signature(gamma.GammaClipLoss.__init__).parameters
+
+
+def _make_gamma(cls_name: str, kwargs: dict, seed: int, single: bool = False):
+    from gammacl import gamma
+
+    cls = getattr(gamma, cls_name)
+    kw = dict(kwargs, backend="torch")
+    if single and _has_gamma_hook():
+        kw["distributed"] = False  # the single-process reference, inside a distributed worker
+    if cls_name == "GammaClipLoss":
+        kw["generator"] = torch.Generator().manual_seed(seed)
+    loss = cls(G_SAMPLES, **kw)
+    if kw.get("rate") == "fixed":
+        g = torch.Generator().manual_seed(5)
+        loss.set_log_rates(torch.randn(G_SAMPLES, generator=g), torch.randn(G_SAMPLES, generator=g))
+    return loss
+
+
+def _gamma_call(loss, img, txt, s, idx):
+    """Through the module when it has the distributed hook, else the function it calls."""
+    from gammacl.distributed import gamma_loss_distributed
+
+    if _has_gamma_hook():
+        return loss(img, txt, s, idx)
+    return gamma_loss_distributed(loss, img, txt, s, idx)
+
+
+def _check_gamma(rank, world, report):
+    import torch.distributed as dist
+    from tolerances import assert_close_fp64
+
+    if not _have_gamma():
+        return
+    steps = _gamma_steps(world)
+    sl = slice(rank * G_LOCAL, (rank + 1) * G_LOCAL)
+    for key, (cls_name, kwargs) in GAMMA_CONFIGS.items():
+
+        def run(cls_name=cls_name, kwargs=kwargs):
+            single = _make_gamma(cls_name, kwargs, seed=7, single=True)
+            # only rank 0's generator may matter: the others start from different seeds
+            ours = _make_gamma(cls_name, kwargs, seed=7 if rank == 0 else 1000 + rank)
+            paths = []
+            for k, (img, txt, idx) in enumerate(steps):
+                s = torch.tensor(4.0, dtype=torch.float64)
+                ref = _grads(lambda a, b, s_, i=idx: single(a, b, s_, i), img, txt, s)
+                got = _grads(
+                    lambda a, b, s_, i=idx[sl]: _gamma_call(ours, a, b, s_, i), img[sl], txt[sl], s
+                )
+                # mean over ranks of the loss and of d_scale = the single-process values
+                stats = torch.stack([got[0], got[3]]).reshape(2).clone()
+                dist.all_reduce(stats)
+                assert_close_fp64(stats[0] / world, ref[0], f"step {k} mean loss")
+                assert_close_fp64(stats[1] / world, ref[3], f"step {k} mean d_scale")
+                assert_close_fp64(got[1], world * ref[1][sl], f"step {k} d_image = W dL")
+                assert_close_fp64(got[2], world * ref[2][sl], f"step {k} d_text = W dL")
+                paths.append(ours.last_path)
+                if ours.rate == "batch":
+                    continue
+                for name in ("image_rate", "text_rate"):
+                    mine, theirs = getattr(ours, name), getattr(single, name)
+                    flat = torch.cat([mine.log_rate.double(), mine.visited.double()])
+                    every = [torch.empty_like(flat) for _ in range(world)]
+                    dist.all_gather(every, flat)
+                    assert all(torch.equal(e, flat) for e in every), (
+                        f"step {k}: {name} differs between ranks"
+                    )
+                    assert torch.equal(mine.visited, theirs.visited), f"step {k} {name} visited"
+                    assert_close_fp64(mine.log_rate, theirs.log_rate, f"step {k} {name}")
+            return {"paths": paths}
+
+        report(key, run)
+
+    def nonfinite():
+        # a NaN image row on rank 0: rows resting on it are not stored, all others are, the
+        # same on every rank and as in a single process
+        for kwargs in ({"rate": "ema", "update": "before"}, {"rate": "ema", "update": "after"}):
+            single = _make_gamma("GammaClipLoss", kwargs, seed=7, single=True)
+            ours = _make_gamma("GammaClipLoss", kwargs, seed=7)
+            for k, (img, txt, idx) in enumerate(steps[:2]):
+                img = img.clone()
+                if k == 1:
+                    img[0, 0] = float("nan")
+                single(img, txt, 4.0, idx)
+                _gamma_call(ours, img[sl], txt[sl], 4.0, idx[sl])
+            for name in ("image_rate", "text_rate"):
+                mine, theirs = getattr(ours, name), getattr(single, name)
+                assert torch.equal(mine.visited, theirs.visited), f"{kwargs} {name} visited"
+                assert torch.equal(mine.nonfinite, theirs.nonfinite), f"{kwargs} {name} count"
+                assert int(mine.nonfinite) > 0
+                assert_close_fp64(mine.log_rate, theirs.log_rate, f"{kwargs} {name}")
+                flat = torch.cat([mine.log_rate.double(), mine.visited.double()])
+                every = [torch.empty_like(flat) for _ in range(world)]
+                dist.all_gather(every, flat)
+                assert all(torch.equal(e, flat) for e in every), f"{name} differs between ranks"
+
+    report("gamma nonfinite", nonfinite)
+
+    def fail_fast():
+        out = {}
+        img, txt, idx = steps[0]
+        cases = {
+            "uneven": (img[sl][:-1], txt[sl][:-1], idx[sl][:-1])
+            if rank == world - 1
+            else (img[sl], txt[sl], idx[sl]),
+            "index out of range": (img[sl], txt[sl], idx[sl] + (G_SAMPLES if rank == 0 else 0)),
+        }
+        for name, (a, b, i) in cases.items():
+            loss = _make_gamma("GammaClipLoss", {"rate": "ema"}, seed=7)
+            try:
+                _gamma_call(loss, a, b, 4.0, i)
+            except ValueError as e:
+                out[name] = str(e)
+                assert not bool(loss.image_rate.visited.any()), "state changed by a failed step"
+                continue
+            raise AssertionError(f"{name}: no error raised")
+        return out
+
+    report("gamma fail-fast", fail_fast)
 
 
 def _worker(rank: int, world: int, port: int, out) -> None:
@@ -252,8 +504,13 @@ def _worker(rank: int, world: int, port: int, out) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
 
     def report(name, fn):
         try:
@@ -265,6 +522,7 @@ def _worker(rank: int, world: int, port: int, out) -> None:
     try:
         _check_clip(rank, world, report)
         _check_fail_fast(rank, world, report)
+        _check_gamma(rank, world, report)
     finally:
         out.put((rank, "__done__", "ok", None))
         dist.destroy_process_group()
@@ -278,8 +536,9 @@ def _run_world(world: int) -> dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, q), daemon=True)
-             for r in range(world)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, world, port, q), daemon=True) for r in range(world)
+    ]
     for p in procs:
         p.start()
     results: dict = {}
@@ -296,13 +555,12 @@ def _run_world(world: int) -> dict:
             done.add(rank)
         else:
             results.setdefault(name, {})[rank] = (status, payload)
-    for p in procs:
-        p.join(timeout=max(1.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:  # a rank that finished its checks only gets a short grace period to exit
+        p.join(timeout=10.0)
     for p in procs:
         if p.is_alive():
             p.kill()
-    results["__hung__"] = hung
+    results["__hung__"] = [r for r in range(world) if r not in done]
     results["__exitcodes__"] = [p.exitcode for p in procs]
     return results
 
@@ -317,11 +575,12 @@ def world_run(request):
 
 def _ok(world_run, name):
     world, res = world_run
-    assert not res["__hung__"], f"ranks {res['__hung__']} hung (killed after {TIMEOUT_S}s)"
+    assert not res["__hung__"], f"ranks {res['__hung__']} did not finish within {TIMEOUT_S}s"
     got = res.get(name, {})
     missing = [r for r in range(world) if r not in got]
-    assert not missing, f"{name}: no report from ranks {missing} (exit codes " \
-                        f"{res['__exitcodes__']})"
+    assert not missing, (
+        f"{name}: no report from ranks {missing} (exit codes {res['__exitcodes__']})"
+    )
     fails = {r: p for r, (s, p) in got.items() if s != "ok"}
     assert not fails, "\n".join(f"rank {r}:\n{p}" for r, p in fails.items())
     return [got[r][1] for r in range(world)]
@@ -353,12 +612,20 @@ def test_clip_defaults_from_group_noncontiguous(world_run):
     _ok(world_run, "clip defaults from process group, non-contiguous")
 
 
+def test_clip_module_world_size_none(world_run):
+    per_rank = _ok(world_run, "clip module world from group")
+    if "unsupported" in per_rank[0]:
+        pytest.skip(f"ClipLoss does not accept world_size=None yet: {per_rank[0]['unsupported']}")
+
+
 def test_clip_fp32(world_run):
     _ok(world_run, "clip fp32")
 
 
-@pytest.mark.parametrize("case", ["uneven batch", "mismatched dim", "mismatched dtype",
-                                  "invalid on one rank", "wrong rank="])
+@pytest.mark.parametrize(
+    "case",
+    ["uneven batch", "mismatched dim", "mismatched dtype", "invalid on one rank", "wrong rank="],
+)
 def test_fail_fast_same_error_on_every_rank(world_run, case):
     world, _ = world_run
     per_rank = _ok(world_run, f"fail-fast {case}")
@@ -378,3 +645,35 @@ def test_fail_fast_same_error_on_every_rank(world_run, case):
     else:
         assert "rank= must equal" in msg and str([0] * world) in msg
     _ok(world_run, "fail-fast then in sync")
+
+
+needs_gamma = pytest.mark.skipif(not _have_gamma(), reason="gammacl.gamma is not in this build")
+
+
+@needs_gamma
+@pytest.mark.parametrize("config", list(GAMMA_CONFIGS))
+def test_gamma_matches_single_process(world_run, config):
+    """Every step: mean over ranks of the loss and d_scale = the single-process loss on the
+    concatenated batch with the same draws (rank 0's generator; the others are seeded
+    differently), feature gradients = W x the single-process ones, and the per-sample state
+    bit-identical on every rank and equal to the single-process state."""
+    per_rank = _ok(world_run, config)
+    if config == "gamma ema after":  # first visits (LSE pass first), then all seen
+        assert per_rank[0]["paths"] == ["lse+one_pass", "lse+one_pass", "one_pass"], per_rank
+
+
+@needs_gamma
+def test_gamma_nonfinite_rows_skipped_identically(world_run):
+    _ok(world_run, "gamma nonfinite")
+
+
+@needs_gamma
+def test_gamma_fail_fast_same_error_on_every_rank(world_run):
+    world, _ = world_run
+    per_rank = _ok(world_run, "gamma fail-fast")
+    for case in ("uneven", "index out of range"):
+        msgs = [p[case] for p in per_rank]
+        assert all(m == msgs[0] for m in msgs), "\n".join(msgs)
+        assert "GammaClipLoss (distributed)" in msgs[0]
+    assert f"index ({G_LOCAL - 1},) int64" in per_rank[0]["uneven"]
+    assert "rank(s) [0]" in per_rank[0]["index out of range"]

@@ -3,6 +3,7 @@ The loss must fall and held-out image->text recall@1 must rise far above chance.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import signal
@@ -18,8 +19,21 @@ import gammacl
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_clip.py"
 TIMEOUT_S = 180
-TINY = ["--steps", "40", "--batch-size", "32", "--num-samples", "1024", "--eval-size", "128",
-        "--backend", "torch", "--log-every", "20", "--json"]
+TINY = [
+    "--steps",
+    "40",
+    "--batch-size",
+    "32",
+    "--num-samples",
+    "1024",
+    "--eval-size",
+    "128",
+    "--backend",
+    "torch",
+    "--log-every",
+    "20",
+    "--json",
+]
 
 
 def _free_port() -> int:
@@ -32,9 +46,16 @@ def _run(cmd: list[str]) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     env.pop("GAMMACL_BACKEND", None)
     # own session, so a hang kills torchrun *and* its workers
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -44,19 +65,29 @@ def _run(cmd: list[str]) -> dict:
     assert proc.returncode == 0, f"exit {proc.returncode}\n{out}\n{err}"
     lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
     assert len(lines) == 1, f"expected one RESULT line (rank 0 only):\n{out}"
-    return json.loads(lines[0][len("RESULT "):])
+    return json.loads(lines[0][len("RESULT ") :])
 
 
 def _torchrun(nproc: int, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-            str(SCRIPT), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--nnodes=1",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        str(SCRIPT),
+        *extra,
+    ]
 
 
-def _assert_learned(res: dict, world: int, loss_drop: bool = True) -> None:
+def _assert_learned(res: dict, world: int) -> None:
     assert res["world_size"] == world
-    if loss_drop:
+    if res["loss"] == "clip":
         assert res["loss_last"] < 0.5 * res["loss_first"], res
+    else:  # the gamma objective's estimate (negative: Z excludes the positive and is a mean)
+        assert res["loss_last"] < res["loss_first"] - 1.0, res
     assert res["recall_after"] >= 0.3, res  # chance is 1/128
     assert res["recall_after"] > res["recall_before"] + 0.2, res
 
@@ -69,17 +100,20 @@ def test_example_torchrun_two_processes_clip():
     _assert_learned(_run(_torchrun(2, ["--loss", "clip", *TINY])), 2)
 
 
-needs_gamma = pytest.mark.skipif(not hasattr(gammacl, "GammaClipLoss"),
-                                 reason="gammacl.GammaClipLoss is not in this build")
+_GAMMA = getattr(gammacl, "GammaClipLoss", None)
+needs_gamma = pytest.mark.skipif(_GAMMA is None, reason="gammacl.GammaClipLoss is not exported")
+# without the hook GammaClipLoss would keep a separate state per rank under torchrun
+needs_hook = pytest.mark.skipif(
+    _GAMMA is None or "distributed" not in inspect.signature(_GAMMA.__init__).parameters,
+    reason="GammaClipLoss has no distributed hook (gammacl.distributed.gamma_loss_distributed)",
+)
 
 
 @needs_gamma
 def test_example_single_process_gamma():
-    # the gamma objective's value carries Gamma(a, 1) noise per step, so only recall is asserted
-    _assert_learned(_run([sys.executable, str(SCRIPT), "--loss", "gamma", *TINY]), 1,
-                    loss_drop=False)
+    _assert_learned(_run([sys.executable, str(SCRIPT), "--loss", "gamma", *TINY]), 1)
 
 
-@needs_gamma
+@needs_hook
 def test_example_torchrun_two_processes_gamma():
-    _assert_learned(_run(_torchrun(2, ["--loss", "gamma", *TINY])), 2, loss_drop=False)
+    _assert_learned(_run(_torchrun(2, ["--loss", "gamma", *TINY])), 2)

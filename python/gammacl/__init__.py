@@ -8,6 +8,7 @@ FeatureSeparationLoss, BrownianBridgeLoss, GeometricConsistencyLoss; `python -m 
 from gammacl import reference
 from gammacl.dispatch import BACKENDS, resolve_backend
 from gammacl.functional import clip_loss, infonce_loss
+from gammacl.gamma import GammaClipLoss, LogRateState, SogCLRLoss, gamma_step_loss
 from gammacl.losses import ClipLoss
 from gammacl.modality import (
     BrownianBridgeLoss,
@@ -30,11 +31,15 @@ __all__ = [
     "BrownianBridgeLoss",
     "ClipLoss",
     "FeatureSeparationLoss",
+    "GammaClipLoss",
     "GeometricConsistencyLoss",
+    "LogRateState",
     "ModalityContrastiveLoss",
+    "SogCLRLoss",
     "brownian_bridge_loss",
     "clip_loss",
     "feature_separation_loss",
+    "gamma_step_loss",
     "geometric_consistency_loss",
     "infonce_loss",
     "inmodal_infonce_loss",

@@ -91,6 +91,26 @@ def _arch_flags() -> list[str]:
     return flags
 
 
+def _cublas_ldflags() -> list[str]:
+    """Link flags for cuBLAS (cublasGemmEx on torch's handle): the toolkit's libcublas.so, else
+    the versioned library of the nvidia-cublas wheel CUDA builds of torch depend on."""
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    if home and any((Path(home) / sub / "libcublas.so").exists() for sub in ("lib64", "lib")):
+        return ["-lcublas"]
+    try:
+        import nvidia.cublas  # type: ignore[import-not-found]
+
+        for root in nvidia.cublas.__path__:
+            libs = sorted((Path(root) / "lib").glob("libcublas.so.*"))
+            if libs:
+                return [f"-L{libs[0].parent}", f"-l:{libs[0].name}"]
+    except ImportError:
+        pass
+    return ["-lcublas"]
+
+
 def _needs_compile(cuda: bool) -> bool:
     lib = build_dir(cuda) / f"{_name(cuda)}.so"
     if not lib.exists():
@@ -135,7 +155,7 @@ def _build(cuda: bool) -> str:
     if cuda:
         kw["extra_cuda_cflags"] = ["-O3", "-lineinfo", *_arch_flags()]
         cflags = ["-O3"]
-        ldflags = ["-lcublas"]
+        ldflags = _cublas_ldflags()
     if _needs_compile(cuda):
         print(
             f"building gammacl C++{'/CUDA' if cuda else ''} extension (first use, ~1 min) "

@@ -146,6 +146,14 @@ def add_common_args(p: argparse.ArgumentParser, *, default_name: str) -> None:
         "--no-plot", action="store_true", help="skip the PNG even if matplotlib is there"
     )
     p.add_argument("--note", default="", help="free text stored in the metadata (e.g. the host)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU: torch.set_num_threads for the run (default: 1 with --quick, else torch's "
+        "default). One thread keeps small shapes stable on a shared host, where idle OpenMP "
+        "threads wait on descheduled ones",
+    )
     # test hook: rows whose label contains SUBSTR and whose N >= NMIN raise torch.OutOfMemoryError
     p.add_argument("--inject-oom", default=None, metavar="[SUBSTR:]NMIN", help=argparse.SUPPRESS)
 
@@ -166,6 +174,24 @@ def resolve_device(arg: str) -> torch.device:
     elif dev.type != "cpu":
         raise SystemExit(f"--device must be cpu or cuda[:K], got {arg!r}")
     return dev
+
+
+@contextlib.contextmanager
+def cpu_threads(args: argparse.Namespace):
+    """torch.set_num_threads(--threads) for a CPU run (1 by default with --quick), restored on
+    exit so an in-process caller keeps its setting. The count used is in the metadata."""
+    before = torch.get_num_threads()
+    on_cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
+    n = args.threads
+    if n is None and on_cpu and args.quick:
+        n = 1
+    if n is not None and on_cpu:
+        torch.set_num_threads(max(1, n))
+        log(f"gammacl: CPU threads: torch.set_num_threads({max(1, n)}) (default {before})")
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class InjectOOM:
@@ -208,9 +234,12 @@ class Features:
     def feat(self, k: int) -> torch.Tensor:
         if k not in self._feats:
             g = torch.Generator(device=self.device).manual_seed(self.seed * 1000 + k)
-            x = torch.randn(self.n, self.d, device=self.device, generator=g)
-            self._feats[k] = F.normalize(x, dim=1).to(self.dtype).requires_grad_()
-            del x
+            x = torch.randn(self.n, self.d, device=self.device, dtype=self.dtype, generator=g)
+            step = max(1, 2**25 // self.d)  # normalise in fp32 row blocks: <= 128 MiB temporary
+            with torch.no_grad():
+                for i in range(0, self.n, step):
+                    x[i : i + step] = F.normalize(x[i : i + step].float(), dim=1).to(self.dtype)
+            self._feats[k] = x.requires_grad_()
         return self._feats[k]
 
     def index(self) -> torch.Tensor:
@@ -435,16 +464,32 @@ def naive_clip(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.T
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
 
 
-def _ref_clip(f: Features) -> torch.Tensor:
-    from gammacl import reference
+# The check's float64 reference: the materialised gammacl.reference up to this N; above it the
+# chunked torch backend in float64 (O(N*D) memory, itself tested against the reference), so a
+# large first shape does not OOM on an N x N float64 matrix.
+CHECK_MATERIALISED_MAX_N = 8192
 
-    return reference.clip_loss(f.feat(0), f.feat(1), f.scale)
+
+def check_reference_backend(n: int) -> str:
+    return "reference" if n <= CHECK_MATERIALISED_MAX_N else "torch"
+
+
+def _ref_clip(f: Features) -> torch.Tensor:
+    import gammacl
+
+    be = check_reference_backend(f.n)
+    if be == "reference":
+        return gammacl.reference.clip_loss(f.feat(0), f.feat(1), f.scale)
+    return gammacl.clip_loss(f.feat(0), f.feat(1), f.scale, backend=be)
 
 
 def _ref_infonce(f: Features) -> torch.Tensor:
-    from gammacl import reference
+    import gammacl
 
-    return reference.infonce_loss(f.feat(0), f.feat(1), f.scale)
+    be = check_reference_backend(f.n)
+    if be == "reference":
+        return gammacl.reference.infonce_loss(f.feat(0), f.feat(1), f.scale)
+    return gammacl.infonce_loss(f.feat(0), f.feat(1), f.scale, backend=be)
 
 
 def _leaves(f: Features, k: int) -> list[torch.Tensor]:
@@ -471,14 +516,27 @@ def _gammacl_infonce(backend: str) -> Callable[[Features], Step]:
     return build
 
 
+def state_loss_class(name: str) -> type | None:
+    """gammacl.<name>, or gammacl.gamma.<name> before the top-level export exists."""
+    import gammacl
+
+    cls = getattr(gammacl, name, None)
+    if cls is None and importlib.util.find_spec("gammacl.gamma") is not None:
+        cls = getattr(importlib.import_module("gammacl.gamma"), name, None)
+    return cls
+
+
 def _module_loss(cls_name: str, backend: str, **kw) -> Callable[[Features], Step]:
     """GammaClipLoss(num_samples, ..., backend) / SogCLRLoss(num_samples, ..., backend) with
     forward(image, text, logit_scale, index); the per-sample state has N entries, index 0..N-1."""
 
     def build(f: Features) -> Step:
-        import gammacl
-
-        mod = getattr(gammacl, cls_name)(f.n, backend=backend, **kw)
+        cls = state_loss_class(cls_name)
+        extra = dict(kw)
+        if "generator" in inspect.signature(cls).parameters:
+            # seeded per instance: the checked instance and its reference draw the same weights
+            extra["generator"] = torch.Generator().manual_seed(f.seed)
+        mod = cls(f.n, backend=backend, **extra)
         if isinstance(mod, torch.nn.Module):
             mod = mod.to(f.device)
         a, b, idx = f.feat(0), f.feat(1), f.index()
@@ -489,7 +547,7 @@ def _module_loss(cls_name: str, backend: str, **kw) -> Callable[[Features], Step
 
 def _module_reference(cls_name: str, **kw) -> Callable[[Features], torch.Tensor]:
     def ref(f: Features) -> torch.Tensor:
-        return _module_loss(cls_name, "reference", **kw)(f).forward()
+        return _module_loss(cls_name, check_reference_backend(f.n), **kw)(f).forward()
 
     return ref
 
@@ -538,7 +596,8 @@ def _modality_impls(backends: Sequence[str], notes: list[str]) -> list[Impl]:
                 return _modality_call(fn, bk, f)
 
             def ref(f: Features, fn=fn, takes=takes_backend) -> torch.Tensor:
-                return _modality_call(fn, "reference" if takes else None, f).forward()
+                be = check_reference_backend(f.n) if takes else None
+                return _modality_call(fn, be, f).forward()
 
             out.append(Impl("gammacl", loss, be, build, flops, reference=ref))
     return out
@@ -546,12 +605,11 @@ def _modality_impls(backends: Sequence[str], notes: list[str]) -> list[Impl]:
 
 def our_loss_names() -> list[str]:
     """Loss names the registry offers right now (modality regularisers appear when present)."""
-    import gammacl
 
     names = ["clip", "infonce"]
-    if hasattr(gammacl, "GammaClipLoss"):
+    if state_loss_class("GammaClipLoss") is not None:
         names += ["gamma_twopass", "gamma_onepass"]
-    if hasattr(gammacl, "SogCLRLoss"):
+    if state_loss_class("SogCLRLoss") is not None:
         names.append("sogclr")
     if importlib.util.find_spec("gammacl.modality") is not None:
         try:
@@ -567,7 +625,6 @@ def our_loss_names() -> list[str]:
 
 
 def our_impls(backends: Sequence[str], notes: list[str]) -> list[Impl]:
-    import gammacl
 
     expected = {
         "torch": expected_chunked,
@@ -593,7 +650,7 @@ def our_impls(backends: Sequence[str], notes: list[str]) -> list[Impl]:
             )
         )
     for be in backends:
-        if hasattr(gammacl, "GammaClipLoss"):
+        if state_loss_class("GammaClipLoss") is not None:
             for loss, update, flops in (
                 ("gamma_twopass", "before", flops_two_pass),
                 ("gamma_onepass", "after", flops_one_pass),
@@ -608,7 +665,7 @@ def our_impls(backends: Sequence[str], notes: list[str]) -> list[Impl]:
                         reference=_module_reference("GammaClipLoss", update=update),
                     )
                 )
-        if hasattr(gammacl, "SogCLRLoss"):
+        if state_loss_class("SogCLRLoss") is not None:
             out.append(
                 Impl(
                     "gammacl",
@@ -1038,14 +1095,19 @@ def pin_malloc_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
     M_MMAP_THRESHOLD, which otherwise grows after frees up to 32 MiB and keeps freed buffers in
     the heap), so peak RSS deltas follow the live large buffers of each step. Costs page faults
     per large allocation: the profiler uses it, the timing benchmark does not."""
+    global MALLOC_PINNED
     import ctypes
     import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, int(nbytes)))  # M_MMAP_THRESHOLD = -3
+        MALLOC_PINNED = bool(libc.mallopt(-3, int(nbytes)))  # M_MMAP_THRESHOLD = -3
     except (OSError, AttributeError):
-        return False
+        MALLOC_PINNED = False
+    return MALLOC_PINNED
+
+
+MALLOC_PINNED = False  # set by pin_malloc_mmap_threshold (the profile CLI entry point only)
 
 
 # --- NVML ----------------------------------------------------------------------------------
@@ -1360,7 +1422,7 @@ def _fmt_csv(v: Any) -> Any:
 
 def _json_value(v: Any) -> Any:
     if isinstance(v, float):
-        return None if not math.isfinite(v) else float(f"{v:.6g}")
+        return v if math.isfinite(v) else None
     return v
 
 
@@ -1431,10 +1493,13 @@ def plot_bench(rows: list[dict], path: Path, title: str) -> Path | None:
         {(r["loss"], r["D"], r["dtype"], r["mode"]) for r in ok if r["loss"] != "floor"},
         key=lambda g: (g[0], g[1], g[2], MODES.index(g[3])),
     )
+    if len(groups) > 8:  # many losses: fwd+bwd only, clip / infonce first
+        groups = [g for g in groups if g[3] == "fwd+bwd"] or groups
+        groups.sort(key=lambda g: (g[0] not in ("clip", "infonce"), g))
     groups = groups[:16]
     if not groups:
         return None
-    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.2 * len(groups)), squeeze=False)
+    fig, axes = plt.subplots(len(groups), 2, figsize=(10, 2.8 * len(groups)), squeeze=False)
     for (loss, d, dt, mode), (ax_t, ax_f) in zip(groups, axes, strict=False):
         sel = [
             r
@@ -1464,7 +1529,7 @@ def plot_bench(rows: list[dict], path: Path, title: str) -> Path | None:
         ax_t.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=72)
     plt.close(fig)
     return path
 

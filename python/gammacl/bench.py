@@ -66,7 +66,7 @@ def _defaults(args: argparse.Namespace, device: torch.device) -> None:
         args.n = (
             ([4096, 16384, 32768] if args.quick else [4096, 16384, 32768, 65536, 131072])
             if gpu
-            else ([256, 1024, 2048] if args.quick else [256, 1024, 4096])
+            else ([256, 512, 1024] if args.quick else [256, 1024, 4096])
         )
     if args.d is None:
         args.d = (
@@ -100,6 +100,7 @@ def check_value(impl: M.Impl, feats: M.Features, step: M.Step) -> dict[str, Any]
     out = {
         "label": impl.label,
         "shape": shape,
+        "reference_impl": f"gammacl {M.check_reference_backend(feats.n)} backend, float64",
         "value": None,
         "reference": None,
         "abs_diff": None,
@@ -260,14 +261,18 @@ class Runner:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args._argv = list(sys.argv[1:] if argv is None else argv)
-    with M.frozen_gc():
+    with M.frozen_gc(), M.cpu_threads(args):
         return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:
     from gammacl.dispatch import interpreter_on
 
-    device = M.resolve_device(args.device)
+    try:
+        device = M.resolve_device(args.device)
+    except SystemExit as exc:
+        M.log(f"gammacl.bench: {exc}")
+        return 2
     if device.type == "cuda" and interpreter_on():
         M.log(
             "gammacl.bench: refusing to time: TRITON_INTERPRET=1 is set, so every Triton kernel "

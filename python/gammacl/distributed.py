@@ -4,7 +4,8 @@ that keep the gamma / SogCLR per-sample state identical on every rank.
 CLIP, open_clip semantics (open_clip ``gather_features`` + ``ClipLoss``), W ranks of n rows each,
 rank r holding rows [r*n, (r+1)*n) of the global batch (I = image, T = text, s = logit_scale):
 
-    local_loss=True:   loss_r = 1/2 [ mean_i CE(s I_r T_all^T, i + r n) + mean_i CE(s T_r I_all^T, i + r n) ]
+    local_loss=True:   loss_r = 1/2 [ mean_i CE(s I_r T_all^T, i + r n)
+                                  + mean_i CE(s T_r I_all^T, i + r n) ]
                        -- two simlse sweeps of n x Wn (infonce_rows with offset = r n, no labels);
     local_loss=False:  loss_r = the full global CLIP loss on (I_all, T_all)   (Wn x Wn, one sweep).
 
@@ -35,6 +36,7 @@ collective; a ring only pays off when overlapped with compute, which was not mea
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -45,8 +47,16 @@ from gammacl.functional import clip_pairs, infonce_rows
 
 # dtype codes for the metadata collective (index + 1; 0 = not a tensor / other dtype)
 _DTYPES = (
-    torch.float16, torch.bfloat16, torch.float32, torch.float64,
-    torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+    torch.bool,
 )
 _DEVICE_TYPES = ("cpu", "cuda")
 _NDIM_SLOTS = 3  # dims recorded per tensor (enough to name any shape the losses accept)
@@ -151,8 +161,10 @@ def check_agreement(
     problems = []
     bad = [r for r in range(world) if table[r][0] == 0]
     if bad:
-        problems.append(f"input validation failed on rank(s) {bad} (that rank's own error is "
-                        "chained below this one)")
+        problems.append(
+            f"input validation failed on rank(s) {bad} (on each of them the local error "
+            "is this error's __cause__)"
+        )
     ref = table[0]
     for k, (name, _) in enumerate(args):
         lo, hi = 1 + k * _PER_ARG, 1 + (k + 1) * _PER_ARG
@@ -163,25 +175,32 @@ def check_agreement(
         vals = [t[base + k] for t in table]
         if name == "rank":
             if vals != list(range(world)):
-                problems.append(f"rank= must equal each process's torch.distributed rank "
-                                f"(0..{world - 1}), got {vals}")
+                problems.append(
+                    f"rank= must equal each process's torch.distributed rank "
+                    f"(0..{world - 1}), got {vals}"
+                )
         elif name == "world_size":
             if any(v != world for v in vals):
-                problems.append(f"world_size= must equal the process group size {world}, "
-                                f"got {vals}")
+                problems.append(
+                    f"world_size= must equal the process group size {world}, got {vals}"
+                )
         elif len(set(vals)) > 1:
             problems.append(f"{name} differs between ranks: {vals}")
     if not problems:
         return
     per_rank = "; ".join(
         f"rank {r}: "
-        + ", ".join(_fmt_arg(name, t[1 + k * _PER_ARG : 1 + (k + 1) * _PER_ARG])
-                    for k, (name, _) in enumerate(args))
+        + ", ".join(
+            _fmt_arg(name, t[1 + k * _PER_ARG : 1 + (k + 1) * _PER_ARG])
+            for k, (name, _) in enumerate(args)
+        )
         for r, t in enumerate(table)
     )
-    msg = (f"{what}: inputs disagree across the {world} ranks: {'; '.join(problems)}. "
-           f"Every rank must pass the same batch size, feature dimension, dtype and device "
-           f"(use drop_last=True in the DataLoader). Per rank: {per_rank}")
+    msg = (
+        f"{what}: inputs disagree across the {world} ranks: {'; '.join(problems)}. "
+        f"Every rank must pass the same batch size, feature dimension, dtype and device "
+        f"(use drop_last=True in the DataLoader). Per rank: {per_rank}"
+    )
     raise ValueError(msg) from local_error
 
 
@@ -205,7 +224,8 @@ def all_gather_rows(x: torch.Tensor, *, with_grad: bool, group=None) -> torch.Te
         from torch.distributed import _functional_collectives as fc
 
         fn = getattr(fc, "all_gather_single_autograd", None) or getattr(
-            fc, "all_gather_tensor_autograd", None)
+            fc, "all_gather_tensor_autograd", None
+        )
         if fn is not None:
             g = group if group is not None else dist.group.WORLD
             out = fn(x, 0, g)
@@ -215,8 +235,9 @@ def all_gather_rows(x: torch.Tensor, *, with_grad: bool, group=None) -> torch.Te
         import torch.distributed.nn.functional as dnf
 
         return torch.cat(dnf.all_gather(x, group=group or dist.group.WORLD), dim=0)
-    out = torch.empty((dist.get_world_size(group) * x.shape[0], *x.shape[1:]), dtype=x.dtype,
-                      device=x.device)
+    out = torch.empty(
+        (dist.get_world_size(group) * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device
+    )
     _all_gather_flat(out, x.detach(), group)
     return out
 
@@ -248,8 +269,9 @@ def clip_loss_distributed(
     is the single-process loss with no collective."""
     rank, world_size = resolve_world(rank, world_size, group)
     if world_size == 1:
-        V.check_pair("image_features", image_features, "text_features", text_features,
-                     same_batch=True)
+        V.check_pair(
+            "image_features", image_features, "text_features", text_features, same_batch=True
+        )
         scale = V.as_scale("logit_scale", logit_scale, image_features)
         return clip_pairs(image_features, text_features, scale, backend=backend).mean()
 
@@ -258,8 +280,9 @@ def clip_loss_distributed(
     err = None
     scale = name = None
     try:
-        V.check_pair("image_features", image_features, "text_features", text_features,
-                     same_batch=True)
+        V.check_pair(
+            "image_features", image_features, "text_features", text_features, same_batch=True
+        )
         scale = V.as_scale("logit_scale", logit_scale, image_features)
         name = resolve_backend(backend, image_features.device)
     except (TypeError, ValueError, RuntimeError) as e:
@@ -267,9 +290,14 @@ def clip_loss_distributed(
     check_agreement(
         "gammacl ClipLoss (distributed)",
         [("image_features", image_features), ("text_features", text_features)],
-        flags=[("rank", rank), ("world_size", world_size), ("local_loss", bool(local_loss)),
-               ("gather_with_grad", bool(gather_with_grad))],
-        local_error=err, group=group,
+        flags=[
+            ("rank", rank),
+            ("world_size", world_size),
+            ("local_loss", bool(local_loss)),
+            ("gather_with_grad", bool(gather_with_grad)),
+        ],
+        local_error=err,
+        group=group,
     )
     assert scale is not None and name is not None  # check_agreement raised otherwise
 
@@ -285,3 +313,251 @@ def clip_loss_distributed(
         all_image = _reinsert(all_image, image_features, rank)
         all_text = _reinsert(all_text, text_features, rank)
     return clip_pairs(all_image, all_text, scale, backend=name).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# gamma / SogCLR
+
+
+_RATE_CODES = {"ema": 0, "batch": 1, "fixed": 2}
+_NO_TERM = -1e30  # alpha of an unused direction in gamma_onepass: e^{l - 1e30} = 0, no inf - inf
+
+
+def broadcast_log_weights(loss, total: int, like: torch.Tensor, group=None) -> torch.Tensor:
+    """log(G / a) for the whole global batch, [2, total] in the accumulation dtype: drawn on
+    rank 0 (its generator, or the global RNG) exactly as a single process would draw for a batch
+    of `total`, and broadcast, so every rank uses the same draws whatever its RNG state."""
+    from gammacl.gamma import draw_log_weights
+
+    dist = _dist()
+    acc = V.acc_dtype(like.dtype)
+    if loss._mean_estep:  # SogCLR: u = 1/R, no draw
+        return torch.zeros(2, total, dtype=acc, device=like.device)
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    if dist.get_rank(group) == 0:
+        w = draw_log_weights(loss.shape, total, generator=loss.generator, device=like.device)
+    else:
+        w = torch.empty(2, total, dtype=torch.float32, device=like.device)
+    dist.broadcast(w, src=src, group=group)
+    return w.to(acc)
+
+
+def gather_index_and_log_zhat(
+    index: torch.Tensor, log_zhat: torch.Tensor, group=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's (index [n], log Zhat [2, n]) concatenated in rank order -> ([W n], [2, W n]),
+    in one all-gather of an [n, 3] float64 buffer (indices < 2^53 are exact in float64)."""
+    packed = torch.cat([index.to(torch.float64)[:, None], log_zhat.detach().t().double()], dim=1)
+    out = all_gather_rows(packed.contiguous(), with_grad=False, group=group)
+    return out[:, 0].long(), out[:, 1:].t().to(log_zhat.dtype)
+
+
+def update_state_gathered(
+    loss, index: torch.Tensor, log_zhat: torch.Tensor, group=None
+) -> torch.Tensor:
+    """Gathers (index, log Zhat) from every rank and applies the SAME rate update on every rank,
+    so the per-sample state stays identical everywhere (equal to a single process that saw the
+    concatenated batch). Returns the updated log-rates of this rank's rows, [2, n]."""
+    all_index, all_lz = gather_index_and_log_zhat(index, log_zhat, group)
+    states = loss._states(log_zhat.device)
+    new = torch.stack([s.update(all_index, all_lz[d], check=False) for d, s in enumerate(states)])
+    n, r = index.shape[0], _dist().get_rank(group)
+    return new[:, r * n : (r + 1) * n]
+
+
+def _valid_local_estimates(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    all_image: torch.Tensor,
+    all_text: torch.Tensor,
+    off: int,
+    scale: torch.Tensor,
+) -> torch.Tensor:
+    """[2, n] mask of this rank's log Zhat that rest on finite inputs only (gammacl.gamma's
+    _valid_estimates on the global batch, restricted to local anchors): image anchor i needs
+    image_i and every gathered text except its positive finite; text anchors likewise."""
+    n = image.shape[0]
+    bad_i, bad_t = (~torch.isfinite(x.detach()).all(dim=1) for x in (all_image, all_text))
+    row_ok = torch.isfinite(image.detach()).all(dim=1) & (
+        bad_t.sum() - bad_t[off : off + n].long() == 0
+    )
+    col_ok = torch.isfinite(text.detach()).all(dim=1) & (
+        bad_i.sum() - bad_i[off : off + n].long() == 0
+    )
+    return torch.stack([row_ok, col_ok]) & torch.isfinite(scale.detach())
+
+
+def gamma_loss_distributed(
+    loss,
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: float | torch.Tensor,
+    index: torch.Tensor | None,
+    *,
+    group=None,
+) -> torch.Tensor:
+    """GammaClipLoss / SogCLRLoss `loss` over the ranks of `group`: the global batch is the
+    concatenation of every rank's n pairs (B = W n). Rank r computes its own anchors (image and
+    text) against all gathered columns (with gradient), so
+
+        mean over ranks of loss_r = the single-process loss on the global batch (same draws),
+        feature gradient on rank r = W x that loss's gradient for its rows (open_clip's
+        local_loss + gather_with_grad convention; DDP's average gives the global gradient).
+
+    State: (index, log Zhat) of every rank are gathered and every rank applies the same update
+    (indices are global data-set indices). Draws: rank 0's, broadcast. Per step: two feature
+    all-gathers, one metadata all-gather, one [n, 3] all-gather, one [2, W n] broadcast."""
+    from gammacl.functional import _pos_logits
+    from gammacl.gamma import _check_index_tensor, _neg_two_pass, _range_error
+    from gammacl.ops.gamma_onepass import gamma_onepass
+    from gammacl.ops.simlse import simlse
+
+    dist = _dist()
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"{type(loss).__name__}: distributed use needs an initialised "
+            "torch.distributed process group"
+        )
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    one_pass = loss.rate == "fixed" or (loss.rate == "ema" and loss.update == "after")
+
+    err = None
+    scale = name = None
+    try:
+        V.check_pair(
+            "image_features", image_features, "text_features", text_features, same_batch=True
+        )
+        n = image_features.shape[0]
+        if world * n < 2:
+            raise ValueError(f"{type(loss).__name__} needs at least 2 pairs in the global batch")
+        scale = V.as_scale("logit_scale", logit_scale, image_features)
+        name = resolve_backend(loss.backend, image_features.device)
+        if loss.rate == "fixed" and not loss._fixed_set:
+            raise RuntimeError(
+                "rate='fixed' needs set_log_rates(image_log_rate, text_log_rate) "
+                "before the first forward"
+            )
+        if index is None and loss.rate != "batch":
+            raise TypeError(
+                "index (the data-set indices of the pairs) is required unless rate='batch'"
+            )
+        if index is not None:
+            index = _check_index_tensor(index, n).to(image_features.device, torch.int64)
+            lo, hi = torch.stack([index.min(), index.max()]).tolist()  # one host sync
+            if lo < 0 or hi >= loss.num_samples:
+                raise _range_error(loss.num_samples, lo, hi)
+    except (TypeError, ValueError, RuntimeError) as e:
+        err = e
+    check_agreement(
+        f"gammacl {type(loss).__name__} (distributed)",
+        [("image_features", image_features), ("text_features", text_features), ("index", index)],
+        flags=[
+            ("num_samples", loss.num_samples),
+            ("rate", _RATE_CODES[loss.rate]),
+            ("update", int(loss.update == "after")),
+            ("mean_estep", int(loss._mean_estep)),
+        ],
+        local_error=err,
+        group=group,
+    )
+    assert scale is not None and name is not None
+
+    dev = image_features.device
+    n = image_features.shape[0]
+    total, off = world * n, rank * n
+    log_m = math.log(total - 1)
+    log_w = broadcast_log_weights(loss, total, image_features, group)[:, off : off + n]
+    acc = log_w.dtype
+    all_image = all_gather_rows(image_features, with_grad=True, group=group)
+    all_text = all_gather_rows(text_features, with_grad=True, group=group)
+    pos = _pos_logits(image_features, text_features, scale)
+
+    if not one_pass:  # excluded-positive LSEs -> rates (update before use) -> weights
+        row, _ = simlse(
+            image_features, all_text, scale, offset=off, exclude_pos=True, cols=False, backend=name
+        )
+        col, _ = simlse(
+            text_features, all_image, scale, offset=off, exclude_pos=True, cols=False, backend=name
+        )
+        log_zhat = torch.stack([row, col]).detach() - log_m
+        if loss.rate == "ema":  # rows resting on a non-finite input are never stored
+            valid = _valid_local_estimates(
+                image_features, text_features, all_image, all_text, off, scale
+            )
+            log_zhat = torch.where(valid, log_zhat, float("nan"))
+        if loss.rate == "batch":
+            log_r = log_zhat
+        else:
+            log_r = update_state_gathered(loss, index, log_zhat, group)
+        neg = _neg_two_pass(row, col, log_w, log_r, log_m)
+        loss.last_path = "two_pass"
+    else:  # stored rates (first visits: this batch's Zhat) -> one fused sweep -> update after
+        states = loss._states(dev)
+        stored = torch.stack([s.log_rate[index] for s in states]).to(acc)
+        seen = torch.stack([s.visited[index] for s in states])
+        log_zhat = None
+        if loss.rate == "fixed" or bool(seen.all()):  # host sync, as the single-process path
+            log_r = stored
+            loss.last_path = "one_pass"
+        else:
+            with torch.no_grad():
+                r_, _ = simlse(
+                    image_features.detach(),
+                    all_text.detach(),
+                    scale.detach(),
+                    offset=off,
+                    exclude_pos=True,
+                    cols=False,
+                    backend=name,
+                )
+                c_, _ = simlse(
+                    text_features.detach(),
+                    all_image.detach(),
+                    scale.detach(),
+                    offset=off,
+                    exclude_pos=True,
+                    cols=False,
+                    backend=name,
+                )
+            log_zhat = torch.stack([r_, c_]) - log_m
+            log_r = torch.where(seen, stored, log_zhat)
+            loss.last_path = "lse+one_pass"
+        alpha = (log_w - log_r).detach() - log_m
+        no_term = torch.full((total,), _NO_TERM, dtype=acc, device=dev)
+        # w = 1/(2n) per local anchor: sum over ranks = 1/(2B) per anchor of the global batch
+        neg_i, row, _, _, _ = gamma_onepass(
+            image_features,
+            all_text,
+            scale,
+            alpha[0],
+            no_term,
+            w_row=0.5 / n,
+            w_col=0.0,
+            clamp=loss.clamp,
+            offset=off,
+            backend=name,
+        )
+        neg_t, col, _, _, _ = gamma_onepass(
+            text_features,
+            all_image,
+            scale,
+            alpha[1],
+            no_term,
+            w_row=0.5 / n,
+            w_col=0.0,
+            clamp=loss.clamp,
+            offset=off,
+            backend=name,
+        )
+        neg = neg_i + neg_t
+        if loss.rate == "ema":  # update after use, with every rank's rows
+            if log_zhat is None:
+                log_zhat = torch.stack([row, col]) - log_m
+            valid = _valid_local_estimates(
+                image_features, text_features, all_image, all_text, off, scale
+            )
+            log_zhat = torch.where(valid, log_zhat, float("nan"))
+            update_state_gathered(loss, index, log_zhat, group)
+    out = neg - pos.mean()
+    loss.global_loss_estimate = (0.5 * log_r.mean(dim=1).sum() - pos.mean()).detach()
+    return out

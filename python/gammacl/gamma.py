@@ -45,8 +45,10 @@ InfoNCE; `global_loss_estimate` (set by every forward, detached) holds
 Each forward checks the index values (range, and for update="after" whether every sample was
 seen): one host sync per step, as gammacl's labels check does. Duplicate indices in one batch
 each read the state as it was before the batch; the last finite occurrence is stored.
-A batch whose log Zhat is non-finite (non-finite features) leaves those rows' state untouched
-and is counted in `nonfinite` of each LogRateState. B = 1 has no in-batch negative: ValueError.
+A row whose log Zhat is non-finite, or rests on a non-finite feature or logit_scale, leaves its
+state untouched and is counted in `nonfinite` of each LogRateState (other rows of the batch are
+stored as usual: image anchor i's Zhat uses image_i and the other texts only).
+B = 1 has no in-batch negative: ValueError.
 """
 
 from __future__ import annotations
@@ -67,8 +69,13 @@ RATES = ("ema", "batch", "fixed")
 UPDATES = ("before", "after")
 
 
-def draw_log_weights(shape: float, n: int, *, generator: torch.Generator | None = None,
-                     device: torch.device | str | None = None) -> torch.Tensor:
+def draw_log_weights(
+    shape: float,
+    n: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """log(G / shape), G ~ Gamma(shape, 1) i.i.d., as a [2, n] float32 tensor on `device`
     (row 0: image anchors, row 1: text anchors). Drawn on the generator's device when one is
     given (so a CPU generator reproduces a run on any device)."""
@@ -80,21 +87,26 @@ def draw_log_weights(shape: float, n: int, *, generator: torch.Generator | None 
 
 def _check_index_tensor(index: object, batch: int | None) -> torch.Tensor:
     if not isinstance(index, torch.Tensor):
-        raise TypeError(f"index must be an int64 tensor of data-set indices, got "
-                        f"{type(index).__name__}")
+        raise TypeError(
+            f"index must be an int64 tensor of data-set indices, got {type(index).__name__}"
+        )
     if index.dtype == torch.bool or index.dtype.is_floating_point or index.dtype.is_complex:
-        raise TypeError(f"index must be an integer (int64) tensor of data-set indices, got "
-                        f"dtype {index.dtype}")
+        raise TypeError(
+            f"index must be an integer (int64) tensor of data-set indices, got dtype {index.dtype}"
+        )
     if index.ndim != 1 or (batch is not None and index.shape[0] != batch):
         want = f"({batch},)" if batch is not None else "(B,)"
-        raise ValueError(f"index must have shape {want}, one data-set index per pair, got "
-                         f"{tuple(index.shape)}")
+        raise ValueError(
+            f"index must have shape {want}, one data-set index per pair, got {tuple(index.shape)}"
+        )
     return index
 
 
 def _range_error(num_samples: int, lo: int, hi: int) -> ValueError:
-    return ValueError(f"index values must lie in [0, {num_samples - 1}] "
-                      f"(num_samples={num_samples}), got values in [{lo}, {hi}]")
+    return ValueError(
+        f"index values must lie in [0, {num_samples - 1}] "
+        f"(num_samples={num_samples}), got values in [{lo}, {hi}]"
+    )
 
 
 class LogRateState(nn.Module):
@@ -125,22 +137,26 @@ class LogRateState(nn.Module):
                 raise _range_error(self.num_samples, lo, hi)
         return index
 
-    def lookup(self, index: torch.Tensor, *, check: bool = True
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def lookup(
+        self, index: torch.Tensor, *, check: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(log_rate[index], visited[index])."""
         index = self._index(index, check)
         return self.log_rate[index], self.visited[index]
 
     @torch.no_grad()
-    def update(self, index: torch.Tensor, log_zhat: torch.Tensor, *, check: bool = True
-               ) -> torch.Tensor:
+    def update(
+        self, index: torch.Tensor, log_zhat: torch.Tensor, *, check: bool = True
+    ) -> torch.Tensor:
         """Applies the EMA rule for positions `index` with batch estimates `log_zhat` (same
         length) and returns the updated log-rates per position (in log_zhat's dtype, computed
         from the state as it was before this call: the "update before use" rates)."""
         index = self._index(index, check)
         if not isinstance(log_zhat, torch.Tensor) or log_zhat.shape != index.shape:
-            raise ValueError(f"log_zhat must be a tensor of shape {tuple(index.shape)}, got "
-                             f"{getattr(log_zhat, 'shape', type(log_zhat))}")
+            raise ValueError(
+                f"log_zhat must be a tensor of shape {tuple(index.shape)}, got "
+                f"{getattr(log_zhat, 'shape', type(log_zhat))}"
+            )
         lz = log_zhat.detach().to(self.log_rate.device)
         if not lz.dtype.is_floating_point:
             raise TypeError(f"log_zhat must be floating point, got {lz.dtype}")
@@ -165,12 +181,32 @@ class LogRateState(nn.Module):
     def set_log_rates(self, log_rate: torch.Tensor) -> None:
         """Sets every sample's log-rate (rate="fixed"); must be finite, shape [num_samples]."""
         if not isinstance(log_rate, torch.Tensor) or log_rate.shape != (self.num_samples,):
-            raise ValueError(f"log-rates must be a tensor of shape ({self.num_samples},), got "
-                             f"{getattr(log_rate, 'shape', type(log_rate))}")
+            raise ValueError(
+                f"log-rates must be a tensor of shape ({self.num_samples},), got "
+                f"{getattr(log_rate, 'shape', type(log_rate))}"
+            )
         if not bool(torch.isfinite(log_rate).all()):
             raise ValueError("log-rates must be finite")
         self.log_rate.copy_(log_rate.detach())
         self.visited.fill_(True)
+
+
+def _valid_estimates(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """[2, B] mask of the log Zhat that rest on finite inputs only: image anchor i needs image_i
+    and every text_j (j != i) finite, text anchor j likewise. Rows outside it are never stored,
+    whatever a backend makes of a NaN (O(BD) work, no host sync)."""
+    bad_i = ~torch.isfinite(image).all(dim=1)
+    bad_t = ~torch.isfinite(text).all(dim=1)
+    row_ok = ~bad_i & (bad_t.sum() - bad_t.long() == 0)
+    col_ok = ~bad_t & (bad_i.sum() - bad_i.long() == 0)
+    return torch.stack([row_ok, col_ok]) & torch.isfinite(scale.detach())
+
+
+def _batch_log_zhat(row, col, image, text, scale, log_m) -> torch.Tensor:
+    """This batch's log Zhat [2, B] from the excluded-positive LSEs (detached), NaN where it rests
+    on a non-finite input (so the state never stores it)."""
+    log_zhat = torch.stack([row, col]).detach() - log_m
+    return torch.where(_valid_estimates(image, text, scale), log_zhat, float("nan"))
 
 
 def _neg_two_pass(row, col, log_w, log_r, log_m):
@@ -184,15 +220,26 @@ def _neg_two_pass(row, col, log_w, log_r, log_m):
 def _neg_one_pass(image, text, scale, log_w, log_r, log_m, clamp, backend):
     b = image.shape[0]
     alpha = (log_w - log_r).detach() - log_m
-    neg, row, col, _, _ = gamma_onepass(image, text, scale, alpha[0], alpha[1], w_row=0.5 / b,
-                                        w_col=0.5 / b, clamp=clamp, backend=backend)
+    neg, row, col, _, _ = gamma_onepass(
+        image,
+        text,
+        scale,
+        alpha[0],
+        alpha[1],
+        w_row=0.5 / b,
+        w_col=0.5 / b,
+        clamp=clamp,
+        backend=backend,
+    )
     return neg, row, col
 
 
 def _check_step_vector(name: str, x: object, b: int, like: torch.Tensor) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.shape != (2, b) or not x.dtype.is_floating_point:
-        raise ValueError(f"{name} must be a float tensor of shape (2, {b}) (image anchors, text "
-                         f"anchors), got {getattr(x, 'shape', type(x))}")
+        raise ValueError(
+            f"{name} must be a float tensor of shape (2, {b}) (image anchors, text "
+            f"anchors), got {getattr(x, 'shape', type(x))}"
+        )
     return x.detach().to(device=like.device, dtype=V.acc_dtype(like.dtype))
 
 
@@ -212,12 +259,12 @@ def gamma_step_loss(
     held constant. one_pass=False: simlse + its backward (no cap); one_pass=True: gamma_onepass
     with exponents capped at `clamp`. This is the function GammaClipLoss runs each step after
     its E-step and rate bookkeeping; with the draws fixed it is deterministic (gradcheck-able)."""
-    V.check_pair("image_features", image_features, "text_features", text_features,
-                 same_batch=True)
+    V.check_pair("image_features", image_features, "text_features", text_features, same_batch=True)
     b = image_features.shape[0]
     if b < 2:
-        raise ValueError(f"the gamma loss needs at least 2 pairs (B - 1 in-batch negatives), "
-                         f"got B = {b}")
+        raise ValueError(
+            f"the gamma loss needs at least 2 pairs (B - 1 in-batch negatives), got B = {b}"
+        )
     scale = V.as_scale("logit_scale", logit_scale, image_features)
     log_w = _check_step_vector("log_weight", log_weight, b, image_features)
     log_r = _check_step_vector("log_rate", log_rate, b, image_features)
@@ -225,8 +272,9 @@ def gamma_step_loss(
     log_m = math.log(b - 1)
     pos = _pos_logits(image_features, text_features, scale)
     if one_pass:
-        neg = _neg_one_pass(image_features, text_features, scale, log_w, log_r, log_m, clamp,
-                            name)[0]
+        neg = _neg_one_pass(image_features, text_features, scale, log_w, log_r, log_m, clamp, name)[
+            0
+        ]
     else:
         row, col = simlse(image_features, text_features, scale, exclude_pos=True, backend=name)
         neg = _neg_two_pass(row, col, log_w, log_r, log_m)
@@ -270,24 +318,35 @@ class GammaClipLoss(nn.Module):
         super().__init__()
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-        if (isinstance(shape, bool) or not isinstance(shape, Real)
-                or not math.isfinite(float(shape)) or float(shape) <= 0):
-            raise ValueError(f"shape (the Gamma shape a) must be a finite number > 0, "
-                             f"got {shape!r}")
+        if (
+            isinstance(shape, bool)
+            or not isinstance(shape, Real)
+            or not math.isfinite(float(shape))
+            or float(shape) <= 0
+        ):
+            raise ValueError(
+                f"shape (the Gamma shape a) must be a finite number > 0, got {shape!r}"
+            )
         if rate not in RATES:
             raise ValueError(f"rate must be one of {RATES}, got {rate!r}")
         if isinstance(ema, bool) or not isinstance(ema, Real) or not 0.0 < float(ema) <= 1.0:
-            raise ValueError(f"ema (weight of the new batch estimate) must be in (0, 1], "
-                             f"got {ema!r}")
+            raise ValueError(
+                f"ema (weight of the new batch estimate) must be in (0, 1], got {ema!r}"
+            )
         if update not in UPDATES:
             raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got "
-                            f"{type(generator).__name__}")
+            raise TypeError(
+                f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+            )
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if (isinstance(clamp, bool) or not isinstance(clamp, Real)
-                or not math.isfinite(float(clamp)) or float(clamp) <= 0):
+        if (
+            isinstance(clamp, bool)
+            or not isinstance(clamp, Real)
+            or not math.isfinite(float(clamp))
+            or float(clamp) <= 0
+        ):
             raise ValueError(f"clamp must be a finite number > 0, got {clamp!r}")
         self.num_samples = num_samples
         self.shape = float(shape)
@@ -305,8 +364,10 @@ class GammaClipLoss(nn.Module):
         self.global_loss_estimate: torch.Tensor | None = None
 
     def extra_repr(self) -> str:
-        return (f"num_samples={self.num_samples}, shape={self.shape}, rate={self.rate!r}, "
-                f"ema={self.ema}, update={self.update!r}, backend={self.backend!r}")
+        return (
+            f"num_samples={self.num_samples}, shape={self.shape}, rate={self.rate!r}, "
+            f"ema={self.ema}, update={self.update!r}, backend={self.backend!r}"
+        )
 
     # -- state ---------------------------------------------------------------------------------
     def _states(self, device: torch.device) -> tuple[LogRateState, LogRateState]:
@@ -315,8 +376,9 @@ class GammaClipLoss(nn.Module):
             self.text_rate.to(device)
         return self.image_rate, self.text_rate
 
-    def update_state(self, index: torch.Tensor, log_zhat_image: torch.Tensor,
-                     log_zhat_text: torch.Tensor) -> None:
+    def update_state(
+        self, index: torch.Tensor, log_zhat_image: torch.Tensor, log_zhat_text: torch.Tensor
+    ) -> None:
         """Applies the rate update for (possibly gathered) indices and batch log Zhat of both
         directions; what forward does after (or before) use."""
         if self.rate != "ema":
@@ -327,8 +389,9 @@ class GammaClipLoss(nn.Module):
     def set_log_rates(self, image_log_rate: torch.Tensor, text_log_rate: torch.Tensor) -> None:
         """rate="fixed": the log-rates log R of every sample, per direction, [num_samples]."""
         if self.rate != "fixed":
-            raise RuntimeError(f"set_log_rates needs rate='fixed', this loss has "
-                               f"rate={self.rate!r}")
+            raise RuntimeError(
+                f"set_log_rates needs rate='fixed', this loss has rate={self.rate!r}"
+            )
         self.image_rate.set_log_rates(image_log_rate)
         self.text_rate.set_log_rates(text_log_rate)
         self._fixed_set = True
@@ -363,8 +426,7 @@ class GammaClipLoss(nn.Module):
         acc = V.acc_dtype(like.dtype)
         if self._mean_estep:
             return torch.zeros(2, b, dtype=acc, device=like.device)
-        return draw_log_weights(self.shape, b, generator=self.generator,
-                                device=like.device).to(acc)
+        return draw_log_weights(self.shape, b, generator=self.generator, device=like.device).to(acc)
 
     def forward(
         self,
@@ -374,21 +436,27 @@ class GammaClipLoss(nn.Module):
         index: torch.Tensor | None,
         output_dict: bool = False,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
-        V.check_pair("image_features", image_features, "text_features", text_features,
-                     same_batch=True)
+        V.check_pair(
+            "image_features", image_features, "text_features", text_features, same_batch=True
+        )
         b = image_features.shape[0]
         if b < 2:
-            raise ValueError(f"{type(self).__name__} needs at least 2 pairs per batch (B - 1 "
-                             f"in-batch negatives per anchor), got B = {b}")
+            raise ValueError(
+                f"{type(self).__name__} needs at least 2 pairs per batch (B - 1 "
+                f"in-batch negatives per anchor), got B = {b}"
+            )
         scale = V.as_scale("logit_scale", logit_scale, image_features)
         dev = image_features.device
         name = resolve_backend(self.backend, dev)
         if self.rate == "fixed" and not self._fixed_set:
-            raise RuntimeError("rate='fixed' needs set_log_rates(image_log_rate, text_log_rate) "
-                               "before the first forward")
+            raise RuntimeError(
+                "rate='fixed' needs set_log_rates(image_log_rate, text_log_rate) "
+                "before the first forward"
+            )
         one_pass = self.rate == "fixed" or (self.rate == "ema" and self.update == "after")
-        index, all_seen = self._check_index(index, b, dev,
-                                            want_seen=self.rate == "ema" and one_pass)
+        index, all_seen = self._check_index(
+            index, b, dev, want_seen=self.rate == "ema" and one_pass
+        )
         states = self._states(dev) if self.rate != "batch" else None
         log_w = self._log_weights(b, image_features)
         log_m = math.log(b - 1)
@@ -396,14 +464,14 @@ class GammaClipLoss(nn.Module):
         pos = _pos_logits(image_features, text_features, scale)
 
         if not one_pass:  # LSE pass (simlse fwd) -> rates -> gradient pass (simlse bwd)
-            row, col = simlse(image_features, text_features, scale, exclude_pos=True,
-                              backend=name)
-            log_zhat = torch.stack([row, col]).detach() - log_m
+            row, col = simlse(image_features, text_features, scale, exclude_pos=True, backend=name)
+            log_zhat = _batch_log_zhat(row, col, image_features, text_features, scale, log_m)
             if self.rate == "batch":
                 log_r = log_zhat
             else:
-                log_r = torch.stack([s.update(index, log_zhat[d], check=False)
-                                     for d, s in enumerate(states)])
+                log_r = torch.stack(
+                    [s.update(index, log_zhat[d], check=False) for d, s in enumerate(states)]
+                )
             neg = _neg_two_pass(row, col, log_w, log_r, log_m)
             self.last_path = "two_pass"
         else:
@@ -414,17 +482,25 @@ class GammaClipLoss(nn.Module):
                 self.last_path = "one_pass"
             else:  # first visits need this batch's Zhat before the weights exist
                 with torch.no_grad():
-                    row, col = simlse(image_features.detach(), text_features.detach(),
-                                      scale.detach(), exclude_pos=True, backend=name)
-                log_zhat = torch.stack([row, col]) - log_m
+                    row, col = simlse(
+                        image_features.detach(),
+                        text_features.detach(),
+                        scale.detach(),
+                        exclude_pos=True,
+                        backend=name,
+                    )
+                log_zhat = _batch_log_zhat(row, col, image_features, text_features, scale, log_m)
                 seen = torch.stack([s.visited[index] for s in states])
                 log_r = torch.where(seen, stored, log_zhat)
                 self.last_path = "lse+one_pass"
-            neg, row, col = _neg_one_pass(image_features, text_features, scale, log_w, log_r,
-                                          log_m, self.clamp, name)
+            neg, row, col = _neg_one_pass(
+                image_features, text_features, scale, log_w, log_r, log_m, self.clamp, name
+            )
             if self.rate == "ema":  # update after use
                 if log_zhat is None:
-                    log_zhat = torch.stack([row, col]) - log_m
+                    log_zhat = _batch_log_zhat(
+                        row, col, image_features, text_features, scale, log_m
+                    )
                 for d, s in enumerate(states):
                     s.update(index, log_zhat[d], check=False)
         loss = neg - pos.mean()
@@ -452,10 +528,13 @@ class SogCLRLoss(GammaClipLoss):
         backend: str = "auto",
         clamp: float = DEFAULT_CLAMP,
     ) -> None:
-        super().__init__(num_samples, shape=1.0, rate="ema", ema=ema, update=update,
-                         backend=backend, clamp=clamp)
+        super().__init__(
+            num_samples, shape=1.0, rate="ema", ema=ema, update=update, backend=backend, clamp=clamp
+        )
         self._mean_estep = True
 
     def extra_repr(self) -> str:
-        return (f"num_samples={self.num_samples}, ema={self.ema}, update={self.update!r}, "
-                f"backend={self.backend!r}")
+        return (
+            f"num_samples={self.num_samples}, ema={self.ema}, update={self.update!r}, "
+            f"backend={self.backend!r}"
+        )

@@ -61,6 +61,7 @@ COLUMNS = (
     "device",
 )
 
+_CLI_PROCESS = False  # True when run as `python -m gammacl.profile`
 PRECHECK = 2.0  # CPU: points whose analytic memory exceeds PRECHECK x --budget-mib are not run
 
 
@@ -329,14 +330,18 @@ def _summary(impl: M.Impl, rows: list[dict], res: tuple, capped: bool, limit: st
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args._argv = list(sys.argv[1:] if argv is None else argv)
-    with M.frozen_gc():
+    with M.frozen_gc(), M.cpu_threads(args):
         return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:
     from gammacl.dispatch import interpreter_on
 
-    device = M.resolve_device(args.device)
+    try:
+        device = M.resolve_device(args.device)
+    except SystemExit as exc:
+        M.log(f"gammacl.profile: {exc}")
+        return 2
     if device.type == "cuda" and interpreter_on():
         M.log(
             "gammacl.profile: refusing to run on CUDA with TRITON_INTERPRET=1 set (Triton "
@@ -344,6 +349,9 @@ def _run(args: argparse.Namespace) -> int:
         )
         return 2
     _defaults(args, device)
+    if device.type == "cpu" and _CLI_PROCESS:
+        # process-wide and permanent: only in the CLI process, never for an in-process main()
+        M.pin_malloc_mmap_threshold()
     nvml = M.open_nvml(device)
     views: dict[str, Any] = {
         "torch_allocator": {
@@ -359,9 +367,7 @@ def _run(args: argparse.Namespace) -> int:
         "rss": {
             "available": device.type == "cpu",
             "resettable": M.reset_peak_rss() if device.type == "cpu" else None,
-            "malloc_mmap_threshold_pinned": (
-                M.pin_malloc_mmap_threshold() if device.type == "cpu" else None
-            ),
+            "malloc_mmap_threshold_pinned": M.MALLOC_PINNED if device.type == "cpu" else None,
         },
     }
     if device.type == "cpu":
@@ -370,6 +376,11 @@ def _run(args: argparse.Namespace) -> int:
             f"{torch.cuda.is_available()}): the torch allocator view is unavailable; reporting "
             "the process peak RSS (VmHWM) instead. GPU memory columns are null, not 0."
         )
+        if not M.MALLOC_PINNED:
+            M.log(
+                "gammacl.profile: glibc's mmap threshold is not pinned (in-process call): "
+                "buffers reused from the malloc heap are not counted in RSS deltas."
+            )
         M.log(
             f"gammacl.profile: on CPU 'fits' means the RSS delta stays under --budget-mib "
             f"{args.budget_mib:g} MiB (no device capacity); search capped at N={args.n_max}."
@@ -540,4 +551,5 @@ def _run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
+    _CLI_PROCESS = True
     sys.exit(main())

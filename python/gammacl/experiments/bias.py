@@ -10,7 +10,8 @@ OWN SETUP, which is not available (math.md §A.1, §A.7).
 Model: one scalar theta. n = 256 anchors, anchor i has a fixed noise scale sigma_i ~ U(0.5, 1.5)
 and positive score c_i = sigma_i^2; its negatives have logit theta * z, z ~ N(0, sigma_i^2). The
 global loss
-    L(theta) = 1/n sum_i [-theta c_i + log E_z e^{theta z}] = 1/n sum_i sigma_i^2 (theta^2/2 - theta)
+    L(theta) = 1/n sum_i [-theta c_i + log E_z e^{theta z}]
+             = 1/n sum_i sigma_i^2 (theta^2 / 2 - theta)
 has its minimum at theta* = 1 exactly and Z_i(theta) = e^{theta^2 sigma_i^2 / 2} in closed form.
 Each step draws 32 anchors (without replacement) and M negatives per anchor, and takes an SGD step
 eta_t = lr / sqrt(t) (lr = 0.05) from theta_0 = 0 with the batch-mean gradient of
@@ -34,8 +35,10 @@ import time
 
 import numpy as np
 
-DISCLAIMER = ("NOTE: a toy derived from the paper's description (math.md §A.7), not the paper's "
-              "own setup (not available).")
+DISCLAIMER = (
+    "NOTE: a toy derived from the paper's description (math.md §A.7), not the paper's "
+    "own setup (not available)."
+)
 
 # (label, kind, ema): kind in naive / exact / sem / sogclr
 VARIANTS = (
@@ -47,9 +50,18 @@ VARIANTS = (
 )
 
 
-def simulate(negatives: int, *, steps: int = 20000, seeds: int = 10, anchors: int = 256,
-             batch: int = 32, lr: float = 0.05, seed: int = 0, record: int = 200,
-             variants=VARIANTS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def simulate(
+    negatives: int,
+    *,
+    steps: int = 20000,
+    seeds: int = 10,
+    anchors: int = 256,
+    batch: int = 32,
+    lr: float = 0.05,
+    seed: int = 0,
+    record: int = 200,
+    variants=VARIANTS,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Runs every variant for `seeds` replicates with M = `negatives`. Returns (final theta
     [V, S], recorded steps [T], theta trajectory [V, S, T])."""
     rng = np.random.default_rng([seed, negatives])
@@ -69,7 +81,7 @@ def simulate(negatives: int, *, steps: int = 20000, seeds: int = 10, anchors: in
     log_r = np.zeros((v, s, anchors))
     seen = np.zeros((v, s, anchors), dtype=bool)
     rows = np.arange(s)[:, None]
-    rec_at = set(np.unique(np.linspace(1, steps, min(record, steps)).round().astype(int)))
+    rec_at = set(np.unique(np.geomspace(1, steps, min(record, steps)).round().astype(int)))
     rec_steps, traj = [], []
     for t in range(1, steps + 1):
         idx = np.argsort(rng.random((s, anchors)), axis=1)[:, :batch]  # [S, B], no repeats
@@ -134,7 +146,7 @@ def plot(res: dict, path: str) -> bool:
         return False
     ms = res["negatives"]
     fig, axes = plt.subplots(1, len(ms), figsize=(4.5 * len(ms), 3.6), squeeze=False)
-    for mi, (m, ax) in enumerate(zip(ms, axes[0])):
+    for mi, (m, ax) in enumerate(zip(ms, axes[0], strict=True)):
         for vi, label in enumerate(res["variants"]):
             th = res["traj"][mi, vi]
             mean, std = th.mean(axis=0), th.std(axis=0)
@@ -147,8 +159,9 @@ def plot(res: dict, path: str) -> bool:
         ax.set_ylabel("theta (mean ± std over seeds)")
         ax.set_ylim(0.0, min(4.0, float(res["traj"][mi].max()) + 0.2))
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("Toy from math.md §A.7 (derived from the paper's description, not its setup)",
-                 fontsize=9)
+    fig.suptitle(
+        "Toy from math.md §A.7 (derived from the paper's description, not its setup)", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -156,8 +169,11 @@ def plot(res: dict, path: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m gammacl.experiments.bias", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m gammacl.experiments.bias",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--steps", type=int, default=20000)
     p.add_argument("--seeds", type=int, default=10)
     p.add_argument("--negatives", type=int, nargs="+", default=[2, 8, 32])
@@ -168,10 +184,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     print(DISCLAIMER)
     t0 = time.perf_counter()
-    res = run(steps=args.steps, seeds=args.seeds, negatives=args.negatives, lr=args.lr,
-              seed=args.seed)
-    print(f"final theta (optimum theta* = 1.0), mean ± std over {args.seeds} seeds, "
-          f"{args.steps} steps, {time.perf_counter() - t0:.1f} s:")
+    res = run(
+        steps=args.steps, seeds=args.seeds, negatives=args.negatives, lr=args.lr, seed=args.seed
+    )
+    print(
+        f"final theta (optimum theta* = 1.0), mean ± std over {args.seeds} seeds, "
+        f"{args.steps} steps, {time.perf_counter() - t0:.1f} s:"
+    )
     print(format_table(res))
     if not args.no_plot and plot(res, args.out):
         print(f"plot of theta over steps: {args.out}")

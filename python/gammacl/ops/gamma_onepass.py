@@ -5,7 +5,8 @@ before the sweep (math.md §A.5, §K.3): with l_ij = scale * <a_i, b_j>, entries
 excluded, and alpha_row [M], alpha_col [N] supplied by the caller (detached),
     neg = w_row * sum_i row_term_i + w_col * sum_j col_term_j
     row_term_i = sum_j e^{min(l_ij + alpha_row_i, clamp)}      col_term_j likewise with alpha_col_j
-    dneg/dl_ij = W_ij = w_row e^{min(l_ij + alpha_row_i, clamp)} + w_col e^{min(l_ij + alpha_col_j, clamp)}
+    dneg/dl_ij = W_ij = w_row e^{min(l_ij + alpha_row_i, clamp)}
+                      + w_col e^{min(l_ij + alpha_col_j, clamp)}
 No batch normaliser enters W, so every S tile is final when it is computed: one sweep forms S,
 the weights, and dA = scale * W @ b, dB = scale * W^T @ a, dscale = <A, W @ b>_F, and (for the
 rate state, updated after use) the excluded-positive row/column LSEs. FLOPs: 3 GEMM-equivalents
@@ -142,7 +143,7 @@ def _gamma_onepass_op(
         db = (db_raw * scale).to(b.dtype)
         ds = (a.to(da_raw.dtype) * da_raw).sum()  # dneg/dscale = sum_ij W_ij <a_i, b_j>
     else:
-        da, db, ds = a.new_empty(0, a.shape[1]), b.new_empty(0, b.shape[1]), scale.new_empty(())
+        da, db, ds = a.new_empty(0, a.shape[1]), b.new_empty(0, b.shape[1]), scale.new_zeros(())
     return neg, row_lse, col_lse, row_term, col_term, da, db, ds
 
 
@@ -150,7 +151,7 @@ def _gamma_onepass_op(
 def _(a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offset, grad, backend):
     acc = acc_dtype(a.dtype)
     m, n = a.shape[0], b.shape[0]
-    vec = lambda k: a.new_empty(k, dtype=acc)  # noqa: E731
+    vec = lambda k: a.new_empty(k, dtype=acc)
     return (
         a.new_empty((), dtype=acc),
         vec(m),

@@ -86,7 +86,7 @@ def gamma_onepass(
     """Materialised gamma_onepass op (gammacl.ops.gamma_onepass): with l = scale * a @ b.T and the
     entries (i, i+offset) excluded,
         row_lse_i = LSE_{j} l_ij,  col_lse_j = LSE_i l_ij,
-        row_term_i = sum_j e^{min(l_ij + alpha_row_i, clamp)},  col_term_j likewise with alpha_col_j,
+        row_term_i = sum_j e^{min(l_ij + alpha_row_i, clamp)},  col_term_j likewise (alpha_col_j),
         W_ij = w_row e^{min(l_ij + alpha_row_i, clamp)} + w_col e^{min(l_ij + alpha_col_j, clamp)},
         da_raw = W @ b,  db_raw = W^T @ a."""
     dt = _dtype(a, upcast)
