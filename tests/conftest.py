@@ -25,13 +25,21 @@ def cpu_backends(include_triton: bool = True) -> list:
     ok, why = _ext.available(cuda=False)
     params = [
         pytest.param("torch", id="torch"),
-        pytest.param("cpp", id="cpp",
-                     marks=pytest.mark.skipif(not ok, reason=f"C++ extension unavailable: {why}")),
+        pytest.param(
+            "cpp",
+            id="cpp",
+            marks=pytest.mark.skipif(not ok, reason=f"C++ extension unavailable: {why}"),
+        ),
     ]
     if include_triton:
         usable = triton_importable() and interpreter_on()
-        params.append(pytest.param(
-            "triton", id="triton",
-            marks=pytest.mark.skipif(not usable, reason="triton needs TRITON_INTERPRET=1 on CPU"),
-        ))
+        params.append(
+            pytest.param(
+                "triton",
+                id="triton",
+                marks=pytest.mark.skipif(
+                    not usable, reason="triton needs TRITON_INTERPRET=1 on CPU"
+                ),
+            )
+        )
     return params

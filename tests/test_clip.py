@@ -19,8 +19,9 @@ def _inputs(n, d, dtype, scale, m=None, normalise=True):
         a, b = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1)
     a = a.to(dtype).requires_grad_()
     b = b.to(dtype).requires_grad_()
-    s = torch.tensor(scale, dtype=torch.float32 if dtype != torch.float64 else dtype,
-                     requires_grad=True)
+    s = torch.tensor(
+        scale, dtype=torch.float32 if dtype != torch.float64 else dtype, requires_grad=True
+    )
     return a, b, s
 
 
@@ -28,15 +29,21 @@ def _loss_and_grads(fn, a, b, s, upstream=None):
     out = fn(a, b, s)
     g = torch.ones_like(out) if upstream is None else upstream
     grads = torch.autograd.grad(out, (a, b, s), g, allow_unused=True)
-    return out.detach(), [x if x is not None else torch.zeros_like(y)
-                          for x, y in zip(grads, (a, b, s))]
+    return out.detach(), [
+        x if x is not None else torch.zeros_like(y) for x, y in zip(grads, (a, b, s))
+    ]
 
 
 def _check(fn_ours, fn_ref, a, b, s, dtype, what, upstream=None):
     out, grads = _loss_and_grads(fn_ours, a, b, s, upstream)
     a64, b64, s64 = (x.detach().double().requires_grad_() for x in (a, b, s))
-    ref, ref_g = _loss_and_grads(lambda *t: fn_ref(*t, upcast=True), a64, b64, s64,
-                                 None if upstream is None else upstream.double())
+    ref, ref_g = _loss_and_grads(
+        lambda *t: fn_ref(*t, upcast=True),
+        a64,
+        b64,
+        s64,
+        None if upstream is None else upstream.double(),
+    )
     if dtype == torch.float64:
         assert_close_fp64(out, ref, f"{what} loss")
         for name, x, y in zip("abs", grads, ref_g):
@@ -57,9 +64,15 @@ def _check(fn_ours, fn_ref, a, b, s, dtype, what, upstream=None):
 @pytest.mark.parametrize("scale", [1.0, 14.3, 100.0])
 def test_clip_parity_shapes(backend, dtype, n, d, scale):
     a, b, s = _inputs(n, d, dtype, scale)
-    _check(lambda *t: gammacl.clip_loss(*t, backend=backend),
-           lambda *t, upcast: reference.clip_loss(*t, upcast=upcast), a, b, s, dtype,
-           f"clip {backend} n={n} d={d} scale={scale}")
+    _check(
+        lambda *t: gammacl.clip_loss(*t, backend=backend),
+        lambda *t, upcast: reference.clip_loss(*t, upcast=upcast),
+        a,
+        b,
+        s,
+        dtype,
+        f"clip {backend} n={n} d={d} scale={scale}",
+    )
 
 
 @pytest.mark.parametrize("backend", ALL)
@@ -71,11 +84,18 @@ def test_clip_reductions_smoothing(backend, dtype, reduction, eps):
     a, b, s = _inputs(n, d, dtype, 14.3)
     up = torch.rand(n, dtype=torch.float64) if reduction == "none" else None
     up = None if up is None else up.to(torch.float32 if dtype != torch.float64 else dtype)
-    _check(lambda *t: gammacl.clip_loss(*t, reduction=reduction, label_smoothing=eps,
-                                        backend=backend),
-           lambda *t, upcast: reference.clip_loss(*t, reduction=reduction, label_smoothing=eps,
-                                                  upcast=upcast),
-           a, b, s, dtype, f"clip {backend} {reduction} eps={eps}", upstream=up)
+    _check(
+        lambda *t: gammacl.clip_loss(*t, reduction=reduction, label_smoothing=eps, backend=backend),
+        lambda *t, upcast: reference.clip_loss(
+            *t, reduction=reduction, label_smoothing=eps, upcast=upcast
+        ),
+        a,
+        b,
+        s,
+        dtype,
+        f"clip {backend} {reduction} eps={eps}",
+        upstream=up,
+    )
 
 
 @pytest.mark.parametrize("backend", ALL)
@@ -84,11 +104,19 @@ def test_clip_permutation_labels(backend):
     a, b, s = _inputs(n, d, torch.float64, 10.0)
     labels = torch.randperm(n)
     for red in ("mean", "none"):
-        _check(lambda *t: gammacl.clip_loss(*t, labels=labels, reduction=red,
-                                            label_smoothing=0.1, backend=backend),
-               lambda *t, upcast: reference.clip_loss(*t, labels=labels, reduction=red,
-                                                      label_smoothing=0.1, upcast=upcast),
-               a, b, s, torch.float64, f"clip labels {backend} {red}")
+        _check(
+            lambda *t, red=red: gammacl.clip_loss(
+                *t, labels=labels, reduction=red, label_smoothing=0.1, backend=backend
+            ),
+            lambda *t, upcast, red=red: reference.clip_loss(
+                *t, labels=labels, reduction=red, label_smoothing=0.1, upcast=upcast
+            ),
+            a,
+            b,
+            s,
+            torch.float64,
+            f"clip labels {backend} {red}",
+        )
 
 
 @pytest.mark.parametrize("backend", ALL)
@@ -101,24 +129,36 @@ def test_infonce_rectangular_labels(backend, dtype, m, n, reduction):
     labels = torch.randint(0, n, (m,))
     up = torch.rand(m) if reduction == "none" else None
     up = None if up is None else up.to(torch.float32 if dtype != torch.float64 else dtype)
-    _check(lambda *t: gammacl.infonce_loss(*t, labels=labels, reduction=reduction,
-                                           label_smoothing=0.05, backend=backend),
-           lambda *t, upcast: reference.infonce_loss(*t, labels=labels, reduction=reduction,
-                                                     label_smoothing=0.05, upcast=upcast),
-           a, b, s, dtype, f"infonce {backend} {m}x{n}", upstream=up)
+    _check(
+        lambda *t: gammacl.infonce_loss(
+            *t, labels=labels, reduction=reduction, label_smoothing=0.05, backend=backend
+        ),
+        lambda *t, upcast: reference.infonce_loss(
+            *t, labels=labels, reduction=reduction, label_smoothing=0.05, upcast=upcast
+        ),
+        a,
+        b,
+        s,
+        dtype,
+        f"infonce {backend} {m}x{n}",
+        upstream=up,
+    )
 
 
 @pytest.mark.parametrize("backend", NO_TRITON)
 def test_gradcheck_fp64(backend):
     a, b, s = _inputs(7, 5, torch.float64, 3.0)
     assert torch.autograd.gradcheck(
-        lambda a, b, s: gammacl.clip_loss(a, b, s, label_smoothing=0.1, backend=backend),
-        (a, b, s))
+        lambda a, b, s: gammacl.clip_loss(a, b, s, label_smoothing=0.1, backend=backend), (a, b, s)
+    )
     q, k, s2 = _inputs(6, 5, torch.float64, 2.0, m=4)
     labels = torch.tensor([3, 0, 5, 5])
     assert torch.autograd.gradcheck(
-        lambda q, k, s: gammacl.infonce_loss(q, k, s, labels=labels, reduction="none",
-                                             backend=backend), (q, k, s2))
+        lambda q, k, s: gammacl.infonce_loss(
+            q, k, s, labels=labels, reduction="none", backend=backend
+        ),
+        (q, k, s2),
+    )
 
 
 @pytest.mark.parametrize("backend", ALL)
@@ -198,8 +238,11 @@ def test_reduction_none_stride0_upstream(backend):
 def test_logit_scale_forms(form):
     a, b, _ = _inputs(9, 8, torch.float32, 1.0)
     base = torch.tensor(14.3)
-    s = {"float": 14.3, "0d": base.clone().requires_grad_(),
-         "1elem": base.reshape(1).clone().requires_grad_()}[form]
+    s = {
+        "float": 14.3,
+        "0d": base.clone().requires_grad_(),
+        "1elem": base.reshape(1).clone().requires_grad_(),
+    }[form]
     loss = gammacl.clip_loss(a, b, s, backend="torch")
     ref = reference.clip_loss(a.detach(), b.detach(), 14.3)
     assert abs(float(loss) - float(ref)) < 1e-5
@@ -215,8 +258,10 @@ def _open_clip_oracle(image, text, logit_scale, logit_bias=None):
         logits_per_image = logits_per_image + logit_bias
     logits_per_text = logits_per_image.T
     labels = torch.arange(image.shape[0])
-    return (torch.nn.functional.cross_entropy(logits_per_image, labels)
-            + torch.nn.functional.cross_entropy(logits_per_text, labels)) / 2
+    return (
+        torch.nn.functional.cross_entropy(logits_per_image, labels)
+        + torch.nn.functional.cross_entropy(logits_per_text, labels)
+    ) / 2
 
 
 @pytest.mark.parametrize("backend", NO_TRITON)
@@ -224,8 +269,7 @@ def test_cliploss_dropin(backend):
     a, b, s = _inputs(12, 16, torch.float64, 14.3)
     bias = torch.tensor(-3.0, dtype=torch.float64, requires_grad=True)
     mod = gammacl.ClipLoss(backend=backend)
-    out = mod(image_features=a, text_features=b, logit_scale=s, logit_bias=bias,
-              output_dict=True)
+    out = mod(image_features=a, text_features=b, logit_scale=s, logit_bias=bias, output_dict=True)
     assert set(out) == {"contrastive_loss"} and out["contrastive_loss"].ndim == 0
     grads = torch.autograd.grad(out["contrastive_loss"], (a, b, s, bias))
     ref = _open_clip_oracle(a, b, s, bias)

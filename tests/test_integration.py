@@ -15,14 +15,16 @@ NO_TRITON = cpu_backends(include_triton=False)
 def _inputs(n=9, d=16, m=None, dtype=torch.float64):
     a = torch.randn(n if m is None else m, d, dtype=dtype, requires_grad=True)
     b = torch.randn(n, d, dtype=dtype, requires_grad=True)
-    s = torch.tensor(3.0, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
-                     requires_grad=True)
+    s = torch.tensor(
+        3.0, dtype=torch.float64 if dtype == torch.float64 else torch.float32, requires_grad=True
+    )
     return a, b, s
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
-@pytest.mark.parametrize("offset,exclude,cols", [(0, False, True), (1, True, False), (-2, True,
-                                                                                       True)])
+@pytest.mark.parametrize(
+    "offset,exclude,cols", [(0, False, True), (1, True, False), (-2, True, True)]
+)
 def test_opcheck_simlse(backend, offset, exclude, cols):
     a, b, s = _inputs(7, 16, m=5)
     if cols:
@@ -30,8 +32,22 @@ def test_opcheck_simlse(backend, offset, exclude, cols):
     torch.library.opcheck(_simlse_op, (a, b, s, offset, exclude, cols, backend))
     row, col = _simlse_op(a.detach(), b.detach(), s.detach(), offset, exclude, cols, backend)
     g_row, g_col = torch.rand_like(row), torch.rand_like(col)
-    torch.library.opcheck(_simlse_backward_op, (a.detach(), b.detach(), s.detach(), row, col,
-                                                g_row, g_col, offset, exclude, cols, backend))
+    torch.library.opcheck(
+        _simlse_backward_op,
+        (
+            a.detach(),
+            b.detach(),
+            s.detach(),
+            row,
+            col,
+            g_row,
+            g_col,
+            offset,
+            exclude,
+            cols,
+            backend,
+        ),
+    )
 
 
 @pytest.mark.parametrize("backend", NO_TRITON)
@@ -40,9 +56,11 @@ def test_compile_fullgraph_matches_eager(backend):
     labels = torch.randperm(9)
 
     def step(a, b, s):
-        return (gammacl.clip_loss(a, b, s, label_smoothing=0.1, backend=backend)
-                + gammacl.infonce_loss(a, b, s, reduction="sum", backend=backend)
-                + gammacl.ClipLoss(backend=backend)(a, b, s))
+        return (
+            gammacl.clip_loss(a, b, s, label_smoothing=0.1, backend=backend)
+            + gammacl.infonce_loss(a, b, s, reduction="sum", backend=backend)
+            + gammacl.ClipLoss(backend=backend)(a, b, s)
+        )
 
     explain = torch._dynamo.explain(step)(a, b, s)
     assert explain.graph_break_count == 0, explain.break_reasons

@@ -34,10 +34,16 @@ print(hwm() - base)
 def _peak_growth_mib(backend: str) -> float:
     # glibc: serve big blocks by mmap so freed buffers leave the resident set (a fixed threshold
     # disables the dynamic one that would keep freed 16 MiB chunks on the heap)
-    env = dict(os.environ, GAMMACL_CHUNK_MIB="16", OMP_NUM_THREADS="2",
-               MALLOC_MMAP_THRESHOLD_="1048576")
-    out = subprocess.run([sys.executable, "-c", PROBE, backend, str(N), str(D)], env=env,
-                         capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ, GAMMACL_CHUNK_MIB="16", OMP_NUM_THREADS="2", MALLOC_MMAP_THRESHOLD_="1048576"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, backend, str(N), str(D)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr
     return float(out.stdout.strip().splitlines()[-1])
 

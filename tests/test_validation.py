@@ -1,4 +1,4 @@
-"""Bad input -> a clear ValueError/TypeError naming the argument and the values, before any kernel."""
+"""Bad input -> a clear ValueError/TypeError naming the argument and values, before any kernel."""
 
 import re
 
@@ -14,7 +14,12 @@ def f32(*shape):
 
 CASES = [
     # (args, kwargs, exception, message pattern)
-    ((f32(4), f32(4, 8), 1.0), {}, ValueError, r"image_features must be 2-D \[N, D\], got shape \(4,\)"),
+    (
+        (f32(4), f32(4, 8), 1.0),
+        {},
+        ValueError,
+        r"image_features must be 2-D \[N, D\], got shape \(4,\)",
+    ),
     ((f32(4, 8), f32(2, 4, 8), 1.0), {}, ValueError, r"text_features must be 2-D"),
     ((f32(4, 8), f32(4, 7), 1.0), {}, ValueError, r"same feature dimension, got 8 and 7"),
     ((f32(4, 7), f32(4, 8), 1.0), {}, ValueError, r"same feature dimension, got 7 and 8"),
@@ -22,34 +27,82 @@ CASES = [
     ((f32(5, 8), f32(4, 8), 1.0), {}, ValueError, r"same batch size .* got 5 and 4"),
     ((f32(0, 8), f32(0, 8), 1.0), {}, ValueError, r"image_features is an empty batch"),
     ((f32(4, 0), f32(4, 0), 1.0), {}, ValueError, r"feature dimension 0"),
-    ((torch.ones(4, 8, dtype=torch.int64), f32(4, 8), 1.0), {}, TypeError,
-     r"image_features must be float16, bfloat16, float32 or float64, got torch.int64"),
+    (
+        (torch.ones(4, 8, dtype=torch.int64), f32(4, 8), 1.0),
+        {},
+        TypeError,
+        r"image_features must be float16, bfloat16, float32 or float64, got torch.int64",
+    ),
     ((torch.ones(4, 8, dtype=torch.bool), f32(4, 8), 1.0), {}, TypeError, r"got torch.bool"),
-    ((f32(4, 8), f32(4, 8).half(), 1.0), {}, TypeError,
-     r"same dtype, got torch.float32 and torch.float16"),
-    ((f32(4, 8), f32(4, 8), torch.ones(2)), {}, ValueError,
-     r"logit_scale must be a number or a tensor with one element, got shape \(2,\)"),
-    ((f32(4, 8), f32(4, 8), torch.ones((), dtype=torch.int64)), {}, TypeError,
-     r"logit_scale must be a floating-point tensor"),
+    (
+        (f32(4, 8), f32(4, 8).half(), 1.0),
+        {},
+        TypeError,
+        r"same dtype, got torch.float32 and torch.float16",
+    ),
+    (
+        (f32(4, 8), f32(4, 8), torch.ones(2)),
+        {},
+        ValueError,
+        r"logit_scale must be a number or a tensor with one element, got shape \(2,\)",
+    ),
+    (
+        (f32(4, 8), f32(4, 8), torch.ones((), dtype=torch.int64)),
+        {},
+        TypeError,
+        r"logit_scale must be a floating-point tensor",
+    ),
     ((f32(4, 8), f32(4, 8), "1.0"), {}, TypeError, r"logit_scale must be a float or a tensor"),
     ((f32(4, 8), f32(4, 8), float("nan")), {}, ValueError, r"logit_scale must be finite"),
-    ((f32(4, 8), f32(4, 8), 1.0), {"reduction": "avg"}, ValueError,
-     r"reduction must be one of \('mean', 'sum', 'none'\), got 'avg'"),
-    ((f32(4, 8), f32(4, 8), 1.0), {"label_smoothing": 1.5}, ValueError,
-     r"label_smoothing must be in \[0, 1\], got 1.5"),
+    (
+        (f32(4, 8), f32(4, 8), 1.0),
+        {"reduction": "avg"},
+        ValueError,
+        r"reduction must be one of \('mean', 'sum', 'none'\), got 'avg'",
+    ),
+    (
+        (f32(4, 8), f32(4, 8), 1.0),
+        {"label_smoothing": 1.5},
+        ValueError,
+        r"label_smoothing must be in \[0, 1\], got 1.5",
+    ),
     ((f32(4, 8), f32(4, 8), 1.0), {"label_smoothing": -0.1}, ValueError, r"in \[0, 1\]"),
-    ((f32(4, 8), f32(4, 8), 1.0), {"labels": torch.tensor([0, 1, 2, 4])}, ValueError,
-     r"labels must lie in \[0, 3\], got values in \[0, 4\]"),
-    ((f32(4, 8), f32(4, 8), 1.0), {"labels": torch.tensor([0, 1, 2, -1])}, ValueError,
-     r"labels must lie in \[0, 3\], got values in \[-1, 2\]"),
-    ((f32(4, 8), f32(4, 8), 1.0), {"labels": torch.tensor([0, 1, 1, 2])}, ValueError,
-     r"must be a permutation"),
-    ((f32(4, 8), f32(4, 8), 1.0), {"labels": torch.tensor([0.0, 1, 2, 3])}, TypeError,
-     r"labels must be an integer"),
-    ((f32(4, 8), f32(4, 8), 1.0), {"labels": torch.tensor([0, 1, 2])}, ValueError,
-     r"labels must have shape \(4,\), got \(3,\)"),
-    ((f32(4, 8), f32(4, 8), 1.0), {"backend": "cudnn"}, ValueError,
-     r"backend must be one of .* got 'cudnn'"),
+    (
+        (f32(4, 8), f32(4, 8), 1.0),
+        {"labels": torch.tensor([0, 1, 2, 4])},
+        ValueError,
+        r"labels must lie in \[0, 3\], got values in \[0, 4\]",
+    ),
+    (
+        (f32(4, 8), f32(4, 8), 1.0),
+        {"labels": torch.tensor([0, 1, 2, -1])},
+        ValueError,
+        r"labels must lie in \[0, 3\], got values in \[-1, 2\]",
+    ),
+    (
+        (f32(4, 8), f32(4, 8), 1.0),
+        {"labels": torch.tensor([0, 1, 1, 2])},
+        ValueError,
+        r"must be a permutation",
+    ),
+    (
+        (f32(4, 8), f32(4, 8), 1.0),
+        {"labels": torch.tensor([0.0, 1, 2, 3])},
+        TypeError,
+        r"labels must be an integer",
+    ),
+    (
+        (f32(4, 8), f32(4, 8), 1.0),
+        {"labels": torch.tensor([0, 1, 2])},
+        ValueError,
+        r"labels must have shape \(4,\), got \(3,\)",
+    ),
+    (
+        (f32(4, 8), f32(4, 8), 1.0),
+        {"backend": "cudnn"},
+        ValueError,
+        r"backend must be one of .* got 'cudnn'",
+    ),
 ]
 
 

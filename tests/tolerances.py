@@ -27,13 +27,17 @@ def _err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def assert_close_fp64(out: torch.Tensor, ref: torch.Tensor, what: str = "") -> None:
-    torch.testing.assert_close(out.double(), ref.double(), rtol=RTOL_FP64, atol=ATOL_FP64,
-                               msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        out.double(), ref.double(), rtol=RTOL_FP64, atol=ATOL_FP64, msg=lambda m: f"{what}: {m}"
+    )
 
 
 def assert_close_dtype(
-    out: torch.Tensor, ref64: torch.Tensor, torch_same_dtype: torch.Tensor | None,
-    dtype: torch.dtype, what: str = "",
+    out: torch.Tensor,
+    ref64: torch.Tensor,
+    torch_same_dtype: torch.Tensor | None,
+    dtype: torch.dtype,
+    what: str = "",
 ) -> None:
     """out (computed from `dtype` inputs) vs the float64 reference, relative to torch's error."""
     if dtype == torch.float64:

@@ -26,11 +26,11 @@ def check_features(name: str, x: object) -> torch.Tensor:
     if x.ndim != 2:
         raise ValueError(f"{name} must be 2-D [N, D], got shape {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}"
-        )
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if x.shape[0] == 0:
-        raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}); batch size must be >= 1")
+        raise ValueError(
+            f"{name} is an empty batch (shape {tuple(x.shape)}); batch size must be >= 1"
+        )
     if x.shape[1] == 0:
         raise ValueError(f"{name} has feature dimension 0 (shape {tuple(x.shape)}); D must be >= 1")
     return x
@@ -74,9 +74,7 @@ def as_scale(name: str, value: object, like: torch.Tensor) -> torch.Tensor:
         if not value.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
         if value.device != like.device:
-            raise ValueError(
-                f"{name} is on {value.device} but the features are on {like.device}"
-            )
+            raise ValueError(f"{name} is on {value.device} but the features are on {like.device}")
         return value.reshape(()).to(dtype)
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")

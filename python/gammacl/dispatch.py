@@ -49,9 +49,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         env = os.environ.get("GAMMACL_BACKEND", "").strip()
         if env:
             if env not in BACKENDS:
-                raise ValueError(
-                    f"GAMMACL_BACKEND must be one of {BACKENDS}, got {env!r}"
-                )
+                raise ValueError(f"GAMMACL_BACKEND must be one of {BACKENDS}, got {env!r}")
             backend = env
     if backend == "auto":
         if device.type == "cuda":
@@ -60,15 +58,19 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             ok, why = _ext_available(cuda=True)
             if ok:
                 return "cuda"
-            _warn_once(f"gammacl: neither triton nor the CUDA extension is usable ({why}); "
-                       "falling back to the chunked torch backend")
+            _warn_once(
+                f"gammacl: neither triton nor the CUDA extension is usable ({why}); "
+                "falling back to the chunked torch backend"
+            )
             return "torch"
         if device.type == "cpu" and not interpreter_on():
             ok, why = _ext_available(cuda=False)
             if ok:
                 return "cpp"
-            _warn_once(f"gammacl: the C++ CPU extension is unavailable ({why}); "
-                       "falling back to the chunked torch backend")
+            _warn_once(
+                f"gammacl: the C++ CPU extension is unavailable ({why}); "
+                "falling back to the chunked torch backend"
+            )
         return "torch"
     if backend == "triton":
         if not triton_importable():

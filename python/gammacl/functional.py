@@ -105,8 +105,15 @@ def infonce_loss(
     if name == "reference":
         from gammacl import reference
 
-        return reference.infonce_loss(queries, keys, scale, labels=labels, reduction=reduction,
-                                      label_smoothing=eps, upcast=False).to(scale.dtype)
+        return reference.infonce_loss(
+            queries,
+            keys,
+            scale,
+            labels=labels,
+            reduction=reduction,
+            label_smoothing=eps,
+            upcast=False,
+        ).to(scale.dtype)
     per = infonce_rows(queries, keys, scale, labels=labels, label_smoothing=eps, backend=name)
     return _reduce(per, reduction)
 
@@ -160,8 +167,7 @@ def clip_loss(
     labels (optional) is a permutation: image i's positive text. reduction="none" returns the
     per-pair losses [N]. Returns fp32 (fp64 for fp64 inputs). Features are not normalised here.
     """
-    V.check_pair("image_features", image_features, "text_features", text_features,
-                 same_batch=True)
+    V.check_pair("image_features", image_features, "text_features", text_features, same_batch=True)
     reduction = V.check_reduction(reduction)
     eps = V.check_label_smoothing(label_smoothing)
     scale = V.as_scale("logit_scale", logit_scale, image_features)
@@ -174,9 +180,16 @@ def clip_loss(
     if name == "reference":
         from gammacl import reference
 
-        return reference.clip_loss(image_features, text_features, scale, labels=labels,
-                                   reduction=reduction, label_smoothing=eps,
-                                   upcast=False).to(scale.dtype)
-    per = clip_pairs(image_features, text_features, scale, labels=labels, label_smoothing=eps,
-                     backend=name)
+        return reference.clip_loss(
+            image_features,
+            text_features,
+            scale,
+            labels=labels,
+            reduction=reduction,
+            label_smoothing=eps,
+            upcast=False,
+        ).to(scale.dtype)
+    per = clip_pairs(
+        image_features, text_features, scale, labels=labels, label_smoothing=eps, backend=name
+    )
     return _reduce(per, reduction)

@@ -74,13 +74,19 @@ class ClipLoss(nn.Module):
             from gammacl.distributed import clip_loss_distributed
 
             loss = clip_loss_distributed(
-                image_features, text_features, logit_scale,
-                local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
-                rank=self.rank, world_size=self.world_size, backend=self.backend,
+                image_features,
+                text_features,
+                logit_scale,
+                local_loss=self.local_loss,
+                gather_with_grad=self.gather_with_grad,
+                rank=self.rank,
+                world_size=self.world_size,
+                backend=self.backend,
             )
         else:
-            V.check_pair("image_features", image_features, "text_features", text_features,
-                         same_batch=True)
+            V.check_pair(
+                "image_features", image_features, "text_features", text_features, same_batch=True
+            )
             scale = V.as_scale("logit_scale", logit_scale, image_features)
             loss = clip_pairs(image_features, text_features, scale, backend=self.backend).mean()
         if logit_bias is not None:

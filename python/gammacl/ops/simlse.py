@@ -69,8 +69,9 @@ def torch_fwd(a, b, scale, offset: int, exclude_pos: bool, cols: bool):
     return row, col
 
 
-def torch_bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset: int, exclude_pos: bool,
-              cols: bool):
+def torch_bwd(
+    a, b, scale, row_lse, col_lse, g_row, g_col, offset: int, exclude_pos: bool, cols: bool
+):
     acc = acc_dtype(a.dtype)
     m, n = a.shape[0], b.shape[0]
     af, bf = a.to(acc), b.to(acc)
@@ -112,8 +113,13 @@ def _backend_impl(name: str):
 # graph break) and opcheck can test its schema, fake (meta) function and autograd registration.
 @torch.library.custom_op("gammacl::simlse", mutates_args=())
 def _simlse_op(
-    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, offset: int, exclude_pos: bool,
-    cols: bool, backend: str,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    offset: int,
+    exclude_pos: bool,
+    cols: bool,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     fwd, _ = _backend_impl(backend)
     with torch.autocast(a.device.type, enabled=False):
@@ -128,9 +134,17 @@ def _(a, b, scale, offset, exclude_pos, cols, backend):
 
 @torch.library.custom_op("gammacl::simlse_backward", mutates_args=())
 def _simlse_backward_op(
-    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, row_lse: torch.Tensor,
-    col_lse: torch.Tensor, g_row: torch.Tensor, g_col: torch.Tensor, offset: int,
-    exclude_pos: bool, cols: bool, backend: str,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    row_lse: torch.Tensor,
+    col_lse: torch.Tensor,
+    g_row: torch.Tensor,
+    g_col: torch.Tensor,
+    offset: int,
+    exclude_pos: bool,
+    cols: bool,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _, bwd = _backend_impl(backend)
     with torch.autocast(a.device.type, enabled=False):
@@ -159,8 +173,9 @@ def _backward(ctx, g_row, g_col):
         g_col = torch.zeros_like(col) if g_col is None else g_col.to(acc).contiguous()
     else:
         g_col = row.new_zeros(0)
-    da_raw, db_raw = _simlse_backward_op(a, b, scale, row, col, g_row, g_col, offset,
-                                         exclude_pos, cols, backend)
+    da_raw, db_raw = _simlse_backward_op(
+        a, b, scale, row, col, g_row, g_col, offset, exclude_pos, cols, backend
+    )
     need_a, need_b, need_s = ctx.needs_input_grad[:3]
     da = (da_raw * scale).to(a.dtype) if need_a else None
     db = (db_raw * scale).to(b.dtype) if need_b else None

@@ -23,8 +23,10 @@ def logits(a, b, logit_scale, *, logit_bias=None, upcast: bool = True) -> torch.
     dt = _dtype(a, upcast)
     out = _scale(logit_scale, a, dt) * (a.to(dt) @ b.to(dt).t())
     if logit_bias is not None:
-        out = out + logit_bias.reshape(()).to(dt) if isinstance(logit_bias, torch.Tensor) else (
-            out + float(logit_bias)
+        out = (
+            out + logit_bias.reshape(()).to(dt)
+            if isinstance(logit_bias, torch.Tensor)
+            else (out + float(logit_bias))
         )
     return out
 
@@ -37,8 +39,15 @@ def _ce(l: torch.Tensor, target: torch.Tensor, reduction: str, label_smoothing: 
 
 
 def infonce_loss(
-    queries, keys, logit_scale, *, labels=None, reduction="mean", label_smoothing=0.0,
-    logit_bias=None, upcast: bool = True,
+    queries,
+    keys,
+    logit_scale,
+    *,
+    labels=None,
+    reduction="mean",
+    label_smoothing=0.0,
+    logit_bias=None,
+    upcast: bool = True,
 ) -> torch.Tensor:
     """One-directional InfoNCE: cross_entropy(scale * q @ k.T, labels), labels default arange(M)."""
     l = logits(queries, keys, logit_scale, logit_bias=logit_bias, upcast=upcast)
@@ -48,8 +57,15 @@ def infonce_loss(
 
 
 def clip_loss(
-    image_features, text_features, logit_scale, *, labels=None, reduction="mean",
-    label_smoothing=0.0, logit_bias=None, upcast: bool = True,
+    image_features,
+    text_features,
+    logit_scale,
+    *,
+    labels=None,
+    reduction="mean",
+    label_smoothing=0.0,
+    logit_bias=None,
+    upcast: bool = True,
 ) -> torch.Tensor:
     """Symmetric CLIP loss = (CE(L, labels) + CE(L.T, labels^-1)) / 2, L = scale * I @ T.T.
 
