@@ -224,9 +224,13 @@ def _try_load(cuda: bool) -> tuple[bool, str]:
     return True, ""
 
 
+@torch.compiler.assume_constant_result  # torch.compile calls it eagerly, never traces the lock
 def available(cuda: bool = False) -> tuple[bool, str]:
     """(True, "") when the cpu (or cuda) library is built and loaded, else (False, reason).
     Builds on first call; the answer is cached for the process. Never raises."""
+    state = _STATE.get(cuda)
+    if state is not None:
+        return state
     with _LOCK:
         if cuda not in _STATE:
             try:

@@ -298,6 +298,13 @@ class GammaClipLoss(nn.Module):
             state_dict() so a checkpoint resumes the same draws.
         backend: "auto", "torch", "cpp", "triton", "cuda" or "reference".
         clamp: exponent cap of the one-pass path (default 30).
+        distributed: None (default): use gammacl.distributed.gamma_loss_distributed whenever
+            torch.distributed is initialised with more than one rank (in `process_group`, default
+            the world): every rank passes its own pairs and their global data-set indices; the
+            state is updated from all ranks' rows and stays identical everywhere (save it from
+            any rank), rank 0's draws are broadcast. True: always; False: never (each rank keeps
+            its own state and sees only its own batch).
+        process_group: the torch.distributed group for distributed use (default: the world).
     forward(image_features, text_features, logit_scale, index, output_dict=False) returns the
     0-d loss (fp32; fp64 for fp64 features) or {"contrastive_loss": loss}; `index` [B] holds each
     pair's data-set index (int64; may be None for rate="batch").
@@ -314,8 +321,12 @@ class GammaClipLoss(nn.Module):
         generator: torch.Generator | None = None,
         backend: str = "auto",
         clamp: float = DEFAULT_CLAMP,
+        distributed: bool | None = None,
+        process_group=None,
     ) -> None:
         super().__init__()
+        if distributed not in (None, True, False):
+            raise ValueError(f"distributed must be None (auto), True or False, got {distributed!r}")
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         if (
@@ -356,6 +367,8 @@ class GammaClipLoss(nn.Module):
         self.generator = generator
         self.backend = backend
         self.clamp = float(clamp)
+        self.distributed = distributed
+        self.process_group = process_group
         self._mean_estep = False  # SogCLR: u = 1/R instead of a draw
         self.image_rate = LogRateState(num_samples, self.ema) if rate != "batch" else None
         self.text_rate = LogRateState(num_samples, self.ema) if rate != "batch" else None
@@ -436,6 +449,19 @@ class GammaClipLoss(nn.Module):
         index: torch.Tensor | None,
         output_dict: bool = False,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
+        if self.distributed is not False:
+            from gammacl import distributed as D
+
+            if self.distributed or D.is_distributed(self.process_group):
+                loss = D.gamma_loss_distributed(
+                    self,
+                    image_features,
+                    text_features,
+                    logit_scale,
+                    index,
+                    group=self.process_group,
+                )
+                return {"contrastive_loss": loss} if output_dict else loss
         V.check_pair(
             "image_features", image_features, "text_features", text_features, same_batch=True
         )
@@ -527,9 +553,19 @@ class SogCLRLoss(GammaClipLoss):
         update: str = "before",
         backend: str = "auto",
         clamp: float = DEFAULT_CLAMP,
+        distributed: bool | None = None,
+        process_group=None,
     ) -> None:
         super().__init__(
-            num_samples, shape=1.0, rate="ema", ema=ema, update=update, backend=backend, clamp=clamp
+            num_samples,
+            shape=1.0,
+            rate="ema",
+            ema=ema,
+            update=update,
+            backend=backend,
+            clamp=clamp,
+            distributed=distributed,
+            process_group=process_group,
         )
         self._mean_estep = True
 

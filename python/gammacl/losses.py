@@ -19,7 +19,8 @@ class ClipLoss(nn.Module):
     cross-entropy is invariant to it, so it changes neither the loss nor any gradient (its own
     gradient is exactly 0; a non-finite bias still makes the loss NaN, as in open_clip).
     With ``world_size > 1`` the features are gathered across ranks with open_clip's semantics
-    (see gammacl.distributed).
+    (see gammacl.distributed); ``rank=None`` / ``world_size=None`` take them from the default
+    process group (a single process when torch.distributed is not initialised).
     """
 
     def __init__(
@@ -27,8 +28,8 @@ class ClipLoss(nn.Module):
         local_loss: bool = False,
         gather_with_grad: bool = False,
         cache_labels: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
+        rank: int | None = 0,
+        world_size: int | None = 1,
         use_horovod: bool = False,
         *,
         backend: str = "auto",
@@ -48,11 +49,20 @@ class ClipLoss(nn.Module):
         self.prev_num_logits = 0
         self.labels: dict = {}
 
+    def _world(self) -> tuple[int, int]:
+        """(rank, world_size), from the default process group where they are None."""
+        if self.rank is None or self.world_size is None:
+            from gammacl.distributed import resolve_world
+
+            return resolve_world(self.rank, self.world_size)
+        return self.rank, self.world_size
+
     # open_clip compatibility helpers (CoCaLoss / DistillClipLoss call these).
     def get_ground_truth(self, device: torch.device, num_logits: int) -> torch.Tensor:
         labels = torch.arange(num_logits, device=device, dtype=torch.long)
-        if self.world_size > 1 and self.local_loss:
-            labels = labels + num_logits * self.rank
+        rank, world_size = self._world()
+        if world_size > 1 and self.local_loss:
+            labels = labels + num_logits * rank
         return labels
 
     def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
@@ -70,7 +80,8 @@ class ClipLoss(nn.Module):
         logit_bias: torch.Tensor | None = None,
         output_dict: bool = False,
     ):
-        if self.world_size > 1:
+        rank, world_size = self._world()
+        if world_size > 1:
             from gammacl.distributed import clip_loss_distributed
 
             loss = clip_loss_distributed(
@@ -79,8 +90,8 @@ class ClipLoss(nn.Module):
                 logit_scale,
                 local_loss=self.local_loss,
                 gather_with_grad=self.gather_with_grad,
-                rank=self.rank,
-                world_size=self.world_size,
+                rank=rank,
+                world_size=world_size,
                 backend=self.backend,
             )
         else:
