@@ -103,15 +103,18 @@ inline double exp_(double x) { return std::exp(x); }
 
 // ---- per-row kernels (templates; float instantiations below are compiled per ISA) ----
 
+// max_j s x_j, NaN if any s x_j is NaN (a NaN row must give a NaN LSE, never -inf or a number).
 template <typename T>
 GC_INLINE T max_scaled(const T* x, int64_t n, T s) {
   T m = kNegInf<T>;
-#pragma omp simd reduction(max : m)
+  int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
   for (int64_t j = 0; j < n; ++j) {
     const T l = s * x[j];
     m = l > m ? l : m;
+    nan |= l != l;
   }
-  return m;
+  return nan ? std::numeric_limits<T>::quiet_NaN() : m;
 }
 
 template <typename T>
@@ -214,7 +217,10 @@ T row_lse(const T* x, int64_t n, T s, int64_t e, T* cm, T* cl) {
   const int64_t n1 = e < 0 ? 0 : n - e - 1;
   const T* x1 = x + n0 + 1;
   T m = row_max(x, n0, s);
-  if (n1 > 0) m = std::max(m, row_max(x1, n1, s));
+  if (n1 > 0) {
+    const T m1 = row_max(x1, n1, s);
+    m = (m1 > m || m1 != m1) ? m1 : m;  // keep a NaN from either segment
+  }
   if (m == kNegInf<T>) return m;  // every entry excluded
   T sum;
   if (cm) {
@@ -300,7 +306,15 @@ void fwd_impl(const at::Tensor& a, const at::Tensor& b, T s, int64_t offset, boo
   at::parallel_for(0, N, 4096, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       T m = kNegInf<T>;
-      for (int64_t t = 0; t < nblk_max; ++t) m = std::max(m, cm[t * N + j]);
+      bool nan = false;  // a NaN logit leaves cm untouched but makes its block's cl NaN
+      for (int64_t t = 0; t < nblk_max; ++t) {
+        m = std::max(m, cm[t * N + j]);
+        nan |= cl[t * N + j] != cl[t * N + j];
+      }
+      if (nan) {
+        colp[j] = std::numeric_limits<T>::quiet_NaN();
+        continue;
+      }
       if (m == kNegInf<T>) {  // every entry of the column excluded
         colp[j] = m;
         continue;

@@ -284,11 +284,12 @@ def _simlse_fwd_kernel(
             cm = tl.max(s, axis=0)
             cm_shift = tl.where(cm == _NEG_INF, 0.0, cm)
             cl = tl.sum(_exp(s - cm_shift[None, :], BASE2), axis=0)
-            part = tl.where(cl > 0, cm_shift + _log(tl.where(cl > 0, cl, 1.0), BASE2), _NEG_INF)
+            # sum 0 -> -inf (nothing valid); a NaN sum (NaN logit) stays NaN
+            part = tl.where(cl == 0, _NEG_INF, cm_shift + _log(tl.where(cl == 0, 1.0, cl), BASE2))
             if BASE2:
                 part = part * _LN2
             tl.store(COL_PART + pid * stride_part + offs_n, part, mask=offs_n < N)
-    row = tl.where(l_i > 0, m_i + _log(tl.where(l_i > 0, l_i, 1.0), BASE2), _NEG_INF)
+    row = tl.where(l_i == 0, _NEG_INF, m_i + _log(tl.where(l_i == 0, 1.0, l_i), BASE2))
     if BASE2:
         row = row * _LN2
     tl.store(ROW_LSE + offs_m, row, mask=offs_m < M)
@@ -321,7 +322,7 @@ def _simlse_col_merge_kernel(
         m_shift = tl.where(m_new == _NEG_INF, 0.0, m_new)
         acc = acc * tl.exp(m - m_shift) + tl.sum(tl.exp(p - m_shift[None, :]), axis=0)
         m = m_new
-    out = tl.where(acc > 0, m + tl.log(tl.where(acc > 0, acc, 1.0)), _NEG_INF)
+    out = tl.where(acc == 0, _NEG_INF, m + tl.log(tl.where(acc == 0, 1.0, acc)))
     tl.store(COL_LSE + offs_n, out, mask=col_ok)
 
 

@@ -187,15 +187,22 @@ def _register_fakes() -> None:
     def acc(t: torch.Tensor) -> torch.dtype:
         return torch.float64 if t.dtype == torch.float64 else torch.float32
 
-    @torch.library.register_fake("gammacl::simlse_fwd")
-    def _simlse_fwd_fake(a, b, scale, offset, exclude_pos, cols):
+    def simlse_fwd_fake(a, b, scale, offset, exclude_pos, cols):
         n = b.shape[0] if cols else 0
         return a.new_empty((a.shape[0],), dtype=acc(a)), a.new_empty((n,), dtype=acc(a))
 
-    @torch.library.register_fake("gammacl::simlse_bwd")
-    def _simlse_bwd_fake(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols):
+    def simlse_bwd_fake(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols):
         return a.new_empty(a.shape, dtype=acc(a)), b.new_empty(b.shape, dtype=acc(a))
 
+    for op, fn in (
+        ("gammacl::simlse_fwd", simlse_fwd_fake),
+        ("gammacl::simlse_bwd", simlse_bwd_fake),
+    ):
+        try:
+            torch.library.register_fake(op, fn)
+        except RuntimeError as exc:  # registered elsewhere already: keep that one
+            if "already" not in str(exc):
+                raise
     _FAKES_REGISTERED = True
 
 
