@@ -42,9 +42,22 @@ Caveats. With a learnable logit_scale the stored log R was computed at an older 
 accepts the same staleness). The loss value is a random surrogate, not comparable with
 InfoNCE; `global_loss_estimate` (set by every forward, detached) holds
 1/2 mean(-l_ii + log R_i) + 1/2 mean(-l_jj + log R^T_j) with the rates this step used.
-Each forward checks the index values (range, and for update="after" whether every sample was
+Eager forwards check the index values (range, and for update="after" whether every sample was
 seen): one host sync per step, as gammacl's labels check does. Duplicate indices in one batch
 each read the state as it was before the batch; the last finite occurrence is stored.
+
+torch.compile (fullgraph=True, no graph break, no host sync in the graph). Under
+torch.compiler.is_compiling() the forward takes a sync-free form with the same results:
+  * the index is trusted on the host: an out-of-range value makes the step's loss (and so every
+    gradient) NaN and leaves the whole batch unstored (each row counted in `nonfinite`); reads
+    and writes use the index clamped into [0, num_samples), so no kernel ever goes out of bounds;
+  * update="after" always runs the LSE pass (2MND, so 8MND per step like update="before"): the
+    first-visit rows take its Zhat by a device-side torch.where, and the state update takes the
+    one-pass statistics when every sample was seen, else the LSE pass's (torch.where on the
+    device-side "all seen" flag), exactly the eager choice; last_path is "lse+one_pass";
+  * draws go through the opaque op gammacl::draw, which draws from the module's own generator (or
+    the global RNG) at run time, so compiled and eager runs consume the same random stream.
+The state buffers are mutated in place (dynamo functionalises the module-buffer mutation).
 A row whose log Zhat is non-finite, or rests on a non-finite feature or logit_scale, leaves its
 state untouched and is counted in `nonfinite` of each LogRateState (other rows of the batch are
 stored as usual: image anchor i's Zhat uses image_i and the other texts only).
@@ -54,6 +67,7 @@ B = 1 has no in-batch negative: ValueError.
 from __future__ import annotations
 
 import math
+import weakref
 from numbers import Real
 
 import torch
@@ -83,6 +97,83 @@ def draw_log_weights(
     conc = torch.full((2, n), float(shape), dtype=torch.float32, device=dev)
     g = torch._standard_gamma(conc, generator=generator)
     return (g.log() - math.log(shape)).to(device)
+
+
+# Draws inside torch.compile. Dynamo cannot put a torch.Generator into a graph (graph break), and
+# inductor would swap torch.rand for its own Philox stream (compiled draws != eager draws). So
+# every random draw of gammacl's modules is this opaque op: it takes the generator by key (the
+# id of a generator registered below; -1 = the device's default generator) and draws from that
+# very generator at run time, in eager and compiled runs alike. Tagged nondeterministic_seeded,
+# so it is never CSE'd, dead-code-eliminated while used, or recomputed in the backward.
+_GENERATORS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _register_generator(generator: torch.Generator | None) -> None:
+    if generator is not None:
+        _GENERATORS[id(generator)] = generator
+
+
+def _generator_key(generator: torch.Generator | None) -> int:
+    if generator is None:
+        return -1
+    if not torch.compiler.is_compiling():
+        _register_generator(generator)
+    return id(generator)
+
+
+@torch.library.custom_op(
+    "gammacl::draw", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,)
+)
+def _draw_op(
+    kind: str,
+    shape: float,
+    n: int,
+    generator_key: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """kind "log_gamma": draw_log_weights(shape, n) [2, n]; "uniform": torch.rand(n); in
+    `dtype` on `device`, from the registered generator `generator_key` (-1: default RNG)."""
+    generator = None
+    if generator_key != -1:
+        generator = _GENERATORS.get(generator_key)
+        if generator is None:
+            raise RuntimeError(
+                "gammacl::draw: the module's torch.Generator is not registered (was the "
+                "module copied without pickling, or its generator replaced through __dict__?); "
+                "assign it with `module.generator = g` or run one eager forward first"
+            )
+    if kind == "log_gamma":
+        return draw_log_weights(shape, n, generator=generator, device=device).to(dtype)
+    if kind == "uniform":
+        return torch.rand(n, generator=generator, device=device, dtype=dtype)
+    raise ValueError(f"gammacl::draw has no kind {kind!r}")
+
+
+@_draw_op.register_fake
+def _(kind, shape, n, generator_key, device, dtype):
+    return torch.empty((2, n) if kind == "log_gamma" else (n,), dtype=dtype, device=device)
+
+
+class _GeneratorAttr:
+    """Mixin for modules with a `generator` attribute: assigning it (constructor, user code,
+    unpickling / deepcopy) registers the generator for gammacl::draw."""
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        return self._generator
+
+    @generator.setter
+    def generator(self, value: torch.Generator | None) -> None:
+        self._generator = value
+        _register_generator(value)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        _register_generator(self.__dict__.get("_generator"))
+
+    def _generator_key(self) -> int:
+        return _generator_key(self._generator)
 
 
 def _check_index_tensor(index: object, batch: int | None) -> torch.Tensor:
@@ -131,7 +222,7 @@ class LogRateState(nn.Module):
 
     def _index(self, index: object, check: bool) -> torch.Tensor:
         index = _check_index_tensor(index, None).to(self.log_rate.device, torch.int64)
-        if check and index.numel():
+        if check and index.numel() and not torch.compiler.is_compiling():  # compiled: trusted
             lo, hi = torch.stack([index.min(), index.max()]).tolist()  # one host sync
             if lo < 0 or hi >= self.num_samples:
                 raise _range_error(self.num_samples, lo, hi)
