@@ -21,8 +21,11 @@ Refuses to run without CUDA or under TRITON_INTERPRET (timings there would mean 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_gpucheck.py
 import _gpucheck as G  # noqa: E402
@@ -31,8 +34,6 @@ TOOL = "check_triton_gpu"
 
 
 def _parity_checks(results: list) -> None:
-    import torch
-
     from gammacl.kernels import simlse as K
 
     case = functools.partial(G.simlse_case, "triton")
@@ -92,8 +93,6 @@ def _parity_checks(results: list) -> None:
 def _timings() -> list:
     """clip_loss on triton, the chunked torch backend and the materialised reference; TFLOP/s of
     triton from 2N^2D (fwd) and 10N^2D (fwd+bwd)."""
-    import torch
-
     rows = []
     for n in (8192, 32768):
         for backend in ("triton", "torch", "reference"):
@@ -114,9 +113,6 @@ def main(argv: list[str] | None = None) -> int:
     args = G.start(TOOL, __doc__, argv, no_time_help="parity checks only", compiled_triton=True)
     if args is None:
         return 2
-    import os
-
-    import torch
     import triton
 
     report = G.report(triton=triton.__version__, autotune=os.environ.get("GAMMACL_AUTOTUNE", "0"))

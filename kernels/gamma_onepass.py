@@ -26,7 +26,12 @@ column tiles. Per tile:
     GEMM FLOPs); O(M + N) statistics; never an M x N buffer. Whether the dB atomics keep this at
     the GEMM floor on a GPU is not measured (a wider row panel per program would cut them).
 Atomics make col_term, col_lse and dB sums run-to-run order dependent at fp32 rounding level on
-GPU (the interpreter runs programs in order).
+GPU (the interpreter runs programs in order). Determinism: under
+torch.use_deterministic_algorithms(True) gamma_onepass_fwd launches the kernel twice with
+COLS=False (no atomics): once on (a, b) for the row outputs and dA, once on the transposed
+problem (b, a, alpha_col, alpha_row, w_col, w_row, -offset), whose row outputs are the column
+outputs and whose dA is dB. Every sum then runs in a fixed order (bitwise reproducible), for
+8MND FLOPs instead of 6MND (S is formed twice). Not measured on GPU.
 
 Numerics: excluded / out-of-range entries are -inf before any exp (weight exactly 0); a running
 max of -inf is replaced by 0 as the shift, so an all-excluded row has LSE -inf and term 0.
@@ -85,6 +90,7 @@ def _gamma_onepass_fwd_kernel(
     stride_db,
     offset,
     GRAD: tl.constexpr,
+    COLS: tl.constexpr,
     SAT_FP16: tl.constexpr,
     ACC: tl.constexpr,
     BASE2: tl.constexpr,
@@ -94,8 +100,9 @@ def _gamma_onepass_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Rows [pid*BLOCK_M, ...) of X against every row of Y: ROW_LSE, ROW_TERM stored; COL_SUM
-    (fp64, += e^{col partial LSE}), COL_TERM and DB accumulated atomically; DA rows written.
+    """Rows [pid*BLOCK_M, ...) of X against every row of Y: ROW_LSE, ROW_TERM stored; DA rows
+    written; with COLS, COL_SUM (fp64, += e^{col partial LSE}), COL_TERM and DB accumulated
+    atomically (without COLS no atomics: the deterministic path's row-only launch).
     PARAMS = [w_row, w_col, clamp] in the accumulation dtype (read from memory: Python floats
     would arrive as fp32 and cost the fp64 path its precision)."""
     pid = tl.program_id(0).to(tl.int64)  # int64: offsets reach M*D > 2^31
@@ -140,15 +147,15 @@ def _gamma_onepass_fwd_kernel(
         m_shift = tl.where(m_new == _NEG_INF, 0.0, m_new)
         l_i = l_i * _exp(m_i - m_shift, BASE2) + tl.sum(_exp(s - m_shift[:, None], BASE2), axis=1)
         m_i = m_new
-        # column partial of this row block, added as e^{cm} * sum_i e^{l_ij - cm} in fp64
-        cm = tl.max(s, axis=0)
-        cm_shift = tl.where(cm == _NEG_INF, 0.0, cm)
-        cl = tl.sum(_exp(s - cm_shift[None, :], BASE2), axis=0)
-        cm_nat = cm_shift.to(tl.float64)
-        if BASE2:
-            cm_nat = cm_nat * _LN2
-        part = tl.where(cl > 0, tl.exp(cm_nat) * cl.to(tl.float64), cl.to(tl.float64))
-        tl.atomic_add(COL_SUM + offs_n, part, mask=col_ok)
+        if COLS:  # column partial of this row block, added as e^{cm} sum_i e^{l_ij - cm} (fp64)
+            cm = tl.max(s, axis=0)
+            cm_shift = tl.where(cm == _NEG_INF, 0.0, cm)
+            cl = tl.sum(_exp(s - cm_shift[None, :], BASE2), axis=0)
+            cm_nat = cm_shift.to(tl.float64)
+            if BASE2:
+                cm_nat = cm_nat * _LN2
+            part = tl.where(cl > 0, tl.exp(cm_nat) * cl.to(tl.float64), cl.to(tl.float64))
+            tl.atomic_add(COL_SUM + offs_n, part, mask=col_ok)
         # weights: e^{min(l + alpha, clamp)} (NaN propagates so a NaN batch stays visible)
         alpha_c = tl.load(ALPHA_C + offs_n, mask=col_ok, other=_NEG_INF).to(ACC)
         if BASE2:
@@ -156,7 +163,8 @@ def _gamma_onepass_fwd_kernel(
         er = _exp(tl.minimum(s + alpha_r[:, None], cap, propagate_nan=tl.PropagateNan.ALL), BASE2)
         ec = _exp(tl.minimum(s + alpha_c[None, :], cap, propagate_nan=tl.PropagateNan.ALL), BASE2)
         t_i += tl.sum(er, axis=1)
-        tl.atomic_add(COL_TERM + offs_n, tl.sum(ec, axis=0), mask=col_ok)
+        if COLS:
+            tl.atomic_add(COL_TERM + offs_n, tl.sum(ec, axis=0), mask=col_ok)
         if GRAD:
             w = w_row * er + w_col * ec
             if SAT_FP16:  # fp16 operands: saturate at the fp16 maximum instead of inf
@@ -164,25 +172,26 @@ def _gamma_onepass_fwd_kernel(
             w = w.to(Y.dtype.element_ty)  # operand dtype for tl.dot, fp32 accumulation
             if UPCAST:
                 w = w.to(tl.float32)
-            wt = tl.trans(w)
+            if COLS:
+                wt = tl.trans(w)
             for k0 in range(0, D, BLOCK_D):
                 offs_k = k0 + offs_d
                 k_ok = offs_k < D
                 y = _load_rows(Y, offs_n, offs_k, stride_y, N, D)
-                x = _load_rows(X, offs_m, offs_k, stride_x, M, D)
                 # dA rows belong to this program alone (the first column tile stores)
                 o_ptr = DA + offs_m[:, None] * stride_da + offs_k[None, :]
                 o_mask = row_ok[:, None] & k_ok[None, :]
                 o = tl.load(o_ptr, mask=o_mask & (j0 > 0), other=0.0)
                 o = _dot_nn(w, y, o, UPCAST, PRECISION)
                 tl.store(o_ptr, o, mask=o_mask)
-                # dB rows are shared by every row block
-                p = _dot_nn(wt, x, tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC), UPCAST, PRECISION)
-                tl.atomic_add(
-                    DB + offs_n[:, None] * stride_db + offs_k[None, :],
-                    p,
-                    mask=col_ok[:, None] & k_ok[None, :],
-                )
+                if COLS:  # dB rows are shared by every row block
+                    x = _load_rows(X, offs_m, offs_k, stride_x, M, D)
+                    p = _dot_nn(wt, x, tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC), UPCAST, PRECISION)
+                    tl.atomic_add(
+                        DB + offs_n[:, None] * stride_db + offs_k[None, :],
+                        p,
+                        mask=col_ok[:, None] & k_ok[None, :],
+                    )
             tl.debug_barrier()  # dA stores visible to every thread before the next tile's loads
     row = tl.where(l_i > 0, m_i + _log(tl.where(l_i > 0, l_i, 1.0), BASE2), _NEG_INF)
     row = tl.where(l_i != l_i, l_i, row)  # NaN sum stays NaN
@@ -236,34 +245,26 @@ def _check(a, b, scale, alpha_row, alpha_col) -> None:
             )
 
 
-def gamma_onepass_fwd(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale: torch.Tensor,
-    alpha_row: torch.Tensor,
-    alpha_col: torch.Tensor,
-    w_row: float,
-    w_col: float,
-    clamp: float,
-    offset: int,
-    grad: bool,
-) -> tuple[torch.Tensor, ...]:
-    """(row_lse, col_lse, row_term, col_term, da_raw, db_raw), see the module docstring."""
-    _check(a, b, scale, alpha_row, alpha_col)
+def use_deterministic_path() -> bool:
+    """Whether gamma_onepass_fwd takes the atomic-free two-launch path: exactly when
+    torch.use_deterministic_algorithms is on (also with warn_only), on every device (the
+    interpreter runs it too, so CPU tests cover it)."""
+    return torch.are_deterministic_algorithms_enabled()
+
+
+def _launch(a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offset, grad, cols):
+    """One launch of the kernel over the rows of a: (row_lse, row_term, da) and, with cols,
+    (col_lse, col_term, db) from the atomics; without cols those three are None."""
     m, d = a.shape
     n = b.shape[0]
     acc = _acc_dtype(a.dtype)
     dev = a.device
-    alpha_row, alpha_col = alpha_row.contiguous(), alpha_col.contiguous()
     row_lse = torch.empty(m, dtype=acc, device=dev)
     row_term = torch.zeros(m, dtype=acc, device=dev)
-    col_sum = torch.zeros(n, dtype=torch.float64, device=dev)
-    col_term = torch.zeros(n, dtype=acc, device=dev)
+    col_sum = torch.zeros(n if cols else 0, dtype=torch.float64, device=dev)
+    col_term = torch.zeros(n if cols else 0, dtype=acc, device=dev)
     da = torch.zeros(m if grad else 0, d, dtype=acc, device=dev)
-    db = torch.zeros(n if grad else 0, d, dtype=acc, device=dev)
-    if m == 0 or n == 0:
-        row_lse.fill_(float("-inf"))
-        return row_lse, torch.full_like(col_term, float("-inf")), row_term, col_term, da, db
+    db = torch.zeros(n if grad and cols else 0, d, dtype=acc, device=dev)
     cfg = _config(a.dtype, d)
     params = torch.tensor([w_row, w_col, clamp], dtype=acc).to(dev, non_blocking=True)
     with _device_guard(dev):
@@ -276,22 +277,71 @@ def gamma_onepass_fwd(
             ALPHA_C=alpha_col,
             ROW_LSE=row_lse,
             ROW_TERM=row_term,
-            COL_SUM=col_sum,
-            COL_TERM=col_term,
+            COL_SUM=col_sum if cols else row_term,
+            COL_TERM=col_term if cols else row_term,
             DA=da if grad else row_term,
-            DB=db if grad else row_term,
+            DB=db if grad and cols else row_term,
             M=m,
             N=n,
             D=d,
             stride_x=a.stride(0),
             stride_y=b.stride(0),
             stride_da=da.stride(0) if grad else 0,
-            stride_db=db.stride(0) if grad else 0,
+            stride_db=db.stride(0) if grad and cols else 0,
             offset=int(offset),
             GRAD=bool(grad),
+            COLS=bool(cols),
             SAT_FP16=a.dtype == torch.float16,
             **_flags(a.dtype),
             **cfg,
         )
+    if not cols:
+        return row_lse, row_term, da, None, None, None
     col_lse = torch.log(col_sum).to(acc)  # log 0 = -inf for an all-excluded column; NaN stays
+    return row_lse, row_term, da, col_lse, col_term, db
+
+
+def gamma_onepass_fwd(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    alpha_row: torch.Tensor,
+    alpha_col: torch.Tensor,
+    w_row: float,
+    w_col: float,
+    clamp: float,
+    offset: int,
+    grad: bool,
+) -> tuple[torch.Tensor, ...]:
+    """(row_lse, col_lse, row_term, col_term, da_raw, db_raw), see the module docstring.
+
+    Default: one launch, column statistics and dB merged across row blocks by atomics (6MND;
+    the fp32 atomic order makes col_term / col_lse / dB vary at rounding level run to run on
+    GPU). Under torch.use_deterministic_algorithms: two launches without atomics, the second on
+    the transposed problem, (b, a, alpha_col, alpha_row, w_col, w_row, -offset), whose row
+    outputs are exactly the column outputs (l^T_ji = l_ij, W^T_ji = W_ij, so its dA = W^T @ a =
+    db_raw); every sum then has a fixed order (bitwise reproducible) for 8MND FLOPs."""
+    _check(a, b, scale, alpha_row, alpha_col)
+    m, d = a.shape
+    n = b.shape[0]
+    acc = _acc_dtype(a.dtype)
+    dev = a.device
+    alpha_row, alpha_col = alpha_row.contiguous(), alpha_col.contiguous()
+    if m == 0 or n == 0:
+        row_lse = torch.full((m,), float("-inf"), dtype=acc, device=dev)
+        col_lse = torch.full((n,), float("-inf"), dtype=acc, device=dev)
+        da = torch.zeros(m if grad else 0, d, dtype=acc, device=dev)
+        db = torch.zeros(n if grad else 0, d, dtype=acc, device=dev)
+        return row_lse, col_lse, row_lse.new_zeros(m), col_lse.new_zeros(n), da, db
+    if use_deterministic_path():
+        row_lse, row_term, da, *_ = _launch(
+            a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offset, grad, False
+        )
+        col_lse, col_term, db, *_ = _launch(
+            b, a, scale, alpha_col, alpha_row, w_col, w_row, clamp, -offset, grad, False
+        )
+    else:
+        row_lse, row_term, da, col_lse, col_term, db = _launch(
+            a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offset, grad, True
+        )
     return row_lse, col_lse, row_term, col_term, da, db

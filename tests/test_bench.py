@@ -221,30 +221,16 @@ def test_bad_arguments(tmp_path, capsys, args, msg):
     assert msg in capsys.readouterr().err
 
 
+def _plot_run(tmp_path, *args: str) -> int:
+    """bench.main with the plot left on: clip on the torch backend, D = 16, no minimum time."""
+    return bench.main([*args, "--d", "16", "--min-time", "0", "--loss", "clip", "--backend",
+                       "torch", "--out", str(tmp_path)])  # fmt: skip
+
+
 def test_plot_written_when_matplotlib_present(tmp_path):
     pytest.importorskip("matplotlib", reason="plots need the optional 'plot' extra")
-    rc = bench.main(
-        [
-            "--n",
-            "64,128",
-            "--d",
-            "16",
-            "--min-time",
-            "0",
-            "--loss",
-            "clip",
-            "--backend",
-            "torch",
-            "--impl",
-            "gammacl,gemm_floor",
-            "--mode",
-            "fwd+bwd",
-            "--out",
-            str(tmp_path),
-            "--name",
-            "run1",
-        ]
-    )
+    rc = _plot_run(tmp_path, "--n", "64,128", "--impl", "gammacl,gemm_floor", "--mode", "fwd+bwd",
+                   "--name", "run1")  # fmt: skip
     assert rc == 0
     png = tmp_path / "run1.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -253,26 +239,7 @@ def test_plot_written_when_matplotlib_present(tmp_path):
 
 def test_no_matplotlib_no_png(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(M, "pyplot", lambda: None)
-    rc = bench.main(
-        [
-            "--n",
-            "64",
-            "--d",
-            "16",
-            "--min-time",
-            "0",
-            "--loss",
-            "clip",
-            "--backend",
-            "torch",
-            "--impl",
-            "gammacl",
-            "--mode",
-            "fwd",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    rc = _plot_run(tmp_path, "--n", "64", "--impl", "gammacl", "--mode", "fwd")
     assert rc == 0
     assert not (tmp_path / "bench.png").exists()
     assert "matplotlib is not installed" in capsys.readouterr().out

@@ -16,16 +16,8 @@ import torch
 from gammacl import _measure as M
 from gammacl import profile
 
-GPU_COLS = (
-    "torch_peak_allocated_mib",
-    "torch_peak_reserved_mib",
-    "torch_delta_mib",
-    "nvml_used_before_mib",
-    "nvml_used_peak_mib",
-    "nvml_delta_mib",
-    "nvml_sample_ms",
-    "nvml_samples",
-)
+# the GPU memory columns: null on CPU (never a misleading 0)
+GPU_COLS = tuple(c for c in profile.COLUMNS if c.startswith(("torch_", "nvml_")))
 TINY = ["--d", "16", "--no-plot", "--loss", "clip", "--backend", "torch"]
 
 

@@ -194,6 +194,37 @@ def cpu_threads(args: argparse.Namespace):
         torch.set_num_threads(before)
 
 
+def run_cli(
+    tool: str,
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
+    run: Callable[[argparse.Namespace, torch.device], int],
+    *,
+    interpreter_refusal: str,
+) -> int:
+    """The entry point of both CLIs: parse argv, freeze the import heap for gc, set the CPU
+    thread count (`cpu_threads`), resolve --device, then run(args, device). On CUDA under
+    TRITON_INTERPRET=1 (every Triton kernel would run in the CPU interpreter) the run is refused
+    with `interpreter_refusal`. A SystemExit carrying a message (that refusal, unknown --device /
+    --impl / --loss / --backend / --mode, nothing to run) is logged as 'TOOL: message' and gives
+    exit code 2."""
+    from gammacl.dispatch import interpreter_on
+
+    args = parser.parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)
+    with frozen_gc(), cpu_threads(args):
+        try:
+            device = resolve_device(args.device)
+            if device.type == "cuda" and interpreter_on():
+                raise SystemExit(interpreter_refusal)
+            return run(args, device)
+        except SystemExit as exc:
+            if not isinstance(exc.code, str):
+                raise
+            log(f"{tool}: {exc.code}")
+            return 2
+
+
 class InjectOOM:
     """Test hook: `[SUBSTR:]NMIN` raises torch.OutOfMemoryError for rows whose label contains
     SUBSTR (any row when omitted) and whose N >= NMIN, after their inputs are allocated."""

@@ -48,6 +48,11 @@ COLUMNS = (
     "check_abs_diff",
     "device",
 )
+# CUDA under TRITON_INTERPRET=1: refused (M.run_cli)
+_INTERPRETER_REFUSAL = (
+    "refusing to time: TRITON_INTERPRET=1 is set, so every Triton kernel (ours and the "
+    "peers') would run in the interpreter. Unset TRITON_INTERPRET."
+)
 
 # loss-value check against the float64 reference at the first shape: |x - ref| <= atol + rtol|ref|
 # (a sanity gate against comparing different losses, not a parity test; tests/tolerances.py holds
@@ -259,37 +264,18 @@ class Runner:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    args._argv = list(sys.argv[1:] if argv is None else argv)
-    with M.frozen_gc(), M.cpu_threads(args):
-        return _run(args)
+    return M.run_cli(
+        "gammacl.bench", _parser(), argv, _run, interpreter_refusal=_INTERPRETER_REFUSAL
+    )
 
 
-def _run(args: argparse.Namespace) -> int:
-    from gammacl.dispatch import interpreter_on
-
-    try:
-        device = M.resolve_device(args.device)
-    except SystemExit as exc:
-        M.log(f"gammacl.bench: {exc}")
-        return 2
-    if device.type == "cuda" and interpreter_on():
-        M.log(
-            "gammacl.bench: refusing to time: TRITON_INTERPRET=1 is set, so every Triton kernel "
-            "(ours and the peers') would run in the interpreter. Unset TRITON_INTERPRET."
-        )
-        return 2
+def _run(args: argparse.Namespace, device: torch.device) -> int:
     _defaults(args, device)
     modes = M.csv_list(args.mode)
     bad = [m for m in modes if m not in M.MODES]
     if bad:
-        M.log(f"gammacl.bench: unknown mode(s) {bad}; choose from {','.join(M.MODES)}")
-        return 2
-    try:
-        impls, notes = M.select_impls(args, device, for_profile=False)
-    except SystemExit as exc:
-        M.log(f"gammacl.bench: {exc}")
-        return 2
+        raise SystemExit(f"unknown mode(s) {bad}; choose from {','.join(M.MODES)}")
+    impls, notes = M.select_impls(args, device, for_profile=False)
     if args.quick:
         # --quick: clip and infonce on every backend; other losses on the default backend only
         impls = [
@@ -301,8 +287,7 @@ def _run(args: argparse.Namespace) -> int:
         ]
         notes.append("--quick: losses other than clip/infonce run on their first backend only")
     if not impls:
-        M.log("gammacl.bench: nothing to run (check --impl / --loss / --backend)")
-        return 2
+        raise SystemExit("nothing to run (check --impl / --loss / --backend)")
     if device.type == "cpu":
         notes.append(
             "CPU: times are time.perf_counter wall clock; memory is the process peak "

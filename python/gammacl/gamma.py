@@ -372,7 +372,7 @@ def gamma_step_loss(
     return neg - pos.mean()
 
 
-class GammaClipLoss(nn.Module):
+class GammaClipLoss(_GeneratorAttr, nn.Module):
     """Gamma-weighted decomposable symmetric contrastive loss with per-sample rate state
     (stochastic EM; see the module docstring of gammacl.gamma for the objective, the estimator
     and the numerics).
@@ -511,11 +511,16 @@ class GammaClipLoss(nn.Module):
 
     # -- one step ------------------------------------------------------------------------------
     def _check_index(self, index, b: int, device: torch.device, want_seen: bool):
-        """Validated int64 index on `device`, and (want_seen) whether every sample in it was
-        visited in both directions; one host sync for both."""
+        """(index, all_seen, bad). Eager: the validated int64 index on `device`, whether every
+        sample in it was visited in both directions (want_seen; one host sync for both), bad =
+        None. Compiled (no host sync): the index clamped into range, all_seen = None (unknown
+        on the host), bad = 0-d device bool "some index was out of range"."""
         if index is None and self.rate == "batch":
-            return None, True
+            return None, True, None
         index = _check_index_tensor(index, b).to(device=device, dtype=torch.int64)
+        if torch.compiler.is_compiling():
+            bad = ((index < 0) | (index >= self.num_samples)).any()
+            return index.clamp(0, self.num_samples - 1), None, bad
         stats = [index.min(), index.max()]
         if want_seen:
             safe = index.clamp(0, self.num_samples - 1)
@@ -524,13 +529,14 @@ class GammaClipLoss(nn.Module):
         vals = torch.stack(stats).tolist()
         if vals[0] < 0 or vals[1] >= self.num_samples:
             raise _range_error(self.num_samples, vals[0], vals[1])
-        return index, bool(vals[2]) if want_seen else True
+        return index, bool(vals[2]) if want_seen else True, None
 
     def _log_weights(self, b: int, like: torch.Tensor) -> torch.Tensor:
         acc = V.acc_dtype(like.dtype)
         if self._mean_estep:
             return torch.zeros(2, b, dtype=acc, device=like.device)
-        return draw_log_weights(self.shape, b, generator=self.generator, device=like.device).to(acc)
+        # draw_log_weights(shape, b, generator, device).to(acc), as an opaque op (see _draw_op)
+        return _draw_op("log_gamma", self.shape, b, self._generator_key(), like.device, acc)
 
     def forward(
         self,
@@ -571,7 +577,7 @@ class GammaClipLoss(nn.Module):
                 "before the first forward"
             )
         one_pass = self.rate == "fixed" or (self.rate == "ema" and self.update == "after")
-        index, all_seen = self._check_index(
+        index, all_seen, bad = self._check_index(
             index, b, dev, want_seen=self.rate == "ema" and one_pass
         )
         states = self._states(dev) if self.rate != "batch" else None
@@ -583,6 +589,8 @@ class GammaClipLoss(nn.Module):
         if not one_pass:  # LSE pass (simlse fwd) -> rates -> gradient pass (simlse bwd)
             row, col = simlse(image_features, text_features, scale, exclude_pos=True, backend=name)
             log_zhat = _batch_log_zhat(row, col, image_features, text_features, scale, log_m)
+            if bad is not None:  # compiled, out-of-range index: store nothing
+                log_zhat = torch.where(bad, float("nan"), log_zhat)
             if self.rate == "batch":
                 log_r = log_zhat
             else:
@@ -593,8 +601,8 @@ class GammaClipLoss(nn.Module):
             self.last_path = "two_pass"
         else:
             stored = torch.stack([s.log_rate[index] for s in states]).to(acc)
-            log_zhat = None
-            if self.rate == "fixed" or all_seen:
+            log_zhat = seen = None
+            if self.rate == "fixed" or all_seen:  # (all_seen is None when compiled: unknown)
                 log_r = stored
                 self.last_path = "one_pass"
             else:  # first visits need this batch's Zhat before the weights exist
@@ -614,14 +622,21 @@ class GammaClipLoss(nn.Module):
                 image_features, text_features, scale, log_w, log_r, log_m, self.clamp, name
             )
             if self.rate == "ema":  # update after use
-                if log_zhat is None:
-                    log_zhat = _batch_log_zhat(
-                        row, col, image_features, text_features, scale, log_m
-                    )
+                if log_zhat is None or all_seen is None:
+                    one = _batch_log_zhat(row, col, image_features, text_features, scale, log_m)
+                    # eager: every sample seen -> the one-pass statistics, else the LSE pass's;
+                    # compiled: the same choice, made on the device
+                    log_zhat = one if log_zhat is None else torch.where(seen.all(), one, log_zhat)
+                if bad is not None:  # compiled, out-of-range index: store nothing
+                    log_zhat = torch.where(bad, float("nan"), log_zhat)
                 for d, s in enumerate(states):
                     s.update(index, log_zhat[d], check=False)
         loss = neg - pos.mean()
-        self.global_loss_estimate = (0.5 * log_r.mean(dim=1).sum() - pos.mean()).detach()
+        estimate = 0.5 * log_r.mean(dim=1).sum() - pos.mean()
+        if bad is not None:  # compiled: an out-of-range index poisons the loss and every grad
+            poison = torch.where(bad, float("nan"), 1.0).to(loss.dtype)
+            loss, estimate = loss * poison, estimate * poison
+        self.global_loss_estimate = estimate.detach()
         return {"contrastive_loss": loss} if output_dict else loss
 
 

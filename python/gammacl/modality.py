@@ -28,6 +28,9 @@ torch / cpp / triton / cuda backends all apply and no N x N buffer is formed:
   (N * L): the Gram form is exact algebra but cancels when L is tiny next to the Grams.
 Autocast is switched off inside every loss (forward and the Gram backward), so a user's autocast
 region never recasts these GEMMs to bf16/fp16.
+torch.compile(fullgraph=True): every loss and module traces without a graph break or host sync
+(the per-row t range check of brownian_bridge_loss is eager-only; compiled, an out-of-range t
+gives a NaN loss; BrownianBridgeLoss's random t is drawn by the opaque op gammacl::draw).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from torch import nn
 from gammacl import _validate as V
 from gammacl.dispatch import BACKENDS, resolve_backend
 from gammacl.functional import _pos_logits, clip_pairs, infonce_rows, no_autocast
+from gammacl.gamma import _draw_op, _GeneratorAttr
 from gammacl.ops.simlse import simlse
 
 INMODAL_FORMS = ("cyclip", "printed")
@@ -86,7 +90,8 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
 
 def _check_bridge_t(t: object, like: torch.Tensor) -> float | torch.Tensor:
     """t: a number in [0, 1], or a per-row tensor [N] / [N, 1] with values in [0, 1] (one host
-    sync for the range check, only when a tensor is passed)."""
+    sync for the range check, only when a tensor is passed in eager mode; under torch.compile
+    no sync: a value outside [0, 1] or NaN becomes NaN, so the loss is NaN)."""
     n = like.shape[0]
     if isinstance(t, torch.Tensor):
         if not t.dtype.is_floating_point:
@@ -97,9 +102,12 @@ def _check_bridge_t(t: object, like: torch.Tensor) -> float | torch.Tensor:
             )
         if t.device != like.device:
             raise ValueError(f"t is on {t.device} but the features are on {like.device}")
-        lo, hi = torch.aminmax(t.detach())
-        if not (bool(lo >= 0) and bool(hi <= 1)):  # also false for NaN
-            raise ValueError(f"t must lie in [0, 1], got values in [{float(lo)}, {float(hi)}]")
+        if torch.compiler.is_compiling():
+            t = torch.where((t >= 0) & (t <= 1), t, float("nan"))
+        else:
+            lo, hi = torch.aminmax(t.detach())
+            if not (bool(lo >= 0) and bool(hi <= 1)):  # also false for NaN
+                raise ValueError(f"t must lie in [0, 1], got values in [{float(lo)}, {float(hi)}]")
         return t.reshape(n, 1).to(V.acc_dtype(like.dtype))
     if isinstance(t, bool) or not isinstance(t, Real):
         raise TypeError(f"t must be a float in [0, 1] or a per-row tensor, got {type(t).__name__}")
@@ -332,7 +340,11 @@ def brownian_bridge_loss(
     reach z_v, z_t, z_v_aug (and a t tensor that requires grad). mu uses F.normalize's eps 1e-12
     where t z_V + (1 - t) z_T = 0."""
     _check_group([("z_v", z_v), ("z_t", z_t), ("z_v_aug", z_v_aug)])
-    t = _check_bridge_t(t, z_v)
+    return _bridge(z_v, z_t, z_v_aug, _check_bridge_t(t, z_v))
+
+
+def _bridge(z_v, z_t, z_v_aug, t: float | torch.Tensor) -> torch.Tensor:
+    """L_Br for validated inputs (t: a number or an [N, 1] accumulation-dtype tensor)."""
     acc = V.acc_dtype(z_v.dtype)
     with no_autocast(z_v):
         m = t * z_v.to(acc) + (1.0 - t) * z_t.to(acc)
@@ -461,10 +473,11 @@ class FeatureSeparationLoss(nn.Module):
         return {"feature_separation_loss": loss} if output_dict else loss
 
 
-class BrownianBridgeLoss(nn.Module):
+class BrownianBridgeLoss(_GeneratorAttr, nn.Module):
     """weight * L_Br (see brownian_bridge_loss). t: a number in [0, 1] (paper: 0.25) or
     "random": a fresh t ~ U[0, 1) per row each call, drawn with `generator` (on the features'
-    device) when given."""
+    device) when given. The draw is the opaque op gammacl::draw (gammacl.gamma), so a
+    torch.compile'd forward draws the same t as an eager one and needs no host sync."""
 
     def __init__(
         self,
@@ -486,16 +499,14 @@ class BrownianBridgeLoss(nn.Module):
         self.generator = generator
 
     def forward(self, z_v, z_t, z_v_aug, output_dict: bool = False):
-        t = self.t
-        if t == "random":
-            V.check_features("z_v", z_v)
-            t = torch.rand(
-                z_v.shape[0],
-                generator=self.generator,
-                device=z_v.device,
-                dtype=V.acc_dtype(z_v.dtype),
-            )
-        loss = self.weight * brownian_bridge_loss(z_v, z_t, z_v_aug, t)
+        if self.t != "random":
+            loss = self.weight * brownian_bridge_loss(z_v, z_t, z_v_aug, self.t)
+        else:  # our own draw lies in [0, 1): no range check (and no host sync)
+            _check_group([("z_v", z_v), ("z_t", z_t), ("z_v_aug", z_v_aug)])
+            n, acc = z_v.shape[0], V.acc_dtype(z_v.dtype)
+            # torch.rand(n, generator=self.generator, device=z_v.device, dtype=acc)
+            t = _draw_op("uniform", 0.0, n, self._generator_key(), z_v.device, acc)
+            loss = self.weight * _bridge(z_v, z_t, z_v_aug, t.reshape(n, 1))
         return {"brownian_bridge_loss": loss} if output_dict else loss
 
 

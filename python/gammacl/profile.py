@@ -60,6 +60,11 @@ COLUMNS = (
     "limit_mib",
     "device",
 )
+# CUDA under TRITON_INTERPRET=1: refused (M.run_cli)
+_INTERPRETER_REFUSAL = (
+    "refusing to run on CUDA with TRITON_INTERPRET=1 set (Triton kernels would run in the "
+    "interpreter). Unset TRITON_INTERPRET."
+)
 
 _CLI_PROCESS = False  # True when run as `python -m gammacl.profile`
 PRECHECK = 2.0  # CPU: points whose analytic memory exceeds PRECHECK x --budget-mib are not run
@@ -328,26 +333,12 @@ def _summary(impl: M.Impl, rows: list[dict], res: tuple, capped: bool, limit: st
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    args._argv = list(sys.argv[1:] if argv is None else argv)
-    with M.frozen_gc(), M.cpu_threads(args):
-        return _run(args)
+    return M.run_cli(
+        "gammacl.profile", _parser(), argv, _run, interpreter_refusal=_INTERPRETER_REFUSAL
+    )
 
 
-def _run(args: argparse.Namespace) -> int:
-    from gammacl.dispatch import interpreter_on
-
-    try:
-        device = M.resolve_device(args.device)
-    except SystemExit as exc:
-        M.log(f"gammacl.profile: {exc}")
-        return 2
-    if device.type == "cuda" and interpreter_on():
-        M.log(
-            "gammacl.profile: refusing to run on CUDA with TRITON_INTERPRET=1 set (Triton "
-            "kernels would run in the interpreter). Unset TRITON_INTERPRET."
-        )
-        return 2
+def _run(args: argparse.Namespace, device: torch.device) -> int:
     _defaults(args, device)
     if device.type == "cpu" and _CLI_PROCESS:
         # process-wide and permanent: only in the CLI process, never for an in-process main()
@@ -397,14 +388,9 @@ def _run(args: argparse.Namespace) -> int:
             "gammacl.profile: --snapshot needs a CUDA device (torch.cuda.memory "
             "_record_memory_history); no snapshot written."
         )
-    try:
-        impls, notes = M.select_impls(args, device, for_profile=True)
-    except SystemExit as exc:
-        M.log(f"gammacl.profile: {exc}")
-        return 2
+    impls, notes = M.select_impls(args, device, for_profile=True)
     if not impls:
-        M.log("gammacl.profile: nothing to run (check --impl / --loss / --backend)")
-        return 2
+        raise SystemExit("nothing to run (check --impl / --loss / --backend)")
     for note in notes:
         M.log(f"gammacl.profile: note: {note}")
 

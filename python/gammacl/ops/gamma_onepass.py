@@ -134,16 +134,19 @@ def _gamma_onepass_op(
     """(neg, row_lse, col_lse, row_term, col_term, dA, dB, dscale); dA/dB/dscale are d neg / d
     input (empty when grad=False), stashed for the backward."""
     fwd = _backend_impl(backend)
-    row_lse, col_lse, row_term, col_term, da_raw, db_raw = fwd(
-        a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offset, grad
-    )
-    neg = w_row * row_term.sum() + w_col * col_term.sum()
-    if grad:
-        da = (da_raw * scale).to(a.dtype)
-        db = (db_raw * scale).to(b.dtype)
-        ds = (a.to(da_raw.dtype) * da_raw).sum()  # dneg/dscale = sum_ij W_ij <a_i, b_j>
-    else:
-        da, db, ds = a.new_empty(0, a.shape[1]), b.new_empty(0, b.shape[1]), scale.new_zeros(())
+    # a user's autocast region must not recast the accumulation-dtype GEMMs inside a backend
+    with torch.autocast(a.device.type, enabled=False):
+        row_lse, col_lse, row_term, col_term, da_raw, db_raw = fwd(
+            a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offset, grad
+        )
+        neg = w_row * row_term.sum() + w_col * col_term.sum()
+        if grad:
+            da = (da_raw * scale).to(a.dtype)
+            db = (db_raw * scale).to(b.dtype)
+            ds = (a.to(da_raw.dtype) * da_raw).sum()  # dneg/dscale = sum_ij W_ij <a_i, b_j>
+        else:
+            da, db = a.new_empty(0, a.shape[1]), b.new_empty(0, b.shape[1])
+            ds = scale.new_zeros(())
     return neg, row_lse, col_lse, row_term, col_term, da, db, ds
 
 
