@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 import torch
-from tolerances import assert_close_dtype, assert_close_fp64
+from tolerances import assert_close_dtype, assert_close_fp64, simlse_fwd_bwd
 
 import gammacl
 from gammacl import _ext, reference
@@ -50,20 +50,6 @@ def _feats(m, n, d, dtype):
     return a.to(dtype), b.to(dtype)
 
 
-def _fwd_bwd(fn, a, b, s, g_row, g_col, cols):
-    """(row, col, grad a, grad b, grad scale) of sum(g_row * row) + sum(g_col * col); entries whose
-    LSE is -inf (all-excluded rows / columns) get upstream 0."""
-    a = a.detach().clone().requires_grad_()
-    b = b.detach().clone().requires_grad_()
-    s = s.detach().clone().requires_grad_()
-    row, col = fn(a, b, s)
-    loss = (torch.where(torch.isfinite(row), row, 0) * g_row.to(row.dtype)).sum()
-    if cols:
-        loss = loss + (torch.where(torch.isfinite(col), col, 0) * g_col.to(col.dtype)).sum()
-    ga, gb, gs = torch.autograd.grad(loss, (a, b, s))
-    return row.detach(), col.detach(), ga, gb, gs
-
-
 def _cpp(offset, exclude, cols):
     return lambda a, b, s: simlse(
         a, b, s, offset=offset, exclude_pos=exclude, cols=cols, backend="cpp"
@@ -87,8 +73,8 @@ def test_simlse_cpp_fp64(monkeypatch, m, n, d, scale, offset, chunk):
     g_row, g_col = torch.randn(m, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
     for exclude in (False, True):
         for cols in (False, True):
-            got = _fwd_bwd(_cpp(offset, exclude, cols), a, b, s, g_row, g_col, cols)
-            want = _fwd_bwd(_ref(offset, exclude, cols, True), a, b, s, g_row, g_col, cols)
+            got = simlse_fwd_bwd(_cpp(offset, exclude, cols), a, b, s, g_row, g_col, cols)
+            want = simlse_fwd_bwd(_ref(offset, exclude, cols, True), a, b, s, g_row, g_col, cols)
             for name, x, y in zip(("row", "col", "da", "db", "dscale"), got, want, strict=True):
                 assert_close_fp64(x, y, f"{name} exclude={exclude} cols={cols}")
                 assert not torch.isnan(x).any(), name
@@ -106,8 +92,8 @@ def test_simlse_cpp_low_precision(monkeypatch, dtype, m, n, d, offset, scale):
     s = torch.tensor(scale, dtype=_acc(dtype))
     g_row, g_col = torch.randn(m), torch.randn(n)
     for exclude, cols in ((False, True), (True, True), (True, False)):
-        got = _fwd_bwd(_cpp(offset, exclude, cols), a, b, s, g_row, g_col, cols)
-        want = _fwd_bwd(
+        got = simlse_fwd_bwd(_cpp(offset, exclude, cols), a, b, s, g_row, g_col, cols)
+        want = simlse_fwd_bwd(
             _ref(offset, exclude, cols, True),
             a.double(),
             b.double(),
@@ -116,7 +102,7 @@ def test_simlse_cpp_low_precision(monkeypatch, dtype, m, n, d, offset, scale):
             g_col,
             cols,
         )
-        same = _fwd_bwd(_ref(offset, exclude, cols, False), a, b, s, g_row, g_col, cols)
+        same = simlse_fwd_bwd(_ref(offset, exclude, cols, False), a, b, s, g_row, g_col, cols)
         for name, x, y, z in zip(
             ("row", "col", "da", "db", "dscale"), got, want, same, strict=True
         ):

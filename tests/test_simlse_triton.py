@@ -14,7 +14,7 @@ if not torch.cuda.is_available():  # before anything defines the triton kernels 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from tolerances import assert_close_dtype, assert_close_fp64  # noqa: E402
+from tolerances import assert_close_dtype, assert_close_fp64, simlse_fwd_bwd  # noqa: E402
 
 import gammacl  # noqa: E402
 from gammacl import reference  # noqa: E402
@@ -48,30 +48,16 @@ def _feats(m, n, d, dtype, unit=False):
     return a.to(DEVICE, dtype), b.to(DEVICE, dtype)
 
 
-def _fwd_bwd(fn, a, b, s, g_row, g_col, cols):
-    """(row, col, grad a, grad b, grad scale) of sum(g_row * row) + sum(g_col * col); entries
-    whose LSE is -inf (all-excluded rows) get upstream 0."""
-    a = a.detach().clone().requires_grad_()
-    b = b.detach().clone().requires_grad_()
-    s = s.detach().clone().requires_grad_()
-    row, col = fn(a, b, s)
-    loss = (torch.where(torch.isfinite(row), row, 0) * g_row.to(row.dtype)).sum()
-    if cols:
-        loss = loss + (torch.where(torch.isfinite(col), col, 0) * g_col.to(col.dtype)).sum()
-    ga, gb, gs = torch.autograd.grad(loss, (a, b, s))
-    return row.detach(), col.detach(), ga, gb, gs
-
-
 def _check_simlse(m, n, d, dtype, offset, exclude, cols, scale, unit=True):
     a, b = _feats(m, n, d, dtype, unit=unit)
     s = torch.tensor(scale, dtype=_acc(dtype), device=DEVICE)
     g_row = torch.randn(m, dtype=torch.float64, device=DEVICE)
     g_col = torch.randn(n, dtype=torch.float64, device=DEVICE)
     kw = dict(offset=offset, exclude_pos=exclude, cols=cols)
-    ours = _fwd_bwd(
+    ours = simlse_fwd_bwd(
         lambda a, b, s: simlse(a, b, s, backend="triton", **kw), a, b, s, g_row, g_col, cols
     )
-    ref64 = _fwd_bwd(
+    ref64 = simlse_fwd_bwd(
         lambda a, b, s: reference.simlse(a, b, s, upcast=True, **kw),
         a.double(),
         b.double(),
@@ -89,7 +75,7 @@ def _check_simlse(m, n, d, dtype, offset, exclude, cols, scale, unit=True):
         for name, x, y in zip(names, ours, ref64, strict=True):
             assert_close_fp64(x, y, f"{what} {name}")
         return
-    same = _fwd_bwd(
+    same = simlse_fwd_bwd(
         lambda a, b, s: reference.simlse(a, b, s, upcast=False, **kw), a, b, s, g_row, g_col, cols
     )
     for name, x, y, z in zip(names, ours, ref64, same, strict=True):

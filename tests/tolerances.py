@@ -54,3 +54,16 @@ def assert_close_dtype(
         f"{what}: max error {err:.3e} > bound {bound:.3e} "
         f"(2 x torch {dtype} error {torch_err:.3e} + {TOL[dtype]:.0e} x {scale:.3g})"
     )
+
+
+def simlse_fwd_bwd(fn, a, b, s, g_row, g_col, cols):
+    """(row, col, grad a, grad b, grad scale) of sum(g_row * row) + [cols] sum(g_col * col) on
+    fresh leaves, for the simlse op tests; entries whose LSE is -inf (all-excluded rows /
+    columns) get upstream 0."""
+    a, b, s = (x.detach().clone().requires_grad_() for x in (a, b, s))
+    row, col = fn(a, b, s)
+    loss = (torch.where(torch.isfinite(row), row, 0) * g_row.to(row.dtype)).sum()
+    if cols:
+        loss = loss + (torch.where(torch.isfinite(col), col, 0) * g_col.to(col.dtype)).sum()
+    ga, gb, gs = torch.autograd.grad(loss, (a, b, s))
+    return row.detach(), col.detach(), ga, gb, gs
