@@ -172,8 +172,7 @@ def _gamma_onepass_fwd_kernel(
             w = w.to(Y.dtype.element_ty)  # operand dtype for tl.dot, fp32 accumulation
             if UPCAST:
                 w = w.to(tl.float32)
-            if COLS:
-                wt = tl.trans(w)
+            wt = tl.trans(w)  # used for dB only (COLS); dead code otherwise
             for k0 in range(0, D, BLOCK_D):
                 offs_k = k0 + offs_d
                 k_ok = offs_k < D

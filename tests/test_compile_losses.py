@@ -12,7 +12,7 @@ from conftest import cpu_backends
 from tolerances import assert_close_fp64
 
 import gammacl.modality as M
-from gammacl.gamma import GammaClipLoss, SogCLRLoss
+from gammacl.gamma import GammaClipLoss, SogCLRLoss, gamma_step_loss
 from gammacl.ops.gamma_onepass import gamma_onepass
 from gammacl.reference import gamma as ref_gamma
 
@@ -35,8 +35,9 @@ def _batch(k, b=5, d=4, dtype=torch.float64):
 
 
 def _gamma_family(backend):
-    """One module per stateful path: one-pass + LSE pass with Gamma draws from a generator,
-    SogCLR two-pass, rate='batch' with global-RNG draws, rate='fixed' one-pass."""
+    """One module per stateful path (the step adds gamma_step_loss): one-pass + LSE pass with
+    Gamma draws from a generator, SogCLR two-pass, rate='batch' with global-RNG draws,
+    rate='fixed' one-pass."""
     fixed = GammaClipLoss(10, rate="fixed", shape=0.5, backend=backend)
     fixed.set_log_rates(torch.linspace(-1.0, 1.0, 10), torch.linspace(0.5, -0.5, 10))
     return [
@@ -73,15 +74,22 @@ def _gamma_run(mods, fn, steps, first=0):
     return results
 
 
-@pytest.mark.parametrize("backend", NO_TRITON)
+@pytest.mark.parametrize("backend", cpu_backends())  # triton: under the interpreter
 def test_gamma_family_compiled_matches_eager(backend):
     torch._dynamo.reset()
     eager_mods, comp_mods = _gamma_family(backend), _gamma_family(backend)
     # re-assigning the generator registers it for gammacl::draw (the compiled draw needs that)
     comp_mods[0].generator = torch.Generator().manual_seed(7)
 
+    log_w = torch.linspace(-1.0, 1.0, 10, dtype=torch.float64).reshape(2, 5)
+    log_r = torch.linspace(0.5, 2.0, 10, dtype=torch.float64).reshape(2, 5)
+
     def make_step(mods):
-        return lambda a, c, s, idx: sum(m(a, c, s, idx) for m in mods)
+        def step(a, c, s, idx):
+            fixed_draws = gamma_step_loss(a, c, s, log_w, log_r, one_pass=True, backend=backend)
+            return fixed_draws + sum(m(a, c, s, idx) for m in mods)
+
+        return step
 
     a, c, s = _batch(0)
     explain = torch._dynamo.explain(make_step(_gamma_family(backend)))(a, c, s, torch.arange(5))

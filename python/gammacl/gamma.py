@@ -45,9 +45,14 @@ InfoNCE; `global_loss_estimate` (set by every forward, detached) holds
 Eager forwards check the index values (range, and for update="after" whether every sample was
 seen): one host sync per step, as gammacl's labels check does. Duplicate indices in one batch
 each read the state as it was before the batch; the last finite occurrence is stored.
+A row whose log Zhat is non-finite, or rests on a non-finite feature or logit_scale, leaves its
+state untouched and is counted in `nonfinite` of each LogRateState (other rows of the batch are
+stored as usual: image anchor i's Zhat uses image_i and the other texts only).
+B = 1 has no in-batch negative: ValueError.
 
 torch.compile (fullgraph=True, no graph break, no host sync in the graph). Under
-torch.compiler.is_compiling() the forward takes a sync-free form with the same results:
+torch.compiler.is_compiling() the forward takes a sync-free form with the eager results (up to
+the compiler's floating-point reassociation; the fp32 state came out bitwise equal in tests):
   * the index is trusted on the host: an out-of-range value makes the step's loss (and so every
     gradient) NaN and leaves the whole batch unstored (each row counted in `nonfinite`); reads
     and writes use the index clamped into [0, num_samples), so no kernel ever goes out of bounds;
@@ -56,12 +61,13 @@ torch.compiler.is_compiling() the forward takes a sync-free form with the same r
     one-pass statistics when every sample was seen, else the LSE pass's (torch.where on the
     device-side "all seen" flag), exactly the eager choice; last_path is "lse+one_pass";
   * draws go through the opaque op gammacl::draw, which draws from the module's own generator (or
-    the global RNG) at run time, so compiled and eager runs consume the same random stream.
+    the global RNG) at run time, so compiled and eager runs consume the same random stream
+    (a CPU generator with CUDA features copies the [2, B] draws to the device each step, a
+    blocking copy; a generator on the features' device avoids it).
 The state buffers are mutated in place (dynamo functionalises the module-buffer mutation).
-A row whose log Zhat is non-finite, or rests on a non-finite feature or logit_scale, leaves its
-state untouched and is counted in `nonfinite` of each LogRateState (other rows of the batch are
-stored as usual: image anchor i's Zhat uses image_i and the other texts only).
-B = 1 has no in-batch negative: ValueError.
+Determinism: with torch.use_deterministic_algorithms(True) repeated steps are meant to be bitwise
+reproducible on every backend (the Triton one-pass kernel then takes its atomic-free path);
+tested on CPU (torch, cpp, triton under the interpreter), not measured on GPU.
 """
 
 from __future__ import annotations
@@ -81,6 +87,13 @@ from gammacl.ops.simlse import simlse
 
 RATES = ("ema", "batch", "fixed")
 UPDATES = ("before", "after")
+
+
+@torch.compiler.assume_constant_result
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    """resolve_backend, evaluated once when a graph is traced (as the ops do): dynamo does not
+    trace the environment / extension probing (also used by gammacl.modality)."""
+    return resolve_backend(backend, device)
 
 
 def draw_log_weights(
@@ -206,7 +219,9 @@ class LogRateState(nn.Module):
     Buffers (saved by state_dict): `log_rate` [num_samples] fp32, `visited` [num_samples] bool,
     `nonfinite` (int64: rows whose log Zhat was non-finite and were therefore not stored).
     `update(index, log_zhat)` is the one update rule; a distributed caller can pass gathered
-    indices and log Zhat from every rank.
+    indices and log Zhat from every rank. `check=True` validates the index range on the host
+    (one sync) in eager mode; while torch.compile traces, the index is trusted (GammaClipLoss's
+    compiled forward clamps it and turns an out-of-range batch into a NaN loss itself).
     """
 
     def __init__(self, num_samples: int, ema: float = 0.1) -> None:
@@ -359,7 +374,7 @@ def gamma_step_loss(
     scale = V.as_scale("logit_scale", logit_scale, image_features)
     log_w = _check_step_vector("log_weight", log_weight, b, image_features)
     log_r = _check_step_vector("log_rate", log_rate, b, image_features)
-    name = resolve_backend(backend, image_features.device)
+    name = _resolve_backend(backend, image_features.device)
     log_m = math.log(b - 1)
     pos = _pos_logits(image_features, text_features, scale)
     if one_pass:
@@ -570,7 +585,7 @@ class GammaClipLoss(_GeneratorAttr, nn.Module):
             )
         scale = V.as_scale("logit_scale", logit_scale, image_features)
         dev = image_features.device
-        name = resolve_backend(self.backend, dev)
+        name = _resolve_backend(self.backend, dev)
         if self.rate == "fixed" and not self._fixed_set:
             raise RuntimeError(
                 "rate='fixed' needs set_log_rates(image_log_rate, text_log_rate) "

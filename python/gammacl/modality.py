@@ -43,9 +43,9 @@ import torch
 from torch import nn
 
 from gammacl import _validate as V
-from gammacl.dispatch import BACKENDS, resolve_backend
+from gammacl.dispatch import BACKENDS
 from gammacl.functional import _pos_logits, clip_pairs, infonce_rows, no_autocast
-from gammacl.gamma import _draw_op, _GeneratorAttr
+from gammacl.gamma import _draw_op, _GeneratorAttr, _resolve_backend
 from gammacl.ops.simlse import simlse
 
 INMODAL_FORMS = ("cyclip", "printed")
@@ -263,7 +263,7 @@ def uniformity_loss(
     normaliser, never an N x N buffer."""
     _check_group([("zi_v", zi_v), ("zi_t", zi_t)])
     t = _check_positive("t", t)
-    name = resolve_backend(backend, zi_v.device)
+    name = _resolve_backend(backend, zi_v.device)
     rows = torch.cat([_gaussian_lse_rows(zi_v, t, name), _gaussian_lse_rows(zi_t, t, name)])
     return torch.logsumexp(rows, dim=0) - math.log(zi_v.shape[0])
 
@@ -283,7 +283,7 @@ def inmodal_infonce_loss(
     _check_group([("z", z), ("z_aug", z_aug)])
     inmodal = _check_choice("inmodal", inmodal, INMODAL_FORMS)
     scale = V.as_scale("logit_scale", logit_scale, z)
-    name = resolve_backend(backend, z.device)
+    name = _resolve_backend(backend, z.device)
     return _inmodal_rows(z, z_aug, scale, inmodal, name).mean()
 
 
@@ -320,7 +320,7 @@ def feature_separation_loss(
     t = _check_positive("t", t)
     inmodal = _check_choice("inmodal", inmodal, INMODAL_FORMS)
     scale = V.as_scale("logit_scale", logit_scale, zi_v)
-    name = resolve_backend(backend, z_v.device)
+    name = _resolve_backend(backend, z_v.device)
     ortho = orthogonality_loss(z_v, zi_v, z_t, zi_t)
     con = (
         _inmodal_rows(zi_v, zi_v_aug, scale, inmodal, name).mean()
@@ -405,7 +405,7 @@ def modality_contrastive_loss(
     _check_group([("z_v", z_v), ("z_t", z_t), ("z_v_aug", z_v_aug), ("z_t_aug", z_t_aug)])
     inmodal = _check_choice("inmodal", inmodal, INMODAL_FORMS)
     scale = V.as_scale("logit_scale", logit_scale, z_v)
-    name = resolve_backend(backend, z_v.device)
+    name = _resolve_backend(backend, z_v.device)
     cross = clip_pairs(z_v, z_t, scale, backend=name).mean()  # (L_V2T + L_T2V) / 2
     inm = (
         _inmodal_rows(z_v, z_v_aug, scale, inmodal, name).mean()
