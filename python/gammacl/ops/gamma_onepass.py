@@ -72,7 +72,7 @@ def torch_fwd(
     step = _chunk_rows(m, n, 4 if acc == torch.float32 else 8)
     for i0 in range(0, m, step):
         i1 = min(m, i0 + step)
-        s, _ = _masked_logits(af[i0:i1], bf, scale, i0, offset, True)  # excluded at -inf
+        s = _masked_logits(af[i0:i1], bf, scale, i0, offset, True)  # excluded at -inf
         row_lse[i0:i1] = torch.logsumexp(s, dim=1)
         col_lse = torch.logaddexp(col_lse, torch.logsumexp(s, dim=0))
         er = torch.exp((s + alpha_row[i0:i1, None]).clamp_max_(clamp))  # e^{-inf} = 0

@@ -40,18 +40,14 @@ def _chunk_rows(m: int, n: int, itemsize: int) -> int:
 
 def _masked_logits(
     a_chunk: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, i0: int, offset: int, exclude: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scaled logits of one row chunk in the accumulation dtype, excluded entries at -inf."""
+) -> torch.Tensor:
+    """Scaled logits of rows [i0, i0 + chunk) in the accumulation dtype; with `exclude` the
+    entries (i, i + offset) -- the chunk's diagonal number i0 + offset -- are -inf (a view
+    fill: no index tensors, no host sync)."""
     s = torch.mm(a_chunk, b.t()) * scale
-    if not exclude:
-        return s, None
-    rows = torch.arange(i0, i0 + s.shape[0], device=s.device)
-    cols = rows + offset
-    ok = (cols >= 0) & (cols < s.shape[1])
-    r_idx = (rows - i0)[ok]
-    c_idx = cols[ok]
-    s[r_idx, c_idx] = float("-inf")
-    return s, (r_idx, c_idx)
+    if exclude:
+        s.diagonal(i0 + offset).fill_(float("-inf"))
+    return s
 
 
 def torch_fwd(a, b, scale, offset: int, exclude_pos: bool, cols: bool):
@@ -62,7 +58,7 @@ def torch_fwd(a, b, scale, offset: int, exclude_pos: bool, cols: bool):
     col = torch.full((n if cols else 0,), float("-inf"), dtype=acc, device=a.device)
     step = _chunk_rows(m, n, 4 if acc == torch.float32 else 8)
     for i0 in range(0, m, step):
-        s, _ = _masked_logits(af[i0 : i0 + step], bf, scale, i0, offset, exclude_pos)
+        s = _masked_logits(af[i0 : i0 + step], bf, scale, i0, offset, exclude_pos)
         row[i0 : i0 + step] = torch.logsumexp(s, dim=1)
         if cols:
             col = torch.logaddexp(col, torch.logsumexp(s, dim=0))
@@ -80,15 +76,15 @@ def torch_bwd(
     step = _chunk_rows(m, n, 4 if acc == torch.float32 else 8)
     for i0 in range(0, m, step):
         i1 = min(m, i0 + step)
-        s, masked = _masked_logits(af[i0:i1], bf, scale, i0, offset, exclude_pos)
+        s = _masked_logits(af[i0:i1], bf, scale, i0, offset, exclude_pos)
         # two chunk buffers: s (turned into the row term in place) and the column term
         e = torch.sub(s, col_lse[None, :]).exp_().mul_(g_col[None, :]) if cols else None
         w = s.sub_(row_lse[i0:i1, None]).exp_().mul_(g_row[i0:i1, None])
         if e is not None:
             w.add_(e)
             del e
-        if masked is not None:
-            w[masked] = 0.0  # exp(-inf - (-inf)) on an all-excluded row would be nan
+        if exclude_pos:  # exp(-inf - (-inf)) on an all-excluded row would be nan
+            w.diagonal(i0 + offset).zero_()
         da[i0:i1] = torch.mm(w, bf)
         db.addmm_(w.t(), af[i0:i1])
     return da, db
