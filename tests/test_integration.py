@@ -114,3 +114,21 @@ def test_double_backward_is_a_clear_error():
     (ga,) = torch.autograd.grad(loss, (a,), create_graph=True)
     with pytest.raises(RuntimeError):
         torch.autograd.grad(ga.sum(), (b,))
+
+
+def test_opcheck_cpp_gamma_onepass_and_draw():
+    from gammacl import _ext
+    from gammacl.gamma import _draw_op
+
+    torch.library.opcheck(_draw_op, ("log_gamma", 2.0, 5, -1, torch.device("cpu"), torch.float32))
+    ok, why = _ext.available(cuda=False)
+    if not ok:
+        pytest.skip(f"C++ extension unavailable: {why}")
+    ops = _ext.load()
+    a, b = torch.randn(6, 16, dtype=torch.float64), torch.randn(6, 16, dtype=torch.float64)
+    s = torch.tensor(3.0, dtype=torch.float64)
+    ar, ac = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    for grad in (True, False):
+        torch.library.opcheck(
+            ops.gamma_onepass_fwd.default, (a, b, s, ar, ac, 0.5, 0.5, 30.0, 0, grad)
+        )

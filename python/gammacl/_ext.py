@@ -194,9 +194,19 @@ def _register_fakes() -> None:
     def simlse_bwd_fake(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols):
         return a.new_empty(a.shape, dtype=acc(a)), b.new_empty(b.shape, dtype=acc(a))
 
+    def gamma_onepass_fwd_fake(
+        a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offset, grad
+    ):
+        m, n, d = a.shape[0], b.shape[0], a.shape[1]
+        v = lambda k: a.new_empty((k,), dtype=acc(a))
+        da = a.new_empty((m if grad else 0, d), dtype=acc(a))
+        db = a.new_empty((n if grad else 0, d), dtype=acc(a))
+        return v(m), v(n), v(m), v(n), da, db
+
     for op, fn in (
         ("gammacl::simlse_fwd", simlse_fwd_fake),
         ("gammacl::simlse_bwd", simlse_bwd_fake),
+        ("gammacl::gamma_onepass_fwd", gamma_onepass_fwd_fake),
     ):
         try:
             torch.library.register_fake(op, fn)
