@@ -8,9 +8,9 @@ extension from csrc/), "reference" (naive materialised loss, for checking only).
   CUDA tensors -> "triton" (falls back to "cuda", then "torch"). The triton-vs-cuda order is
                   not measured yet (no GPU has been available); it is a placeholder.
   CPU tensors  -> "cpp" when the extension builds, else "torch" with one warning. Measured on a
-                  shared 2-core AMD EPYC box, clip_loss fwd+bwd N=4096 D=256 fp32 (median of 5):
-                  cpp 0.50 s, torch 0.81 s, naive materialised 0.85 s (1 thread);
-                  0.74 / 1.32 / 1.05 s (2 threads).
+                  2-core AMD EPYC box, clip_loss fwd+bwd N=4096 D=256 fp32 (median of 5):
+                  cpp 456 ms, torch 763 ms, naive materialised 765 ms (1 thread);
+                  243 / 409 / 452 ms (2 threads) -- bench/NOTES.md.
 """
 
 from __future__ import annotations
