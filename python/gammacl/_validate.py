@@ -80,7 +80,9 @@ def as_scale(name: str, value: object, like: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
     if not math.isfinite(float(value)):
         raise ValueError(f"{name} must be finite, got {value}")
-    return torch.tensor(float(value), dtype=dtype, device=like.device)
+    # a fill kernel, not a host-to-device copy: torch.tensor(..., device="cuda") would block on
+    # the stream (cudaStreamSynchronize) every step
+    return torch.full((), float(value), dtype=dtype, device=like.device)
 
 
 def check_reduction(reduction: object) -> str:
@@ -97,8 +99,11 @@ def check_label_smoothing(label_smoothing: object) -> float:
     return float(label_smoothing)
 
 
-def check_labels(labels: object, rows: int, cols: int, device: torch.device) -> torch.Tensor:
-    """Validates user-supplied labels (one host sync for the range check)."""
+def check_labels(
+    labels: object, rows: int, cols: int, device: torch.device, *, permutation: bool = False
+) -> torch.Tensor:
+    """Validates user-supplied labels: range (and, with `permutation`, that every column appears
+    exactly once) in one host sync."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be an int64 tensor, got {type(labels).__name__}")
     if labels.dtype not in (torch.int64, torch.int32):
@@ -108,7 +113,14 @@ def check_labels(labels: object, rows: int, cols: int, device: torch.device) -> 
     if labels.device != device:
         raise ValueError(f"labels are on {labels.device} but the features are on {device}")
     lo, hi = torch.aminmax(labels)
-    lo, hi = int(lo), int(hi)
+    stats = [lo, hi]
+    if permutation:
+        counts = torch.bincount(labels.clamp(0, cols - 1).long(), minlength=cols)
+        stats.append((counts == 1).all().to(lo.dtype))
+    stats = torch.stack(stats).tolist()  # the one host sync
+    lo, hi = stats[0], stats[1]
     if lo < 0 or hi >= cols:
         raise ValueError(f"labels must lie in [0, {cols - 1}], got values in [{lo}, {hi}]")
+    if permutation and not stats[2]:
+        raise ValueError(f"labels must be a permutation of 0..{cols - 1} for the symmetric loss")
     return labels.long()

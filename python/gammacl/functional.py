@@ -173,9 +173,7 @@ def clip_loss(
     scale = V.as_scale("logit_scale", logit_scale, image_features)
     n = image_features.shape[0]
     if labels is not None:
-        labels = V.check_labels(labels, n, n, image_features.device)
-        if not bool((torch.bincount(labels, minlength=n) == 1).all()):
-            raise ValueError("labels for the symmetric CLIP loss must be a permutation of 0..N-1")
+        labels = V.check_labels(labels, n, n, image_features.device, permutation=True)
     name = resolve_backend(backend, image_features.device)
     if name == "reference":
         from gammacl import reference

@@ -66,11 +66,31 @@ class ClipLoss(nn.Module):
         return labels
 
     def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
-        """Materialised logits, as open_clip returns them (for subclasses; O(N^2) memory)."""
-        logits_per_image = logit_scale * image_features @ text_features.T
+        """Materialised logits as open_clip returns them (for subclasses; O(N^2) memory): with
+        world_size > 1 the features are gathered as open_clip's gather_features does, so the
+        logits match get_ground_truth (local rows x global columns with local_loss)."""
+        rank, world_size = self._world()
+        if world_size > 1:
+            from gammacl.distributed import _reinsert, all_gather_rows
+
+            all_i = all_gather_rows(image_features, with_grad=self.gather_with_grad)
+            all_t = all_gather_rows(text_features, with_grad=self.gather_with_grad)
+            if not self.gather_with_grad and not self.local_loss:
+                all_i = _reinsert(all_i, image_features, rank)
+                all_t = _reinsert(all_t, text_features, rank)
+            if self.local_loss:
+                logits_per_image = logit_scale * image_features @ all_t.T
+                logits_per_text = logit_scale * text_features @ all_i.T
+            else:
+                logits_per_image = logit_scale * all_i @ all_t.T
+                logits_per_text = logits_per_image.T
+        else:
+            logits_per_image = logit_scale * image_features @ text_features.T
+            logits_per_text = logits_per_image.T
         if logit_bias is not None:
             logits_per_image = logits_per_image + logit_bias
-        return logits_per_image, logits_per_image.T
+            logits_per_text = logits_per_text + logit_bias
+        return logits_per_image, logits_per_text
 
     def forward(
         self,
@@ -81,6 +101,8 @@ class ClipLoss(nn.Module):
         output_dict: bool = False,
     ):
         rank, world_size = self._world()
+        # checked before any collective so a bad bias on one rank cannot leave the others waiting
+        bias = None if logit_bias is None else V.as_scale("logit_bias", logit_bias, image_features)
         if world_size > 1:
             from gammacl.distributed import clip_loss_distributed
 
@@ -100,7 +122,6 @@ class ClipLoss(nn.Module):
             )
             scale = V.as_scale("logit_scale", logit_scale, image_features)
             loss = clip_pairs(image_features, text_features, scale, backend=self.backend).mean()
-        if logit_bias is not None:
-            bias = V.as_scale("logit_bias", logit_bias, image_features)
+        if bias is not None:
             loss = loss + 0.0 * bias
         return {"contrastive_loss": loss} if output_dict else loss
