@@ -49,6 +49,9 @@ A row whose log Zhat is non-finite, or rests on a non-finite feature or logit_sc
 state untouched and is counted in `nonfinite` of each LogRateState (other rows of the batch are
 stored as usual: image anchor i's Zhat uses image_i and the other texts only).
 B = 1 has no in-batch negative: ValueError.
+Every forward updates the state, in train and eval mode and under torch.no_grad() alike (the
+state is training data, not a parameter): evaluate with gammacl.ClipLoss / clip_loss (the gamma
+loss value is a random surrogate anyway), or snapshot state_dict() and restore it afterwards.
 
 torch.compile (fullgraph=True, no graph break, no host sync in the graph). Under
 torch.compiler.is_compiling() the forward takes a sync-free form with the eager results (up to
