@@ -7,7 +7,7 @@
 //   W_ij = w_row e^{min(l_ij + alpha_row_i, clamp)} + w_col e^{min(l_ij + alpha_col_j, clamp)}
 //   da_raw = W @ b,  db_raw = W^T @ a                       (only when grad)
 //
-// Per row chunk (rows chosen so one chunk x N buffer stays under GAMMACL_CHUNK_MIB, default 32):
+// Per row chunk (rows chosen so one chunk x N buffer stays under GAMMACL_CPU_CHUNK_MIB, default 32):
 //   S = a_chunk @ b^T (ATen GEMM, 2RND FLOPs) into the buffer;
 //   column epilogue (parallel over column ranges; each task owns its columns): chunk column
 //   max, q = e^{l - max} (column LSE, merged across chunks) and e^{l + alpha_col} = q e^{max +
@@ -30,13 +30,16 @@
 #include <tuple>
 #include <vector>
 
+#include "common.h"
+
 namespace {
 
-int64_t chunk_rows(int64_t m, int64_t n, int64_t itemsize) {
-  const char* env = std::getenv("GAMMACL_CHUNK_MIB");
-  const double mib = env ? std::atof(env) : 32.0;
-  const int64_t budget = static_cast<int64_t>((mib > 0 ? mib : 32.0) * 1024.0 * 1024.0);
-  return std::max<int64_t>(1, std::min<int64_t>(m, budget / std::max<int64_t>(1, n * itemsize)));
+constexpr double kCpuChunkMiB = 32.0;  // default chunk x N buffer budget; GAMMACL_CPU_CHUNK_MIB
+
+// Rows per chunk under the cpp backend's shared budget (GAMMACL_CPU_CHUNK_MIB, as simlse.cpp).
+int64_t cpu_chunk_rows(int64_t m, int64_t n, int64_t itemsize) {
+  return gammacl::chunk_rows(
+      m, n * itemsize, gammacl::chunk_budget_bytes("GAMMACL_CPU_CHUNK_MIB", kCpuChunkMiB), 8);
 }
 
 // log(sum) + shift with an empty sum -> -inf and a NaN sum kept NaN.
@@ -85,7 +88,7 @@ void onepass_impl(const at::Tensor& af, const at::Tensor& bf, T sc, const T* alp
   T* rl = row_lse.data_ptr<T>();
   T* rt = row_term.data_ptr<T>();
   // two chunk x N buffers with grad (S, then W over it; the column weights w_col e^{...})
-  const int64_t step = chunk_rows(m, n, (grad ? 2 : 1) * sizeof(T));
+  const int64_t step = cpu_chunk_rows(m, n, (grad ? 2 : 1) * sizeof(T));
   at::Tensor buf = at::empty({step, n}, af.options());
   at::Tensor wbuf = at::empty({grad ? step : 0, n}, af.options());
   const at::Tensor bt = bf.t();

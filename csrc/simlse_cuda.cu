@@ -88,8 +88,12 @@ __device__ __forceinline__ float lg2(float x) { return log2f(x); }
 __device__ __forceinline__ double lg2(double x) { return log2(x); }
 __device__ __forceinline__ float abs_(float x) { return fabsf(x); }
 __device__ __forceinline__ double abs_(double x) { return fabs(x); }
-__device__ __forceinline__ float fmax_(float a, float b) { return fmaxf(a, b); }
-__device__ __forceinline__ double fmax_(double a, double b) { return fmax(a, b); }
+// max that propagates NaN (fmaxf / fmax return the other operand): a NaN logit must give a NaN
+// LSE, not one computed from the remaining entries.
+template <typename A>
+__device__ __forceinline__ A max_nan(A a, A b) {
+  return (a != a || a > b) ? a : b;
+}
 
 template <typename A>
 __device__ __forceinline__ A neg_inf() {
@@ -102,26 +106,31 @@ struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
 
-// (m, s) <- (m, s) + (om, os) in base 2; empty partials have m = -inf (and s = 0).
+// (m, s) <- (m, s) + (om, os) in base 2; empty partials have m = -inf (and s = 0). A NaN max or
+// sum anywhere makes the result NaN (a partial may hold m = -inf with s = NaN: a NaN logit in a
+// column whose other entries are all excluded).
 template <typename A>
 __device__ __forceinline__ void merge(A& m, A& s, A om, A os) {
-  const A mx = fmax_(m, om);
-  if (mx == neg_inf<A>()) return;  // both empty
-  const A a = (m == neg_inf<A>()) ? A(0) : s * ex2(m - mx);
-  const A b = (om == neg_inf<A>()) ? A(0) : os * ex2(om - mx);
+  const A mx = max_nan(m, om);
+  if (mx == neg_inf<A>()) {  // both empty (s + os = 0), or a NaN sum that must survive
+    s = s + os;
+    return;
+  }
+  const A a = (m == neg_inf<A>()) ? (s != s ? s : A(0)) : s * ex2(m - mx);
+  const A b = (om == neg_inf<A>()) ? (os != os ? os : A(0)) : os * ex2(om - mx);
   m = mx;
   s = a + b;
 }
 
 template <typename A>
 __device__ __forceinline__ A finalize_lse(A m, A s) {
-  return m == neg_inf<A>() ? m : (m + lg2(s)) * A(kLn2);
+  return s != s ? s : (m == neg_inf<A>() ? m : (m + lg2(s)) * A(kLn2));
 }
 
 template <typename A>
 __device__ __forceinline__ A warp_max(A v) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmax_(v, __shfl_xor_sync(kFull, v, o));
+  for (int o = 16; o > 0; o >>= 1) v = max_nan(v, __shfl_xor_sync(kFull, v, o));
   return v;
 }
 
@@ -188,7 +197,7 @@ __global__ void __launch_bounds__(kThreads)
       // Row partial over this tile's 256 columns.
       A m = ninf;
 #pragma unroll
-      for (int k = 0; k < kPerLane; ++k) m = fmax_(m, l[k]);
+      for (int k = 0; k < kPerLane; ++k) m = max_nan(m, l[k]);
       m = warp_max(m);
       A sum = A(0);
 #pragma unroll

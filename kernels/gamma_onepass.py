@@ -14,9 +14,11 @@ One kernel (`_gamma_onepass_fwd_kernel`): program p owns rows [p*BM, (p+1)*BM) a
 column tiles. Per tile:
     S = a_blk @ b_tile^T          (tl.dot over D in BLOCK_D chunks, fp32 accumulation)  2*BM*BN*D
     online row LSE (running max m, sum l, rescaled by exp2(m_old - m_new)), row_term
-    column partial LSE of this row block, cm_j + log sum_i e^{l_ij - cm_j}, merged across row
-    blocks by an fp64 atomic add of e^{cm_j} * sum (no shift: fp64 holds e^x for |x| < 709,
-    while logits reach +-100), col_term by an fp32 atomic add
+    column partial LSE of this row block, cm_j + log sum_i e^{l_ij - cm_j}, stored to a
+    [ceil(M/BM), N] buffer (acc dtype) and LSE-merged afterwards by
+    kernels.simlse._simlse_col_merge_kernel (log space: any logit range; when the buffer would
+    pass _COL_PART_MAX_BYTES the atomic-free transposed two-launch path runs instead),
+    col_term by an atomic add
     W (cast to the operand dtype) ->  dA[rows] += W @ b_tile   (rows owned by p: read-modify-write
                                                                 per D chunk, no atomics)
                                       dB[cols] += W^T @ a_blk  (atomic add: every row block adds)
@@ -25,7 +27,7 @@ column tiles. Per tile:
     (L2); dB atomics 4*BN*D per tile, i.e. (M/BM)*N*D fp32 atomic adds in all (one per 2*BM
     GEMM FLOPs); O(M + N) statistics; never an M x N buffer. Whether the dB atomics keep this at
     the GEMM floor on a GPU is not measured (a wider row panel per program would cut them).
-Atomics make col_term, col_lse and dB sums run-to-run order dependent at fp32 rounding level on
+Atomics make col_term and dB sums run-to-run order dependent at fp32 rounding level on
 GPU (the interpreter runs programs in order). Determinism: under
 torch.use_deterministic_algorithms(True) gamma_onepass_fwd launches the kernel twice with
 COLS=False (no atomics): once on (a, b) for the row outputs and dA, once on the transposed
@@ -36,13 +38,16 @@ outputs and whose dA is dB. Every sum then runs in a fixed order (bitwise reprod
 Numerics: excluded / out-of-range entries are -inf before any exp (weight exactly 0); a running
 max of -inf is replaced by 0 as the shift, so an all-excluded row has LSE -inf and term 0.
 fp32 uses exp2 with log2(e) folded into scale, alpha and clamp; fp64 uses exp / log.
-fp16 operands: W is cast to fp16 for the gradient products, saturating at 65504 (with the cap
-at 30 a weight can reach 1e13/(2B); bf16 / fp32 hold it).
+fp16 operands: W (~0.5/B^2 at batch B, below fp16's normal range) is scaled per tile by an
+exact power of two putting max|W| near 2^14 before the fp16 cast, and the dot products are
+scaled back exactly; NaN propagates, inf saturates at 65504. bf16 / fp32 hold W unscaled.
 Config: one fixed config per dtype (_config); GPU choices are not measured. Under the
 interpreter (a test harness) bf16 tiles are upcast before tl.dot, as in kernels/simlse.py.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -50,6 +55,7 @@ import triton.language as tl
 
 from gammacl.dispatch import interpreter_on
 from gammacl.kernels.simlse import (
+    _COL_PART_MAX_BYTES,
     _LN2,
     _LOG2E,
     _NEG_INF,
@@ -61,6 +67,7 @@ from gammacl.kernels.simlse import (
     _load_rows,
     _log,
     _scores_chunked,
+    _simlse_col_merge_kernel,
     _valid,
 )
 
@@ -72,12 +79,17 @@ def _gamma_onepass_fwd_kernel(
     X,
     Y,
     SCALE,
-    PARAMS,
+    w_row_hi,
+    w_row_lo,
+    w_col_hi,
+    w_col_lo,
+    cap_hi,
+    cap_lo,
     ALPHA_R,
     ALPHA_C,
     ROW_LSE,
     ROW_TERM,
-    COL_SUM,
+    COL_PART,
     COL_TERM,
     DA,
     DB,
@@ -88,6 +100,7 @@ def _gamma_onepass_fwd_kernel(
     stride_y,
     stride_da,
     stride_db,
+    stride_part,
     offset,
     GRAD: tl.constexpr,
     COLS: tl.constexpr,
@@ -101,19 +114,20 @@ def _gamma_onepass_fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """Rows [pid*BLOCK_M, ...) of X against every row of Y: ROW_LSE, ROW_TERM stored; DA rows
-    written; with COLS, COL_SUM (fp64, += e^{col partial LSE}), COL_TERM and DB accumulated
-    atomically (without COLS no atomics: the deterministic path's row-only launch).
-    PARAMS = [w_row, w_col, clamp] in the accumulation dtype (read from memory: Python floats
-    would arrive as fp32 and cost the fp64 path its precision)."""
+    written; with COLS, COL_PART[pid, j] = LSE_{i in block} l_ij stored (merged afterwards by
+    _simlse_col_merge_kernel), COL_TERM and DB accumulated atomically (without COLS no atomics:
+    the deterministic path's row-only launch). w_row, w_col, clamp arrive as fp32 (hi, lo)
+    pairs, value = hi + lo: Triton passes Python floats as fp32, and the pair keeps ~48 bits
+    for the fp64 path without a per-call host-to-device copy (CUDA-graph capturable)."""
     pid = tl.program_id(0).to(tl.int64)  # int64: offsets reach M*D > 2^31
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < M
     offs_d = tl.arange(0, BLOCK_D)
     scale = tl.load(SCALE).to(ACC)
     alpha_r = tl.load(ALPHA_R + offs_m, mask=row_ok, other=_NEG_INF).to(ACC)
-    w_row = tl.load(PARAMS).to(ACC)
-    w_col = tl.load(PARAMS + 1).to(ACC)
-    cap = tl.load(PARAMS + 2).to(ACC)
+    w_row = tl.cast(w_row_hi, ACC) + tl.cast(w_row_lo, ACC)
+    w_col = tl.cast(w_col_hi, ACC) + tl.cast(w_col_lo, ACC)
+    cap = tl.cast(cap_hi, ACC) + tl.cast(cap_lo, ACC)
     if BASE2:  # every exponent in log2 units: e^x = 2^{x log2 e}
         scale = scale * _LOG2E
         alpha_r = alpha_r * _LOG2E
@@ -147,15 +161,15 @@ def _gamma_onepass_fwd_kernel(
         m_shift = tl.where(m_new == _NEG_INF, 0.0, m_new)
         l_i = l_i * _exp(m_i - m_shift, BASE2) + tl.sum(_exp(s - m_shift[:, None], BASE2), axis=1)
         m_i = m_new
-        if COLS:  # column partial of this row block, added as e^{cm} sum_i e^{l_ij - cm} (fp64)
+        if COLS:  # column partial of this row block: LSE_i l_ij = cm_j + log sum_i e^{l_ij - cm_j}
             cm = tl.max(s, axis=0)
             cm_shift = tl.where(cm == _NEG_INF, 0.0, cm)
             cl = tl.sum(_exp(s - cm_shift[None, :], BASE2), axis=0)
-            cm_nat = cm_shift.to(tl.float64)
+            # sum 0 -> -inf (nothing valid); a NaN sum (NaN logit) stays NaN
+            part = tl.where(cl == 0, _NEG_INF, cm_shift + _log(tl.where(cl == 0, 1.0, cl), BASE2))
             if BASE2:
-                cm_nat = cm_nat * _LN2
-            part = tl.where(cl > 0, tl.exp(cm_nat) * cl.to(tl.float64), cl.to(tl.float64))
-            tl.atomic_add(COL_SUM + offs_n, part, mask=col_ok)
+                part = part * _LN2
+            tl.store(COL_PART + pid * stride_part + offs_n, part, mask=col_ok)
         # weights: e^{min(l + alpha, clamp)} (NaN propagates so a NaN batch stays visible)
         alpha_c = tl.load(ALPHA_C + offs_n, mask=col_ok, other=_NEG_INF).to(ACC)
         if BASE2:
@@ -167,8 +181,20 @@ def _gamma_onepass_fwd_kernel(
             tl.atomic_add(COL_TERM + offs_n, tl.sum(ec, axis=0), mask=col_ok)
         if GRAD:
             w = w_row * er + w_col * ec
-            if SAT_FP16:  # fp16 operands: saturate at the fp16 maximum instead of inf
-                w = tl.minimum(w, 65504.0)
+            w_inv = 1.0  # unused unless SAT_FP16
+            if SAT_FP16:
+                # fp16 operands: W ~ 0.5/B^2 underflows fp16 (normal >= 6.1e-5). Scale the tile
+                # by 2^(14 - e), e = ceil(log2 max|W|) clamped to [-112, 127], so max|W| lands
+                # in (2^13, 2^14]; the products are multiplied by 2^(e - 14) afterwards. Both
+                # factors are built from their exponent bits: exact powers of two, so the
+                # scaling is undone exactly (fp32 accumulation). NaN kept, inf saturates.
+                wmax = tl.max(tl.max(tl.abs(w), axis=1), axis=0)
+                ok = (wmax > 0) & (wmax < 3.0e38)
+                e = tl.where(ok, tl.ceil(tl.log2(tl.where(ok, wmax, 1.0))), 0.0)
+                e = tl.minimum(tl.maximum(e, -112.0), 127.0).to(tl.int32)
+                w_sc = ((141 - e) << 23).to(tl.float32, bitcast=True)  # 2^(14 - e)
+                w_inv = ((113 + e) << 23).to(tl.float32, bitcast=True)  # 2^(e - 14)
+                w = tl.clamp(w * w_sc, -65504.0, 65504.0, propagate_nan=tl.PropagateNan.ALL)
             w = w.to(Y.dtype.element_ty)  # operand dtype for tl.dot, fp32 accumulation
             if UPCAST:
                 w = w.to(tl.float32)
@@ -181,11 +207,17 @@ def _gamma_onepass_fwd_kernel(
                 o_ptr = DA + offs_m[:, None] * stride_da + offs_k[None, :]
                 o_mask = row_ok[:, None] & k_ok[None, :]
                 o = tl.load(o_ptr, mask=o_mask & (j0 > 0), other=0.0)
-                o = _dot_nn(w, y, o, UPCAST, PRECISION)
+                if SAT_FP16:  # undo the tile scaling before accumulating
+                    zero = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
+                    o = o + _dot_nn(w, y, zero, UPCAST, PRECISION) * w_inv
+                else:
+                    o = _dot_nn(w, y, o, UPCAST, PRECISION)
                 tl.store(o_ptr, o, mask=o_mask)
                 if COLS:  # dB rows are shared by every row block
                     x = _load_rows(X, offs_m, offs_k, stride_x, M, D)
                     p = _dot_nn(wt, x, tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC), UPCAST, PRECISION)
+                    if SAT_FP16:
+                        p = p * w_inv
                     tl.atomic_add(
                         DB + offs_n[:, None] * stride_db + offs_k[None, :],
                         p,
@@ -251,32 +283,56 @@ def use_deterministic_path() -> bool:
     return torch.are_deterministic_algorithms_enabled()
 
 
+def _split_fp32(x: float) -> tuple[float, float]:
+    """x = hi + lo with hi, lo fp32-representable (lo = 0 for non-finite x): kernel scalars
+    without a host-to-device copy (Triton passes Python floats as fp32)."""
+    x = float(x)
+    hi = float(torch.tensor(x, dtype=torch.float32))
+    lo = x - hi if math.isfinite(x) and math.isfinite(hi) else 0.0
+    return hi, float(torch.tensor(lo, dtype=torch.float32))
+
+
+def _col_part_fits(m: int, n: int, dtype: torch.dtype) -> bool:
+    """Whether the [ceil(M/BM), N] column-partial buffer stays under _COL_PART_MAX_BYTES."""
+    bm = _config(dtype, 1)["BLOCK_M"]
+    itemsize = 8 if _acc_dtype(dtype) == torch.float64 else 4
+    return triton.cdiv(m, bm) * n * itemsize <= _COL_PART_MAX_BYTES
+
+
 def _launch(a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offset, grad, cols):
     """One launch of the kernel over the rows of a: (row_lse, row_term, da) and, with cols,
-    (col_lse, col_term, db) from the atomics; without cols those three are None."""
+    (col_lse, col_term, db): column LSE from the per-row-block partials (merged by
+    _simlse_col_merge_kernel, no overflow at any logit range), col_term and db from atomics;
+    without cols those three are None."""
     m, d = a.shape
     n = b.shape[0]
     acc = _acc_dtype(a.dtype)
     dev = a.device
+    cfg = _config(a.dtype, d)
+    r = triton.cdiv(m, cfg["BLOCK_M"])
     row_lse = torch.empty(m, dtype=acc, device=dev)
     row_term = torch.zeros(m, dtype=acc, device=dev)
-    col_sum = torch.zeros(n if cols else 0, dtype=torch.float64, device=dev)
+    col_part = torch.empty((r, n) if cols else (0, 0), dtype=acc, device=dev)  # every entry written
     col_term = torch.zeros(n if cols else 0, dtype=acc, device=dev)
     da = torch.zeros(m if grad else 0, d, dtype=acc, device=dev)
     db = torch.zeros(n if grad and cols else 0, d, dtype=acc, device=dev)
-    cfg = _config(a.dtype, d)
-    params = torch.tensor([w_row, w_col, clamp], dtype=acc).to(dev, non_blocking=True)
+    (wr_hi, wr_lo), (wc_hi, wc_lo), (c_hi, c_lo) = map(_split_fp32, (w_row, w_col, clamp))
     with _device_guard(dev):
-        _gamma_onepass_fwd_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
+        _gamma_onepass_fwd_kernel[(r,)](
             X=a,
             Y=b,
             SCALE=scale,
-            PARAMS=params,
+            w_row_hi=wr_hi,
+            w_row_lo=wr_lo,
+            w_col_hi=wc_hi,
+            w_col_lo=wc_lo,
+            cap_hi=c_hi,
+            cap_lo=c_lo,
             ALPHA_R=alpha_row,
             ALPHA_C=alpha_col,
             ROW_LSE=row_lse,
             ROW_TERM=row_term,
-            COL_SUM=col_sum if cols else row_term,
+            COL_PART=col_part if cols else row_term,
             COL_TERM=col_term if cols else row_term,
             DA=da if grad else row_term,
             DB=db if grad and cols else row_term,
@@ -287,6 +343,7 @@ def _launch(a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offset, grad
             stride_y=b.stride(0),
             stride_da=da.stride(0) if grad else 0,
             stride_db=db.stride(0) if grad and cols else 0,
+            stride_part=col_part.stride(0) if cols else 0,
             offset=int(offset),
             GRAD=bool(grad),
             COLS=bool(cols),
@@ -294,9 +351,21 @@ def _launch(a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offset, grad
             **_flags(a.dtype),
             **cfg,
         )
-    if not cols:
-        return row_lse, row_term, da, None, None, None
-    col_lse = torch.log(col_sum).to(acc)  # log 0 = -inf for an all-excluded column; NaN stays
+        if not cols:
+            return row_lse, row_term, da, None, None, None
+        col_lse = torch.empty(n, dtype=acc, device=dev)
+        block_r, block_n = (32, 64) if interpreter_on() else (16, 256)
+        _simlse_col_merge_kernel[(triton.cdiv(n, block_n),)](
+            PART=col_part,
+            COL_LSE=col_lse,
+            R=r,
+            N=n,
+            stride_part=col_part.stride(0),
+            ACC=_flags(a.dtype)["ACC"],
+            BLOCK_R=block_r,
+            BLOCK_N=block_n,
+            num_warps=4,
+        )
     return row_lse, row_term, da, col_lse, col_term, db
 
 
@@ -332,7 +401,8 @@ def gamma_onepass_fwd(
         da = torch.zeros(m if grad else 0, d, dtype=acc, device=dev)
         db = torch.zeros(n if grad else 0, d, dtype=acc, device=dev)
         return row_lse, col_lse, row_lse.new_zeros(m), col_lse.new_zeros(n), da, db
-    if use_deterministic_path():
+    # atomic-free two-launch path: deterministic mode, or a column-partial buffer too large
+    if use_deterministic_path() or not _col_part_fits(m, n, a.dtype):
         row_lse, row_term, da, *_ = _launch(
             a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offset, grad, False
         )

@@ -2,6 +2,7 @@
 CPU backend against gammacl.reference.gamma.gamma_onepass."""
 
 import importlib
+import math
 
 import pytest
 import torch
@@ -154,9 +155,51 @@ def test_onepass_many_row_chunks(backend, monkeypatch):
     """Chunked backends with a chunk of a few rows: column statistics merge across chunks."""
     simlse_mod = importlib.import_module("gammacl.ops.simlse")  # the package re-exports a function
     monkeypatch.setattr(simlse_mod, "_CHUNK_BYTES", 37 * 8 * 4)  # torch: 4 rows per chunk
-    monkeypatch.setenv("GAMMACL_CHUNK_MIB", str(37 * 8 * 4 / 2**20))  # cpp: likewise
+    monkeypatch.setenv("GAMMACL_CPU_CHUNK_MIB", str(37 * 8 * 4 / 2**20))  # cpp: likewise
     a, b, s, ar, ac = _inputs(37, 37, 20, torch.float64)
     out = _backend_fwd(backend)(a, b, s, ar, ac, 0.3, 0.7, 30.0, 1, True)
     r64 = ref.gamma_onepass(a, b, s, ar, ac, 0.3, 0.7, 30.0, 1)
     for name, x, y in zip(OUTPUTS, out, r64, strict=True):
         assert_close_fp64(x, y, name)
+
+
+NOT_TORCH = [p for p in ALL if p.values[0] != "torch"]
+
+
+@pytest.mark.parametrize("backend", NOT_TORCH)
+def test_onepass_fp16_large_batch_weights(backend):
+    """fp16 inputs with the weights of a batch of B = 131072 (w = 0.5/B, alpha = -log(B-1)):
+    W ~ 0.5/B^2 is below fp16's normal range, so an unscaled fp16 W loses the gradient (rel.
+    error 0.7 before the per-tile power-of-two scaling). Compared with the fp32 torch backend
+    relative to max|ref| (the gradients are ~1e-8: a max(1, .) scale would hide the loss)."""
+    big_b = 131072
+    a, b, s, _, _ = _inputs(32, 32, 16, torch.float16, scale=10.0)
+    al = torch.full((32,), -math.log(big_b - 1), dtype=torch.float32)
+    args = (s, al, al.clone(), 0.5 / big_b, 0.5 / big_b, 30.0, 0, True)
+    out = _backend_fwd(backend)(a, b, *args)
+    want = _backend_fwd("torch")(a, b, *args)
+    for name, x, y in zip(OUTPUTS, out, want, strict=True):
+        assert_close_dtype(x, y, None, torch.float16, f"{backend} B={big_b} {name}")
+
+
+@pytest.mark.parametrize("backend", NOT_TORCH)
+@pytest.mark.parametrize("small_part_buffer", [False, True], ids=["merge", "transposed"])
+def test_onepass_huge_logits_fp64(backend, small_part_buffer, monkeypatch):
+    """Unnormalised features, logits up to ~+-1000: e^{l} overflows fp64, so column partials
+    must be merged in log space (col_lse finite and equal to the torch backend). With a tiny
+    column-partial budget the triton backend takes the transposed atomic-free launch."""
+    if small_part_buffer:
+        if backend != "triton":
+            pytest.skip("the column-partial buffer budget exists only in the triton backend")
+        monkeypatch.setattr(
+            importlib.import_module("gammacl.kernels.gamma_onepass"), "_COL_PART_MAX_BYTES", 0
+        )
+    a, b, s, ar, ac = _inputs(40, 35, 16, torch.float64, scale=10.0)
+    a, b = a * 10.0, b * 10.0
+    assert float((s * a @ b.T).abs().max()) > 709.0  # past fp64's e^x range
+    args = (s, ar, ac, 0.3, 0.7, 30.0, 1, True)
+    out = _backend_fwd(backend)(a, b, *args)
+    want = _backend_fwd("torch")(a, b, *args)
+    assert torch.isfinite(out[1]).all(), out[1]
+    for name, x, y in zip(OUTPUTS, out, want, strict=True):
+        assert_close_fp64(x, y, f"{backend} {name}")

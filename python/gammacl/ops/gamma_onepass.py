@@ -32,7 +32,7 @@ The gradient is computed in the forward and stashed (O((M+N)D), never M x N); th
 scales it by the upstream gradient of `neg`, so `neg` is the one differentiable output.
 
 Determinism: the torch and cpp backends sum in a fixed order. The Triton kernel merges column
-statistics and dB across row blocks with atomics (rounding-level run-to-run differences on GPU);
+sums (col_term) and dB across row blocks with atomics (rounding-level run-to-run changes on GPU);
 under torch.use_deterministic_algorithms(True) it takes an atomic-free two-launch path instead
 (kernels/gamma_onepass.py, 8MND). Autocast is switched off inside the op.
 """
