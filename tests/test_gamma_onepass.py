@@ -179,7 +179,10 @@ def test_onepass_fp16_large_batch_weights(backend):
     out = _backend_fwd(backend)(a, b, *args)
     want = _backend_fwd("torch")(a, b, *args)
     for name, x, y in zip(OUTPUTS, out, want, strict=True):
-        assert_close_dtype(x, y, None, torch.float16, f"{backend} B={big_b} {name}")
+        fin = torch.isfinite(y)
+        m = float(y[fin].abs().max()) if fin.any() else 1.0
+        m = m if m > 0 else 1.0  # compare at unit scale: the rule's absolute floor sits above 1e-8
+        assert_close_dtype(x / m, y / m, None, torch.float16, f"{backend} B={big_b} {name}")
 
 
 @pytest.mark.parametrize("backend", NOT_TORCH)
