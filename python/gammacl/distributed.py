@@ -387,6 +387,16 @@ def _valid_local_estimates(
     return torch.stack([row_ok, col_ok]) & torch.isfinite(scale.detach())
 
 
+def _local_neg_lse(image, text, all_image, all_text, scale, off: int, name: str):
+    """Negatives-only LSEs of this rank's anchors: local image rows against the gathered texts
+    and local text rows against the gathered images, the positive (column i + off) excluded."""
+    from gammacl.ops.simlse import simlse
+
+    row, _ = simlse(image, all_text, scale, offset=off, exclude_pos=True, cols=False, backend=name)
+    col, _ = simlse(text, all_image, scale, offset=off, exclude_pos=True, cols=False, backend=name)
+    return row, col
+
+
 def gamma_loss_distributed(
     loss,
     image_features: torch.Tensor,
@@ -410,7 +420,6 @@ def gamma_loss_distributed(
     from gammacl.functional import _pos_logits
     from gammacl.gamma import _check_index_tensor, _neg_two_pass, _range_error
     from gammacl.ops.gamma_onepass import gamma_onepass
-    from gammacl.ops.simlse import simlse
 
     dist = _dist()
     if not (dist.is_available() and dist.is_initialized()):
@@ -473,11 +482,8 @@ def gamma_loss_distributed(
     pos = _pos_logits(image_features, text_features, scale)
 
     if not one_pass:  # excluded-positive LSEs -> rates (update before use) -> weights
-        row, _ = simlse(
-            image_features, all_text, scale, offset=off, exclude_pos=True, cols=False, backend=name
-        )
-        col, _ = simlse(
-            text_features, all_image, scale, offset=off, exclude_pos=True, cols=False, backend=name
+        row, col = _local_neg_lse(
+            image_features, text_features, all_image, all_text, scale, off, name
         )
         log_zhat = torch.stack([row, col]).detach() - log_m
         if loss.rate == "ema":  # rows resting on a non-finite input are never stored
@@ -501,23 +507,11 @@ def gamma_loss_distributed(
             loss.last_path = "one_pass"
         else:
             with torch.no_grad():
-                r_, _ = simlse(
-                    image_features.detach(),
-                    all_text.detach(),
+                r_, c_ = _local_neg_lse(
+                    *(t.detach() for t in (image_features, text_features, all_image, all_text)),
                     scale.detach(),
-                    offset=off,
-                    exclude_pos=True,
-                    cols=False,
-                    backend=name,
-                )
-                c_, _ = simlse(
-                    text_features.detach(),
-                    all_image.detach(),
-                    scale.detach(),
-                    offset=off,
-                    exclude_pos=True,
-                    cols=False,
-                    backend=name,
+                    off,
+                    name,
                 )
             log_zhat = torch.stack([r_, c_]) - log_m
             log_r = torch.where(seen, stored, log_zhat)
