@@ -5,7 +5,8 @@
 * `feats`, `fwd_bwd`, `simlse_case`, `clip_case`: simlse forward (row / column LSE) and
   backward (grads of a, b, scale under random upstream) and clip_loss on one backend against
   gammacl.reference with the test suite's rule (tests/tolerances.py);
-* `time_clip_loss`, `bench_ms`, `print_timing`: clip_loss timing with gammacl._measure
+* `onepass_case`: the gamma_onepass backend function against reference.gamma.gamma_onepass;
+* `time_clip_loss`, `time_onepass`, `bench_ms`, `print_timing`: timings with gammacl._measure
   (time_call: triton.testing.do_bench, median [p20, p80] ms; measure_memory: peak allocated
   over what was allocated before the step);
 * `report`, `finish`: the JSON report ($OUT/TOOL.json, or bench/out/ when $OUT is unset), the
@@ -201,6 +202,48 @@ def simlse_case(
     return run
 
 
+ONEPASS_NAMES = ("row_lse", "col_lse", "row_term", "col_term", "da_raw", "db_raw")
+
+
+def onepass_case(
+    backend: str, dtype: torch.dtype, n: int, d: int, *, clamp: float = 30.0, offset: int = 0
+) -> Callable[[], str]:
+    """A check of the gamma_onepass backend function (gammacl.ops.gamma_onepass._backend_impl:
+    row / column LSE, row / column terms, da_raw, db_raw) on [n, d] x [n, d] features against
+    reference.gamma.gamma_onepass, with the test suite's rule. Scale 14.3, alphas ~ N(-log n, 1)
+    (weights ~ 1/n, as the gamma loss makes them); clamp < 30 makes the cap bite."""
+    import math
+
+    from tolerances import assert_close_dtype, assert_close_fp64
+
+    from gammacl.ops.gamma_onepass import _backend_impl
+    from gammacl.reference import gamma as ref
+
+    def run() -> str:
+        torch.manual_seed(n * 1000 + d + 7)
+        a, b = feats(n, n, d, dtype)
+        s = torch.tensor(14.3, dtype=acc(dtype), device=DEV)
+        ar = (torch.randn(n, device=DEV, dtype=torch.float64) - math.log(n)).to(acc(dtype))
+        ac = (torch.randn(n, device=DEV, dtype=torch.float64) - math.log(n)).to(acc(dtype))
+        args = (s, ar, ac, 0.3, 0.7, clamp, offset)
+        ours = _backend_impl(backend)(a, b, *args, True)
+        r64 = ref.gamma_onepass(a, b, *args, upcast=True)
+        errs = []
+        if dtype == torch.float64:
+            for nm, x, y in zip(ONEPASS_NAMES, ours, r64, strict=True):
+                assert_close_fp64(x, y, nm)
+        else:
+            same = ref.gamma_onepass(a, b, *args, upcast=False)
+            for nm, x, y, z in zip(ONEPASS_NAMES, ours, r64, same, strict=True):
+                assert_close_dtype(x, y, z, dtype, nm)
+        for nm, x, y in zip(ONEPASS_NAMES, ours, r64, strict=True):
+            assert not torch.isnan(x).any(), f"{nm} has NaN"
+            errs.append(f"{nm} {float((x.double() - y.double()).abs().max()):.1e}")
+        return "max|err| " + ", ".join(errs)
+
+    return run
+
+
 def clip_case(backend: str, dtype: torch.dtype, n: int, d: int) -> Callable[[], str]:
     """A check of gammacl.clip_loss(backend=...) value and grads (a, b, scale 30) against
     reference.clip_loss, by assert_close_dtype."""
@@ -262,6 +305,17 @@ def bench_ms(fn: Callable[[], Any], leaves: Sequence[torch.Tensor] = ()) -> list
     return [t["time_ms_p50"], t["time_ms_p20"], t["time_ms_p80"]]
 
 
+def _peak_extra_mib(step: Callable[[], Any]) -> float | None:
+    """MiB allocated at the peak of one step over what was allocated before it (torch's CUDA
+    allocator); None where the allocator keeps no such count (CPU)."""
+    from gammacl import _measure as M
+
+    mem = M.measure_memory(step, M.Step(step, ()), torch.device(DEV))
+    if mem.get("peak_allocated") is None or mem.get("base_allocated") is None:
+        return None
+    return round((mem["peak_allocated"] - mem["base_allocated"]) / 2**20, 1)
+
+
 def time_clip_loss(
     n: int, d: int, backend: str, flops: dict[str, tuple[str, int]]
 ) -> dict[str, Any]:
@@ -291,11 +345,45 @@ def time_clip_loss(
         with torch.no_grad():
             f = bench_ms(fwd)
         fb = bench_ms(fwd_bwd, (a, b, s))
-        mem = M.measure_memory(fwd_bwd, M.Step(fwd_bwd, ()), torch.device(DEV))
-        peak = (mem["peak_allocated"] - mem["base_allocated"]) / 2**20
-        entry.update(fwd_ms=f, fwd_bwd_ms=fb, peak_extra_mib=round(peak, 1))
+        peak = _peak_extra_mib(fwd_bwd)
+        entry.update(fwd_ms=f, fwd_bwd_ms=fb, peak_extra_mib=peak)
         for key, (timing, count) in flops.items():
             entry[key] = tflops(count, entry[timing][0])
+    except Exception as exc:
+        entry["error"] = error_text(exc)
+    return entry
+
+
+def time_onepass(n: int, d: int, backend: str) -> dict[str, Any]:
+    """The gamma one-pass negative term (gammacl.ops.gamma_onepass.gamma_onepass: value and
+    gradient in one sweep, 6 N^2 D FLOPs) forward + backward of seeded [n, d] bf16 features on one
+    backend: {N, D, dtype, backend, fwd_bwd_ms, peak_extra_mib, fwd_bwd_tflops_6N2D} or error."""
+    import math
+
+    from gammacl import _measure as M
+    from gammacl.ops.gamma_onepass import gamma_onepass
+
+    torch.manual_seed(0)
+    a = torch.nn.functional.normalize(torch.randn(n, d, device=DEV), dim=1)
+    b = torch.nn.functional.normalize(torch.randn(n, d, device=DEV), dim=1)
+    a = a.to(torch.bfloat16).requires_grad_()
+    b = b.to(torch.bfloat16).requires_grad_()
+    s = torch.tensor(14.3, device=DEV, requires_grad=True)
+    ar = torch.full((n,), -math.log(n), device=DEV)
+    ac = torch.full((n,), -math.log(n), device=DEV)
+
+    def fwd_bwd():
+        neg = gamma_onepass(a, b, s, ar, ac, w_row=0.5, w_col=0.5, backend=backend)[0]
+        torch.autograd.grad(neg, (a, b, s))
+
+    entry: dict[str, Any] = {"N": n, "D": d, "dtype": "bfloat16", "backend": backend}
+    try:
+        fwd_bwd()
+        M.sync(torch.device(DEV))
+        fb = bench_ms(fwd_bwd, (a, b, s))
+        peak = _peak_extra_mib(fwd_bwd)
+        entry.update(fwd_bwd_ms=fb, peak_extra_mib=peak)
+        entry["fwd_bwd_tflops_6N2D"] = tflops(6 * n * n * d, fb[0])
     except Exception as exc:
         entry["error"] = error_text(exc)
     return entry

@@ -12,10 +12,13 @@
    fp32 torch backend, with exclude_pos and an offset (int64 index paths).
 3. CUDA graph: clip_loss forward + backward captured once, replayed; replays must be bitwise equal
    to each other and match eager.
+1b. gamma_onepass (the one-pass gamma / SogCLR negative term, csrc/gamma_onepass_cuda.{cu,cpp})
+   against reference.gamma.gamma_onepass at bf16 / fp16 / fp32 / fp64, N in {17, 4096, 4097},
+   with the cap biting, an offset, and many chunks.
 4. Timing: clip_loss forward + backward at N in {32768, 65536}, D = 1024, bf16, triton.testing.
    do_bench (median, p20, p80 ms) for backend "cuda" (and "triton", "torch" when usable), peak
    extra memory, TFLOP/s from 8 N^2 D (two-pass: 4 GEMMs), and the 4-GEMM floor (4 x one
-   N x N x D bf16 torch.mm).
+   N x N x D bf16 torch.mm); then the gamma one-pass term (6 N^2 D) on the same backends.
 
 Prints a table and writes JSON to $OUT/check_cuda_gpu.json (or bench/out/ when $OUT is unset).
 Refuses to run without a CUDA device.
@@ -82,6 +85,19 @@ def _parity_checks(results: list) -> None:
                      case(dtype, 4097, 64, offset=2, exclude=True))  # fmt: skip
         G.record(results, f"clip_loss {tag} N=4097 D=1024", G.clip_case("cuda", dtype, 4097, 1024))
     G.record_fp64(results, case)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        tag = G.dtype_tag(dtype)
+        for n, d in ((17, 64), (4096, 1024), (4097, 256)):
+            if dtype == torch.float64 and n > 4096:
+                continue
+            G.record(
+                results, f"gamma_onepass {tag} N={n} D={d}", G.onepass_case("cuda", dtype, n, d)
+            )
+        G.record(results, f"gamma_onepass {tag} N=4097 D=64 cap bites off=1",
+                 G.onepass_case("cuda", dtype, 4097, 64, clamp=-2.0, offset=1))  # fmt: skip
+        with _Env(GAMMACL_CUDA_CHUNK_MIB="3"):
+            G.record(results, f"gamma_onepass {tag} N=4097 D=64 chunks of ~128 rows",
+                     G.onepass_case("cuda", dtype, 4097, 64, offset=-2))  # fmt: skip
 
 
 def _large_n_check(results: list) -> None:
@@ -191,6 +207,14 @@ def _timings() -> list:
         rows.append(_gemm_floor(n, 1024))
         for entry in rows[-len(backends) - 1 :]:
             G.print_timing(entry, 13, "fwd_bwd_tflops_8N2D", "8N^2D")
+    print("gamma one-pass negative term fwd+bwd (6N^2D; target <= 3/4 of the 4-GEMM floor):")
+    for n in (32768, 65536):
+        for backend in backends:
+            entry = G.time_onepass(n, 1024, backend)
+            entry["op"] = "gamma_onepass"
+            rows.append(entry)
+            G.print_timing(entry, 13, "fwd_bwd_tflops_6N2D", "6N^2D")
+            torch.cuda.empty_cache()
     return rows
 
 

@@ -1,5 +1,5 @@
-// Shared declarations for gammacl's C++ (simlse.cpp), CUDA-kernel (simlse_cuda.cu) and CUDA-binding
-// (simlse_cuda.cpp) translation units. No torch and no CUDA header here: the .cu files include it
+// Shared declarations for gammacl's C++ (*.cpp), CUDA-kernel (*.cu) and CUDA-binding (*_cuda.cpp)
+// translation units. No torch and no CUDA header here: the .cu files include it
 // and are compile-checked by nvcc alone (tests/test_cuda_compile.py).
 #pragma once
 
@@ -62,8 +62,8 @@ size_t simlse_fwd_workspace_bytes(int64_t rows, int64_t n, bool f64);
 // are merged by one thread per column; no atomics.
 int simlse_fwd_chunk(const void* s, gammacl::GcType s_type, int64_t rows, int64_t n, int64_t ld,
                      int64_t row0, int64_t offset, bool exclude, bool cols, const void* scale,
-                     void* row_lse, void* col_m, void* col_l, bool first, bool last,
-                     void* col_lse, void* work, CUstream_st* stream);
+                     void* row_lse, void* col_m, void* col_l, bool first, bool last, void* col_lse,
+                     void* work, CUstream_st* stream);
 
 // Backward weights of one row chunk, written to w (may alias s when the types match):
 //   W_ij = w_scale * (g_row[i] exp(l_ij - row_lse[i]) + [cols] g_col[j] exp(l_ij - col_lse[j]))
@@ -75,5 +75,28 @@ int simlse_bwd_weights(const void* s, gammacl::GcType s_type, void* w, gammacl::
                        int64_t offset, bool exclude, bool cols, const void* scale,
                        const void* row_lse, const void* col_lse, const void* g_row,
                        const void* g_col, const void* w_scale, CUstream_st* stream);
+
+// Bytes of device workspace gamma_onepass_chunk needs for a chunk of `rows` rows.
+size_t gamma_onepass_workspace_bytes(int64_t rows, int64_t n, bool f64);
+
+// One row chunk of the gamma one-pass op (contract: python/gammacl/ops/gamma_onepass.py). S (rows
+// x n, ld_s, F32 or F64) holds raw dot products of global rows row0..row0+rows-1; entry
+// (row0 + i, row0 + i + offset) is excluded. With l = scale * S:
+//   row_lse[row0 + i], row_term[row0 + i] = sum_j e^{min(l_ij + alpha_row[row0 + i], clamp)}
+//   columns: running (col_m, col_s) base-2 LSE stats and col_t term sums merged with this chunk's
+//            (`first` starts them fresh; `last` writes col_lse / col_term instead of storing them)
+//   grad: W_ij = w_row e^{min(l_ij + alpha_row_i, clamp)} + w_col e^{min(l_ij + alpha_col_j,
+//   clamp)}
+//         (0 if excluded) into w (rows x n, ld_w): w_type == s_type (w may alias s) or BF16 for
+//         F32.
+// alpha_row: [row0 + rows] (indexed globally), alpha_col: [n]; acc-typed device pointers. No
+// atomics; `work` holds gamma_onepass_workspace_bytes(rows, n, s_type == F64) bytes.
+int gamma_onepass_chunk(const void* s, gammacl::GcType s_type, void* w, gammacl::GcType w_type,
+                        int64_t rows, int64_t n, int64_t ld_s, int64_t ld_w, int64_t row0,
+                        int64_t offset, const void* scale, const void* alpha_row,
+                        const void* alpha_col, double w_row, double w_col, double clamp, bool grad,
+                        void* row_lse, void* row_term, void* col_m, void* col_s, void* col_t,
+                        bool first, bool last, void* col_lse, void* col_term, void* work,
+                        CUstream_st* stream);
 
 }  // namespace gammacl::cuda

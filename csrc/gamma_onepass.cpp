@@ -3,11 +3,12 @@
 //
 //   l_ij = scale * <a_i, b_j>, entries (i, i + offset) excluded
 //   row_lse_i  = LSE_j l_ij                          col_lse_j  = LSE_i l_ij
-//   row_term_i = sum_j e^{min(l_ij + alpha_row_i, clamp)}   col_term_j = sum_i e^{min(l_ij + alpha_col_j, clamp)}
-//   W_ij = w_row e^{min(l_ij + alpha_row_i, clamp)} + w_col e^{min(l_ij + alpha_col_j, clamp)}
-//   da_raw = W @ b,  db_raw = W^T @ a                       (only when grad)
+//   row_term_i = sum_j e^{min(l_ij + alpha_row_i, clamp)}   col_term_j = sum_i e^{min(l_ij +
+//   alpha_col_j, clamp)} W_ij = w_row e^{min(l_ij + alpha_row_i, clamp)} + w_col e^{min(l_ij +
+//   alpha_col_j, clamp)} da_raw = W @ b,  db_raw = W^T @ a                       (only when grad)
 //
-// Per row chunk (rows chosen so one chunk x N buffer stays under GAMMACL_CPU_CHUNK_MIB, default 32):
+// Per row chunk (rows chosen so one chunk x N buffer stays under GAMMACL_CPU_CHUNK_MIB, default
+// 32):
 //   S = a_chunk @ b^T (ATen GEMM, 2RND FLOPs) into the buffer;
 //   column epilogue (parallel over column ranges; each task owns its columns): chunk column
 //   max, q = e^{l - max} (column LSE, merged across chunks) and e^{l + alpha_col} = q e^{max +
@@ -30,6 +31,7 @@
 #include <tuple>
 #include <vector>
 
+#include "checks.h"
 #include "common.h"
 
 namespace {
@@ -38,8 +40,8 @@ constexpr double kCpuChunkMiB = 32.0;  // default chunk x N buffer budget; GAMMA
 
 // Rows per chunk under the cpp backend's shared budget (GAMMACL_CPU_CHUNK_MIB, as simlse.cpp).
 int64_t cpu_chunk_rows(int64_t m, int64_t n, int64_t itemsize) {
-  return gammacl::chunk_rows(
-      m, n * itemsize, gammacl::chunk_budget_bytes("GAMMACL_CPU_CHUNK_MIB", kCpuChunkMiB), 8);
+  return gammacl::chunk_rows(m, n * itemsize,
+                             gammacl::chunk_budget_bytes("GAMMACL_CPU_CHUNK_MIB", kCpuChunkMiB), 8);
 }
 
 // log(sum) + shift with an empty sum -> -inf and a NaN sum kept NaN.
@@ -193,26 +195,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 gamma_onepass_fwd_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
                       const at::Tensor& alpha_row, const at::Tensor& alpha_col, double w_row,
                       double w_col, double clamp, int64_t offset, bool grad) {
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "gamma_onepass_fwd: a and b must be 2-D, got ",
-              a.sizes(), " and ", b.sizes());
-  TORCH_CHECK(a.size(1) == b.size(1), "gamma_onepass_fwd: feature dims differ: ", a.sizes(),
-              " vs ", b.sizes());
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "gamma_onepass_fwd: a and b dtypes differ: ",
-              a.scalar_type(), " vs ", b.scalar_type());
-  TORCH_CHECK(at::isFloatingType(a.scalar_type()), "gamma_onepass_fwd: a must be floating, got ",
-              a.scalar_type());
-  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), "gamma_onepass_fwd: CPU tensors only");
-  const auto acc = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(scale.dim() == 0 && scale.scalar_type() == acc,
-              "gamma_onepass_fwd: scale must be a 0-d ", acc, " tensor, got ", scale.sizes(), " ",
-              scale.scalar_type());
-  const int64_t m = a.size(0), n = b.size(0), d = a.size(1);
-  TORCH_CHECK(alpha_row.dim() == 1 && alpha_row.size(0) == m && alpha_row.scalar_type() == acc,
-              "gamma_onepass_fwd: alpha_row must be [", m, "] ", acc, ", got ", alpha_row.sizes(),
-              " ", alpha_row.scalar_type());
-  TORCH_CHECK(alpha_col.dim() == 1 && alpha_col.size(0) == n && alpha_col.scalar_type() == acc,
-              "gamma_onepass_fwd: alpha_col must be [", n, "] ", acc, ", got ", alpha_col.sizes(),
-              " ", alpha_col.scalar_type());
+  const char* op = "gammacl::gamma_onepass_fwd (cpu)";
+  const gammacl::Problem pr = gammacl::check_problem(op, a, b, scale, at::kCPU);
+  const auto acc = pr.acc;
+  const int64_t m = pr.M, n = pr.N, d = pr.D;
+  gammacl::check_vec(op, "alpha_row", alpha_row, m, a, acc);
+  gammacl::check_vec(op, "alpha_col", alpha_col, n, a, acc);
   const auto opts = a.options().dtype(acc);
   at::Tensor af = a.to(acc).contiguous(), bf = b.to(acc).contiguous();
   at::Tensor ar = alpha_row.contiguous(), ac = alpha_col.contiguous();
@@ -227,9 +215,9 @@ gamma_onepass_fwd_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor
     return {row_lse, col_lse, row_term, col_term, da, db};
   }
   if (acc == at::kDouble) {
-    onepass_impl<double>(af, bf, scale.item<double>(), ar.data_ptr<double>(),
-                         ac.data_ptr<double>(), w_row, w_col, clamp, offset, grad, row_lse,
-                         col_lse, row_term, col_term, da, db);
+    onepass_impl<double>(af, bf, scale.item<double>(), ar.data_ptr<double>(), ac.data_ptr<double>(),
+                         w_row, w_col, clamp, offset, grad, row_lse, col_lse, row_term, col_term,
+                         da, db);
   } else {
     onepass_impl<float>(af, bf, scale.item<float>(), ar.data_ptr<float>(), ac.data_ptr<float>(),
                         static_cast<float>(w_row), static_cast<float>(w_col),

@@ -34,6 +34,7 @@
 #include <tuple>
 #include <vector>
 
+#include "checks.h"
 #include "common.h"
 
 namespace gammacl {
@@ -190,8 +191,7 @@ inline double row_sum(const double* x, int64_t n, double s, double m) {
 inline float row_sum_cols(const float* x, int64_t n, float s, float m, float* cm, float* cl) {
   return sum_exp_cols_f32(x, n, s, m, cm, cl);
 }
-inline double row_sum_cols(const double* x, int64_t n, double s, double m, double* cm,
-                           double* cl) {
+inline double row_sum_cols(const double* x, int64_t n, double s, double m, double* cm, double* cl) {
   return sum_exp_cols(x, n, s, m, cm, cl);
 }
 inline void row_weights(float* x, int64_t n, float s, bool row, float gr, float r, const float* gc,
@@ -213,7 +213,7 @@ inline int64_t excluded_col(bool exclude, int64_t i, int64_t offset, int64_t n) 
 // Row LSE of s * x over j != e, updating the row block's column partials when cm != nullptr.
 template <typename T>
 T row_lse(const T* x, int64_t n, T s, int64_t e, T* cm, T* cl) {
-  const int64_t n0 = e < 0 ? n : e;               // [0, n0) and [n0 + 1, n) when e >= 0
+  const int64_t n0 = e < 0 ? n : e;  // [0, n0) and [n0 + 1, n) when e >= 0
   const int64_t n1 = e < 0 ? 0 : n - e - 1;
   const T* x1 = x + n0 + 1;
   T m = row_max(x, n0, s);
@@ -231,37 +231,6 @@ T row_lse(const T* x, int64_t n, T s, int64_t e, T* cm, T* cl) {
     if (n1 > 0) sum += row_sum(x1, n1, s, m);
   }
   return m + std::log(sum);
-}
-
-void check_features(const char* op, const at::Tensor& a, const at::Tensor& b) {
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, op, ": a and b must be 2-D [rows, D], got shapes ",
-              a.sizes(), " and ", b.sizes());
-  TORCH_CHECK(a.size(1) == b.size(1), op, ": a and b must have the same feature dimension, got ",
-              a.size(1), " and ", b.size(1));
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": a and b must have the same dtype, got ",
-              a.scalar_type(), " and ", b.scalar_type());
-  const auto t = a.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op,
-              ": a and b must be float16, bfloat16, float32 or float64, got ", t);
-  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), op,
-              ": the CPU kernel got tensors on ", a.device(), " and ", b.device());
-}
-
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-void check_vec(const char* op, const char* name, const at::Tensor& t, int64_t n,
-               at::ScalarType acc) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must have shape [", n, "], got ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == acc, op, ": ", name, " must be ", acc, ", got ", t.scalar_type());
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU, got ", t.device());
-}
-
-void check_scale(const char* op, const at::Tensor& scale, at::ScalarType acc) {
-  TORCH_CHECK(scale.numel() == 1, op, ": scale must have one element, got shape ", scale.sizes());
-  TORCH_CHECK(scale.scalar_type() == acc, op, ": scale must be ", acc,
-              " (the accumulation dtype), got ", scale.scalar_type());
-  TORCH_CHECK(scale.device().is_cpu(), op, ": scale must be on the CPU, got ", scale.device());
 }
 
 int64_t cpu_chunk_rows(int64_t m, int64_t n, int64_t itemsize) {
@@ -355,14 +324,14 @@ void bwd_impl(const at::Tensor& a, const at::Tensor& b, T s, const T* rl, const 
         row_weights(x, n0, s, row_on, gr[i], rl[i], gcp, clse);
         if (e >= 0) {
           x[e] = T(0);
-          row_weights(x + e + 1, N - e - 1, s, row_on, gr[i], rl[i],
-                      gcp ? gcp + e + 1 : nullptr, clse ? clse + e + 1 : nullptr);
+          row_weights(x + e + 1, N - e - 1, s, row_on, gr[i], rl[i], gcp ? gcp + e + 1 : nullptr,
+                      clse ? clse + e + 1 : nullptr);
         }
       }
     });
     at::Tensor da_c = da.narrow(0, i0, rows);
     at::mm_out(da_c, S, b);  // da_c = W @ B
-    db.addmm_(S.t(), a_c);                     // db += W^T @ A_c
+    db.addmm_(S.t(), a_c);   // db += W^T @ A_c
   }
 }
 
@@ -370,10 +339,9 @@ std::tuple<at::Tensor, at::Tensor> simlse_fwd_cpu(const at::Tensor& a_in, const 
                                                   const at::Tensor& scale, int64_t offset,
                                                   bool exclude_pos, bool cols) {
   const char* op = "gammacl::simlse_fwd (cpu)";
-  check_features(op, a_in, b_in);
-  const auto acc = acc_type(a_in.scalar_type());
-  check_scale(op, scale, acc);
-  const int64_t M = a_in.size(0), N = b_in.size(0);
+  const Problem pr = check_problem(op, a_in, b_in, scale, at::kCPU);
+  const auto acc = pr.acc;
+  const int64_t M = pr.M, N = pr.N;
   const auto opts = a_in.options().dtype(acc);
   at::Tensor row = at::empty({M}, opts);
   at::Tensor col = at::empty({cols ? N : 0}, opts);
@@ -391,19 +359,17 @@ std::tuple<at::Tensor, at::Tensor> simlse_fwd_cpu(const at::Tensor& a_in, const 
   return {row, col};
 }
 
-std::tuple<at::Tensor, at::Tensor> simlse_bwd_cpu(
-    const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& scale,
-    const at::Tensor& row_lse, const at::Tensor& col_lse, const at::Tensor& g_row,
-    const at::Tensor& g_col, int64_t offset, bool exclude_pos, bool cols) {
+std::tuple<at::Tensor, at::Tensor> simlse_bwd_cpu(const at::Tensor& a_in, const at::Tensor& b_in,
+                                                  const at::Tensor& scale,
+                                                  const at::Tensor& row_lse,
+                                                  const at::Tensor& col_lse,
+                                                  const at::Tensor& g_row, const at::Tensor& g_col,
+                                                  int64_t offset, bool exclude_pos, bool cols) {
   const char* op = "gammacl::simlse_bwd (cpu)";
-  check_features(op, a_in, b_in);
-  const auto acc = acc_type(a_in.scalar_type());
-  check_scale(op, scale, acc);
-  const int64_t M = a_in.size(0), N = b_in.size(0), D = a_in.size(1);
-  check_vec(op, "row_lse", row_lse, M, acc);
-  check_vec(op, "g_row", g_row, M, acc);
-  check_vec(op, "col_lse", col_lse, cols ? N : 0, acc);
-  check_vec(op, "g_col", g_col, cols ? N : 0, acc);
+  const Problem pr = check_problem(op, a_in, b_in, scale, at::kCPU);
+  const auto acc = pr.acc;
+  const int64_t M = pr.M, N = pr.N, D = pr.D;
+  check_simlse_bwd_stats(op, pr, a_in, row_lse, col_lse, g_row, g_col, cols);
   const auto opts = a_in.options().dtype(acc);
   at::Tensor da = at::empty({M, D}, opts);
   at::Tensor db = at::zeros({N, D}, opts);
@@ -415,11 +381,10 @@ std::tuple<at::Tensor, at::Tensor> simlse_bwd_cpu(
   const at::Tensor rl = row_lse.contiguous(), gr = g_row.contiguous();
   const at::Tensor cl = col_lse.contiguous(), gc = g_col.contiguous();
   AT_DISPATCH_FLOATING_TYPES(acc, "simlse_bwd_cpu", [&] {
-    bwd_impl<scalar_t>(a, b, scale.item<scalar_t>(), rl.const_data_ptr<scalar_t>(),
-                       cols ? cl.const_data_ptr<scalar_t>() : nullptr,
-                       gr.const_data_ptr<scalar_t>(),
-                       cols ? gc.const_data_ptr<scalar_t>() : nullptr, offset, exclude_pos, cols,
-                       da, db);
+    bwd_impl<scalar_t>(
+        a, b, scale.item<scalar_t>(), rl.const_data_ptr<scalar_t>(),
+        cols ? cl.const_data_ptr<scalar_t>() : nullptr, gr.const_data_ptr<scalar_t>(),
+        cols ? gc.const_data_ptr<scalar_t>() : nullptr, offset, exclude_pos, cols, da, db);
   });
   return {da, db};
 }

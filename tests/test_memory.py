@@ -48,7 +48,7 @@ def _peak_growth_mib(backend: str) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("backend", cpu_backends(include_triton=False))
+@pytest.mark.parametrize("backend", cpu_backends(include_triton=False, include_cuda_emu=False))
 def test_no_nxn_allocation(backend):
     grow = _peak_growth_mib(backend)
     assert grow < 0.4 * NN_MIB, f"{backend}: peak RSS grew {grow:.0f} MiB (N x N fp32 = 256 MiB)"

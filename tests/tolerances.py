@@ -14,10 +14,15 @@ RTOL_FP64 = 1e-9
 ATOL_FP64 = 1e-12
 
 # extra allowance on top of 2 x PyTorch's own error: TOL relative to max|reference| plus an
-# absolute floor ATOL (near-zero references, e.g. gradients of N=1 losses, are pure rounding)
+# absolute floor ATOL (near-zero references, e.g. gradients of N=1 losses, are pure rounding).
+# fp16 / bf16: about two units of the dtype's rounding (eps 9.8e-4 / 7.8e-3). The fused GPU paths
+# (triton, cuda) round the gradient weights W to the input dtype for the tensor-core GEMMs, as
+# FlashAttention does with P; on a reduction that cancels (dscale = <A, W B>) that costs ~1.6 ulp
+# of max|ref| (tests/test_gpucheck.py's strided fp16 case), while torch's CPU fp16 reference
+# rounds only its outputs.
 TOL = {
     torch.float32: 1e-5,
-    torch.float16: 1e-3,
+    torch.float16: 2e-3,
     torch.bfloat16: 1e-2,
 }
 ATOL = {

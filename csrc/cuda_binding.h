@@ -1,0 +1,119 @@
+// Torch-side helpers shared by the CUDA bindings (simlse_cuda.cpp, gamma_onepass_cuda.cpp):
+// cuBLAS GEMMs on torch's handle and stream, argument checks, the chunk budget. Inline only, so
+// every *_cuda.cpp can include it.
+//
+// GEMMs call cublasGemmEx on torch's cuBLAS handle (which carries torch's stream, workspace and
+// TF32 setting for fp32 inputs): ATen has no public op accumulating bf16 x bf16 into an fp32
+// output (addmm's out_dtype variant needs an input-dtype bias). Row-major C = op(A) op(B) is
+// column-major C^T = op(B)^T op(A)^T, so cuBLAS gets the operands swapped with their flags kept.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#ifdef GAMMACL_CUDA_EMU
+// tests/cuda_emu: CPU stand-ins for the CUDA runtime, cuBLAS and ATen's CUDA context; the bindings
+// then run on CPU tensors (tests/test_cuda_emu.py)
+#include "cuda_emu_torch.h"
+#define GC_CUDA_IMPL(m) TORCH_LIBRARY_IMPL(gammacl_cuda_emu, CPU, m)
+#else
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cublas_v2.h>
+// Registers the CUDA kernels of gammacl's ops: GC_CUDA_IMPL(m) { m.impl(...); }
+#define GC_CUDA_IMPL(m) TORCH_LIBRARY_IMPL(gammacl, CUDA, m)
+#endif
+
+#include <algorithm>
+#include <limits>
+
+#include "checks.h"
+#include "common.h"
+
+namespace gammacl {
+
+constexpr double kCudaChunkMiB = 256.0;  // GAMMACL_CUDA_CHUNK_MIB
+
+// The device type of the tensors the CUDA kernels take (CPU tensors under the emulator).
+#ifdef GAMMACL_CUDA_EMU
+constexpr at::DeviceType kKernelDevice = at::kCPU;
+#else
+constexpr at::DeviceType kKernelDevice = at::kCUDA;
+#endif
+
+inline GcType gc_type(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return GcType::F32;
+    case at::kDouble:
+      return GcType::F64;
+    case at::kHalf:
+      return GcType::F16;
+    case at::kBFloat16:
+      return GcType::BF16;
+    default:
+      TORCH_CHECK(false, "gammacl: unsupported dtype ", t);
+  }
+}
+
+// Row-major GEMM on the current stream: C[m, n] (row stride ldc) = op(A) op(B) + beta C, with
+// op(A) m x k, op(B) k x n; A is stored m x k (ta = false) or k x m (ta = true) with row stride
+// lda, likewise B. A and B have dtype `in` (fp32/fp64/fp16/bf16); C is fp32, or fp64 for fp64.
+inline void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const void* A, int64_t lda,
+                    const void* B, int64_t ldb, void* C, int64_t ldc, bool accumulate,
+                    at::ScalarType in) {
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  TORCH_CHECK(m <= kMax && n <= kMax && k <= kMax && lda <= kMax && ldb <= kMax && ldc <= kMax,
+              "gammacl (cuda): GEMM dimension over 2^31 (m=", m, ", n=", n, ", k=", k, ")");
+  cudaDataType_t ab, c;
+  cublasComputeType_t compute;
+  switch (in) {
+    case at::kFloat:  // TF32 or not follows torch's setting, which the handle's math mode carries
+      ab = CUDA_R_32F, c = CUDA_R_32F, compute = CUBLAS_COMPUTE_32F;
+      break;
+    case at::kDouble:
+      ab = CUDA_R_64F, c = CUDA_R_64F, compute = CUBLAS_COMPUTE_64F;
+      break;
+    case at::kHalf:
+      ab = CUDA_R_16F, c = CUDA_R_32F, compute = CUBLAS_COMPUTE_32F;
+      break;
+    case at::kBFloat16:
+      ab = CUDA_R_16BF, c = CUDA_R_32F, compute = CUBLAS_COMPUTE_32F;
+      break;
+    default:
+      TORCH_CHECK(false, "gammacl (cuda): unsupported GEMM dtype ", in);
+  }
+  const float alpha_f = 1.0f, beta_f = accumulate ? 1.0f : 0.0f;
+  const double alpha_d = 1.0, beta_d = accumulate ? 1.0 : 0.0;
+  const bool f64 = compute == CUBLAS_COMPUTE_64F;
+  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
+  cublasPointerMode_t mode;
+  TORCH_CUDABLAS_CHECK(cublasGetPointerMode(handle, &mode));
+  TORCH_CUDABLAS_CHECK(cublasSetPointerMode(handle, CUBLAS_POINTER_MODE_HOST));
+  const cublasStatus_t st =
+      cublasGemmEx(handle, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N,
+                   static_cast<int>(n), static_cast<int>(m), static_cast<int>(k),
+                   f64 ? static_cast<const void*>(&alpha_d) : static_cast<const void*>(&alpha_f), B,
+                   ab, static_cast<int>(ldb), A, ab, static_cast<int>(lda),
+                   f64 ? static_cast<const void*>(&beta_d) : static_cast<const void*>(&beta_f), C,
+                   c, static_cast<int>(ldc), compute, CUBLAS_GEMM_DEFAULT);
+  cublasSetPointerMode(handle, mode);
+  TORCH_CUDABLAS_CHECK(st);
+}
+
+// A GEMM operand view: unit column stride and a row stride cuBLAS accepts, else a copy.
+inline at::Tensor gemm_operand(const at::Tensor& t) {
+  if (t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(1, t.size(1))) return t;
+  return t.contiguous();
+}
+
+inline const char* byte_ptr(const at::Tensor& t) {
+  return static_cast<const char*>(t.const_data_ptr());
+}
+
+inline int64_t cuda_chunk_rows(int64_t m, int64_t per_row) {
+  return chunk_rows(m, per_row, chunk_budget_bytes("GAMMACL_CUDA_CHUNK_MIB", kCudaChunkMiB), 128);
+}
+
+}  // namespace gammacl

@@ -1,0 +1,263 @@
+// Device-side helpers shared by the CUDA epilogue kernels (simlse_cuda.cu, gamma_onepass_cuda.cu).
+// No torch header (the .cu files are compile-checked by nvcc alone). Everything here is inline or
+// a template, so each translation unit can include it.
+//
+// Base-2 online LSE: with l2 = l * log2(e), a partial is (m, s) = (max l2, sum 2^(l2 - m)) and
+//   (m, s) + (m', s') = (M, s 2^(m - M) + s' 2^(m' - M)),  M = max(m, m'),
+//   LSE = ln2 * (m + log2 s);  empty partial: m = -inf, s = 0.
+#pragma once
+
+#ifdef GAMMACL_CUDA_EMU
+// tests/cuda_emu: the host compiler runs these kernels on a CPU (tests/test_cuda_emu.py)
+#include "cuda_emu.h"
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+// Kernel launch on `stream`: GC_LAUNCH(grid, block, stream, kernel<...>)(args...).
+#define GC_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<(grid), (block), 0, (stream)>>>
+#endif
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+
+namespace gammacl::cuda {
+
+constexpr int kThreads = 256;  // 8 warps per block
+constexpr int kWarps = kThreads / 32;
+constexpr int kPerLane = 8;               // columns per lane per row
+constexpr int kTileCols = 32 * kPerLane;  // 256
+constexpr int kTileRows = 64;             // rows per forward tile (8 per warp)
+constexpr unsigned kFull = 0xffffffffu;
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2 = 0.6931471805599453;
+
+// ---- type helpers ----
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_acc(float x);
+template <>
+__device__ __forceinline__ float from_acc<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+template <typename T>
+__device__ __forceinline__ T from_acc(double x);
+template <>
+__device__ __forceinline__ double from_acc<double>(double x) {
+  return x;
+}
+
+// 2^x by the MUFU unit (ex2.approx.ftz: rel. error ~2^-22, -inf -> 0, NaN -> NaN; results
+// below 2^-126 flush to 0, irrelevant next to the running max's term 1).
+__device__ __forceinline__ float ex2(float x) {
+#ifdef GAMMACL_CUDA_EMU
+  return gammacl_emu::ex2_approx_ftz(x);
+#else
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#endif
+}
+__device__ __forceinline__ double ex2(double x) { return exp2(x); }
+__device__ __forceinline__ float lg2(float x) { return log2f(x); }
+__device__ __forceinline__ double lg2(double x) { return log2(x); }
+__device__ __forceinline__ float abs_(float x) { return fabsf(x); }
+__device__ __forceinline__ double abs_(double x) { return fabs(x); }
+// max that propagates NaN (fmaxf / fmax return the other operand): a NaN logit must give a NaN
+// LSE, not one computed from the remaining entries.
+template <typename A>
+__device__ __forceinline__ A max_nan(A a, A b) {
+  return (a != a || a > b) ? a : b;
+}
+
+template <typename A>
+__device__ __forceinline__ A neg_inf() {
+  return static_cast<A>(-INFINITY);
+}
+
+// VEC contiguous elements, aligned to their full size so one load/store instruction moves them.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+// (m, s) <- (m, s) + (om, os) in base 2; empty partials have m = -inf (and s = 0). A NaN max or
+// sum anywhere makes the result NaN (a partial may hold m = -inf with s = NaN: a NaN logit in a
+// column whose other entries are all excluded).
+template <typename A>
+__device__ __forceinline__ void merge(A& m, A& s, A om, A os) {
+  const A mx = max_nan(m, om);
+  if (mx == neg_inf<A>()) {  // both empty (s + os = 0), or a NaN sum that must survive
+    s = s + os;
+    return;
+  }
+  const A a = (m == neg_inf<A>()) ? (s != s ? s : A(0)) : s * ex2(m - mx);
+  const A b = (om == neg_inf<A>()) ? (os != os ? os : A(0)) : os * ex2(om - mx);
+  m = mx;
+  s = a + b;
+}
+
+template <typename A>
+__device__ __forceinline__ A finalize_lse(A m, A s) {
+  return s != s ? s : (m == neg_inf<A>() ? m : (m + lg2(s)) * A(kLn2));
+}
+
+template <typename A>
+__device__ __forceinline__ A warp_max(A v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = max_nan(v, __shfl_xor_sync(kFull, v, o));
+  return v;
+}
+
+// Merges the (m, s) partials of the 32 lanes; every lane gets the result.
+template <typename A>
+__device__ __forceinline__ void warp_merge(A& m, A& s) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const A om = __shfl_xor_sync(kFull, m, o);
+    const A os = __shfl_xor_sync(kFull, s, o);
+    merge(m, s, om, os);
+  }
+}
+
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  return v;
+}
+
+// ---- tile building blocks (a block of kThreads owns kTileRows x kTileCols of S; warp w takes
+// rows w, w + kWarps, ...; lane holds the kPerLane columns col0 + (u * 32 + lane) * VEC + v,
+// u < kPerLane / VEC, v < VEC: VEC-wide vector loads, coalesced across the warp) ----
+
+// Tile column of the lane's k-th value, k = u * VEC + v.
+template <int VEC>
+__device__ __forceinline__ int tile_col(int k, int lane) {
+  return ((k / VEC) * 32 + lane) * VEC + k % VEC;
+}
+
+// Base-2 logits l2 = scale * log2(e) * S of one row for the lane's columns; column `excl` and
+// columns >= n are -inf. VEC > 1 only when n % VEC == 0 (and the row is VEC-aligned), so a vector
+// is either fully inside or fully outside the row.
+template <int VEC, typename T, typename A>
+__device__ __forceinline__ void load_row_logits(const T* srow, int64_t col0, int lane, int64_t n,
+                                                int64_t excl, A sl2, A (&l)[kPerLane]) {
+  constexpr int U = kPerLane / VEC;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int64_t j0 = col0 + int64_t(u * 32 + lane) * VEC;
+    if (j0 < n) {
+      const Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(srow + j0);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v)
+        l[u * VEC + v] = (j0 + v == excl) ? neg_inf<A>() : to_acc(p.v[v]) * sl2;
+    } else {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) l[u * VEC + v] = neg_inf<A>();
+    }
+  }
+}
+
+// Row partial (m, s) of the warp's kTileCols logits: exact two-step (max, then sum of
+// 2^(l2 - m)) from registers; every lane gets the result.
+template <typename A>
+__device__ __forceinline__ void warp_row_partial(const A (&l)[kPerLane], A& m, A& s) {
+  m = neg_inf<A>();
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) m = max_nan(m, l[k]);
+  m = warp_max(m);
+  s = A(0);
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) s += (l[k] == neg_inf<A>()) ? A(0) : ex2(l[k] - m);
+  s = warp_sum(s);
+}
+
+// One logit into a running column partial with one exp2:
+//   d = l2 - m;  e = 2^-|d|;  d > 0 ? (s = s e + 1, m = l2) : s += e
+// d = +inf on an empty partial (e = 0, s = 1); l2 = -inf (excluded / padded) leaves (m, s)
+// unchanged; a NaN l2 makes s NaN.
+template <typename A>
+__device__ __forceinline__ void online_push(A& m, A& s, A l) {
+  const A d = l - m;
+  const A e = ex2(-abs_(d));
+  const bool up = d > A(0);
+  const bool live = l != neg_inf<A>();
+  s = live ? (up ? s * e + A(1) : s + e) : s;
+  m = (live && up) ? l : m;
+}
+
+// Merges the kWarps per-warp column partials of a tile through shared memory: thread c
+// (kThreads == kTileCols) returns column c's merged (m, s). Ends with a barrier, so the shared
+// arrays can be reused at once.
+template <int VEC, typename A>
+__device__ __forceinline__ void block_col_merge(const A (&cm)[kPerLane], const A (&cs)[kPerLane],
+                                                A (*sm_m)[kTileCols], A (*sm_s)[kTileCols], A& m,
+                                                A& s) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    sm_m[warp][tile_col<VEC>(k, lane)] = cm[k];
+    sm_s[warp][tile_col<VEC>(k, lane)] = cs[k];
+  }
+  __syncthreads();
+  m = neg_inf<A>();
+  s = A(0);
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) merge(m, s, sm_m[w][threadIdx.x], sm_s[w][threadIdx.x]);
+  __syncthreads();
+}
+
+// Sum over the kWarps per-warp column values of a tile through shared memory (as above).
+template <int VEC, typename A>
+__device__ __forceinline__ A block_col_sum(const A (&ct)[kPerLane], A (*sm)[kTileCols]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) sm[warp][tile_col<VEC>(k, lane)] = ct[k];
+  __syncthreads();
+  A t = A(0);
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) t += sm[w][threadIdx.x];
+  __syncthreads();
+  return t;
+}
+
+// ---- launch helpers ----
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// Grid dimension for x work items, clamped to [1, 65535] (kernels loop over the rest).
+inline unsigned grid_cap(int64_t x) {
+  return static_cast<unsigned>(x < 65535 ? (x > 0 ? x : 1) : 65535);
+}
+
+inline bool aligned(const void* p, size_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+inline size_t round_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
+}  // namespace gammacl::cuda
