@@ -14,9 +14,9 @@
 //     would hang or misbehave on a GPU;
 //   * ex2.approx.ftz.f32 is exp2f with results below FLT_MIN flushed to 0; __half / __nv_bfloat16
 //     are c10::Half / c10::BFloat16 (round-to-nearest-even conversions, as __float2*_rn).
-// Not emulated: concurrency between blocks (they run in order, so inter-block races are invisible),
-// memory-model effects, timing. Out-of-bounds accesses are plain host accesses: the tests surround
-// buffers with NaN guards to see them.
+// Not emulated: concurrency between blocks (they run one at a time; GAMMACL_EMU_ORDER=reverse
+// flips the order, which exposes order dependences), memory-model effects, timing. Out-of-bounds
+// accesses are plain host accesses: the tests surround buffers with NaN guards to see them.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -26,6 +26,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -146,6 +147,15 @@ T shfl_xor(T v, int lane_mask) {
   return r;
 }
 
+// GAMMACL_EMU_ORDER=reverse runs the blocks of a launch, and the threads of a block between two
+// barriers, in reverse order. Kernels without races give bitwise-identical results either way
+// (tests/test_cuda_emu.py compares): a shared-memory read that races a write of another thread,
+// or a block that reads what another block of the same launch writes, shows up as a difference.
+inline bool reverse_order() {
+  const char* v = std::getenv("GAMMACL_EMU_ORDER");
+  return v != nullptr && std::string(v) == "reverse";
+}
+
 // Runs body() as one kernel launch; errors go to g_error.
 inline void run(dim3 grid, dim3 block, const std::function<void()>& body) {
   const int n = static_cast<int>(block.x * block.y * block.z);
@@ -167,43 +177,48 @@ inline void run(dim3 grid, dim3 block, const std::function<void()>& body) {
   g_block = &b;
   gridDim = grid;
   blockDim = block;
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        blockIdx = uint3{bx, by, bz};
-        b.arrived = 0;
-        std::fill(b.warp_arrived.begin(), b.warp_arrived.end(), 0);
-        std::fill(b.done.begin(), b.done.end(), 0);
-        for (int t = 0; t < n; ++t) {
-          getcontext(&b.ctx[t]);
-          b.ctx[t].uc_stack.ss_sp = b.stacks[t].get();
-          b.ctx[t].uc_stack.ss_size = kStack;
-          b.ctx[t].uc_link = &b.main_ctx;
-          makecontext(&b.ctx[t], fiber_entry, 0);
-        }
-        int live = n;
-        while (live > 0) {
-          const uint64_t before = b.progress;
-          for (int t = 0; t < n; ++t) {
-            if (b.done[t]) continue;
-            b.cur = t;
-            threadIdx = uint3{static_cast<unsigned>(t % block.x),
-                              static_cast<unsigned>((t / block.x) % block.y),
-                              static_cast<unsigned>(t / (block.x * block.y))};
-            swapcontext(&b.main_ctx, &b.ctx[t]);
-            if (b.done[t]) --live;
-          }
-          if (live > 0 && b.progress == before) {
-            // every live thread waits at a barrier that cannot complete: abandon the launch
-            if (g_error.empty())
-              g_error = "emulated launch: divergent barrier (" + std::to_string(live) + " of " +
-                        std::to_string(n) + " threads wait in block (" + std::to_string(bx) + ", " +
-                        std::to_string(by) + ", " + std::to_string(bz) + "))";
-            g_block = saved;
-            return;
-          }
-        }
+  const bool rev = reverse_order();
+  const uint64_t nblocks = uint64_t(grid.x) * grid.y * grid.z;
+  for (uint64_t q = 0; q < nblocks; ++q) {
+    const uint64_t lin = rev ? nblocks - 1 - q : q;
+    const unsigned bx = static_cast<unsigned>(lin % grid.x);
+    const unsigned by = static_cast<unsigned>((lin / grid.x) % grid.y);
+    const unsigned bz = static_cast<unsigned>(lin / (uint64_t(grid.x) * grid.y));
+    blockIdx = uint3{bx, by, bz};
+    b.arrived = 0;
+    std::fill(b.warp_arrived.begin(), b.warp_arrived.end(), 0);
+    std::fill(b.done.begin(), b.done.end(), 0);
+    for (int t = 0; t < n; ++t) {
+      getcontext(&b.ctx[t]);
+      b.ctx[t].uc_stack.ss_sp = b.stacks[t].get();
+      b.ctx[t].uc_stack.ss_size = kStack;
+      b.ctx[t].uc_link = &b.main_ctx;
+      makecontext(&b.ctx[t], fiber_entry, 0);
+    }
+    int live = n;
+    while (live > 0) {
+      const uint64_t before = b.progress;
+      for (int k = 0; k < n; ++k) {
+        const int t = rev ? n - 1 - k : k;
+        if (b.done[t]) continue;
+        b.cur = t;
+        threadIdx = uint3{static_cast<unsigned>(t % block.x),
+                          static_cast<unsigned>((t / block.x) % block.y),
+                          static_cast<unsigned>(t / (block.x * block.y))};
+        swapcontext(&b.main_ctx, &b.ctx[t]);
+        if (b.done[t]) --live;
       }
+      if (live > 0 && b.progress == before) {
+        // every live thread waits at a barrier that cannot complete: abandon the launch
+        if (g_error.empty())
+          g_error = "emulated launch: divergent barrier (" + std::to_string(live) + " of " +
+                    std::to_string(n) + " threads wait in block (" + std::to_string(bx) + ", " +
+                    std::to_string(by) + ", " + std::to_string(bz) + "))";
+        g_block = saved;
+        return;
+      }
+    }
+  }
   g_block = saved;
 }
 
