@@ -18,7 +18,8 @@
 4. Timing: clip_loss forward + backward at N in {32768, 65536}, D = 1024, bf16, triton.testing.
    do_bench (median, p20, p80 ms) for backend "cuda" (and "triton", "torch" when usable), peak
    extra memory, TFLOP/s from 8 N^2 D (two-pass: 4 GEMMs), and the 4-GEMM floor (4 x one
-   N x N x D bf16 torch.mm); then the gamma one-pass term (6 N^2 D) on the same backends.
+   N x N x D bf16 torch.mm); a GAMMACL_CUDA_CHUNK_MIB sweep (256..2048) of the cuda backend at
+   N = 65536; then the gamma one-pass term (6 N^2 D) on the same backends.
 
 Prints a table and writes JSON to $OUT/check_cuda_gpu.json (or bench/out/ when $OUT is unset).
 Refuses to run without a CUDA device.
@@ -207,6 +208,18 @@ def _timings() -> list:
         rows.append(_gemm_floor(n, 1024))
         for entry in rows[-len(backends) - 1 :]:
             G.print_timing(entry, 13, "fwd_bwd_tflops_8N2D", "8N^2D")
+    # The dB GEMM (N x D fp32, accumulated with beta = 1 per chunk) reads and writes 8 B per
+    # output element per chunk for 2R FLOPs: below R ~ 1200 rows it is bandwidth-bound on an H100
+    # (ridge ~295 FLOP/B). At N = 65536 the 256 MiB default gives R = 640 (bench/NOTES.md).
+    print("cuda chunk budget sweep, clip_loss N=65536 D=1024 (GAMMACL_CUDA_CHUNK_MIB):")
+    for mib in ("256", "512", "1024", "2048"):
+        with _Env(GAMMACL_CUDA_CHUNK_MIB=mib):
+            flops = {"fwd_bwd_tflops_8N2D": ("fwd_bwd_ms", 8 * 65536 * 65536 * 1024)}
+            entry = G.time_clip_loss(65536, 1024, "cuda", flops)
+        entry["chunk_mib"] = int(mib)
+        rows.append(entry)
+        G.print_timing(entry, 13, "fwd_bwd_tflops_8N2D", f"8N^2D, {mib} MiB chunks")
+        torch.cuda.empty_cache()
     print("gamma one-pass negative term fwd+bwd (6N^2D; target <= 3/4 of the 4-GEMM floor):")
     for n in (32768, 65536):
         for backend in backends:

@@ -1,15 +1,17 @@
-"""GPU self-check of the Triton simlse backend (kernels/simlse.py).
+"""GPU self-check of the Triton backend (kernels/simlse.py, kernels/gamma_onepass.py).
 
 1. Parity: gammacl.ops.simlse(..., backend="triton") forward (row / column LSE) and backward
    (grads of a, b, scale under random upstream) and gammacl.clip_loss(backend="triton") against
    gammacl.reference, at bf16 / fp16 / fp32 (plus fp64 on two shapes) for N in {1, 17, 4097},
    D in {64, 512, 1024}, with the test suite's rule (tests/tolerances.py: error <= 2 x PyTorch's
    own error in that dtype + TOL[dtype] x scale; fp64 rtol 1e-9). Also: exclude_pos with an
-   offset, cols=False, the transposed column sweep, and row offsets beyond 2^31 elements.
+   offset, cols=False, the transposed column sweep, and row offsets beyond 2^31 elements; the
+   one-pass gamma op (kernels/gamma_onepass.py) against reference.gamma.gamma_onepass.
 2. Timing: clip_loss forward and forward+backward at N in {8192, 32768}, D = 1024, bf16, with
    triton.testing.do_bench (median, p20, p80 in ms), for backend="triton", the chunked "torch"
    backend and the materialised reference; peak memory; TFLOP/s of triton from 10*N^2*D FLOPs
-   (forward 2N^2D + backward 8N^2D; the column LSE uses the partials buffer at these sizes).
+   (forward 2N^2D + backward 8N^2D; the column LSE uses the partials buffer at these sizes); then
+   the gamma one-pass term on triton and torch (6N^2D).
 
 Prints a table and writes JSON to $OUT/check_triton_gpu.json (or bench/out/ when $OUT is unset).
 Refuses to run without CUDA or under TRITON_INTERPRET (timings there would mean nothing).
@@ -86,6 +88,13 @@ def _parity_checks(results: list) -> None:
             results, f"clip_loss {tag} N=4097 D=1024", G.clip_case("triton", dtype, 4097, 1024)
         )
     G.record_fp64(results, case)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        tag = G.dtype_tag(dtype)
+        for n, d in ((17, 64), (4097, 1024)):
+            G.record(results, f"gamma_onepass {tag} N={n} D={d}",
+                     G.onepass_case("triton", dtype, n, d))  # fmt: skip
+        G.record(results, f"gamma_onepass {tag} N=4097 D=64 cap bites off=1",
+                 G.onepass_case("triton", dtype, 4097, 64, clamp=-2.0, offset=1))  # fmt: skip
     G.record(results, "simlse bf16 transposed column sweep N=4097 D=512", transposed_sweep)
     G.record(results, "simlse bf16 int64 row offsets (pitch 2^20)", int64_offsets)
 
@@ -106,6 +115,14 @@ def _timings() -> list:
             torch.cuda.empty_cache()
             rows.append(entry)
             G.print_timing(entry, 10, "fwd_bwd_tflops", "10N^2D")
+    print("gamma one-pass negative term fwd+bwd (6N^2D; target <= 3/4 of the 4-GEMM floor):")
+    for n in (8192, 32768):
+        for backend in ("triton", "torch"):
+            entry = G.time_onepass(n, 1024, backend)
+            entry["op"] = "gamma_onepass"
+            rows.append(entry)
+            G.print_timing(entry, 10, "fwd_bwd_tflops_6N2D", "6N^2D")
+            torch.cuda.empty_cache()
     return rows
 
 

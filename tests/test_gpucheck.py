@@ -48,6 +48,17 @@ def test_gpucheck_parity_cases_pass_on_the_emulated_cuda_backend(gpucheck, dtype
     assert all(r["detail"].startswith("max|err|") or r["detail"] for r in results)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpucheck_onepass_case_passes_on_triton_interpreter(gpucheck, dtype):
+    from gammacl.dispatch import interpreter_on, triton_importable
+
+    if not (triton_importable() and interpreter_on()):
+        pytest.skip("triton on CPU needs TRITON_INTERPRET=1")
+    results: list = []
+    gpucheck.record(results, "onepass", gpucheck.onepass_case("triton", dtype, 21, 8, offset=1))
+    assert results[0]["ok"], results
+
+
 def test_gpucheck_timing_entries_on_cpu(gpucheck):
     G = gpucheck
     flops = {"fwd_bwd_tflops_8N2D": ("fwd_bwd_ms", 8 * 64 * 64 * 16)}
