@@ -253,3 +253,35 @@ def test_cuda_emu_results_do_not_depend_on_schedule(emu, monkeypatch, dtype, chu
     backward = outputs()
     for k, (x, y) in enumerate(zip(forward, backward, strict=True)):
         assert torch.equal(x, y), f"output {k} depends on the schedule"
+
+
+@pytest.fixture(scope="module")
+def selftest():
+    from cuda_emu.build import load_selftest
+
+    return load_selftest()
+
+
+def test_emulator_detects_what_the_cuda_tests_rely_on(selftest, monkeypatch):
+    """The emulator's checks can fail: a shared-memory read racing another thread's write gives
+    schedule-dependent output (the racecheck analogue above keys on that), a barrier reached by
+    one warp only and an over-large grid are launch errors, and warp shuffles exchange values."""
+
+    def want(salt):
+        return torch.roll(torch.arange(1, 65), -1) + 1000 * salt
+
+    assert torch.equal(selftest.run("no_race", 0), want(0))
+    forward = selftest.run("race", 1)  # reads sm before its neighbour wrote it: stale values
+    assert not torch.equal(forward, want(1))
+    assert torch.equal(selftest.run("no_race", 2), want(2))
+    monkeypatch.setenv("GAMMACL_EMU_ORDER", "reverse")
+    assert torch.equal(selftest.run("no_race", 1), want(1))
+    assert torch.equal(selftest.run("no_race", 2), want(2))
+    reverse = selftest.run("race", 1)  # neighbours now run first
+    assert not torch.equal(reverse, forward), "race not exposed by the schedule"
+    monkeypatch.delenv("GAMMACL_EMU_ORDER")
+    assert torch.equal(selftest.run("shuffle"), torch.full((64,), 496))
+    with pytest.raises(RuntimeError, match=r"divergent barrier \(32 of 64 threads wait"):
+        selftest.run("divergent")
+    with pytest.raises(RuntimeError, match=r"invalid configuration: grid \(1, 65536, 1\)"):
+        selftest.run("grid_y_too_large")

@@ -78,3 +78,22 @@ def load(asan: bool = False):
         verbose=False,
     )
     return torch.ops.gammacl_cuda_emu
+
+
+def load_selftest():
+    """torch.ops.gammacl_emu_selftest: the emulator's own self-test kernels (selftest.cpp)."""
+    from torch.utils import cpp_extension
+
+    out = build_dir().parent / (build_dir().name + "-selftest")
+    out.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name="gammacl_emu_selftest",
+        sources=[str(EMU / "selftest.cpp")],
+        extra_cflags=["-O1", "-DGAMMACL_CUDA_EMU", "-Wno-unknown-pragmas"],
+        extra_include_paths=[str(EMU)],
+        build_directory=str(out),
+        is_python_module=False,
+        with_cuda=False,
+        verbose=False,
+    )
+    return torch.ops.gammacl_emu_selftest

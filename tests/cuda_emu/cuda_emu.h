@@ -6,7 +6,9 @@
 //   * a launch GC_LAUNCH(grid, block, stream, kernel)(args...) runs the blocks one after another;
 //     the threads of a block are cooperative fibers (ucontext) on one OS thread, switched only at
 //     __syncthreads and warp shuffles, so `__shared__` (defined as `static`) is the running block's
-//     shared memory;
+//     shared memory; it starts with whatever the previous block or launch left there, as
+//     uninitialised shared memory would, so a read before the write it should wait for sees stale
+//     values (and GAMMACL_EMU_ORDER=reverse, below, different ones);
 //   * __syncthreads is a barrier over all threads of the block, __shfl_xor_sync one over the 32
 //     lanes of a warp (a value exchange through a slot array). Every thread must reach every
 //     barrier: a thread that exits while others wait, or barriers reached by only part of a block
@@ -158,9 +160,16 @@ inline bool reverse_order() {
 
 // Runs body() as one kernel launch; errors go to g_error.
 inline void run(dim3 grid, dim3 block, const std::function<void()>& body) {
+  // CUDA's launch limits (cudaErrorInvalidConfiguration on a GPU): 1..1024 threads per block
+  // (whole warps here: the kernels' shuffles assume them), grid.x < 2^31, grid.y, grid.z <= 65535,
+  // no zero dimension.
   const int n = static_cast<int>(block.x * block.y * block.z);
-  if (n <= 0 || n > 1024 || n % 32 != 0) {
-    if (g_error.empty()) g_error = "emulated launch: block of " + std::to_string(n) + " threads";
+  if (n <= 0 || n > 1024 || n % 32 != 0 || block.z > 64 || grid.x == 0 || grid.y == 0 ||
+      grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535) {
+    if (g_error.empty())
+      g_error = "emulated launch: invalid configuration: grid (" + std::to_string(grid.x) + ", " +
+                std::to_string(grid.y) + ", " + std::to_string(grid.z) + "), block of " +
+                std::to_string(n) + " threads";
     return;
   }
   Block b;
