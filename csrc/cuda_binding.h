@@ -1,6 +1,6 @@
 // Torch-side helpers shared by the CUDA bindings (simlse_cuda.cpp, gamma_onepass_cuda.cpp):
-// cuBLAS GEMMs on torch's handle and stream, argument checks, the chunk budget. Inline only, so
-// every *_cuda.cpp can include it.
+// cuBLAS GEMMs on torch's handle and stream, the chunk budget, the kernels' device type and op
+// registration (argument checks: checks.h). Inline only, so every *_cuda.cpp can include it.
 //
 // GEMMs call cublasGemmEx on torch's cuBLAS handle (which carries torch's stream, workspace and
 // TF32 setting for fp32 inputs): ATen has no public op accumulating bf16 x bf16 into an fp32
