@@ -65,7 +65,10 @@ def cpu_backends(include_triton: bool = True, include_cuda_emu: bool = True) -> 
             pytest.param(
                 "cuda",
                 id="cuda-emu",
-                marks=pytest.mark.skipif(not ok, reason=f"CUDA emulation unavailable: {why}"),
+                marks=[
+                    pytest.mark.emu,
+                    pytest.mark.skipif(not ok, reason=f"CUDA emulation unavailable: {why}"),
+                ],
             )
         )
     return params

@@ -29,7 +29,10 @@ from gammacl.ops.simlse import simlse
 from gammacl.reference import gamma as ref_gamma
 
 OK, WHY = available()
-pytestmark = pytest.mark.skipif(not OK, reason=f"CUDA emulation unavailable: {WHY}")
+pytestmark = [
+    pytest.mark.emu,
+    pytest.mark.skipif(not OK, reason=f"CUDA emulation unavailable: {WHY}"),
+]
 
 TINY_CHUNK = "0.02"  # MiB: ~20 KiB -> a handful of rows per chunk at these widths
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
