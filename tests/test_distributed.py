@@ -134,7 +134,6 @@ def _check_clip(rank, world, report):
 
     import gammacl
     from gammacl import reference
-    from gammacl.distributed import clip_loss_distributed
 
     img, txt = _global_batch(world)
     sl = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
@@ -191,9 +190,10 @@ def _check_clip(rank, world, report):
         base_t = txt[sl].detach().t().contiguous().requires_grad_()
         s = scale.clone().requires_grad_()
         assert not base_i.t().is_contiguous()
-        loss = clip_loss_distributed(
-            base_i.t(), base_t.t(), s, local_loss=True, gather_with_grad=True, backend="torch"
+        loss_mod = gammacl.ClipLoss(
+            local_loss=True, gather_with_grad=True, rank=None, world_size=None, backend="torch"
         )
+        loss = loss_mod(base_i.t(), base_t.t(), s)
         loss.backward()
         ref = _grads(
             lambda a, b, s_: oracle_clip_loss(
@@ -372,20 +372,12 @@ def _gamma_steps(world: int):
     return steps
 
 
-def _has_gamma_hook() -> bool:
-    import inspect
-
-    from gammacl import gamma
-
-    return "distributed" in inspect.signature(gamma.GammaClipLoss.__init__).parameters
-
-
 def _make_gamma(cls_name: str, kwargs: dict, seed: int, single: bool = False):
     from gammacl import gamma
 
     cls = getattr(gamma, cls_name)
     kw = dict(kwargs, backend="torch")
-    if single and _has_gamma_hook():
+    if single:
         kw["distributed"] = False  # the single-process reference, inside a distributed worker
     if cls_name == "GammaClipLoss":
         kw["generator"] = torch.Generator().manual_seed(seed)
@@ -397,12 +389,7 @@ def _make_gamma(cls_name: str, kwargs: dict, seed: int, single: bool = False):
 
 
 def _gamma_call(loss, img, txt, s, idx):
-    """Through the module when it has the distributed hook, else the function it calls."""
-    from gammacl.distributed import gamma_loss_distributed
-
-    if _has_gamma_hook():
-        return loss(img, txt, s, idx)
-    return gamma_loss_distributed(loss, img, txt, s, idx)
+    return loss(img, txt, s, idx)
 
 
 def _check_gamma(rank, world, report):

@@ -7,7 +7,8 @@ from conftest import cpu_backends
 from tolerances import assert_close_fp64
 
 import gammacl
-from gammacl.ops.simlse import _simlse_backward_op, _simlse_op
+from gammacl.ops.simlse import _simlse_backward_op
+from gammacl.ops.simlse import simlse as _simlse_op
 
 NO_TRITON = cpu_backends(include_triton=False)
 

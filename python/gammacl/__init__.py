@@ -6,10 +6,9 @@ FeatureSeparationLoss, BrownianBridgeLoss, GeometricConsistencyLoss; `python -m 
 """
 
 from gammacl import reference
+from gammacl.clip import ClipLoss, clip_loss, infonce_loss
 from gammacl.dispatch import BACKENDS, resolve_backend
-from gammacl.functional import clip_loss, infonce_loss
 from gammacl.gamma import GammaClipLoss, LogRateState, SogCLRLoss, gamma_step_loss
-from gammacl.losses import ClipLoss
 from gammacl.modality import (
     BrownianBridgeLoss,
     FeatureSeparationLoss,

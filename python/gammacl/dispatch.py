@@ -99,3 +99,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if not ok:
             raise RuntimeError(f"backend='cuda' is unavailable: {why}")
     return backend
+
+
+@torch.compiler.assume_constant_result
+def resolve_traced(backend: str, device: torch.device) -> str:
+    """resolve_backend, evaluated once when torch.compile traces a graph (dynamo does not trace
+    the environment / extension probing). Every loss resolves its backend through this, once, at
+    its public boundary."""
+    return resolve_backend(backend, device)

@@ -1,195 +1,41 @@
-"""The gamma-weighted decomposable contrastive loss (stochastic EM, math.md §A.2-A.5), its
-per-sample partition-function state, and SogCLR (math.md §S) as its mean-E-step special case.
+"""The gamma-weighted decomposable contrastive loss (Paper A, stochastic EM), its per-sample
+partition-function state, and SogCLR as its mean-E-step special case. Design note with every
+choice: docs/gamma.md; derivation: docs/math.md.
 
-Objective (fixed; the "global" symmetric contrastive loss, positive EXCLUDED from the
-denominator, l = logit_scale * s, s_ij = <image_i, text_j>):
-    G = 1/2 mean_i [-l_ii + log Z_i] + 1/2 mean_j [-l_jj + log Z^T_j],
-    Z_i = mean_{j != i} e^{l_ij} over the whole data set (Z^T_j: over images, for text j).
-A minibatch estimate of log Z_i has an O(1/B) bias that moves the minimiser (math.md §A.2). The
-gamma identity 1/Z = E[G]/Z, G ~ Gamma(a, 1) / a, makes the loss linear in Z (decomposable): with
-in-batch Zhat_i = mean over the B - 1 in-batch negatives (unbiased for Z_i),
-    loss = 1/2 mean_i [-l_ii + u_i Zhat_i] + 1/2 mean_j [-l_jj + v_j Zhat^T_j],  u_i = G_i / (a R_i)
-G_i drawn once per step per anchor per direction, R_i the rate estimate of Z_i; u carries no
-gradient (E-step), so E[grad] = grad G when R = Z, for any batch size.
-    dloss/dl_ij = 1/(2B) (e^{l_ij + alpha_i} + e^{l_ij + alpha^T_j}),  i != j;  -1/B on i == j
+Objective (positive excluded from the denominator, l = logit_scale * <image_i, text_j>):
+    G = 1/2 mean_i [-l_ii + log Z_i] + 1/2 mean_j [-l_jj + log Z^T_j],  Z_i = mean_{j!=i} e^{l_ij}
+over the whole data set. Each step draws G_i ~ Gamma(a, 1)/a per anchor and direction and
+minimises the decomposable surrogate
+    1/2 mean_i [-l_ii + u_i Zhat_i] + 1/2 mean_j [-l_jj + v_j Zhat^T_j],   u_i = G_i / R_i
+(Zhat over the B - 1 in-batch negatives, u without gradient), whose expected gradient is grad G
+when R_i = Z_i, for any batch size:
+    dloss/dl_ij = 1/(2B) (e^{l_ij + alpha_i} + e^{l_ij + alpha^T_j}) (i != j),  -1/B (i == j)
     alpha_i = log(G_i / a) - log R_i - log(B - 1)
-Draws are normalised by a (mean 1): for a = 1 this is exactly u = G / R with G ~ Exponential(1);
-for other a it is math.md's augmented loss -a l_ii + u Z, u ~ Gamma(a, rate Z), divided by a (the
-same minimiser; without the 1/a the step would follow -l_ii + a log Z instead). The shape a
-only sets the noise: Var(G/a) = 1/a. SogCLR replaces the draw by its mean (u = 1/R).
-
-Rates (`rate=`):
-  "ema"   per-sample state log R (fp32, one table per direction, indexed by the data-set index,
-          on the features' device). First visit: log R_k = log Zhat; later visits:
-              log R_k <- logaddexp(log(1 - ema) + log R_k, log(ema) + log Zhat)
-          (ema is the weight of the new batch estimate; ema = 1 is the plain batch estimate).
-          update="before": update with this batch, then use (SogCLR's order). Then
-              u_i Zhat_i <= G_i / (a ema)        (math.md §K.1: R_i >= ema Zhat_i)
-          so every weight is bounded and no clamp is needed. Two passes (8MND FLOPs): the
-          excluded-positive LSEs (simlse), the state update, then simlse's backward with weights
-          e^{l_ij + alpha_i}.
-          update="after": use the stored rate (this batch's Zhat on a first visit), then update.
-          The weights need no batch normaliser, so loss and gradient come out of ONE sweep
-          (gamma_onepass, 6MND FLOPs). A stale rate is unbounded, so every exponent is capped:
-          e^{min(l_ij + alpha_i, clamp)}, clamp = 30 by default (weights <= 1e13; the gradient
-          keeps the capped weight). A batch that contains first visits first runs an LSE-only
-          pass (2MND) to get their Zhat.
-  "batch" no state: R = this batch's Zhat (biased, math.md §A.4 R1); two passes.
-  "fixed" user-supplied log-rates per sample (set_log_rates; e.g. exact rates in a toy); never
-          updated; one pass with the cap.
-
-Caveats. With a learnable logit_scale the stored log R was computed at an older scale (SogCLR
-accepts the same staleness). The loss value is a random surrogate, not comparable with
-InfoNCE; `global_loss_estimate` (set by every forward, detached) holds
-1/2 mean(-l_ii + log R_i) + 1/2 mean(-l_jj + log R^T_j) with the rates this step used.
-Eager forwards check the index values (range, and for update="after" whether every sample was
-seen): one host sync per step, as gammacl's labels check does. Duplicate indices in one batch
-each read the state as it was before the batch; the last finite occurrence is stored.
-A row whose log Zhat is non-finite, or rests on a non-finite feature or logit_scale, leaves its
-state untouched and is counted in `nonfinite` of each LogRateState (other rows of the batch are
-stored as usual: image anchor i's Zhat uses image_i and the other texts only).
-B = 1 has no in-batch negative: ValueError.
-Every forward updates the state, in train and eval mode and under torch.no_grad() alike (the
-state is training data, not a parameter): evaluate with gammacl.ClipLoss / clip_loss (the gamma
-loss value is a random surrogate anyway), or snapshot state_dict() and restore it afterwards.
-
-torch.compile (fullgraph=True, no graph break, no host sync in the graph). Under
-torch.compiler.is_compiling() the forward takes a sync-free form with the eager results (up to
-the compiler's floating-point reassociation; the fp32 state came out bitwise equal in tests):
-  * the index is trusted on the host: an out-of-range value makes the step's loss (and so every
-    gradient) NaN and leaves the whole batch unstored (each row counted in `nonfinite`); reads
-    and writes use the index clamped into [0, num_samples), so no kernel ever goes out of bounds;
-  * update="after" always runs the LSE pass (2MND, so 8MND per step like update="before"): the
-    first-visit rows take its Zhat by a device-side torch.where, and the state update takes the
-    one-pass statistics when every sample was seen, else the LSE pass's (torch.where on the
-    device-side "all seen" flag), exactly the eager choice; last_path is "lse+one_pass";
-  * draws go through the opaque op gammacl::draw, which draws from the module's own generator (or
-    the global RNG) at run time, so compiled and eager runs consume the same random stream
-    (a CPU generator with CUDA features copies the [2, B] draws to the device each step, a
-    blocking copy; a generator on the features' device avoids it).
-The state buffers are mutated in place (dynamo functionalises the module-buffer mutation).
-Determinism: with torch.use_deterministic_algorithms(True) repeated steps are meant to be bitwise
-reproducible on every backend (the Triton one-pass kernel then takes its atomic-free path);
-tested on CPU (torch, cpp, triton under the interpreter), not measured on GPU.
+update="before": rate updated with this batch, then used (two sweeps, 8MND, weights <= G/(a ema));
+update="after": stored rate used, then updated (gamma_onepass: one sweep, 6MND, exponents capped).
+One step function, `gamma_step`, serves a single process and torch.distributed alike.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
 from numbers import Real
 
 import torch
 from torch import nn
 
 from gammacl import _validate as V
-from gammacl.dispatch import BACKENDS, resolve_backend
-from gammacl.functional import _pos_logits
+from gammacl._random import _draw_op, _GeneratorAttr, draw_log_weights  # noqa: F401
+from gammacl.clip import _pos_logits
+from gammacl.dispatch import BACKENDS, resolve_traced
+from gammacl.distributed import World
 from gammacl.ops.gamma_onepass import DEFAULT_CLAMP, gamma_onepass
 from gammacl.ops.simlse import simlse
 
 RATES = ("ema", "batch", "fixed")
 UPDATES = ("before", "after")
-
-
-@torch.compiler.assume_constant_result
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    """resolve_backend, evaluated once when a graph is traced (as the ops do): dynamo does not
-    trace the environment / extension probing (also used by gammacl.modality)."""
-    return resolve_backend(backend, device)
-
-
-def draw_log_weights(
-    shape: float,
-    n: int,
-    *,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """log(G / shape), G ~ Gamma(shape, 1) i.i.d., as a [2, n] float32 tensor on `device`
-    (row 0: image anchors, row 1: text anchors). Drawn on the generator's device when one is
-    given (so a CPU generator reproduces a run on any device)."""
-    dev = generator.device if generator is not None else device
-    conc = torch.full((2, n), float(shape), dtype=torch.float32, device=dev)
-    g = torch._standard_gamma(conc, generator=generator)
-    return (g.log() - math.log(shape)).to(device)
-
-
-# Draws inside torch.compile. Dynamo cannot put a torch.Generator into a graph (graph break), and
-# inductor would swap torch.rand for its own Philox stream (compiled draws != eager draws). So
-# every random draw of gammacl's modules is this opaque op: it takes the generator by key (the
-# id of a generator registered below; -1 = the device's default generator) and draws from that
-# very generator at run time, in eager and compiled runs alike. Tagged nondeterministic_seeded,
-# so it is never CSE'd, dead-code-eliminated while used, or recomputed in the backward.
-_GENERATORS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-
-
-def _register_generator(generator: torch.Generator | None) -> None:
-    if generator is not None:
-        _GENERATORS[id(generator)] = generator
-
-
-def _generator_key(generator: torch.Generator | None) -> int:
-    if generator is None:
-        return -1
-    if not torch.compiler.is_compiling():
-        _register_generator(generator)
-    return id(generator)
-
-
-@torch.library.custom_op(
-    "gammacl::draw", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,)
-)
-def _draw_op(
-    kind: str,
-    shape: float,
-    n: int,
-    generator_key: int,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """kind "log_gamma": draw_log_weights(shape, n) [2, n]; "uniform": torch.rand(n); in
-    `dtype` on `device`, from the registered generator `generator_key` (-1: default RNG)."""
-    generator = None
-    if generator_key != -1:
-        generator = _GENERATORS.get(generator_key)
-        if generator is None:
-            raise RuntimeError(
-                "gammacl::draw: the module's torch.Generator is not registered (was the "
-                "module copied without pickling, or its generator replaced through __dict__?); "
-                "assign it with `module.generator = g` or run one eager forward first"
-            )
-    if kind == "log_gamma":
-        return draw_log_weights(shape, n, generator=generator, device=device).to(dtype)
-    if kind == "uniform":
-        return torch.rand(n, generator=generator, device=device, dtype=dtype)
-    raise ValueError(f"gammacl::draw has no kind {kind!r}")
-
-
-@_draw_op.register_fake
-def _(kind, shape, n, generator_key, device, dtype):
-    return torch.empty((2, n) if kind == "log_gamma" else (n,), dtype=dtype, device=device)
-
-
-class _GeneratorAttr:
-    """Mixin for modules with a `generator` attribute: assigning it (constructor, user code,
-    unpickling / deepcopy) registers the generator for gammacl::draw."""
-
-    @property
-    def generator(self) -> torch.Generator | None:
-        return self._generator
-
-    @generator.setter
-    def generator(self, value: torch.Generator | None) -> None:
-        self._generator = value
-        _register_generator(value)
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        _register_generator(self.__dict__.get("_generator"))
-
-    def _generator_key(self) -> int:
-        return _generator_key(self._generator)
+_RATE_CODES = {"ema": 0, "batch": 1, "fixed": 2}
+_NO_TERM = -1e30  # alpha of an unused direction in gamma_onepass: e^{l - 1e30} = 0, no inf - inf
 
 
 def _check_index_tensor(index: object, batch: int | None) -> torch.Tensor:
@@ -300,22 +146,41 @@ class LogRateState(nn.Module):
         self.visited.fill_(True)
 
 
-def _valid_estimates(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """[2, B] mask of the log Zhat that rest on finite inputs only: image anchor i needs image_i
-    and every text_j (j != i) finite, text anchor j likewise. Rows outside it are never stored,
-    whatever a backend makes of a NaN (O(BD) work, no host sync)."""
-    bad_i = ~torch.isfinite(image).all(dim=1)
-    bad_t = ~torch.isfinite(text).all(dim=1)
-    row_ok = ~bad_i & (bad_t.sum() - bad_t.long() == 0)
-    col_ok = ~bad_t & (bad_i.sum() - bad_i.long() == 0)
+def _valid_estimates(image, text, all_image, all_text, off: int, scale) -> torch.Tensor:
+    """[2, n] mask of this rank's log Zhat that rest on finite inputs only: image anchor i needs
+    image_i and every gathered text but its positive (global column i + off) finite, text anchors
+    likewise. Rows outside it are never stored, whatever a backend makes of a NaN (O(BD), no
+    host sync)."""
+    n = image.shape[0]
+    bad_i, bad_t = (~torch.isfinite(x.detach()).all(dim=1) for x in (all_image, all_text))
+    row_ok = torch.isfinite(image.detach()).all(dim=1) & (
+        bad_t.sum() - bad_t[off : off + n].long() == 0
+    )
+    col_ok = torch.isfinite(text.detach()).all(dim=1) & (
+        bad_i.sum() - bad_i[off : off + n].long() == 0
+    )
     return torch.stack([row_ok, col_ok]) & torch.isfinite(scale.detach())
 
 
-def _batch_log_zhat(row, col, image, text, scale, log_m) -> torch.Tensor:
-    """This batch's log Zhat [2, B] from the excluded-positive LSEs (detached), NaN where it rests
-    on a non-finite input (so the state never stores it)."""
-    log_zhat = torch.stack([row, col]).detach() - log_m
-    return torch.where(_valid_estimates(image, text, scale), log_zhat, float("nan"))
+def _neg_lse(image, text, all_image, all_text, scale, off: int, world: World, backend: str):
+    """Negatives-only LSEs [M], [M] of this rank's image anchors (against the gathered texts) and
+    text anchors (against the gathered images), the positive (column i + off) left out. A world
+    of one: one symmetric sweep (row and column statistics together); else two row sweeps."""
+    if world.size == 1:
+        return simlse(image, text, scale, exclude_pos=True, backend=backend)
+    row, _ = simlse(
+        image, all_text, scale, offset=off, exclude_pos=True, cols=False, backend=backend
+    )
+    col, _ = simlse(
+        text, all_image, scale, offset=off, exclude_pos=True, cols=False, backend=backend
+    )
+    return row, col
+
+
+def _log_zhat(row, col, valid, log_m: float) -> torch.Tensor:
+    """This batch's log Zhat [2, n] (detached), NaN where it rests on a non-finite input (so the
+    state never stores it)."""
+    return torch.where(valid, torch.stack([row, col]).detach() - log_m, float("nan"))
 
 
 def _neg_two_pass(row, col, log_w, log_r, log_m):
@@ -326,21 +191,174 @@ def _neg_two_pass(row, col, log_w, log_r, log_m):
     return 0.5 * torch.exp(alpha + torch.stack([row, col])).mean(dim=1).sum()
 
 
-def _neg_one_pass(image, text, scale, log_w, log_r, log_m, clamp, backend):
-    b = image.shape[0]
+def _neg_one_pass(
+    image,
+    text,
+    all_image,
+    all_text,
+    scale,
+    log_w,
+    log_r,
+    log_m,
+    clamp,
+    off,
+    world: World,
+    backend: str,
+):
+    """The negative term, its gradient and the excluded-positive LSEs from gamma_onepass; weight
+    1/(2n) per local anchor (summed over ranks: 1/(2B) per anchor of the global batch)."""
+    n = image.shape[0]
     alpha = (log_w - log_r).detach() - log_m
-    neg, row, col, _, _ = gamma_onepass(
-        image,
-        text,
-        scale,
-        alpha[0],
-        alpha[1],
-        w_row=0.5 / b,
-        w_col=0.5 / b,
-        clamp=clamp,
-        backend=backend,
+    w = 0.5 / n
+    if world.size == 1:
+        neg, row, col, _, _ = gamma_onepass(
+            image, text, scale, alpha[0], alpha[1], w_row=w, w_col=w, clamp=clamp, backend=backend
+        )
+        return neg, row, col
+    no_term = torch.full((all_text.shape[0],), _NO_TERM, dtype=alpha.dtype, device=image.device)
+    out = [
+        gamma_onepass(
+            x,
+            y,
+            scale,
+            alpha[k],
+            no_term,
+            w_row=w,
+            w_col=0.0,
+            clamp=clamp,
+            offset=off,
+            backend=backend,
+        )
+        for k, (x, y) in enumerate(((image, all_text), (text, all_image)))
+    ]
+    return out[0][0] + out[1][0], out[0][1], out[1][1]
+
+
+def gamma_step(
+    loss: GammaClipLoss,
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: float | torch.Tensor,
+    index: torch.Tensor | None,
+    world: World,
+) -> torch.Tensor:
+    """One stochastic-EM step of `loss` (GammaClipLoss / SogCLRLoss) in `world`: E-step draws and
+    rate bookkeeping, then the M-step surrogate (module docstring), a 0-d tensor.
+
+    The global batch is every rank's n pairs (B = W n); this rank's anchors (image and text) meet
+    all gathered columns (with gradient), so the mean over ranks of the loss is the single-process
+    loss of the global batch (same draws: rank 0's, broadcast) and each rank's feature gradient is
+    W x that loss's gradient for its rows (open_clip's local_loss + gather_with_grad; DDP's average
+    gives the global gradient). The state is updated from every rank's (index, log Zhat), so it
+    stays identical on every rank. Eager: one host sync for the index check (range, and for
+    update="after" whether every sample was seen). Compiled: no host sync (docs/gamma.md)."""
+    err = scale = name = None
+    one_pass = loss.rate == "fixed" or (loss.rate == "ema" and loss.update == "after")
+    all_seen, bad = True, None
+    try:
+        V.check_pair(
+            "image_features", image_features, "text_features", text_features, same_batch=True
+        )
+        n = image_features.shape[0]
+        if world.size * n < 2:
+            raise ValueError(
+                f"{type(loss).__name__} needs at least 2 pairs per batch (B - 1 in-batch "
+                f"negatives per anchor), got B = {world.size * n}"
+            )
+        scale = V.as_scale("logit_scale", logit_scale, image_features)
+        name = resolve_traced(loss.backend, image_features.device)
+        if loss.rate == "fixed" and not loss._fixed_set:
+            raise RuntimeError(
+                "rate='fixed' needs set_log_rates(image_log_rate, text_log_rate) "
+                "before the first forward"
+            )
+        index, all_seen, bad = loss._check_index(
+            index, n, image_features.device, want_seen=loss.rate == "ema" and one_pass
+        )
+    except (TypeError, ValueError, RuntimeError) as e:
+        err = e
+    world.check(
+        f"gammacl {type(loss).__name__} (distributed)",
+        [("image_features", image_features), ("text_features", text_features), ("index", index)],
+        flags=[
+            ("num_samples", loss.num_samples),
+            ("rate", _RATE_CODES[loss.rate]),
+            ("update", int(loss.update == "after")),
+            ("mean_estep", int(loss._mean_estep)),
+        ],
+        local_error=err,
     )
-    return neg, row, col
+
+    dev = image_features.device
+    n = image_features.shape[0]
+    total, off = world.size * n, world.rank * n
+    log_m = math.log(total - 1)
+    log_w = loss._log_weights(total, image_features, world)[:, off : off + n]
+    acc = log_w.dtype
+    all_image = world.gather(image_features, with_grad=True)
+    all_text = world.gather(text_features, with_grad=True)
+    valid = _valid_estimates(image_features, text_features, all_image, all_text, off, scale)
+    if bad is not None:  # compiled, out-of-range index: store nothing
+        valid = valid & ~bad
+    pos = _pos_logits(image_features, text_features, scale)
+    states = loss._states(dev) if loss.rate != "batch" else None
+
+    if not one_pass:  # LSE pass (simlse fwd) -> rates -> gradient pass (simlse bwd)
+        row, col = _neg_lse(
+            image_features, text_features, all_image, all_text, scale, off, world, name
+        )
+        log_zhat = _log_zhat(row, col, valid, log_m)
+        log_r = log_zhat if loss.rate == "batch" else loss._update(index, log_zhat, world)
+        neg = _neg_two_pass(row, col, log_w, log_r, log_m)
+        path = "two_pass"
+    else:
+        stored = torch.stack([s.log_rate[index] for s in states]).to(acc)
+        log_zhat = seen = None
+        if loss.rate == "fixed" or all_seen:  # (all_seen is None when compiled: unknown)
+            log_r = stored
+            path = "one_pass"
+        else:  # first visits need this batch's Zhat before the weights exist
+            with torch.no_grad():
+                r0, c0 = _neg_lse(
+                    *(t.detach() for t in (image_features, text_features, all_image, all_text)),
+                    scale.detach(),
+                    off,
+                    world,
+                    name,
+                )
+            log_zhat = _log_zhat(r0, c0, valid, log_m)
+            seen = torch.stack([s.visited[index] for s in states])
+            log_r = torch.where(seen, stored, log_zhat)
+            path = "lse+one_pass"
+        neg, row, col = _neg_one_pass(
+            image_features,
+            text_features,
+            all_image,
+            all_text,
+            scale,
+            log_w,
+            log_r,
+            log_m,
+            loss.clamp,
+            off,
+            world,
+            name,
+        )
+        if loss.rate == "ema":  # update after use
+            if log_zhat is None or all_seen is None:
+                one = _log_zhat(row, col, valid, log_m)
+                # eager: every sample seen -> the one-pass statistics, else the LSE pass's;
+                # compiled: the same choice, made on the device
+                log_zhat = one if log_zhat is None else torch.where(seen.all(), one, log_zhat)
+            loss._update(index, log_zhat, world)
+    out = neg - pos.mean()
+    estimate = 0.5 * log_r.mean(dim=1).sum() - pos.mean()
+    if bad is not None:  # compiled: an out-of-range index poisons the loss and every grad
+        poison = torch.where(bad, float("nan"), 1.0).to(out.dtype)
+        out, estimate = out * poison, estimate * poison
+    loss.global_loss_estimate = estimate.detach()
+    loss.last_path = path
+    return out
 
 
 def _check_step_vector(name: str, x: object, b: int, like: torch.Tensor) -> torch.Tensor:
@@ -377,13 +395,12 @@ def gamma_step_loss(
     scale = V.as_scale("logit_scale", logit_scale, image_features)
     log_w = _check_step_vector("log_weight", log_weight, b, image_features)
     log_r = _check_step_vector("log_rate", log_rate, b, image_features)
-    name = _resolve_backend(backend, image_features.device)
+    name = resolve_traced(backend, image_features.device)
     log_m = math.log(b - 1)
     pos = _pos_logits(image_features, text_features, scale)
     if one_pass:
-        neg = _neg_one_pass(image_features, text_features, scale, log_w, log_r, log_m, clamp, name)[
-            0
-        ]
+        x, y = image_features, text_features
+        neg = _neg_one_pass(x, y, x, y, scale, log_w, log_r, log_m, clamp, 0, World(), name)[0]
     else:
         row, col = simlse(image_features, text_features, scale, exclude_pos=True, backend=name)
         neg = _neg_two_pass(row, col, log_w, log_r, log_m)
@@ -392,8 +409,7 @@ def gamma_step_loss(
 
 class GammaClipLoss(_GeneratorAttr, nn.Module):
     """Gamma-weighted decomposable symmetric contrastive loss with per-sample rate state
-    (stochastic EM; see the module docstring of gammacl.gamma for the objective, the estimator
-    and the numerics).
+    (stochastic EM; the objective and estimator: module docstring; every choice: docs/gamma.md).
 
     Args:
         num_samples: data-set size n; `index` values lie in [0, n).
@@ -407,12 +423,12 @@ class GammaClipLoss(_GeneratorAttr, nn.Module):
             state_dict() so a checkpoint resumes the same draws.
         backend: "auto", "torch", "cpp", "triton", "cuda" or "reference".
         clamp: exponent cap of the one-pass path (default 30).
-        distributed: None (default): use gammacl.distributed.gamma_loss_distributed whenever
-            torch.distributed is initialised with more than one rank (in `process_group`, default
-            the world): every rank passes its own pairs and their global data-set indices; the
-            state is updated from all ranks' rows and stays identical everywhere (save it from
-            any rank), rank 0's draws are broadcast. True: always; False: never (each rank keeps
-            its own state and sees only its own batch).
+        distributed: None (default): run over the process group's world whenever
+            torch.distributed is initialised with more than one rank (in `process_group`,
+            default the world): every rank passes its own pairs and their global data-set
+            indices; the state is updated from all ranks' rows and stays identical everywhere
+            (save it from any rank), rank 0's draws are broadcast. True: always; False: never
+            (each rank keeps its own state and sees only its own batch).
         process_group: the torch.distributed group for distributed use (default: the world).
     forward(image_features, text_features, logit_scale, index, output_dict=False) returns the
     0-d loss (fp32; fp64 for fp64 features) or {"contrastive_loss": loss}; `index` [B] holds each
@@ -549,12 +565,45 @@ class GammaClipLoss(_GeneratorAttr, nn.Module):
             raise _range_error(self.num_samples, vals[0], vals[1])
         return index, bool(vals[2]) if want_seen else True, None
 
-    def _log_weights(self, b: int, like: torch.Tensor) -> torch.Tensor:
+    def _log_weights(self, b: int, like: torch.Tensor, world: World) -> torch.Tensor:
+        """log(G / a) [2, b] for the global batch, drawn as one process would draw it (by rank 0,
+        broadcast); zeros for SogCLR's mean E-step."""
         acc = V.acc_dtype(like.dtype)
         if self._mean_estep:
             return torch.zeros(2, b, dtype=acc, device=like.device)
         # draw_log_weights(shape, b, generator, device).to(acc), as an opaque op (see _draw_op)
-        return _draw_op("log_gamma", self.shape, b, self._generator_key(), like.device, acc)
+        w = _draw_op("log_gamma", self.shape, b, self._generator_key(), like.device, acc)
+        return world.broadcast(w)
+
+    def _update(self, index: torch.Tensor, log_zhat: torch.Tensor, world: World) -> torch.Tensor:
+        """The rate update from every rank's (index, log Zhat) (identical state on every rank);
+        returns the updated log-rates of this rank's rows [2, n] (update-before-use rates)."""
+        if world.size > 1:  # one all-gather of an [n, 3] float64 buffer (indices < 2^53 exact)
+            packed = torch.cat([index.to(torch.float64)[:, None], log_zhat.t().double()], dim=1)
+            out = world.gather(packed, with_grad=False)
+            all_index, all_lz = out[:, 0].long(), out[:, 1:].t().to(log_zhat.dtype)
+        else:
+            all_index, all_lz = index, log_zhat
+        img, txt = self._states(log_zhat.device)
+        new = torch.stack(
+            [
+                img.update(all_index, all_lz[0], check=False),
+                txt.update(all_index, all_lz[1], check=False),
+            ]
+        )
+        n = index.shape[0]
+        return new[:, world.rank * n : (world.rank + 1) * n]
+
+    def _world(self) -> World:
+        if self.distributed is False:
+            return World()
+        world = World.of_group(self.process_group)
+        if self.distributed and world.size == 1 and not _dist_up():
+            raise RuntimeError(
+                f"{type(self).__name__}(distributed=True) needs an initialised torch.distributed "
+                "process group"
+            )
+        return world
 
     def forward(
         self,
@@ -564,97 +613,7 @@ class GammaClipLoss(_GeneratorAttr, nn.Module):
         index: torch.Tensor | None,
         output_dict: bool = False,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
-        if self.distributed is not False:
-            from gammacl import distributed as D
-
-            if self.distributed or D.is_distributed(self.process_group):
-                loss = D.gamma_loss_distributed(
-                    self,
-                    image_features,
-                    text_features,
-                    logit_scale,
-                    index,
-                    group=self.process_group,
-                )
-                return {"contrastive_loss": loss} if output_dict else loss
-        V.check_pair(
-            "image_features", image_features, "text_features", text_features, same_batch=True
-        )
-        b = image_features.shape[0]
-        if b < 2:
-            raise ValueError(
-                f"{type(self).__name__} needs at least 2 pairs per batch (B - 1 "
-                f"in-batch negatives per anchor), got B = {b}"
-            )
-        scale = V.as_scale("logit_scale", logit_scale, image_features)
-        dev = image_features.device
-        name = _resolve_backend(self.backend, dev)
-        if self.rate == "fixed" and not self._fixed_set:
-            raise RuntimeError(
-                "rate='fixed' needs set_log_rates(image_log_rate, text_log_rate) "
-                "before the first forward"
-            )
-        one_pass = self.rate == "fixed" or (self.rate == "ema" and self.update == "after")
-        index, all_seen, bad = self._check_index(
-            index, b, dev, want_seen=self.rate == "ema" and one_pass
-        )
-        states = self._states(dev) if self.rate != "batch" else None
-        log_w = self._log_weights(b, image_features)
-        log_m = math.log(b - 1)
-        acc = log_w.dtype
-        pos = _pos_logits(image_features, text_features, scale)
-
-        if not one_pass:  # LSE pass (simlse fwd) -> rates -> gradient pass (simlse bwd)
-            row, col = simlse(image_features, text_features, scale, exclude_pos=True, backend=name)
-            log_zhat = _batch_log_zhat(row, col, image_features, text_features, scale, log_m)
-            if bad is not None:  # compiled, out-of-range index: store nothing
-                log_zhat = torch.where(bad, float("nan"), log_zhat)
-            if self.rate == "batch":
-                log_r = log_zhat
-            else:
-                log_r = torch.stack(
-                    [s.update(index, log_zhat[d], check=False) for d, s in enumerate(states)]
-                )
-            neg = _neg_two_pass(row, col, log_w, log_r, log_m)
-            self.last_path = "two_pass"
-        else:
-            stored = torch.stack([s.log_rate[index] for s in states]).to(acc)
-            log_zhat = seen = None
-            if self.rate == "fixed" or all_seen:  # (all_seen is None when compiled: unknown)
-                log_r = stored
-                self.last_path = "one_pass"
-            else:  # first visits need this batch's Zhat before the weights exist
-                with torch.no_grad():
-                    row, col = simlse(
-                        image_features.detach(),
-                        text_features.detach(),
-                        scale.detach(),
-                        exclude_pos=True,
-                        backend=name,
-                    )
-                log_zhat = _batch_log_zhat(row, col, image_features, text_features, scale, log_m)
-                seen = torch.stack([s.visited[index] for s in states])
-                log_r = torch.where(seen, stored, log_zhat)
-                self.last_path = "lse+one_pass"
-            neg, row, col = _neg_one_pass(
-                image_features, text_features, scale, log_w, log_r, log_m, self.clamp, name
-            )
-            if self.rate == "ema":  # update after use
-                if log_zhat is None or all_seen is None:
-                    one = _batch_log_zhat(row, col, image_features, text_features, scale, log_m)
-                    # eager: every sample seen -> the one-pass statistics, else the LSE pass's;
-                    # compiled: the same choice, made on the device
-                    log_zhat = one if log_zhat is None else torch.where(seen.all(), one, log_zhat)
-                if bad is not None:  # compiled, out-of-range index: store nothing
-                    log_zhat = torch.where(bad, float("nan"), log_zhat)
-                for d, s in enumerate(states):
-                    s.update(index, log_zhat[d], check=False)
-        loss = neg - pos.mean()
-        estimate = 0.5 * log_r.mean(dim=1).sum() - pos.mean()
-        if bad is not None:  # compiled: an out-of-range index poisons the loss and every grad
-            poison = torch.where(bad, float("nan"), 1.0).to(loss.dtype)
-            loss, estimate = loss * poison, estimate * poison
-        self.global_loss_estimate = estimate.detach()
+        loss = gamma_step(self, image_features, text_features, logit_scale, index, self._world())
         return {"contrastive_loss": loss} if output_dict else loss
 
 
@@ -698,3 +657,9 @@ class SogCLRLoss(GammaClipLoss):
             f"num_samples={self.num_samples}, ema={self.ema}, update={self.update!r}, "
             f"backend={self.backend!r}"
         )
+
+
+def _dist_up() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()

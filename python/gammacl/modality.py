@@ -7,7 +7,7 @@ Every loss returns a 0-d tensor in the accumulation dtype (fp64 for fp64 inputs,
 Where an N x N quantity appears it goes through the one simlse op (gammacl.ops.simlse), so the
 torch / cpp / triton / cuda backends all apply and no N x N buffer is formed:
 
-* in-modal InfoNCE and the base loss: gammacl.functional.infonce_rows / clip_pairs.
+* in-modal InfoNCE and the base loss: gammacl.clip.infonce_rows / clip_pairs.
 * uniformity: G_t(u, v) = exp(-t ||u - v||^2) = exp(2t (<u, v> - ||u||^2/2 - ||v||^2/2)) for any
   u, v. With h_j = -||u_j||^2 / 2 and the augmented rows
       a_j = [u_j, h_j, 1],  b_k = [u_k, 1, h_k]      =>  2t <a_j, b_k> = -t ||u_j - u_k||^2
@@ -43,9 +43,10 @@ import torch
 from torch import nn
 
 from gammacl import _validate as V
+from gammacl._random import _draw_op, _GeneratorAttr
+from gammacl.clip import _pos_logits, clip_pairs, infonce_rows, no_autocast
 from gammacl.dispatch import BACKENDS
-from gammacl.functional import _pos_logits, clip_pairs, infonce_rows, no_autocast
-from gammacl.gamma import _draw_op, _GeneratorAttr, _resolve_backend
+from gammacl.dispatch import resolve_traced as _resolve_backend
 from gammacl.ops.simlse import simlse
 
 INMODAL_FORMS = ("cyclip", "printed")

@@ -14,7 +14,8 @@ this one op carries all the N^2 work. Its backward, given upstream g_r [M] and g
 FLOPs: forward one N x M x D GEMM (2MND); backward recompute + two GEMMs (6MND): 8MND in all,
 the 4-GEMM floor. Saved for backward: a, b, r, c, scale (O((M+N)D)), never an M x N buffer.
 
-Backends implement two functions with one signature each:
+Backends (one registry, `_IMPLS`: reference, torch, cpp, cuda, triton) implement two functions
+with one signature each:
     fwd(a, b, scale, offset, exclude_pos, cols) -> (row_lse [M], col_lse [N] or [0])
     bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols) -> (da_raw, db_raw)
 with `scale` a 0-d tensor in the accumulation dtype on the features' device, statistics and raw
@@ -28,7 +29,6 @@ import os
 import torch
 
 from gammacl._validate import acc_dtype
-from gammacl.dispatch import resolve_backend
 
 # torch backend chunk: rows per chunk chosen so one chunk x N fp32 buffer stays under this budget.
 _CHUNK_BYTES = int(float(os.environ.get("GAMMACL_CHUNK_MIB", "32")) * 2**20)
@@ -90,40 +90,89 @@ def torch_bwd(
     return da, db
 
 
+def _reference_impls():
+    from gammacl.reference.simlse import simlse as ref_fwd
+    from gammacl.reference.simlse import simlse_backward as ref_bwd
+
+    def fwd(a, b, scale, offset, exclude_pos, cols):
+        return ref_fwd(a, b, scale, offset=offset, exclude_pos=exclude_pos, cols=cols, upcast=False)
+
+    def bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols):
+        return ref_bwd(
+            a,
+            b,
+            scale,
+            row_lse,
+            col_lse,
+            g_row,
+            g_col,
+            offset=offset,
+            exclude_pos=exclude_pos,
+            cols=cols,
+            upcast=False,
+        )
+
+    return fwd, bwd
+
+
+def _triton_impls():
+    from gammacl.kernels import simlse as k
+
+    return k.simlse_fwd, k.simlse_bwd
+
+
+def _ext_impls(cuda: bool):
+    from gammacl import _ext
+
+    ops = _ext.load(cuda=cuda)
+    return ops.simlse_fwd, ops.simlse_bwd
+
+
+# The dispatch seam of this op: backend name -> (fwd, bwd) of the contract above.
+_IMPLS = {
+    "reference": _reference_impls,
+    "torch": lambda: (torch_fwd, torch_bwd),
+    "cpp": lambda: _ext_impls(cuda=False),
+    "cuda": lambda: _ext_impls(cuda=True),
+    "triton": _triton_impls,
+}
+
+
 def _backend_impl(name: str):
-    if name == "torch":
-        return torch_fwd, torch_bwd
-    if name == "triton":
-        from gammacl.kernels import simlse as k
+    if name not in _IMPLS:
+        raise ValueError(f"simlse has no backend {name!r} (backends: {tuple(_IMPLS)})")
+    return _IMPLS[name]()
 
-        return k.simlse_fwd, k.simlse_bwd
-    if name in ("cpp", "cuda"):
-        from gammacl import _ext
 
-        ops = _ext.load(cuda=name == "cuda")
-        return ops.simlse_fwd, ops.simlse_bwd
-    raise ValueError(f"simlse has no backend {name!r}")
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 # The op is a torch.library custom op so torch.compile(fullgraph=True) sees one opaque node (no
 # graph break) and opcheck can test its schema, fake (meta) function and autograd registration.
 @torch.library.custom_op("gammacl::simlse", mutates_args=())
-def _simlse_op(
+def simlse(
     a: torch.Tensor,
     b: torch.Tensor,
     scale: torch.Tensor,
-    offset: int,
-    exclude_pos: bool,
-    cols: bool,
-    backend: str,
+    offset: int = 0,
+    exclude_pos: bool = False,
+    cols: bool = True,
+    backend: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row_lse [M], col_lse [N] or [0]) of scale * a @ b.T (module docstring), differentiable to
+    a, b and the 0-d scale (a 0-d accumulation-dtype tensor, gammacl._validate.as_scale).
+    `backend` is a concrete name (the losses resolve it once at their public boundary); inputs
+    are validated there too. Autocast is off inside: statistics stay in the accumulation dtype."""
     fwd, _ = _backend_impl(backend)
     with torch.autocast(a.device.type, enabled=False):
-        return fwd(a, b, scale, offset, exclude_pos, cols)
+        return fwd(
+            _last_dim_contiguous(a), _last_dim_contiguous(b), scale, offset, exclude_pos, cols
+        )
 
 
-@_simlse_op.register_fake
-def _(a, b, scale, offset, exclude_pos, cols, backend):
+@simlse.register_fake
+def _(a, b, scale, offset=0, exclude_pos=False, cols=True, backend="torch"):
     acc = acc_dtype(a.dtype)
     return a.new_empty(a.shape[0], dtype=acc), a.new_empty(b.shape[0] if cols else 0, dtype=acc)
 
@@ -143,6 +192,7 @@ def _simlse_backward_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _, bwd = _backend_impl(backend)
+    a, b = _last_dim_contiguous(a), _last_dim_contiguous(b)
     with torch.autocast(a.device.type, enabled=False):
         return bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols)
 
@@ -154,7 +204,9 @@ def _(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols, ba
 
 
 def _setup_context(ctx, inputs, output):
-    a, b, scale, offset, exclude_pos, cols, backend = inputs
+    # arguments equal to their schema default may arrive stripped
+    a, b, scale, *rest = inputs
+    offset, exclude_pos, cols, backend = (*rest, *(0, False, True, "torch")[len(rest) :])
     row, col = output
     ctx.save_for_backward(a, b, scale, row, col)
     ctx.args = (offset, exclude_pos, cols, backend)
@@ -179,38 +231,4 @@ def _backward(ctx, g_row, g_col):
     return da, db, ds, None, None, None, None
 
 
-_simlse_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _reference(a, b, scale, offset, exclude_pos, cols):
-    from gammacl.reference import simlse as ref
-
-    return ref(a, b, scale, offset=offset, exclude_pos=exclude_pos, cols=cols, upcast=False)
-
-
-@torch.compiler.assume_constant_result
-def _resolve(backend: str, device: torch.device) -> str:
-    return resolve_backend(backend, device)
-
-
-def simlse(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale: torch.Tensor,
-    *,
-    offset: int = 0,
-    exclude_pos: bool = False,
-    cols: bool = True,
-    backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column LSE of scale * a @ b.T (see module docstring). `scale` is a 0-d tensor in
-    the accumulation dtype (callers go through gammacl._validate.as_scale). Inputs must already
-    be validated; this is the internal entry every loss uses."""
-    name = _resolve(backend, a.device)
-    if name == "reference":
-        return _reference(a, b, scale, offset, exclude_pos, cols)
-    if a.stride(-1) != 1:
-        a = a.contiguous()
-    if b.stride(-1) != 1:
-        b = b.contiguous()
-    return _simlse_op(a, b, scale, int(offset), bool(exclude_pos), bool(cols), name)
+simlse.register_autograd(_backward, setup_context=_setup_context)

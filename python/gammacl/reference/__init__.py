@@ -7,6 +7,14 @@ that dtype for the tolerance rule in tests/tolerances.py.
 """
 
 from gammacl.reference import gamma, modality
-from gammacl.reference.clip import clip_loss, infonce_loss, simlse
+from gammacl.reference.clip import clip_loss, infonce_loss
+from gammacl.reference.simlse import simlse, simlse_backward
 
-__all__ = ["clip_loss", "gamma", "infonce_loss", "modality", "simlse"]
+__all__ = [
+    "clip_loss",
+    "gamma",
+    "infonce_loss",
+    "modality",
+    "simlse",
+    "simlse_backward",
+]

@@ -1,11 +1,9 @@
-"""Reference symmetric CLIP loss, one-directional InfoNCE, and the simlse op (materialised)."""
+"""Reference symmetric CLIP loss and one-directional InfoNCE (materialised)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from gammacl._validate import acc_dtype
 
 
 def _dtype(x: torch.Tensor, upcast: bool) -> torch.dtype:
@@ -86,24 +84,3 @@ def clip_loss(
     if reduction == "sum":
         return pair.sum()
     return pair
-
-
-def simlse(a, b, scale, *, offset=0, exclude_pos=False, cols=True, upcast: bool = True):
-    """Row / column LSE of scale * a @ b.T with entries (i, i+offset) excluded on request."""
-    if upcast:
-        dt = torch.float64
-        l = _scale(scale, a, dt) * (a.to(dt) @ b.to(dt).t())
-    else:  # the GEMM in the inputs' dtype, statistics in the accumulation dtype
-        dt = acc_dtype(a.dtype)
-        l = _scale(scale, a, dt) * (a @ b.t()).to(dt)
-    if exclude_pos:
-        m, n = l.shape
-        i = torch.arange(m, device=l.device)
-        j = i + offset
-        ok = (j >= 0) & (j < n)
-        mask = torch.zeros(m, n, dtype=torch.bool, device=l.device)
-        mask[i[ok], j[ok]] = True
-        l = l.masked_fill(mask, float("-inf"))
-    row = torch.logsumexp(l, dim=1)
-    col = torch.logsumexp(l, dim=0) if cols else l.new_zeros(0)
-    return row, col
