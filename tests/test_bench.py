@@ -435,3 +435,14 @@ def test_log_axes_keep_zero_and_negative_free_values():
     plots.set_yscale(b, [0.5, 1.0, 10.0])
     assert a.get_yscale() == "symlog" and a.get_ylim()[0] == 0 and b.get_yscale() == "log"
     plt.close(fig)
+
+
+def test_siglip_panel_beside_clip_until_gammacl_has_one():
+    sc = {"clip": "N^2*D", "siglip": "N^2*D"}
+    rows = [_trow("gammacl", "fwd+bwd", 1.0), _trow("siglip_kernel", "fwd+bwd", 1.0, loss="siglip")]
+    assert plots.summary_losses(rows, sc) == ["clip"]
+    assert plots._in_panel(rows[1], "clip", plots._panel_loss(rows))
+    rows.append(_trow("gammacl", "fwd+bwd", 1.0, loss="siglip"))  # gammacl.siglip_loss registered
+    assert plots.summary_losses(rows, sc) == ["clip", "siglip"]
+    panel = plots._panel_loss(rows)
+    assert not plots._in_panel(rows[1], "clip", panel) and plots._in_panel(rows[1], "siglip", panel)

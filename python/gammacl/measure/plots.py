@@ -53,6 +53,17 @@ def _style_x(ax, xlabel: str = "N") -> None:
     ax.grid(True, which="both", alpha=0.3)
 
 
+def _panel_loss(rows: list[dict]) -> dict[str, str]:
+    """loss -> the panel it is drawn in: siglip-kernel's sigmoid loss goes beside clip until
+    gammacl has a siglip loss of its own (then it has its own panel)."""
+    ours = any(r["impl"] == "gammacl" and r["loss"] == "siglip" for r in rows)
+    return {"siglip": "siglip" if ours else "clip"}
+
+
+def _in_panel(r: dict, loss: str, panel: dict[str, str]) -> bool:
+    return panel.get(r["loss"], r["loss"]) == loss
+
+
 def _timed(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["status"] == "ok" and r.get("time_ms_p50") is not None]
 
@@ -74,7 +85,10 @@ def _floor_rows(rows: list[dict], d, dt, mode) -> list[dict]:
 
 def summary_losses(rows: list[dict], scaling: dict[str, str], limit: int = 6) -> list[str]:
     """Losses for the summary: the N^2*D ones in run order (clip first), then the rest."""
-    seen = list(dict.fromkeys(r["loss"] for r in rows if r["loss"] not in ("floor", "siglip")))
+    panel = _panel_loss(rows)
+    seen = list(
+        dict.fromkeys(panel.get(r["loss"], r["loss"]) for r in rows if r["loss"] != "floor")
+    )
     seen.sort(key=lambda lo: (scaling.get(lo, N2D) != N2D, lo not in ("clip", "infonce")))
     return seen[:limit]
 
@@ -93,14 +107,14 @@ def plot_bench_summary(
     mode = "fwd+bwd" if "fwd+bwd" in modes else modes[0]
     d, dt = ok[0]["D"], ok[0]["dtype"]
     ok = [r for r in ok if (r["D"], r["dtype"], r["mode"]) == (d, dt, mode)]
-    losses = summary_losses(ok, scaling)
+    losses, panel = summary_losses(ok, scaling), _panel_loss(ok)
     if not losses:
         return None
     fig, axes = plt.subplots(2, len(losses), figsize=(3.6 * len(losses) + 0.8, 6.4),
                              squeeze=False, layout="constrained")  # fmt: skip
     for j, loss in enumerate(losses):
         ax_t, ax_m = axes[0][j], axes[1][j]
-        sel = [r for r in ok if r["loss"] == loss or (loss == "clip" and r["loss"] == "siglip")]
+        sel = [r for r in ok if _in_panel(r, loss, panel)]
         tvals, mvals = [], []
         for lab in sorted({series_label(r) for r in sel}):
             ser = [r for r in sel if series_label(r) == lab]
@@ -140,8 +154,13 @@ def plot_bench_cases(
     ok = _timed(rows)
     if plt is None:
         return None
+    panel = _panel_loss(ok)
     groups = sorted(
-        {(r["loss"], r["D"], r["dtype"], r["mode"]) for r in ok if r["loss"] != "floor"},
+        {
+            (panel.get(r["loss"], r["loss"]), r["D"], r["dtype"], r["mode"])
+            for r in ok
+            if r["loss"] != "floor"
+        },  # fmt: skip
         key=lambda g: (g[0], g[1], g[2], MODES.index(g[3])),
     )
     if len(groups) > 8:
@@ -155,7 +174,7 @@ def plot_bench_cases(
     for (loss, d, dt, mode), (ax_t, ax_f) in zip(groups, axes, strict=False):
         key = (d, dt, mode)
         sel = [r for r in ok if (r["D"], r["dtype"], r["mode"]) == key
-               and (r["loss"] == loss or (loss == "clip" and r["loss"] == "siglip"))]  # fmt: skip
+               and _in_panel(r, loss, panel)]  # fmt: skip
         n2d = scaling.get(loss, N2D) == N2D
         series = [(series_label(r), {}) for r in sel]
         if n2d:
