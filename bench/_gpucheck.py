@@ -6,7 +6,7 @@
   backward (grads of a, b, scale under random upstream) and clip_loss on one backend against
   gammacl.reference with the test suite's rule (tests/tolerances.py);
 * `onepass_case`: the gamma_onepass backend function against reference.gamma.gamma_onepass;
-* `time_clip_loss`, `time_onepass`, `bench_ms`, `print_timing`: timings with gammacl._measure
+* `time_clip_loss`, `time_onepass`, `bench_ms`, `print_timing`: timings with gammacl.measure
   (time_call: triton.testing.do_bench, median [p20, p80] ms; measure_memory: peak allocated
   over what was allocated before the step);
 * `report`, `finish`: the JSON report ($OUT/TOOL.json, or bench/out/ when $OUT is unset), the
@@ -297,20 +297,22 @@ def error_text(exc: BaseException) -> str:
 
 
 def bench_ms(fn: Callable[[], Any], leaves: Sequence[torch.Tensor] = ()) -> list[float]:
-    """[median, p20, p80] ms of fn: gammacl._measure.time_call, i.e. triton.testing.do_bench
+    """[median, p20, p80] ms of fn: gammacl.measure.timing.time_call, i.e. triton.testing.do_bench
     (25 ms warm-up, 100 ms budget, L2 flushed per rep, .grad of `leaves` reset between reps)."""
-    from gammacl import _measure as M
+    from gammacl.measure.inputs import Step
+    from gammacl.measure.timing import TimingConfig, time_call
 
-    t = M.time_call(fn, M.Step(fn, leaves), torch.device(DEV), M.TimingConfig())
+    t = time_call(fn, Step(fn, leaves), torch.device(DEV), TimingConfig())
     return [t["time_ms_p50"], t["time_ms_p20"], t["time_ms_p80"]]
 
 
 def _peak_extra_mib(step: Callable[[], Any]) -> float | None:
     """MiB allocated at the peak of one step over what was allocated before it (torch's CUDA
     allocator); None where the allocator keeps no such count (CPU)."""
-    from gammacl import _measure as M
+    from gammacl.measure.inputs import Step
+    from gammacl.measure.memory import measure_memory
 
-    mem = M.measure_memory(step, M.Step(step, ()), torch.device(DEV))
+    mem = measure_memory(step, Step(step, ()), torch.device(DEV))
     if mem.get("peak_allocated") is None or mem.get("base_allocated") is None:
         return None
     return round((mem["peak_allocated"] - mem["base_allocated"]) / 2**20, 1)
@@ -325,7 +327,7 @@ def time_clip_loss(
     then KEY: TFLOP/s at the median for each KEY: (timing key, FLOPs) of `flops`}; `error`
     instead when a step fails (e.g. the materialised reference running out of memory)."""
     import gammacl
-    from gammacl import _measure as M
+    from gammacl.measure.timing import sync
 
     torch.manual_seed(0)
     a = torch.randn(n, d, device=DEV, dtype=torch.bfloat16).requires_grad_()
@@ -341,7 +343,7 @@ def time_clip_loss(
     entry: dict[str, Any] = {"N": n, "D": d, "dtype": "bfloat16", "backend": backend}
     try:
         fwd_bwd()  # build / compile / warm up outside the timed region
-        M.sync(torch.device(DEV))
+        sync(torch.device(DEV))
         with torch.no_grad():
             f = bench_ms(fwd)
         fb = bench_ms(fwd_bwd, (a, b, s))
@@ -360,7 +362,7 @@ def time_onepass(n: int, d: int, backend: str) -> dict[str, Any]:
     backend: {N, D, dtype, backend, fwd_bwd_ms, peak_extra_mib, fwd_bwd_tflops_6N2D} or error."""
     import math
 
-    from gammacl import _measure as M
+    from gammacl.measure.timing import sync
     from gammacl.ops.gamma_onepass import gamma_onepass
 
     torch.manual_seed(0)
@@ -379,7 +381,7 @@ def time_onepass(n: int, d: int, backend: str) -> dict[str, Any]:
     entry: dict[str, Any] = {"N": n, "D": d, "dtype": "bfloat16", "backend": backend}
     try:
         fwd_bwd()
-        M.sync(torch.device(DEV))
+        sync(torch.device(DEV))
         fb = bench_ms(fwd_bwd, (a, b, s))
         peak = _peak_extra_mib(fwd_bwd)
         entry.update(fwd_bwd_ms=fb, peak_extra_mib=peak)

@@ -1,5 +1,6 @@
-"""`python -m gammacl.bench` on CPU: arguments, files and columns, OOM / error rows, the loss-value
-check against the float64 reference, the TRITON_INTERPRET refusal, the optional plot.
+"""`python -m gammacl.bench` on CPU: arguments, files and columns, the spread of the timings and
+their flags, OOM / error rows, the loss-value check against the float64 reference, the
+TRITON_INTERPRET refusal, the optional plots (summary first, cases after).
 Sweeps are tiny (N <= 128, D = 16, --min-time 0) so each run takes about a second."""
 
 from __future__ import annotations
@@ -8,12 +9,15 @@ import csv
 import json
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 
-from gammacl import _measure as M
 from gammacl import bench
+from gammacl.measure import cli, inputs, peers, plots, registry, timing
+from gammacl.measure.flops import flops_two_pass
+from gammacl.measure.registry import Impl
 
 FAST = ["--d", "16", "--min-time", "0", "--no-plot"]
 
@@ -69,12 +73,14 @@ def test_files_columns_metadata(tmp_path):
     assert "perf_counter" in meta["timer"]
     for r in js["rows"]:
         assert r["status"] == "ok", r
-        assert 0 < r["time_ms_p20"] <= r["time_ms_p50"] <= r["time_ms_p80"]
-        assert r["reps"] >= 3
+        t = [r[k] for k in timing.TIME_KEYS]  # min, p20, p50, p80, max of the calls
+        assert 0 < t[0] and t == sorted(t) and t[0] < t[-1]
+        assert r["reps"] >= 5
+        assert r["time_spread"] == pytest.approx((t[3] - t[1]) / t[2], rel=1e-9)
         # GPU columns are null on CPU (never 0); CPU memory is the RSS delta
         assert r["peak_allocated_mib"] is None and r["peak_reserved_mib"] is None
         assert r["extra_over_inputs_mib"] is None
-        assert r["rss_peak_delta_mib"] is not None
+        assert r["rss_peak_delta_mib"] is not None and r["rss_peak_delta_mib"] >= 0
         assert r["inputs_mib"] == pytest.approx(2 * r["N"] * 16 * 4 / 2**20)
         k = {"fwd": 2, "bwd": 6, "fwd+bwd": 8}[r["mode"]]
         assert r["flops"] == k * r["N"] ** 2 * 16
@@ -117,7 +123,7 @@ def test_injected_oom_rows_and_sweep_continues(tmp_path):
     )
     assert rc == 0
     by = {(r["impl"], r["N"], r["mode"]): r for r in js["rows"]}
-    for mode in M.MODES:
+    for mode in cli.MODES:
         assert by[("naive", 64, mode)]["status"] == "ok"
         for n in (96, 128):
             r = by[("naive", n, mode)]
@@ -136,24 +142,24 @@ def test_error_rows_never_crash(tmp_path, monkeypatch):
 
         def fwd():
             if not torch.is_grad_enabled():
-                return M.naive_clip(a, b, f.scale)
+                return peers.naive_clip(a, b, f.scale)
             raise RuntimeError("boom in forward")
 
-        return M.Step(fwd, [a, b])
+        return inputs.Step(fwd, [a, b])
 
-    orig = M.peer_impls
+    orig = peers.peer_impls
 
-    def peers(*args, **kw):
+    def fake_peers(*args, **kw):
         return [
-            M.Impl("brokenA", "clip", "torch", broken_build, M.flops_two_pass),
-            M.Impl("brokenB", "clip", "torch", broken_mode, M.flops_two_pass),
+            Impl("brokenA", "clip", "torch", broken_build, flops_two_pass),
+            Impl("brokenB", "clip", "torch", broken_mode, flops_two_pass),
         ] + orig(*args, **kw)
 
-    monkeypatch.setattr(M, "peer_impls", peers)
+    monkeypatch.setattr(peers, "peer_impls", fake_peers)
     rc, js, _ = _run(tmp_path, "--n", "64", *FAST, "--loss", "clip", "--impl", "naive")
     assert rc == 0
     st = {(r["impl"], r["mode"]): (r["status"], r["error"]) for r in js["rows"]}
-    for mode in M.MODES:
+    for mode in cli.MODES:
         assert st[("brokenA", mode)] == ("error", "ValueError: boom at build")
         assert st[("brokenB", mode)] == ("error", "RuntimeError: boom in forward")
         assert st[("naive", mode)] == ("ok", None)
@@ -162,15 +168,15 @@ def test_error_rows_never_crash(tmp_path, monkeypatch):
 def test_check_mismatch_is_loud_and_fails(tmp_path, monkeypatch, capsys):
     def wrong(f):
         a, b = f.feat(0), f.feat(1)
-        return M.Step(lambda: 1.01 * M.naive_clip(a, b, f.scale), [a, b, f.scale])
+        return inputs.Step(lambda: 1.01 * peers.naive_clip(a, b, f.scale), [a, b, f.scale])
 
-    orig = M.peer_impls
+    orig = peers.peer_impls
     monkeypatch.setattr(
-        M,
+        peers,
         "peer_impls",
         lambda *a, **k: (
             orig(*a, **k)
-            + [M.Impl("wrongpeer", "clip", "torch", wrong, M.flops_two_pass, reference=M._ref_clip)]
+            + [Impl("wrongpeer", "clip", "torch", wrong, flops_two_pass, reference=peers._ref_clip)]
         ),
     )
     rc, js, _ = _run(tmp_path, "--n", "64,96", *FAST, "--loss", "clip", "--impl", "naive")
@@ -232,13 +238,13 @@ def test_plot_written_when_matplotlib_present(tmp_path):
     rc = _plot_run(tmp_path, "--n", "64,128", "--impl", "gammacl,gemm_floor", "--mode", "fwd+bwd",
                    "--name", "run1")  # fmt: skip
     assert rc == 0
-    png = tmp_path / "run1.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for png in (tmp_path / "run1.png", tmp_path / "run1-cases.png"):  # summary, then the cases
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "run1.csv").exists() and (tmp_path / "run1.json").exists()
 
 
 def test_no_matplotlib_no_png(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(M, "pyplot", lambda: None)
+    monkeypatch.setattr(plots, "pyplot", lambda: None)
     rc = _plot_run(tmp_path, "--n", "64", "--impl", "gammacl", "--mode", "fwd")
     assert rc == 0
     assert not (tmp_path / "bench.png").exists()
@@ -251,19 +257,24 @@ def test_import_does_not_load_matplotlib():
 
 
 def test_quantiles_interpolate():
-    assert M._quantiles([4.0, 1.0, 3.0, 2.0, 5.0], (0.2, 0.5, 0.8)) == [1.8, 3.0, 4.2]
-    assert M._quantiles([7.0], (0.2, 0.5, 0.8)) == [7.0, 7.0, 7.0]
+    assert timing.quantiles([4.0, 1.0, 3.0, 2.0, 5.0], (0.2, 0.5, 0.8)) == [1.8, 3.0, 4.2]
+    assert timing.quantiles([7.0], (0.2, 0.5, 0.8)) == [7.0, 7.0, 7.0]
 
 
 def test_inject_spec():
-    inj = M.InjectOOM("naive:100")
+    inj = cli.InjectOOM("naive:100")
     inj.check("naive/clip/torch", 99)
     inj.check("gammacl/clip/torch", 500)
     with pytest.raises(torch.OutOfMemoryError, match="injected OOM"):
         inj.check("naive/clip/torch", 100)
-    assert M.classify_error(torch.OutOfMemoryError("CUDA out of memory. Tried ..."))[0] == "OOM"
-    assert M.classify_error(RuntimeError("DefaultCPUAllocator: can't allocate memory"))[0] == "OOM"
-    assert M.classify_error(ValueError("x")) == ("error", "ValueError: x")
+    assert (
+        timing.classify_error(torch.OutOfMemoryError("CUDA out of memory. Tried ..."))[0] == "OOM"
+    )
+    assert (
+        timing.classify_error(RuntimeError("DefaultCPUAllocator: can't allocate memory"))[0]
+        == "OOM"
+    )
+    assert timing.classify_error(ValueError("x")) == ("error", "ValueError: x")
 
 
 class _FakeStateLoss(torch.nn.Module):
@@ -316,10 +327,122 @@ def test_modality_regularisers_are_benchmarked(tmp_path):
 
 
 def test_check_above_materialised_limit_uses_chunked_fp64(tmp_path, monkeypatch):
-    monkeypatch.setattr(M, "CHECK_MATERIALISED_MAX_N", 32)  # as if N=64 were a huge first shape
+    monkeypatch.setattr(
+        registry, "CHECK_MATERIALISED_MAX_N", 32
+    )  # as if N=64 were a huge first shape
     rc, js, _ = _run(tmp_path, "--n", "64", *FAST, "--loss", "clip,infonce", "--backend",
                      "reference", "--impl", "gammacl,naive", "--mode", "fwd")  # fmt: skip
     assert rc == 0
     for c in js["checks"]:
         assert c["check"] == "ok" and c["reference_impl"] == "gammacl torch backend, float64"
         assert c["abs_diff"] < 1e-4
+
+
+def _trow(impl, mode, p50, spread=0.1, loss="clip", n=64):
+    return {"impl": impl, "loss": loss, "backend": "torch", "N": n, "D": 16, "dtype": "fp32",
+            "mode": mode, "status": "ok", "time_ms_min": p50 * (1 - spread),
+            "time_ms_p20": p50 * (1 - spread / 2), "time_ms_p50": p50,
+            "time_ms_p80": p50 * (1 + spread / 2), "time_ms_max": p50 * (1 + spread),
+            "timing_flag": None, "tflops": None, "expected_extra_mib": None,
+            "rss_peak_delta_mib": 0.0}  # fmt: skip
+
+
+def test_flag_timings_marks_noise_and_parts_slower_than_the_whole():
+    rows = [_trow("a", "fwd", 22.2), _trow("a", "bwd", 5.0), _trow("a", "fwd+bwd", 16.8),
+            _trow("b", "fwd", 1.0, spread=1.2), _trow("b", "bwd", 2.0),
+            _trow("b", "fwd+bwd", 3.0)]  # fmt: skip
+    assert bench.flag_timings(rows) == 2
+    flags = {(r["impl"], r["mode"]): r["timing_flag"] for r in rows}
+    assert flags[("a", "fwd")] == "fwd>fwd+bwd"  # the committed clip/torch N=1024 case
+    assert flags[("b", "fwd")] == "noisy"
+    assert flags[("a", "bwd")] is None and flags[("b", "fwd+bwd")] is None
+    assert rows[3]["time_spread"] == pytest.approx(1.2)
+
+
+def test_cpu_modes_interleaved_and_spread_kept():
+    calls = []
+    step = inputs.Step(lambda: None, [])
+    fns = {m: (lambda m=m: calls.append(m)) for m in ("fwd", "bwd", "fwd+bwd")}
+    cfg = timing.TimingConfig(warmup=1, min_reps=5, min_time_s=0.0)
+    res = timing.time_modes(fns, step, torch.device("cpu"), cfg)
+    assert calls[3:9] == ["fwd", "bwd", "fwd+bwd"] * 2  # after the warm-ups: call by call
+    for r in res.values():
+        assert r["reps"] == 5 and r["time_ms_min"] <= r["time_ms_p50"] <= r["time_ms_max"]
+
+    def boom():
+        raise RuntimeError("mode failed")
+
+    res = timing.time_modes({"fwd": boom, "bwd": fns["bwd"]}, step, torch.device("cpu"), cfg)
+    assert isinstance(res["fwd"], RuntimeError) and res["bwd"]["reps"] == 5
+
+
+def test_quick_runs_gamma_on_every_cpu_backend():
+    def impl(loss, be, quick_all=True):
+        return Impl("gammacl", loss, be, None, flops_two_pass, quick_all_backends=quick_all)
+
+    impls = [impl(lo, be) for lo in ("clip", "gamma_onepass", "sogclr")
+             for be in ("torch", "cpp", "reference")]  # fmt: skip
+    impls += [impl("uniformity", be, False) for be in ("torch", "cpp")]
+    impls += [impl("orthogonality", "-", False)]
+    kept = {(i.loss, i.backend) for i in bench._quick_filter(impls, [])}
+    assert {("gamma_onepass", "torch"), ("gamma_onepass", "cpp"), ("sogclr", "cpp")} <= kept
+    assert ("gamma_onepass", "reference") not in kept and ("clip", "reference") in kept
+    assert ("uniformity", "torch") in kept and ("uniformity", "cpp") not in kept
+    assert ("orthogonality", "-") in kept
+    losses = {lo.name: lo for lo in registry.LOSSES}
+    assert all(losses[n].quick_all_backends for n in ("gamma_twopass", "gamma_onepass", "sogclr"))
+
+
+def test_row_wise_losses_are_not_drawn_against_the_gemm_floor(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib", reason="plots need the optional 'plot' extra")
+    pytest.importorskip("gammacl.modality")
+    impls, _ = registry.select_impls(
+        types.SimpleNamespace(impl="gammacl", loss="all", backend="torch"),
+        torch.device("cpu"),
+        for_profile=False,
+    )
+    scaling = {i.loss: i.scaling for i in impls}
+    assert scaling["orthogonality"] == scaling["brownian_bridge"] == "N*D"
+    assert scaling["geometric_consistency"] == "N*D^2" and scaling["clip"] == "N^2*D"
+    drawn = []
+    orig = plots._draw_time
+
+    def spy(ax, sel, lab, **style):
+        drawn.append((ax.get_title(), {r["loss"] for r in sel}, lab))
+        return orig(ax, sel, lab, **style)
+
+    monkeypatch.setattr(plots, "_draw_time", spy)
+    rows = [_trow(i, "fwd+bwd", t * n / 64, loss=lo, n=n)
+            for i, lo, t in (("gammacl", "clip", 1.0), ("gammacl", "orthogonality", 0.1),
+                             ("gemm_floor", "floor", 0.5))
+            for n in (64, 128)]  # fmt: skip
+    for r in rows[-2:]:
+        r["rss_peak_delta_mib"] = None
+    assert plots.plot_bench_cases(rows, tmp_path / "c.png", "t", scaling=scaling)
+    floors = [d for d in drawn if d[2] == "gemm_floor"]
+    assert len(floors) == 1 and floors[0][1] == {"floor"}
+    assert any(d[1] == {"orthogonality"} for d in drawn)
+    drawn.clear()
+    assert plots.plot_bench_summary(rows, tmp_path / "s.png", "t", scaling=scaling,
+                                    mem_col="rss_peak_delta_mib", mem_label="m")  # fmt: skip
+    assert [d[2] for d in drawn].count("4-GEMM floor") == 1  # under clip, not orthogonality
+
+
+def test_log_axes_keep_zero_and_negative_free_values():
+    plt = pytest.importorskip("matplotlib.pyplot", reason="plots need the optional 'plot' extra")
+    fig, (a, b) = plt.subplots(1, 2)
+    plots.set_yscale(a, [0.0, 1.0, 10.0])  # a 0 MiB point stays on the axis
+    plots.set_yscale(b, [0.5, 1.0, 10.0])
+    assert a.get_yscale() == "symlog" and a.get_ylim()[0] == 0 and b.get_yscale() == "log"
+    plt.close(fig)
+
+
+def test_siglip_panel_beside_clip_until_gammacl_has_one():
+    sc = {"clip": "N^2*D", "siglip": "N^2*D"}
+    rows = [_trow("gammacl", "fwd+bwd", 1.0), _trow("siglip_kernel", "fwd+bwd", 1.0, loss="siglip")]
+    assert plots.summary_losses(rows, sc) == ["clip"]
+    assert plots._in_panel(rows[1], "clip", plots._panel_loss(rows))
+    rows.append(_trow("gammacl", "fwd+bwd", 1.0, loss="siglip"))  # gammacl.siglip_loss registered
+    assert plots.summary_losses(rows, sc) == ["clip", "siglip"]
+    panel = plots._panel_loss(rows)
+    assert not plots._in_panel(rows[1], "clip", panel) and plots._in_panel(rows[1], "siglip", panel)

@@ -13,8 +13,9 @@ import types
 import pytest
 import torch
 
-from gammacl import _measure as M
 from gammacl import profile
+from gammacl.measure import inputs, memory
+from gammacl.measure import nvml as nv
 
 # the GPU memory columns: null on CPU (never a misleading 0)
 GPU_COLS = tuple(c for c in profile.COLUMNS if c.startswith(("torch_", "nvml_")))
@@ -51,6 +52,7 @@ def test_cpu_only_run(tmp_path, capsys):
     assert js["snapshots"] == []
     for r, c in zip(js["rows"], rows, strict=True):
         assert r["status"] == "ok" and r["fits"] is True and r["memory_view"] == "rss"
+        assert r["rss_delta_mib"] >= 0  # clamped: never a negative size
         for col in GPU_COLS:  # null, never a misleading 0
             assert r[col] is None and c[col] == ""
         assert r["rss_peak_mib"] > 0 and r["rss_delta_mib"] is not None
@@ -70,7 +72,7 @@ def test_cli_subprocess_memory_matches_analytic(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("checks the CPU RSS view")
     cmd = [sys.executable, "-m", "gammacl.profile", "--n", "1024", "--d", "16", "--loss", "clip",
-           "--backend", "reference", "--impl", "gammacl", "--no-search", "--budget-mib", "512",
+           "--backend", "reference", "--impl", "gammacl", "--no-search", "--budget-mib", "16",
            "--no-plot", "--out", str(tmp_path)]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
@@ -80,13 +82,16 @@ def test_cli_subprocess_memory_matches_analytic(tmp_path):
     assert r["expected_extra_mib"] == pytest.approx(5 * 1024**2 * 4 / 2**20)
     assert 0.8 * r["expected_extra_mib"] < r["rss_delta_mib"] < 1.2 * r["expected_extra_mib"]
     assert "largest N fits" in res.stdout
+    # ~20 MiB measured against --budget-mib 16: one status says so, never "ok" beside fits=False
+    assert (r["status"], r["fits"]) == ("over budget", False) and "> --budget-mib 16" in r["error"]
+    assert " ok " not in next(ln for ln in res.stdout.splitlines() if " 1024 " in ln)
 
 
 def test_nvml_not_installed(tmp_path, monkeypatch, capsys):
     def no_pynvml():
         raise ImportError("No module named 'pynvml'")
 
-    monkeypatch.setattr(M, "_import_pynvml", no_pynvml)
+    monkeypatch.setattr(nv, "_import_pynvml", no_pynvml)
     rc, js = _run(tmp_path, "--n", "64", *TINY, "--impl", "gammacl", "--no-search")
     assert rc == 0
     msg = "nvidia-ml-py (module pynvml) is not installed"
@@ -116,6 +121,7 @@ def test_injected_oom_and_largest_n_search(tmp_path):
     assert rc == 0
     rows = [r for r in js["rows"] if r["impl"] == "gammacl"]
     assert all(r["status"] == "ok" for r in rows if r["N"] < 300)
+    assert all(r["fits"] == (r["status"] == "ok") for r in js["rows"])  # one consistent status
     ooms = [r for r in rows if r["N"] >= 300]
     assert ooms and all(r["status"] == "OOM" and r["fits"] is False for r in ooms)
     assert all(r["phase"] == "search" for r in ooms)
@@ -196,13 +202,13 @@ def _fake_nvml(uuids, mig=None):
 def test_nvml_handle_matched_by_uuid_not_index():
     # CUDA_VISIBLE_DEVICES=1: torch's device 0 is NVML's device 1; the UUID decides
     nvml, devs, _ = _fake_nvml(["GPU-aaaa-0000", "GPU-bbbb-1111"])
-    h, where = M.nvml_handle_for_uuid(nvml, "bbbb-1111")
+    h, where = nv.nvml_handle_for_uuid(nvml, "bbbb-1111")
     assert h is devs[1] and where == "NVML device 1"
     nvml, _, migs = _fake_nvml(["GPU-aaaa-0000"], mig=["MIG-cccc-2222", "MIG-dddd-3333"])
-    h, where = M.nvml_handle_for_uuid(nvml, "MIG-dddd-3333")
+    h, where = nv.nvml_handle_for_uuid(nvml, "MIG-dddd-3333")
     assert h is migs[1] and where == "NVML device 0 MIG 1"
     with pytest.raises(LookupError, match="no NVML device has the UUID"):
-        M.nvml_handle_for_uuid(nvml, "eeee")
+        nv.nvml_handle_for_uuid(nvml, "eeee")
 
 
 @pytest.mark.gpu
@@ -210,11 +216,18 @@ def test_nvml_handle_matched_by_uuid_not_index():
 def test_gpu_known_allocation_is_reported():
     """A 256 MiB tensor is seen within 1 MiB by the torch view; NVML's delta is at least that."""
     dev = torch.device("cuda", torch.cuda.current_device())
-    nvml = M.open_nvml(dev)
-    step = M.Step(lambda: None, [])
-    mem = M.measure_memory(lambda: torch.empty(256 * 2**20, dtype=torch.uint8, device=dev), step,
-                           dev, nvml=nvml, sample_ms=1.0)  # fmt: skip
+    nvml = nv.open_nvml(dev)
+    step = inputs.Step(lambda: None, [])
+    mem = memory.measure_memory(lambda: torch.empty(256 * 2**20, dtype=torch.uint8, device=dev),
+                                step, dev, nvml=nvml, sample_ms=1.0)  # fmt: skip
     extra = (mem["peak_allocated"] - mem["base_allocated"]) / 2**20
     assert abs(extra - 256) <= 1
     if nvml.ok:
         assert (mem["nvml_peak"] - mem["nvml_before"]) / 2**20 >= 256 - 1
+
+
+def test_memory_deltas_clamped_at_zero():
+    assert memory.delta_mib(100, 100 + 2**20) == 0.0  # RSS below what it was: 0, not -1 MiB
+    assert memory.delta_mib(2**20, 0, 2**21) == 0.0  # grads not visible in RSS: 0, not -1 MiB
+    assert memory.delta_mib(3 * 2**20, 2**20) == 2.0
+    assert memory.delta_mib(None, 0) is None

@@ -1,7 +1,10 @@
 """`python -m gammacl.bench`: microbenchmarks of gammacl's losses, backends and installed peers.
 
 Sweeps N x D x dtype x implementation x mode (fwd, bwd, fwd+bwd) and writes tidy rows to
-OUT/NAME.csv and OUT/NAME.json (plus OUT/NAME.png when matplotlib is installed). Every
+OUT/NAME.csv and OUT/NAME.json, plus, when matplotlib is installed, OUT/NAME.png (the summary:
+time and peak memory vs N per loss, gammacl beside every installed peer) and OUT/NAME-cases.png
+(time and TFLOP/s per loss x D x dtype x mode). Every row keeps the spread of its calls
+(min / p20 / p50 / p80 / max); rows that cannot be read at face value are flagged. Every
 implementation's loss value is checked against the float64 reference at the first shape it runs
 (column `check`); a MISMATCH is printed loudly and makes the exit code 1. OOM is a row
 (status=OOM), not a crash. See bench/README.md for the columns.
@@ -20,7 +23,8 @@ from typing import Any
 
 import torch
 
-from gammacl import _measure as M
+from gammacl.measure import cli, inputs, memory, meta, nvml, plots, registry, timing
+from gammacl.measure.registry import Impl
 
 COLUMNS = (
     "impl",
@@ -32,9 +36,13 @@ COLUMNS = (
     "mode",
     "status",
     "error",
+    "time_ms_min",
     "time_ms_p20",
     "time_ms_p50",
     "time_ms_p80",
+    "time_ms_max",
+    "time_spread",
+    "timing_flag",
     "reps",
     "flops",
     "flop_formula",
@@ -44,11 +52,12 @@ COLUMNS = (
     "extra_over_inputs_mib",
     "inputs_mib",
     "rss_peak_delta_mib",
+    "expected_extra_mib",
     "check",
     "check_abs_diff",
     "device",
 )
-# CUDA under TRITON_INTERPRET=1: refused (M.run_cli)
+# CUDA under TRITON_INTERPRET=1: refused (cli.run_cli)
 _INTERPRETER_REFUSAL = (
     "refusing to time: TRITON_INTERPRET=1 is set, so every Triton kernel (ours and the "
     "peers') would run in the interpreter. Unset TRITON_INTERPRET."
@@ -87,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    M.add_common_args(p, default_name="bench")
+    cli.add_common_args(p, default_name="bench")
     p.add_argument("--mode", default="fwd,bwd,fwd+bwd", help="comma list of fwd,bwd,fwd+bwd")
     p.add_argument(
         "--min-time",
@@ -99,13 +108,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_value(impl: M.Impl, feats: M.Features, step: M.Step) -> dict[str, Any]:
+def check_value(impl: Impl, feats: inputs.Features, step: inputs.Step) -> dict[str, Any]:
     """Our/peer loss value vs the float64 reference on the same inputs (first shape only)."""
-    shape = f"N={feats.n} D={feats.d} {M.dtype_name(feats.dtype)}"
+    shape = f"N={feats.n} D={feats.d} {cli.dtype_name(feats.dtype)}"
     out = {
         "label": impl.label,
         "shape": shape,
-        "reference_impl": f"gammacl {M.check_reference_backend(feats.n)} backend, float64",
+        "reference_impl": f"gammacl {registry.check_reference_backend(feats.n)} backend, float64",
         "value": None,
         "reference": None,
         "abs_diff": None,
@@ -127,70 +136,89 @@ def check_value(impl: M.Impl, feats: M.Features, step: M.Step) -> dict[str, Any]
     atol, rtol = CHECK_TOL[feats.dtype]
     tol = atol + rtol * abs(ref)
     diff = abs(val - ref)
-    ok = diff <= tol
     return {
         **out,
         "value": val,
         "reference": ref,
         "abs_diff": diff,
         "tolerance": tol,
-        "check": "ok" if ok else "MISMATCH",
+        "check": "ok" if diff <= tol else "MISMATCH",
     }
 
 
 def _row_base(
-    impl: M.Impl, n: int, d: int, dtype: torch.dtype, mode: str, device: torch.device
+    impl: Impl, n: int, d: int, dtype: torch.dtype, mode: str, device: torch.device
 ) -> dict[str, Any]:
-    flops, formula = impl.flops(n, d, mode)
-    return {
-        "impl": impl.impl,
-        "loss": impl.loss,
-        "backend": impl.backend,
-        "N": n,
-        "D": d,
-        "dtype": M.dtype_name(dtype),
-        "mode": mode,
-        "status": None,
-        "error": None,
-        "time_ms_p20": None,
-        "time_ms_p50": None,
-        "time_ms_p80": None,
-        "reps": None,
-        "flops": flops,
-        "flop_formula": formula,
-        "tflops": None,
-        "peak_allocated_mib": None,
-        "peak_reserved_mib": None,
-        "extra_over_inputs_mib": None,
-        "inputs_mib": None,
-        "rss_peak_delta_mib": None,
-        "check": None,
-        "check_abs_diff": None,
-        "device": device.type,
-    }
+    fl, formula = impl.flops(n, d, mode)
+    exp, _ = impl.expected(n, d, dtype, mode)
+    row: dict[str, Any] = dict.fromkeys(COLUMNS)
+    row.update(
+        impl=impl.impl,
+        loss=impl.loss,
+        backend=impl.backend,
+        N=n,
+        D=d,
+        dtype=cli.dtype_name(dtype),
+        mode=mode,
+        flops=fl,
+        flop_formula=formula,
+        expected_extra_mib=None if exp is None else exp / cli.MIB,
+        device=device.type,
+    )
+    return row
+
+
+def flag_timings(rows: list[dict[str, Any]]) -> int:
+    """Marks rows whose timing cannot be read at face value (column timing_flag): a spread
+    (p80 - p20) / p50 over timing.NOISY, or a part slower than the whole (fwd or bwd median
+    above the fwd+bwd median of the same impl and shape: load on the host, not the code).
+    Returns the number of flagged rows."""
+    by: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        r["time_spread"] = timing.spread(r)
+        if r["time_spread"] is not None and r["time_spread"] > timing.NOISY:
+            r["timing_flag"] = "noisy"
+        key = (r["impl"], r["loss"], r["backend"], r["N"], r["D"], r["dtype"])
+        by.setdefault(key, {})[r["mode"]] = r
+    for modes in by.values():
+        whole = modes.get("fwd+bwd")
+        if whole is None or whole["time_ms_p50"] is None:
+            continue
+        for part in ("fwd", "bwd"):
+            r = modes.get(part)
+            if r is not None and r["time_ms_p50"] is not None:
+                if r["time_ms_p50"] > whole["time_ms_p50"]:
+                    msg = f"{part}>fwd+bwd"
+                    r["timing_flag"] = msg if not r["timing_flag"] else f"{r['timing_flag']}; {msg}"
+    return sum(1 for r in rows if r["timing_flag"])
 
 
 class Runner:
     def __init__(self, args: argparse.Namespace, device: torch.device, modes: list[str]):
         self.args, self.device, self.modes = args, device, modes
         quick_time = 0.1 if args.quick else 0.5
-        self.cfg = M.TimingConfig(
+        self.cfg = timing.TimingConfig(
             min_time_s=args.min_time if args.min_time is not None else quick_time,
             gpu_rep_ms=args.rep_ms,
         )
-        self.inject = M.InjectOOM(args.inject_oom)
+        self.inject = cli.InjectOOM(args.inject_oom)
         self.checks: dict[str, dict[str, Any]] = {}
         self.rows: list[dict[str, Any]] = []
         self.done, self.total, self.t0 = 0, 0, time.perf_counter()
 
     def _progress(self, row: dict[str, Any]) -> None:
         self.done += 1
-        what = f"p50 {row['time_ms_p50']:.3g} ms" if row["time_ms_p50"] is not None else ""
+        what = ""
+        if row["time_ms_p50"] is not None:
+            what = (
+                f"p50 {row['time_ms_p50']:.3g} ms [min {row['time_ms_min']:.3g}, "
+                f"max {row['time_ms_max']:.3g}]"
+            )
         if row["tflops"] is not None:
             what += f", {row['tflops']:.3g} TFLOP/s"
         if row["status"] != "ok":
             what = f"{row['status']}: {row['error']}"
-        M.log(
+        cli.log(
             f"[{self.done:>4}/{self.total}] {row['impl']}/{row['loss']}/{row['backend']} "
             f"N={row['N']} D={row['D']} {row['dtype']} {row['mode']}: {what}  "
             f"({time.perf_counter() - self.t0:.1f} s)"
@@ -203,98 +231,128 @@ class Runner:
         self.rows.append(row)
         self._progress(row)
 
-    def run_group(self, impl: M.Impl, n: int, d: int, dtype: torch.dtype) -> None:
-        """All modes of one (impl, N, D, dtype) on one set of inputs."""
-        dev, feats, step = self.device, None, None
+    def _check(self, impl: Impl, feats: inputs.Features, step: inputs.Step) -> None:
+        if impl.label in self.checks:
+            return
+        chk = check_value(impl, feats, step)
+        self.checks[impl.label] = chk
+        if chk["check"] in ("MISMATCH", "error"):
+            cli.log(
+                f"!!! CHECK {chk['check']}: {impl.label} at {chk['shape']}: value "
+                f"{chk['value']} vs float64 reference {chk['reference']} "
+                f"(|diff| {chk['abs_diff']}, tolerance {chk['tolerance']}) "
+                f"{chk.get('error', '')} -- its timings are NOT a like-for-like comparison"
+            )
+
+    def run_group(self, impl: Impl, n: int, d: int, dtype: torch.dtype) -> None:
+        """All modes of one (impl, N, D, dtype) on one set of inputs: timed together (the modes
+        interleaved on CPU), then the peak memory of one call per mode."""
+        dev, feats, step, fns = self.device, None, None, {}
+        rows = {m: _row_base(impl, n, d, dtype, m, dev) for m in self.modes}
         try:
-            feats = M.Features(n, d, dtype, dev, self.args.seed, self.args.scale)
+            feats = inputs.Features(n, d, dtype, dev, self.args.seed, self.args.scale)
             step = impl.build(feats)
             self.inject.check(impl.label, n)
-            if impl.label not in self.checks:
-                chk = check_value(impl, feats, step)
-                self.checks[impl.label] = chk
-                if chk["check"] in ("MISMATCH", "error"):
-                    M.log(
-                        f"!!! CHECK {chk['check']}: {impl.label} at {chk['shape']}: value "
-                        f"{chk['value']} vs float64 reference {chk['reference']} "
-                        f"(|diff| {chk['abs_diff']}, tolerance {chk['tolerance']}) "
-                        f"{chk.get('error', '')} -- its timings are NOT a like-for-like "
-                        "comparison"
-                    )
+            self._check(impl, feats, step)
+            for mode in self.modes:
+                try:
+                    fns[mode] = step.prepare(mode)
+                except Exception as exc:
+                    rows[mode]["status"], rows[mode]["error"] = timing.classify_error(exc)
+            times = timing.time_modes(fns, step, dev, self.cfg)
         except Exception as exc:
-            status, err = M.classify_error(exc)
+            status, err = timing.classify_error(exc)
             del exc
             step = feats = None
-            M.free_memory(dev)
+            fns = {}
+            timing.free_memory(dev)
             for mode in self.modes:
-                row = _row_base(impl, n, d, dtype, mode, dev)
-                row.update(status=status, error=err)
-                self._finish(row, impl.label)
+                rows[mode].update(status=status, error=err)
+                self._finish(rows[mode], impl.label)
             return
-        inputs_mib = feats.grads_bytes() / M.MIB
+        inputs_mib = feats.grads_bytes() / cli.MIB
         for mode in self.modes:
-            row = _row_base(impl, n, d, dtype, mode, dev)
+            row = rows[mode]
             row["inputs_mib"] = inputs_mib
-            fn = None
+            res = times.get(mode)
             try:
-                fn = step.prepare(mode)
-                row.update(M.time_call(fn, step, dev, self.cfg))
-                mem = M.measure_memory(fn, step, dev)
-                if dev.type == "cuda":
-                    row["peak_allocated_mib"] = mem["peak_allocated"] / M.MIB
-                    row["peak_reserved_mib"] = mem["peak_reserved"] / M.MIB
-                    row["extra_over_inputs_mib"] = (
-                        mem["peak_allocated"] - mem["base_allocated"]
-                    ) / M.MIB
-                elif mem["rss_peak"] is not None and mem["rss_reset"]:
-                    row["rss_peak_delta_mib"] = (mem["rss_peak"] - mem["rss_before"]) / M.MIB
-                if row["flops"] and row["time_ms_p50"]:
-                    row["tflops"] = row["flops"] / (row["time_ms_p50"] * 1e-3) / 1e12
-                row["status"] = "ok"
+                if isinstance(res, BaseException):
+                    raise res
+                if res is not None:
+                    row.update(res)
+                    self._memory(row, fns[mode], step)
+                    if row["flops"] and row["time_ms_p50"]:
+                        row["tflops"] = row["flops"] / (row["time_ms_p50"] * 1e-3) / 1e12
+                    row["status"] = "ok"
             except Exception as exc:
-                row["status"], row["error"] = M.classify_error(exc)
+                row["status"], row["error"] = timing.classify_error(exc)
                 del exc
             finally:
-                fn = None
                 step.clear_grads()
-                M.free_memory(dev)
+                timing.free_memory(dev)
             self._finish(row, impl.label)
-        del step, feats, fn
-        M.free_memory(dev)
+        del step, feats, fns, times
+        timing.free_memory(self.device)
+
+    def _memory(self, row: dict[str, Any], fn, step: inputs.Step) -> None:
+        with memory.exact_rss():
+            mem = memory.measure_memory(fn, step, self.device)
+        if self.device.type == "cuda":
+            row["peak_allocated_mib"] = mem["peak_allocated"] / cli.MIB
+            row["peak_reserved_mib"] = mem["peak_reserved"] / cli.MIB
+            row["extra_over_inputs_mib"] = memory.delta_mib(
+                mem["peak_allocated"], mem["base_allocated"]
+            )
+        elif mem["rss_reset"]:
+            row["rss_peak_delta_mib"] = memory.delta_mib(mem["rss_peak"], mem["rss_before"])
 
 
 def main(argv: list[str] | None = None) -> int:
-    return M.run_cli(
+    return cli.run_cli(
         "gammacl.bench", _parser(), argv, _run, interpreter_refusal=_INTERPRETER_REFUSAL
     )
 
 
+def _quick_filter(impls: list[Impl], notes: list[str]) -> list[Impl]:
+    """--quick: a loss marked quick_all_backends (clip, infonce, gamma, sogclr) on every backend
+    (clip and infonce also on `reference`); the regularisers on their first backend only."""
+
+    def first(loss: str) -> str | None:
+        return next((i.backend for i in impls if i.impl == "gammacl" and i.loss == loss), None)
+
+    def keep(i: Impl) -> bool:
+        if i.impl != "gammacl" or i.backend == "-":
+            return True
+        if i.quick_all_backends:
+            return i.backend != "reference" or i.loss in ("clip", "infonce")
+        return i.backend == first(i.loss)
+
+    notes.append(
+        "--quick: clip and infonce on every backend, the gamma losses and sogclr on every "
+        "backend but reference, the regularisers on their first backend only"
+    )
+    return [i for i in impls if keep(i)]
+
+
 def _run(args: argparse.Namespace, device: torch.device) -> int:
     _defaults(args, device)
-    modes = M.csv_list(args.mode)
-    bad = [m for m in modes if m not in M.MODES]
+    modes = cli.csv_list(args.mode)
+    bad = [m for m in modes if m not in cli.MODES]
     if bad:
-        raise SystemExit(f"unknown mode(s) {bad}; choose from {','.join(M.MODES)}")
-    impls, notes = M.select_impls(args, device, for_profile=False)
+        raise SystemExit(f"unknown mode(s) {bad}; choose from {','.join(cli.MODES)}")
+    impls, notes = registry.select_impls(args, device, for_profile=False)
     if args.quick:
-        # --quick: clip and infonce on every backend; other losses on the default backend only
-        impls = [
-            i
-            for i in impls
-            if i.impl != "gammacl"
-            or i.loss in ("clip", "infonce")
-            or i.backend in ("-", _first_backend(impls, i.loss))
-        ]
-        notes.append("--quick: losses other than clip/infonce run on their first backend only")
+        impls = _quick_filter(impls, notes)
     if not impls:
         raise SystemExit("nothing to run (check --impl / --loss / --backend)")
     if device.type == "cpu":
         notes.append(
-            "CPU: times are time.perf_counter wall clock; memory is the process peak "
-            "RSS delta (VmHWM reset per row); GPU memory columns are null"
+            "CPU: times are time.perf_counter wall clock, the modes of a shape interleaved call "
+            "by call; memory is the process peak RSS delta (VmHWM reset per row, clamped at 0); "
+            "GPU memory columns are null"
         )
     for note in notes:
-        M.log(f"gammacl.bench: note: {note}")
+        cli.log(f"gammacl.bench: note: {note}")
 
     runner = Runner(args, device, modes)
     plan = [
@@ -305,52 +363,53 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
         for n in args.n
         if i.dtypes is None or dt in i.dtypes
     ]
-    skipped = [
-        i.label
-        for i in impls
-        if i.dtypes is not None and not any(dt in i.dtypes for dt in args.dtype)
-    ]
-    for lab in skipped:
-        notes.append(f"{lab} skipped: supports none of the requested dtypes")
+    for i in impls:
+        if i.dtypes is not None and not any(dt in i.dtypes for dt in args.dtype):
+            notes.append(f"{i.label} skipped: supports none of the requested dtypes")
     runner.total = len(plan) * len(modes)
-    M.log(
+    cli.log(
         f"gammacl.bench: {len(impls)} implementations, {runner.total} rows on "
-        f"{device} ({M.timer_name(device)})"
+        f"{device} ({timing.timer_name(device)})"
     )
     for impl, dt, d, n in plan:
         runner.run_group(impl, n, d, dt)
     wall = time.perf_counter() - runner.t0
+    flagged = flag_timings(runner.rows)
 
-    meta = M.collect_metadata(
+    info = meta.collect_metadata(
         device,
         args,
-        nvml=M.open_nvml(device) if device.type == "cuda" else None,
+        nvml=nvml.open_nvml(device) if device.type == "cuda" else None,
         extra={"wall_s": round(wall, 1)},
     )
     payload = {
         "tool": "gammacl.bench",
-        "metadata": meta,
+        "metadata": info,
         "notes": notes,
         "checks": list(runner.checks.values()),
         "sweep": {
             "N": args.n,
             "D": args.d,
-            "dtype": [M.dtype_name(t) for t in args.dtype],
+            "dtype": [cli.dtype_name(t) for t in args.dtype],
             "modes": modes,
             "scale": args.scale,
         },
-        "impls": [{"label": i.label, "note": i.note} for i in impls],
+        "impls": [{"label": i.label, "note": i.note, "scaling": i.scaling} for i in impls],
     }
     out = Path(args.out)
-    csv_path, json_path = M.write_outputs(out, args.name, COLUMNS, runner.rows, payload)
+    csv_path, json_path = meta.write_outputs(out, args.name, COLUMNS, runner.rows, payload)
     mem_cols = (
         [("peak_allocated_mib", "peak MiB"), ("extra_over_inputs_mib", "extra MiB")]
         if device.type == "cuda"
         else [("rss_peak_delta_mib", "RSS+ MiB")]
     )
+    table = [
+        {**r, "spread": None if r["time_spread"] is None else f"{100 * r['time_spread']:.0f}%"}
+        for r in runner.rows
+    ]
     print(
-        M.format_table(
-            runner.rows,
+        meta.format_table(
+            table,
             [
                 ("impl", "impl"),
                 ("loss", "loss"),
@@ -361,29 +420,28 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
                 ("mode", "mode"),
                 ("status", "status"),
                 ("time_ms_p50", "p50 ms"),
-                ("time_ms_p20", "p20 ms"),
-                ("time_ms_p80", "p80 ms"),
+                ("time_ms_min", "min ms"),
+                ("time_ms_max", "max ms"),
+                ("spread", "p20-p80"),
                 ("tflops", "TFLOP/s"),
                 *mem_cols,
                 ("check", "check"),
+                ("timing_flag", "timing"),
             ],
         )
     )
     print(
-        f"\ndevice: {meta['device_name']}; timer: {meta['timer']}; "
-        f"TFLOP/s at p50 with the formula in column flop_formula"
+        f"\ndevice: {info['device_name']}; timer: {info['timer']}; TFLOP/s at p50 with the "
+        "formula in column flop_formula; p20-p80: spread of the calls as % of p50"
     )
+    if flagged:
+        print(
+            f"{flagged} rows flagged in column 'timing' (noise: host load, not the code; "
+            f"load average {info['load_average']})"
+        )
     written = [csv_path, json_path]
     if not args.no_plot:
-        png = M.plot_bench(
-            runner.rows,
-            out / f"{args.name}.png",
-            f"gammacl.bench on {meta['device_name']} ({meta['date_utc']})",
-        )
-        if png is None:
-            print("no PNG: matplotlib is not installed (pip install 'gammacl[plot]') or no ok rows")
-        else:
-            written.append(png)
+        written += _plots(runner.rows, impls, out, args.name, info, device)
     print("wrote " + ", ".join(str(p) for p in written) + f" in {wall:.1f} s")
     bad = [c for c in runner.checks.values() if c["check"] in ("MISMATCH", "error")]
     for c in bad:
@@ -395,12 +453,26 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
     return 1 if bad else 0
 
 
-def _first_backend(impls: list[M.Impl], loss: str) -> str | None:
-    for i in impls:
-        if i.impl == "gammacl" and i.loss == loss:
-            return i.backend
-    return None
+def _plots(rows, impls, out: Path, name: str, info: dict, device: torch.device) -> list[Path]:
+    """NAME.png (the summary) and NAME-cases.png (a panel pair per case)."""
+    scaling = {i.loss: i.scaling for i in impls}
+    title = f"gammacl.bench on {info['device_name']} ({info['date_utc']})"
+    gpu = device.type == "cuda"
+    summary = plots.plot_bench_summary(
+        rows,
+        out / f"{name}.png",
+        title,
+        scaling=scaling,
+        mem_col="extra_over_inputs_mib" if gpu else "rss_peak_delta_mib",
+        mem_label="peak allocated over inputs (MiB)" if gpu else "peak RSS over the call (MiB)",
+    )
+    if summary is None:
+        print("no PNG: matplotlib is not installed (pip install 'gammacl[plot]') or no ok rows")
+        return []
+    cases = plots.plot_bench_cases(rows, out / f"{name}-cases.png", title, scaling=scaling)
+    return [summary] + ([cases] if cases is not None else [])
 
 
 if __name__ == "__main__":
+    memory.MALLOC_TOGGLE = True  # the CLI process only (process-wide glibc settings)
     sys.exit(main())

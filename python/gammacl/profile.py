@@ -28,7 +28,9 @@ from typing import Any
 
 import torch
 
-from gammacl import _measure as M
+from gammacl.measure import cli, inputs, memory, meta, plots, registry, timing
+from gammacl.measure.nvml import NvmlView, open_nvml
+from gammacl.measure.registry import Impl
 
 COLUMNS = (
     "impl",
@@ -60,7 +62,7 @@ COLUMNS = (
     "limit_mib",
     "device",
 )
-# CUDA under TRITON_INTERPRET=1: refused (M.run_cli)
+# CUDA under TRITON_INTERPRET=1: refused (cli.run_cli)
 _INTERPRETER_REFUSAL = (
     "refusing to run on CUDA with TRITON_INTERPRET=1 set (Triton kernels would run in the "
     "interpreter). Unset TRITON_INTERPRET."
@@ -121,9 +123,9 @@ def _parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    M.add_common_args(p, default_name="profile")
+    cli.add_common_args(p, default_name="profile")
     p.set_defaults(loss="clip")
-    p.add_argument("--mode", default="fwd+bwd", choices=M.MODES)
+    p.add_argument("--mode", default="fwd+bwd", choices=cli.MODES)
     p.add_argument(
         "--n-max",
         type=int,
@@ -168,17 +170,17 @@ def _defaults(args: argparse.Namespace, device: torch.device) -> None:
     if args.n_max is None:
         args.n_max = (262144 if args.quick else 2097152) if gpu else (4096 if args.quick else 32768)
     if not gpu and args.budget_mib is None:
-        avail = M._meminfo_mib("MemAvailable") or 8192.0
+        avail = memory.meminfo_mib("MemAvailable") or 8192.0
         args.budget_mib = 256.0 if args.quick else min(2048.0, 0.25 * avail)
 
 
 class Profiler:
-    def __init__(self, args: argparse.Namespace, device: torch.device, nvml: M.NvmlView):
+    def __init__(self, args: argparse.Namespace, device: torch.device, nvml: NvmlView):
         self.args, self.device, self.nvml = args, device, nvml
-        self.inject = M.InjectOOM(args.inject_oom)
+        self.inject = cli.InjectOOM(args.inject_oom)
         self.rows: list[dict[str, Any]] = []
-        self.capacity = M.device_capacity(device)
-        self.limit_mib = self.capacity / M.MIB if self.capacity else args.budget_mib
+        self.capacity = memory.device_capacity(device)
+        self.limit_mib = self.capacity / cli.MIB if self.capacity else args.budget_mib
         self.t0 = time.perf_counter()
 
     def _view(self) -> str:
@@ -188,7 +190,7 @@ class Profiler:
 
     def probe(
         self,
-        impl: M.Impl,
+        impl: Impl,
         n: int,
         d: int,
         dtype: torch.dtype,
@@ -204,12 +206,12 @@ class Profiler:
             backend=impl.backend,
             N=n,
             D=d,
-            dtype=M.dtype_name(dtype),
+            dtype=cli.dtype_name(dtype),
             mode=a.mode,
             phase=phase,
             memory_view=self._view(),
             device=self.device.type,
-            expected_extra_mib=None if exp_b is None else exp_b / M.MIB,
+            expected_extra_mib=None if exp_b is None else exp_b / cli.MIB,
             expected_formula=exp_f,
             limit_mib=self.limit_mib,
             label=impl.label,
@@ -221,28 +223,30 @@ class Profiler:
         if (
             self.device.type == "cpu"
             and exp_b is not None
-            and exp_b / M.MIB > PRECHECK * a.budget_mib
+            and exp_b / cli.MIB > PRECHECK * a.budget_mib
         ):
             row.update(
                 status="skipped",
                 fits=False,
-                error=f"analytic {exp_b / M.MIB:.0f} MiB > {PRECHECK:g} x --budget-mib "
+                error=f"analytic {exp_b / cli.MIB:.0f} MiB > {PRECHECK:g} x --budget-mib "
                 f"{a.budget_mib:g} (not run on CPU)",
             )
             return self._done(row)
         feats = step = fn = None
         try:
-            feats = M.Features(n, d, dtype, self.device, a.seed, a.scale)
+            feats = inputs.Features(n, d, dtype, self.device, a.seed, a.scale)
             step = impl.build(feats)
             self.inject.check(impl.label, n)
             fn = step.prepare(a.mode)
             grads = feats.grads_bytes() if a.mode != "fwd" else 0
-            row["inputs_mib"] = feats.grads_bytes() / M.MIB
-            row["grads_mib"] = grads / M.MIB
+            row["inputs_mib"] = feats.grads_bytes() / cli.MIB
+            row["grads_mib"] = grads / cli.MIB
             if snapshot is not None:
                 torch.cuda.memory._record_memory_history(max_entries=200_000)
             try:
-                mem = M.measure_memory(fn, step, self.device, nvml=self.nvml, sample_ms=a.sample_ms)
+                mem = memory.measure_memory(
+                    fn, step, self.device, nvml=self.nvml, sample_ms=a.sample_ms
+                )
             finally:
                 if snapshot is not None:
                     torch.cuda.memory._dump_snapshot(str(snapshot))
@@ -250,38 +254,38 @@ class Profiler:
             if self.device.type == "cuda":
                 base = mem["base_allocated"]
                 row.update(
-                    torch_peak_allocated_mib=mem["peak_allocated"] / M.MIB,
-                    torch_peak_reserved_mib=mem["peak_reserved"] / M.MIB,
-                    torch_delta_mib=(mem["peak_allocated"] - base - grads) / M.MIB,
+                    torch_peak_allocated_mib=mem["peak_allocated"] / cli.MIB,
+                    torch_peak_reserved_mib=mem["peak_reserved"] / cli.MIB,
+                    torch_delta_mib=memory.delta_mib(mem["peak_allocated"], base, grads),
                 )
                 if mem["nvml_peak"] is not None:
                     row.update(
-                        nvml_used_before_mib=mem["nvml_before"] / M.MIB,
-                        nvml_used_peak_mib=mem["nvml_peak"] / M.MIB,
-                        nvml_delta_mib=(mem["nvml_peak"] - mem["nvml_before"]) / M.MIB,
+                        nvml_used_before_mib=mem["nvml_before"] / cli.MIB,
+                        nvml_used_peak_mib=mem["nvml_peak"] / cli.MIB,
+                        nvml_delta_mib=(mem["nvml_peak"] - mem["nvml_before"]) / cli.MIB,
                         nvml_samples=mem["nvml_samples"],
                     )
                 row["status"], row["fits"] = "ok", True
             else:
                 if mem["rss_peak"] is not None:
-                    row["rss_peak_mib"] = mem["rss_peak"] / M.MIB
+                    row["rss_peak_mib"] = mem["rss_peak"] / cli.MIB
                     if mem["rss_reset"]:
-                        row["rss_delta_mib"] = (mem["rss_peak"] - mem["rss_before"] - grads) / M.MIB
-                row["status"] = "ok"
+                        row["rss_delta_mib"] = memory.delta_mib(
+                            mem["rss_peak"], mem["rss_before"], grads
+                        )
                 over = row["rss_delta_mib"] is not None and row["rss_delta_mib"] > a.budget_mib
-                row["fits"] = not over
+                row["status"], row["fits"] = ("over budget", False) if over else ("ok", True)
                 if over:
                     row["error"] = (
-                        f"over budget: RSS delta {row['rss_delta_mib']:.0f} MiB > --budget-mib "
-                        f"{a.budget_mib:g}"
+                        f"RSS delta {row['rss_delta_mib']:.0f} MiB > --budget-mib {a.budget_mib:g}"
                     )
         except Exception as exc:
-            row["status"], row["error"] = M.classify_error(exc)
+            row["status"], row["error"] = timing.classify_error(exc)
             row["fits"] = False
             del exc
         finally:
             fn = step = feats = None
-            M.free_memory(self.device)
+            timing.free_memory(self.device)
         return self._done(row)
 
     def _done(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -290,26 +294,26 @@ class Profiler:
         what = f"{mem:.1f} MiB" if mem is not None else "-"
         if row["expected_extra_mib"] is not None:
             what += f" (analytic {row['expected_extra_mib']:.1f})"
-        if row["status"] != "ok" or row["fits"] is False:
+        if row["status"] != "ok":
             what += f" {row['status']}: {row['error']}"
-        M.log(
+        cli.log(
             f"[{row['phase']}] {row['label']} N={row['N']}: {what}  "
             f"({time.perf_counter() - self.t0:.1f} s)"
         )
         return row
 
-    def warm(self, impl: M.Impl, d: int, dtype: torch.dtype) -> None:
+    def warm(self, impl: Impl, d: int, dtype: torch.dtype) -> None:
         """One small untimed step so library loading and one-time workspaces are not counted."""
         try:
-            f = M.Features(64, d, dtype, self.device, self.args.seed, self.args.scale)
+            f = inputs.Features(64, d, dtype, self.device, self.args.seed, self.args.scale)
             s = impl.build(f)
             s.prepare(self.args.mode)()
         except Exception:
             pass  # the measured points report the error
-        M.free_memory(self.device)
+        timing.free_memory(self.device)
 
 
-def _summary(impl: M.Impl, rows: list[dict], res: tuple, capped: bool, limit: str) -> dict:
+def _summary(impl: Impl, rows: list[dict], res: tuple, capped: bool, limit: str) -> dict:
     lo, hi, _ = res
     at = next((r for r in rows if r["N"] == lo and r["status"] == "ok"), None) if lo else None
     fail = next((r for r in rows if r["N"] == hi), None) if hi else None
@@ -322,9 +326,7 @@ def _summary(impl: M.Impl, rows: list[dict], res: tuple, capped: bool, limit: st
         "first_fail_n": hi,
         "search_capped": capped,
         "limit": limit,
-        "fail_reason": None
-        if fail is None
-        else (fail["error"] if fail["status"] == "ok" else f"{fail['status']}: {fail['error']}"),
+        "fail_reason": None if fail is None else f"{fail['status']}: {fail['error']}",
         "measured_mib_at_max": None
         if at is None
         else (at["torch_delta_mib"] if at["memory_view"] != "rss" else at["rss_delta_mib"]),
@@ -333,7 +335,7 @@ def _summary(impl: M.Impl, rows: list[dict], res: tuple, capped: bool, limit: st
 
 
 def main(argv: list[str] | None = None) -> int:
-    return M.run_cli(
+    return cli.run_cli(
         "gammacl.profile", _parser(), argv, _run, interpreter_refusal=_INTERPRETER_REFUSAL
     )
 
@@ -342,8 +344,8 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
     _defaults(args, device)
     if device.type == "cpu" and _CLI_PROCESS:
         # process-wide and permanent: only in the CLI process, never for an in-process main()
-        M.pin_malloc_mmap_threshold()
-    nvml = M.open_nvml(device)
+        memory.pin_malloc_mmap_threshold()
+    nvml = open_nvml(device)
     views: dict[str, Any] = {
         "torch_allocator": {
             "available": device.type == "cuda",
@@ -357,42 +359,42 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
         },
         "rss": {
             "available": device.type == "cpu",
-            "resettable": M.reset_peak_rss() if device.type == "cpu" else None,
-            "malloc_mmap_threshold_pinned": M.MALLOC_PINNED if device.type == "cpu" else None,
+            "resettable": memory.reset_peak_rss() if device.type == "cpu" else None,
+            "malloc_mmap_threshold_pinned": memory.MALLOC_PINNED if device.type == "cpu" else None,
         },
     }
     if device.type == "cpu":
-        M.log(
+        cli.log(
             "gammacl.profile: no CUDA device (torch.cuda.is_available() is "
             f"{torch.cuda.is_available()}): the torch allocator view is unavailable; reporting "
             "the process peak RSS (VmHWM) instead. GPU memory columns are null, not 0."
         )
-        if not M.MALLOC_PINNED:
-            M.log(
+        if not memory.MALLOC_PINNED:
+            cli.log(
                 "gammacl.profile: glibc's mmap threshold is not pinned (in-process call): "
                 "buffers reused from the malloc heap are not counted in RSS deltas."
             )
-        M.log(
+        cli.log(
             f"gammacl.profile: on CPU 'fits' means the RSS delta stays under --budget-mib "
             f"{args.budget_mib:g} MiB (no device capacity); search capped at N={args.n_max}."
         )
     if not nvml.ok:
-        M.log(f"gammacl.profile: no NVML device view: {nvml.error}. NVML columns are null.")
+        cli.log(f"gammacl.profile: no NVML device view: {nvml.error}. NVML columns are null.")
     else:
-        M.log(
+        cli.log(
             f"gammacl.profile: NVML matched by UUID to {nvml.where}; used memory sampled "
             f"every {args.sample_ms:g} ms (includes the CUDA context and other processes)"
         )
     if args.snapshot and device.type != "cuda":
-        M.log(
+        cli.log(
             "gammacl.profile: --snapshot needs a CUDA device (torch.cuda.memory "
             "_record_memory_history); no snapshot written."
         )
-    impls, notes = M.select_impls(args, device, for_profile=True)
+    impls, notes = registry.select_impls(args, device, for_profile=True)
     if not impls:
         raise SystemExit("nothing to run (check --impl / --loss / --backend)")
     for note in notes:
-        M.log(f"gammacl.profile: note: {note}")
+        cli.log(f"gammacl.profile: note: {note}")
 
     prof = Profiler(args, device, nvml)
     out = Path(args.out)
@@ -407,7 +409,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
     for impl in impls:
         for dt in args.dtype:
             if impl.dtypes is not None and dt not in impl.dtypes:
-                notes.append(f"{impl.label} skipped for {M.dtype_name(dt)}: unsupported dtype")
+                notes.append(f"{impl.label} skipped for {cli.dtype_name(dt)}: unsupported dtype")
                 continue
             for d in args.d:
                 prof.warm(impl, d, dt)
@@ -435,10 +437,10 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
                 rows = [
                     r
                     for r in prof.rows
-                    if r["label"] == impl.label and r["D"] == d and r["dtype"] == M.dtype_name(dt)
+                    if r["label"] == impl.label and r["D"] == d and r["dtype"] == cli.dtype_name(dt)
                 ]
                 s = _summary(impl, rows, res, capped, limit)
-                s.update(D=d, dtype=M.dtype_name(dt))
+                s.update(D=d, dtype=cli.dtype_name(dt))
                 summaries.append(s)
                 if args.snapshot and device.type == "cuda" and res[0]:
                     path = (
@@ -449,10 +451,10 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
                     snapshots.append(str(path))
     wall = time.perf_counter() - prof.t0
 
-    meta = M.collect_metadata(device, args, nvml=nvml, extra={"wall_s": round(wall, 1)})
+    info = meta.collect_metadata(device, args, nvml=nvml, extra={"wall_s": round(wall, 1)})
     payload = {
         "tool": "gammacl.profile",
-        "metadata": meta,
+        "metadata": info,
         "views": views,
         "notes": notes,
         "limit": limit,
@@ -462,13 +464,13 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
         "sweep": {
             "N": ns,
             "D": args.d,
-            "dtype": [M.dtype_name(t) for t in args.dtype],
+            "dtype": [cli.dtype_name(t) for t in args.dtype],
             "mode": args.mode,
             "n_max": args.n_max,
             "budget_mib": args.budget_mib,
         },
     }
-    csv_path, json_path = M.write_outputs(out, args.name, COLUMNS, prof.rows, payload)
+    csv_path, json_path = meta.write_outputs(out, args.name, COLUMNS, prof.rows, payload)
     gpu = device.type == "cuda"
     cols = [
         ("impl", "impl"),
@@ -490,10 +492,10 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
         else [("rss_peak_mib", "RSS MiB"), ("rss_delta_mib", "RSS delta MiB")]
     )
     cols += [("expected_extra_mib", "analytic MiB")]
-    print(M.format_table(prof.rows, cols))
+    print(meta.format_table(prof.rows, cols))
     print()
     print(
-        M.format_table(
+        meta.format_table(
             summaries,
             [
                 ("label", "implementation"),
@@ -513,19 +515,19 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
         if gpu
         else "process peak RSS (no CUDA device)"
     )
-    print(f"\ndevice: {meta['device_name']}; memory view: {view}; limit: {limit}")
+    print(f"\ndevice: {info['device_name']}; memory view: {view}; limit: {limit}")
     if not nvml.ok:
         print(f"NVML: unavailable ({nvml.error})")
     written = [csv_path, json_path]
     if not args.no_plot:
-        png = M.plot_profile(
+        png = plots.plot_profile(
             prof.rows,
             out / f"{args.name}.png",
             ycol="torch_peak_allocated_mib" if gpu else "rss_delta_mib",
             capacity_mib=prof.limit_mib,
             capacity_label="device capacity" if gpu else "CPU budget (--budget-mib)",
             absolute=gpu,
-            title=f"gammacl.profile {args.mode} on {meta['device_name']} ({meta['date_utc']})",
+            title=f"gammacl.profile {args.mode} on {info['device_name']} ({info['date_utc']})",
         )
         if png is None:
             print("no PNG: matplotlib is not installed (pip install 'gammacl[plot]')")

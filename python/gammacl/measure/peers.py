@@ -1,0 +1,150 @@
+"""The peers bench / profile compare against: the naive materialised loss (always), its
+torch.compile, open_clip, memeff, inf_cl, siglip-kernel when installed, and the 4-GEMM floor.
+A peer is an `Impl` built here; to add one, add a spec to `PEER_SPECS` and a case to `_build`."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+from gammacl.measure import flops as fl
+from gammacl.measure.inputs import Features, FloorStep, Step, leaves
+from gammacl.measure.registry import Impl, _ref_materialised
+
+_ref_clip = _ref_materialised("clip_loss")
+
+
+def naive_clip(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """open_clip's ClipLoss formula, materialised: fp32 logits, CE in both directions."""
+    logits = scale * (a @ b.t()).float()
+    labels = torch.arange(a.shape[0], device=a.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+
+
+def _peer_available(module: str) -> tuple[bool, str]:
+    try:
+        ok = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError) as exc:
+        return False, f"{module}: {exc}"
+    return ok, "" if ok else f"{module} not installed"
+
+
+# name, module, loss, backend label, dtypes (None: any), devices, checked against clip, note
+PEER_SPECS = [
+    ("open_clip", "open_clip", "clip", "torch", None, ("cpu", "cuda"), True,
+     "open_clip.loss.ClipLoss"),
+    ("memeff", "memeff", "clip", "triton", None, ("cuda",), True,
+     "fixed temperature 1/scale (not learnable)"),
+    ("inf_cl", "inf_cl", "clip", "triton", (torch.float32,), ("cuda",), True,
+     "cal_flash_loss both directions, fp32"),
+    ("siglip_kernel", "siglip_kernel", "siglip", "triton", None, ("cuda",), False,
+     "SigLIP sigmoid loss, not CLIP: time only"),
+]  # fmt: skip
+
+
+def _build(name: str, f: Features) -> Step:
+    a, b, s = f.feat(0), f.feat(1), f.scale
+    if name == "open_clip":
+        from open_clip.loss import ClipLoss
+
+        mod = ClipLoss()
+        return Step(lambda: mod(a, b, s), leaves(f, 2))
+    if name == "memeff":
+        from memeff import MemoryEfficientCLIPLoss
+
+        mod = MemoryEfficientCLIPLoss(
+            temperature=1.0 / f.scale_value, normalized_inputs=True, stable=False
+        )
+        return Step(lambda: mod(a, b), [a, b])
+    if name == "inf_cl":
+        from inf_cl import cal_flash_loss
+
+        def inf_cl() -> torch.Tensor:
+            return 0.5 * (
+                cal_flash_loss(a, b, scale=s).mean() + cal_flash_loss(b, a, scale=s).mean()
+            )
+
+        return Step(inf_cl, leaves(f, 2))
+    if name == "siglip_kernel":
+        from siglip_kernel import fused_siglip_loss
+
+        bias = f.bias
+        return Step(lambda: fused_siglip_loss(a, b, s.log(), bias), leaves(f, 2) + [bias])
+    raise ValueError(name)
+
+
+def peer_impls(
+    device: torch.device, requested: set[str], notes: list[str], *, for_profile: bool
+) -> list[Impl]:
+    """Peers that are installed (never required). The naive loss (open_clip's formula) always
+    is; torch.compile of it is on by default only on CUDA (compiling per shape on a 2-core CPU
+    costs tens of seconds; name naive_compiled in --impl to force it)."""
+    out: list[Impl] = []
+    on_gpu = device.type == "cuda"
+
+    def want(name: str) -> bool:
+        return "all" in requested or name in requested
+
+    if want("naive"):
+
+        def build_naive(f: Features) -> Step:
+            a, b = f.feat(0), f.feat(1)
+            return Step(lambda: naive_clip(a, b, f.scale), leaves(f, 2))
+
+        out.append(
+            Impl("naive", "clip", "torch", build_naive, fl.flops_two_pass,
+                 fl.expected_materialised, _ref_clip,
+                 note="open_clip's formula, fp32 logits, materialised")
+        )  # fmt: skip
+    if "naive_compiled" in requested or ("all" in requested and on_gpu):
+
+        def build_compiled(f: Features) -> Step:
+            torch._dynamo.reset()  # a fresh graph per shape: no recompile-limit fallback to eager
+            fn = torch.compile(naive_clip, dynamic=False)
+            a, b = f.feat(0), f.feat(1)
+            return Step(lambda: fn(a, b, f.scale), leaves(f, 2))
+
+        out.append(
+            Impl("naive_compiled", "clip", "inductor", build_compiled, fl.flops_two_pass,
+                 fl.expected_materialised, _ref_clip,
+                 note="torch.compile(naive), compile time excluded (warmup)")
+        )  # fmt: skip
+    elif "all" in requested:
+        notes.append(
+            "naive_compiled (torch.compile) left out on CPU: compiling per shape takes "
+            "tens of seconds here; pass --impl naive_compiled to include it"
+        )
+    for name, module, loss, be, dtypes, devices, checked, note in PEER_SPECS:
+        if not want(name):
+            continue
+        ok, why = _peer_available(module)
+        if not ok:
+            notes.append(f"peer {name} skipped: {why}")
+            continue
+        if device.type not in devices:
+            notes.append(f"peer {name} skipped: runs on {'/'.join(devices)} only")
+            continue
+        out.append(
+            Impl(
+                name,
+                loss,
+                be,
+                lambda f, name=name: _build(name, f),
+                fl.flops_two_pass,
+                fl.expected_materialised if name == "open_clip" else fl.expected_none,
+                _ref_clip if checked else None,
+                check_na="n/a" if checked else "n/a (sigmoid loss: a different loss)",
+                dtypes=dtypes,
+                devices=devices,
+                note=note,
+            )
+        )
+    if want("gemm_floor") and not for_profile:
+        out.append(
+            Impl("gemm_floor", "floor", "torch", lambda f: FloorStep(f.feat(0), f.feat(1)),
+                 fl.flops_floor, check_na="n/a (not a loss)",
+                 note="4 GEMMs in the input dtype" + ("" if on_gpu else " (CPU floor)"))
+        )  # fmt: skip
+    return out
