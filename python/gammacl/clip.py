@@ -61,12 +61,14 @@ def _pos_logits(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.
 def _smooth_term(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """mean_j l_ij = scale * <a_i, mean_j b_j>."""
     acc = V.acc_dtype(a.dtype)
-    return scale * (a.to(acc) @ b.to(acc).mean(dim=0))
+    # elementwise, not a matrix-vector product: autocast leaves it in the accumulation dtype
+    return scale * (a.to(acc) * b.to(acc).mean(dim=0)).sum(dim=1)
 
 
 def no_autocast(x: torch.Tensor):
-    """Our statistics are fp32 whatever autocast says: the GEMMs inside the losses must not be
-    recast to bf16/fp16 (inputs keep their own dtype; results come back fp32)."""
+    """Autocast off for a loss's own GEMMs (gammacl.modality's Grams): statistics are fp32 whatever
+    autocast says (inputs keep their own dtype). The ops switch it off inside themselves; the
+    CLIP terms here are elementwise, which autocast leaves alone."""
     return torch.autocast(x.device.type, enabled=False)
 
 
@@ -82,12 +84,11 @@ def infonce_rows(
 ) -> torch.Tensor:
     """Per-row InfoNCE losses of q (M x D) against k (N x D); row i's positive is labels[i], or
     column i + offset when labels is None. Inputs validated, `scale` 0-d, `backend` resolved."""
-    with no_autocast(q):
-        row, _ = simlse(q, k, scale, cols=False, backend=backend)
-        pos_k = k[labels] if labels is not None else k[offset : offset + q.shape[0]]
-        loss = row - (1.0 - label_smoothing) * _pos_logits(q, pos_k, scale)
-        if label_smoothing:
-            loss = loss - label_smoothing * _smooth_term(q, k, scale)
+    row, _ = simlse(q, k, scale, cols=False, backend=backend)
+    pos_k = k[labels] if labels is not None else k[offset : offset + q.shape[0]]
+    loss = row - (1.0 - label_smoothing) * _pos_logits(q, pos_k, scale)
+    if label_smoothing:
+        loss = loss - label_smoothing * _smooth_term(q, k, scale)
     if k.shape[0] == 1:  # one candidate, no negatives: exactly 0 (NaN/inf inputs still give NaN)
         loss = loss * 0.0
     return _nan_if_not_finite(loss)
@@ -135,20 +136,19 @@ def clip_pairs(
 ) -> torch.Tensor:
     """Per-pair symmetric CLIP losses (validated inputs, 0-d scale, resolved backend):
     0.5 * (row_i + col_{p_i})."""
-    with no_autocast(image):
-        row, col = simlse(image, text, scale, cols=True, backend=backend)
-        if labels is None:
-            pos = _pos_logits(image, text, scale)
-            per = 0.5 * (row + col) - (1.0 - label_smoothing) * pos
-        else:
-            pos = _pos_logits(image, text[labels], scale)
-            per = 0.5 * (row + col[labels]) - (1.0 - label_smoothing) * pos
-        if label_smoothing:
-            smooth_rows = _smooth_term(image, text, scale)
-            smooth_cols = _smooth_term(text, image, scale)
-            if labels is not None:
-                smooth_cols = smooth_cols[labels]
-            per = per - 0.5 * label_smoothing * (smooth_rows + smooth_cols)
+    row, col = simlse(image, text, scale, cols=True, backend=backend)
+    if labels is None:
+        pos = _pos_logits(image, text, scale)
+        per = 0.5 * (row + col) - (1.0 - label_smoothing) * pos
+    else:
+        pos = _pos_logits(image, text[labels], scale)
+        per = 0.5 * (row + col[labels]) - (1.0 - label_smoothing) * pos
+    if label_smoothing:
+        smooth_rows = _smooth_term(image, text, scale)
+        smooth_cols = _smooth_term(text, image, scale)
+        if labels is not None:
+            smooth_cols = smooth_cols[labels]
+        per = per - 0.5 * label_smoothing * (smooth_rows + smooth_cols)
     if image.shape[0] == 1:  # one pair, no negatives: exactly 0 (NaN/inf inputs still give NaN)
         per = per * 0.0
     return _nan_if_not_finite(per)

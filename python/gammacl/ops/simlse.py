@@ -138,7 +138,11 @@ _IMPLS = {
 }
 
 
-def _backend_impl(name: str):
+def _backend_impl(name: str, device: torch.device | None = None):
+    if name == "auto" and device is not None:  # callers normally pass a resolved name
+        from gammacl.dispatch import resolve_backend
+
+        name = resolve_backend(name, device)
     if name not in _IMPLS:
         raise ValueError(f"simlse has no backend {name!r} (backends: {tuple(_IMPLS)})")
     return _IMPLS[name]()
@@ -164,7 +168,7 @@ def simlse(
     a, b and the 0-d scale (a 0-d accumulation-dtype tensor, gammacl._validate.as_scale).
     `backend` is a concrete name (the losses resolve it once at their public boundary); inputs
     are validated there too. Autocast is off inside: statistics stay in the accumulation dtype."""
-    fwd, _ = _backend_impl(backend)
+    fwd, _ = _backend_impl(backend, a.device)
     with torch.autocast(a.device.type, enabled=False):
         return fwd(
             _last_dim_contiguous(a), _last_dim_contiguous(b), scale, offset, exclude_pos, cols
@@ -191,7 +195,7 @@ def _simlse_backward_op(
     cols: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _, bwd = _backend_impl(backend)
+    _, bwd = _backend_impl(backend, a.device)
     a, b = _last_dim_contiguous(a), _last_dim_contiguous(b)
     with torch.autocast(a.device.type, enabled=False):
         return bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols)
