@@ -100,7 +100,7 @@ def test_apply_covers_coca_clip_term_and_bias(tiny):
     assert_close_fp64(clip_term, 2.0 * ref, "CoCa clip term through gammacl")
 
 
-def test_create_loss_swapped_and_restored():
+def test_create_loss_swapped_and_restored(monkeypatch):
     args = types.SimpleNamespace(
         distill=False,
         model="ViT-B-32",
@@ -126,6 +126,21 @@ def test_create_loss_swapped_and_restored():
     if train_main is not None:
         assert train_main.create_loss(args) is gamma
     G.revert()
+    if train_main is not None:  # apply(loss=gamma) also puts the train loader under with_index
+        from open_clip_train.data import DataInfo
+
+        loader = torch.utils.data.DataLoader(_Indexed(8), batch_size=4, shuffle=True)
+        monkeypatch.setattr(
+            train_main, "get_data", lambda *a, **k: {"train": DataInfo(dataloader=loader)}
+        )
+        fake = train_main.get_data
+        G.apply(loss=gamma)
+        wrapped = train_main.get_data(None, None)["train"].dataloader
+        assert isinstance(wrapped.batch_sampler, G.IndexRecordingBatchSampler)
+        batches = [idx for _, _, idx in wrapped]
+        assert [p.tolist() for p in gamma.pending] == [b.tolist() for b in batches]
+        G.revert()
+        assert train_main.get_data is fake
     assert open_clip.create_loss is original
     assert isinstance(open_clip.create_loss(args), oc_loss.ClipLoss)
     if train_main is not None:
