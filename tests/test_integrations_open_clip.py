@@ -197,3 +197,33 @@ def test_gamma_loss_takes_recorded_indices(tiny, sogclr):
     iterable = torch.utils.data.DataLoader(_Stream())
     with pytest.raises(TypeError, match="map-style"):
         G.with_index(iterable, loss)
+
+
+def test_apply_forwards_open_clip_settings(monkeypatch):
+    """The patched forward builds gammacl.ClipLoss with the instance's own local_loss /
+    gather_with_grad / cache_labels / rank / world_size (gammacl.ClipLoss's distributed semantics
+    are checked against open_clip's in tests/test_distributed.py)."""
+    seen = []
+
+    class Recorder(gammacl.ClipLoss):
+        def __init__(self, **kw):
+            seen.append(kw)
+            super().__init__(**{**kw, "world_size": 1, "rank": 0})
+
+    monkeypatch.setattr(gammacl, "ClipLoss", Recorder)
+    G.apply(backend="torch")
+    img, txt = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    for local, with_grad, rank, world in [
+        (True, True, 1, 4),
+        (False, True, 0, 2),
+        (True, False, 3, 4),
+    ]:
+        oc_loss.ClipLoss(local, with_grad, True, rank, world)(img, txt, 2.0)
+        assert seen[-1] == dict(
+            local_loss=local,
+            gather_with_grad=with_grad,
+            cache_labels=True,
+            rank=rank,
+            world_size=world,
+            backend="torch",
+        )
