@@ -129,7 +129,12 @@ def _compare(tiny, make_theirs, make_ours, columns, labels=None):
     return ref
 
 
-@pytest.mark.parametrize("n_neg", [0, 2])
+# The default run keeps the hard-negative cases; the rest run in CI's slow step (tiny models, but
+# each case runs four forward/backward passes of BERT).
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("n_neg", [pytest.param(0, marks=SLOW), 2])
 @pytest.mark.parametrize("sim", ["cos_sim", "dot_score"])
 def test_mnrl_matches_library(tiny, n_neg, sim):
     fct = getattr(st_util, sim)
@@ -144,7 +149,7 @@ def test_mnrl_matches_library(tiny, n_neg, sim):
     )
 
 
-@pytest.mark.parametrize("n_neg", [0, 1])
+@pytest.mark.parametrize("n_neg", [pytest.param(0, marks=SLOW), 1])
 @pytest.mark.parametrize("partition_mode", ["per_direction", "joint"])
 def test_symmetric_matches_library(tiny, n_neg, partition_mode):
     directions = ("query_to_doc", "doc_to_query")
@@ -160,6 +165,7 @@ def test_symmetric_matches_library(tiny, n_neg, partition_mode):
     )
 
 
+@pytest.mark.slow
 def test_symmetric_class_matches_library_class(tiny):
     theirs = getattr(st_losses, "MultipleNegativesSymmetricRankingLoss", None)
     if theirs is None:
@@ -174,6 +180,7 @@ def test_symmetric_class_matches_library_class(tiny):
         )
 
 
+@pytest.mark.slow
 def test_gather_across_devices_single_process(tiny):
     """Not distributed: the library's gather returns the local tensor (offset 0), ours too."""
     _compare(

@@ -143,6 +143,7 @@ def test_apply_patches_forward_and_reverts(tiny, monkeypatch):
     assert CLIPModel.forward is original and not G.is_patched()
 
 
+@pytest.mark.slow
 def test_patched_training_forward_grads_match(tiny):
     """Loss and gradients through the patched CLIPModel.forward (train mode, logits skipped)
     equal the original return_loss=True."""
