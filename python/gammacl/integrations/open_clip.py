@@ -1,0 +1,262 @@
+"""open_clip: route ``open_clip.loss.ClipLoss`` (and so the trainer's ``create_loss``) through
+gammacl, reversibly, and train open_clip with the gamma / SogCLR losses.
+
+One line, before the loss is built (e.g. at the top of a copy of open_clip_train/main.py, or in a
+launcher that then calls ``open_clip_train.main.main(argv)``)::
+
+    import gammacl.integrations.open_clip as oc
+    handle = oc.apply()     # ClipLoss.forward -> gammacl.ClipLoss; CoCaLoss's CLIP term too
+    ...
+    handle.revert()         # or oc.revert(): open_clip's own forward again
+
+apply() replaces ``ClipLoss.forward`` on the class (the Liger-Kernel way), so every instance, the
+ones ``open_clip.create_loss(args)`` / ``open_clip_train`` build, existing ones and subclasses
+that call ``super().forward`` (CoCaLoss) compute the loss with gammacl.ClipLoss under the same
+local_loss / gather_with_grad / rank / world_size settings, without the N x N logits.
+DistillClipLoss calls ``get_logits`` itself and keeps open_clip's computation; SigLipLoss is a
+different loss and is not touched. ``use_horovod=True`` instances keep open_clip's forward.
+
+Gamma / SogCLR in open_clip's trainer. These losses need each pair's data-set index, and
+open_clip's training loop hands the loss only ``model_out`` (``loss(**model_out,
+output_dict=True)``). The index comes from the data loader's sampler: ``with_index(dataloader,
+loss)`` rebuilds the DataLoader on a batch sampler that records every batch's indices (in the
+main process, before workers load it); ``OpenClipGammaLoss`` / ``OpenClipSogCLRLoss`` take
+them in order, one batch per call. ``apply(loss=OpenClipGammaLoss(num_samples=len(dataset)))``
+makes ``create_loss`` (open_clip and open_clip_train.main) return that loss and wraps the train
+DataLoader that open_clip_train.main's ``get_data`` returns with with_index, so the unmodified
+trainer runs it::
+
+    import sys
+    import gammacl.integrations.open_clip as oc
+    from open_clip_train.main import main
+
+    oc.apply(loss=oc.OpenClipGammaLoss(num_samples=N_TRAIN_ROWS))  # or OpenClipSogCLRLoss
+    main(sys.argv[1:])  # --train-data rows.csv --dataset-type csv --accum-freq 1 ...
+
+Needs a map-style dataset (CsvDataset, not webdataset shards) and ``--accum-freq 1``
+(the accumulation path calls the loss on concatenated batches); an index can also be passed
+directly: ``loss(**model_out, index=idx)``.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import torch
+
+import gammacl
+from gammacl.integrations import require
+
+_EXTRA = "open-clip"
+_STATE: dict = {}  # what apply() replaced: {"forward": f, "create_loss": {module: f}}
+
+
+def _gammacl_forward(
+    self,
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale,
+    logit_bias=None,
+    output_dict: bool = False,
+):
+    """open_clip ClipLoss.forward computed by gammacl.ClipLoss (same settings)."""
+    if getattr(self, "use_horovod", False):
+        return _STATE["forward"](
+            self, image_features, text_features, logit_scale, logit_bias, output_dict
+        )
+    impl = gammacl.ClipLoss(
+        local_loss=self.local_loss,
+        gather_with_grad=self.gather_with_grad,
+        cache_labels=self.cache_labels,
+        rank=self.rank,
+        world_size=self.world_size,
+        backend=_STATE.get("backend", "auto"),
+    )
+    return impl(image_features, text_features, logit_scale, logit_bias, output_dict)
+
+
+class Handle:
+    """Returned by apply(); revert() undoes it (same as the module-level revert())."""
+
+    def revert(self) -> None:
+        revert()
+
+
+def _create_loss_modules() -> list:
+    mods = [require("open_clip.factory", _EXTRA), require("open_clip", _EXTRA)]
+    try:
+        import open_clip_train.main as train_main  # imported by name there
+
+        mods.append(train_main)
+    except ImportError:  # open_clip_train not installed, or its own imports missing
+        pass
+    return [m for m in mods if hasattr(m, "create_loss")]
+
+
+def apply(loss: torch.nn.Module | None = None, *, backend: str = "auto") -> Handle:
+    """Makes open_clip's ClipLoss compute with gammacl (see the module docstring). With `loss`
+    (e.g. an OpenClipGammaLoss), ``create_loss(args)`` in open_clip and open_clip_train.main
+    returns that module instead. Calling apply() again first reverts the previous call."""
+    if _STATE:
+        revert()
+    loss_mod = require("open_clip.loss", _EXTRA)
+    _STATE["forward"] = loss_mod.ClipLoss.forward
+    _STATE["backend"] = backend
+    loss_mod.ClipLoss.forward = _gammacl_forward
+    _STATE["create_loss"] = {}
+    if loss is not None:
+        for mod in _create_loss_modules():
+            _STATE["create_loss"][mod] = mod.create_loss
+            mod.create_loss = lambda args, _loss=loss: _loss
+        if isinstance(loss, _OpenClipCall):
+            _patch_get_data(loss)
+    return Handle()
+
+
+def _patch_get_data(loss: _OpenClipCall) -> None:
+    """open_clip_train.main.get_data -> the same, with the train DataLoader under with_index."""
+    try:
+        import open_clip_train.main as train_main
+    except ImportError:
+        return
+    original = train_main.get_data
+
+    def get_data(*args, **kwargs):
+        data = original(*args, **kwargs)
+        if "train" in data:
+            data["train"].dataloader = with_index(data["train"].dataloader, loss)
+        return data
+
+    _STATE["get_data"] = (train_main, original)
+    train_main.get_data = get_data
+
+
+def revert() -> None:
+    """Restores open_clip's own ClipLoss.forward (and create_loss); no-op when not applied."""
+    if not _STATE:
+        return
+    require("open_clip.loss", _EXTRA).ClipLoss.forward = _STATE["forward"]
+    for mod, fn in _STATE.get("create_loss", {}).items():
+        mod.create_loss = fn
+    if "get_data" in _STATE:
+        mod, fn = _STATE["get_data"]
+        mod.get_data = fn
+    _STATE.clear()
+
+
+def is_applied() -> bool:
+    return bool(_STATE)
+
+
+class _OpenClipCall:
+    """open_clip's loss call on top of a gammacl gamma-family loss."""
+
+    def _init_pending(self) -> None:
+        self.pending: collections.deque = collections.deque()
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale,
+        logit_bias=None,
+        output_dict: bool = False,
+        index: torch.Tensor | None = None,
+    ):
+        if index is None:
+            if not self.pending:
+                raise RuntimeError(
+                    f"{type(self).__name__} needs each pair's data-set index: pass index=..., or "
+                    "build the DataLoader with gammacl.integrations.open_clip.with_index("
+                    "dataloader, loss) so every batch's indices are recorded"
+                )
+            index = self.pending.popleft()
+        loss = super().forward(image_features, text_features, logit_scale, index)
+        if logit_bias is not None:  # ignored by the softmax loss; a zero gradient, as open_clip
+            loss = loss + 0.0 * logit_bias.sum()
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+class OpenClipGammaLoss(_OpenClipCall, gammacl.GammaClipLoss):
+    """gammacl.GammaClipLoss with open_clip's loss call,
+    ``forward(image_features, text_features, logit_scale, logit_bias=None, output_dict=False,
+    index=None)``: the index is the argument, or else the next batch recorded by with_index().
+    Constructor: GammaClipLoss's (num_samples, shape, rate, ema, update, generator, backend,
+    ...)."""
+
+    def __init__(self, num_samples: int, **kwargs: Any) -> None:
+        super().__init__(num_samples, **kwargs)
+        self._init_pending()
+
+
+class OpenClipSogCLRLoss(_OpenClipCall, gammacl.SogCLRLoss):
+    """gammacl.SogCLRLoss with open_clip's loss call (see OpenClipGammaLoss)."""
+
+    def __init__(self, num_samples: int, **kwargs: Any) -> None:
+        super().__init__(num_samples, **kwargs)
+        self._init_pending()
+
+
+class IndexRecordingBatchSampler:
+    """Wraps a batch sampler; every batch of indices it yields is appended to `loss.pending`
+    (a fresh epoch clears what an interrupted one left)."""
+
+    def __init__(self, batch_sampler, loss: _OpenClipCall) -> None:
+        self.batch_sampler = batch_sampler
+        self.loss = loss
+
+    def __iter__(self):
+        self.loss.pending.clear()
+        for batch in self.batch_sampler:
+            self.loss.pending.append(torch.as_tensor(list(batch), dtype=torch.int64))
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __getattr__(self, name: str):  # sampler.set_epoch etc.
+        if name == "batch_sampler":
+            raise AttributeError(name)
+        return getattr(self.batch_sampler, name)
+
+
+def with_index(dataloader, loss: _OpenClipCall):
+    """The same DataLoader (dataset, workers, collate, pinning) on an IndexRecordingBatchSampler
+    of its batch sampler; the batches themselves are unchanged."""
+    if isinstance(dataloader.dataset, torch.utils.data.IterableDataset):
+        raise TypeError(
+            "with_index needs a map-style dataset (indices come from the sampler); an "
+            "IterableDataset (webdataset shards) has none: pass index= to the loss instead"
+        )
+    kwargs = dict(
+        num_workers=dataloader.num_workers,
+        collate_fn=dataloader.collate_fn,
+        pin_memory=dataloader.pin_memory,
+        timeout=dataloader.timeout,
+        worker_init_fn=dataloader.worker_init_fn,
+        persistent_workers=dataloader.persistent_workers,
+    )
+    if dataloader.num_workers > 0:
+        kwargs["prefetch_factor"] = dataloader.prefetch_factor
+    new = torch.utils.data.DataLoader(
+        dataloader.dataset,
+        batch_sampler=IndexRecordingBatchSampler(dataloader.batch_sampler, loss),
+        **kwargs,
+    )
+    for attr in ("num_batches", "num_samples"):  # open_clip's DataInfo reads these
+        if hasattr(dataloader, attr):
+            setattr(new, attr, getattr(dataloader, attr))
+    return new
+
+
+__all__ = [
+    "Handle",
+    "IndexRecordingBatchSampler",
+    "OpenClipGammaLoss",
+    "OpenClipSogCLRLoss",
+    "apply",
+    "is_applied",
+    "revert",
+    "with_index",
+]

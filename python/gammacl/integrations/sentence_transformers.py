@@ -1,0 +1,363 @@
+"""sentence-transformers losses computed by gammacl's fused op (no B x B score matrix).
+
+One-line swap::
+
+    # from sentence_transformers.losses import MultipleNegativesRankingLoss
+    from gammacl.integrations.sentence_transformers import MultipleNegativesRankingLoss
+
+    loss = MultipleNegativesRankingLoss(model)  # the library's constructor and forward
+
+With anchors a_i, candidates c = [positives; negatives_1; ...; negatives_k] (B (1 + k) rows, the
+column order of sentence-transformers), s = scale and sim = cos_sim (rows L2-normalised first) or
+dot_score:
+    query_to_doc  l_i = LSE_j s sim(a_i, c_j) - s sim(a_i, p_i)        (gammacl.infonce_loss)
+    doc_to_query  m_i = LSE_j s sim(p_i, a_j) - s sim(p_i, a_i)        (positives vs anchors)
+    loss = mean_i l_i                       directions=("query_to_doc",)
+         = mean_i (l_i + m_i) / 2           + "doc_to_query", partition_mode="per_direction"
+         = mean_i logaddexp(l_i, m_i)       + "doc_to_query", partition_mode="joint"
+(joint: one softmax over both rows, log(e^{LSE_q} + e^{LSE_d}) - pos = logaddexp(l_i, m_i)). The
+symmetric per-direction loss without hard negatives is one gammacl.clip_loss sweep; every other case
+is one infonce sweep per direction, O(B (1 + k) D) memory.
+
+gather_across_devices=True gathers anchors and candidates with sentence-transformers' own
+``util.all_gather_with_grad`` and uses its labels (rank * B + i): the same loss and gradients as
+the library's.
+
+Gamma / SogCLR (``GammaMultipleNegativesRankingLoss``, ``SogCLRMultipleNegativesRankingLoss``) need
+each pair's data-set index; sentence-transformers hands a loss the dataset's "label" column, so add
+it once::
+
+    dataset = dataset.add_column("label", list(range(len(dataset))))
+
+The per-sample state lives in buffers of the loss (``loss.gamma``); the trainer does not save a
+loss, so pass ``callbacks=[loss.checkpoint_callback()]`` to SentenceTransformerTrainer: it writes
+``gammacl_loss_state.pt`` into every ``checkpoint-N`` folder and reloads it on
+``trainer.train(resume_from_checkpoint=...)`` (or call ``loss.save_state(dir)`` /
+``loss.load_state(dir)`` yourself).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+import gammacl
+from gammacl.integrations import require
+
+_EXTRA = "sentence-transformers"
+STATE_FILE = "gammacl_loss_state.pt"
+SUPPORTED_SIMILARITIES = ("cos_sim", "dot_score")
+_DIRECTIONS = (("query_to_doc",), ("query_to_doc", "doc_to_query"))
+
+
+def _st_util():
+    return require("sentence_transformers.util", _EXTRA)
+
+
+def _default_sim():
+    return _st_util().cos_sim
+
+
+def similarity_kind(similarity_fct: Any) -> str:
+    """ "cosine" or "dot" for the similarity functions gammacl fuses; ValueError otherwise.
+
+    Accepted: sentence_transformers.util.cos_sim / dot_score, the strings "cosine" / "dot" (or
+    SimilarityFunction.COSINE / DOT_PRODUCT), and a model's ``similarity`` method when the model's
+    similarity_fn_name is one of those."""
+    util = _st_util()
+    value = getattr(similarity_fct, "value", similarity_fct)  # SimilarityFunction enum
+    if value in ("cosine", "cos_sim") or similarity_fct is util.cos_sim:
+        return "cosine"
+    if value in ("dot", "dot_product", "dot_score") or similarity_fct is util.dot_score:
+        return "dot"
+    name = getattr(similarity_fct, "__name__", type(similarity_fct).__name__)
+    owner = getattr(similarity_fct, "__self__", None)
+    if name == "similarity" and hasattr(owner, "similarity_fn_name"):
+        return similarity_kind(owner.similarity_fn_name)
+    module = getattr(similarity_fct, "__module__", "") or ""
+    if module.startswith("sentence_transformers") and name in SUPPORTED_SIMILARITIES:
+        return "cosine" if name == "cos_sim" else "dot"
+    raise ValueError(
+        f"similarity_fct={name!r} is not fused by gammacl; supported: "
+        f"{', '.join('sentence_transformers.util.' + s for s in SUPPORTED_SIMILARITIES)} "
+        "(or the strings 'cosine' / 'dot'). Use sentence-transformers' own loss for other "
+        "similarities."
+    )
+
+
+def embed(model: nn.Module, sentence_features: Iterable[dict]) -> list[torch.Tensor]:
+    """One sentence embedding tensor per input column, as the library's own losses embed them."""
+    try:
+        from sentence_transformers.base.losses.merged_forward import embed_columns
+    except ImportError:  # sentence-transformers < 6: one forward per column
+        return [model(f)["sentence_embedding"] for f in sentence_features]
+    return embed_columns(model, sentence_features)
+
+
+class _EmbeddingLoss(nn.Module):
+    """Shared by the losses here: the model, the scale and the similarity prep."""
+
+    def __init__(self, model: nn.Module, scale: float, similarity_fct: Any, backend: str) -> None:
+        super().__init__()
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0, got {scale!r}")
+        self.model = model
+        self.scale = float(scale)
+        self.similarity_fct = _default_sim() if similarity_fct is None else similarity_fct
+        self.similarity = similarity_kind(self.similarity_fct)
+        self.backend = backend
+
+    def _prep(self, x: torch.Tensor) -> torch.Tensor:
+        # sentence_transformers.util.normalize_embeddings: F.normalize(p=2, dim=-1, eps=1e-12)
+        return torch.nn.functional.normalize(x, p=2, dim=-1) if self.similarity == "cosine" else x
+
+    @property
+    def temperature(self) -> float:
+        return 1.0 / self.scale
+
+    def forward(self, sentence_features: Iterable[dict[str, torch.Tensor]], labels) -> torch.Tensor:
+        return self.compute_loss_from_embeddings(embed(self.model, sentence_features), labels)
+
+
+class MultipleNegativesRankingLoss(_EmbeddingLoss):
+    """sentence-transformers' MultipleNegativesRankingLoss (in-batch negatives + hard-negative
+    columns, one direction or symmetric), computed by gammacl without the B x B(1+k) matrix.
+
+    Args as the library's: model, scale (= 1 / temperature), similarity_fct (cos_sim or
+    dot_score only), gather_across_devices, directions (("query_to_doc",) or ("query_to_doc",
+    "doc_to_query")), partition_mode ("joint" or "per_direction"); keyword-only backend
+    (gammacl backend, default "auto"). The library's hardness_mode options and the
+    query_to_query / doc_to_doc directions are not fused (ValueError)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        scale: float = 20.0,
+        similarity_fct: Callable | None = None,
+        gather_across_devices: bool = False,
+        directions: tuple[str, ...] = ("query_to_doc",),
+        partition_mode: str = "joint",
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(model, scale, similarity_fct, backend)
+        directions = tuple(directions)
+        if directions not in _DIRECTIONS:
+            raise ValueError(
+                f"directions={directions} is not fused by gammacl; supported: {_DIRECTIONS[0]} "
+                f"and {_DIRECTIONS[1]}"
+            )
+        if partition_mode not in ("joint", "per_direction"):
+            raise ValueError(
+                f"partition_mode must be 'joint' or 'per_direction', got {partition_mode!r}"
+            )
+        self.gather_across_devices = bool(gather_across_devices)
+        self.directions = directions
+        self.partition_mode = partition_mode
+
+    def compute_loss_from_embeddings(self, embeddings: list[torch.Tensor], labels=None):
+        """embeddings[0]: anchors [B, D]; embeddings[1]: positives; embeddings[2:]: hard
+        negatives. `labels` is ignored, as in the library."""
+        if len(embeddings) < 2:
+            raise ValueError(
+                f"expected at least 2 embedding columns (anchor, positive[, negatives...]), "
+                f"got {len(embeddings)}"
+            )
+        queries, docs = embeddings[0], list(embeddings[1:])
+        b = queries.shape[0]
+        offset = 0
+        if self.gather_across_devices:  # the library's gather and label offset
+            util = _st_util()
+            queries = util.all_gather_with_grad(queries)
+            docs = [util.all_gather_with_grad(d) for d in docs]
+            offset = util.get_rank() * b
+        local_q = queries[offset : offset + b]
+        local_d = docs[0][offset : offset + b]
+        labels_idx = None
+        if offset:
+            labels_idx = torch.arange(offset, offset + b, device=queries.device)
+        symmetric = "doc_to_query" in self.directions
+        if symmetric and self.partition_mode == "per_direction" and len(docs) == 1 and not offset:
+            if queries.shape[0] == b:  # single process: one sweep gives both directions
+                return gammacl.clip_loss(
+                    self._prep(local_q), self._prep(local_d), self.scale, backend=self.backend
+                )
+        candidates = torch.cat(docs, dim=0) if len(docs) > 1 else docs[0]
+        reduction = "none" if symmetric and self.partition_mode == "joint" else "mean"
+        q2d = gammacl.infonce_loss(
+            self._prep(local_q),
+            self._prep(candidates),
+            self.scale,
+            labels=labels_idx,
+            reduction=reduction,
+            backend=self.backend,
+        )
+        if not symmetric:
+            return q2d
+        d2q = gammacl.infonce_loss(
+            self._prep(local_d),
+            self._prep(queries),
+            self.scale,
+            labels=labels_idx,
+            reduction=reduction,
+            backend=self.backend,
+        )
+        if self.partition_mode == "joint":
+            return torch.logaddexp(q2d, d2q).mean()
+        return 0.5 * (q2d + d2q)
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {
+            "scale": self.scale,
+            "similarity_fct": getattr(self.similarity_fct, "__name__", str(self.similarity_fct)),
+            "gather_across_devices": self.gather_across_devices,
+            "directions": self.directions,
+            "partition_mode": self.partition_mode,
+            "backend": self.backend,
+        }
+
+
+class MultipleNegativesSymmetricRankingLoss(MultipleNegativesRankingLoss):
+    """sentence-transformers' MultipleNegativesSymmetricRankingLoss (directions query_to_doc +
+    doc_to_query, partition_mode="per_direction"; hard-negative columns join the query_to_doc
+    candidates, as in the library's current version)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        scale: float = 20.0,
+        similarity_fct: Callable | None = None,
+        gather_across_devices: bool = False,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            model,
+            scale,
+            similarity_fct,
+            gather_across_devices,
+            directions=("query_to_doc", "doc_to_query"),
+            partition_mode="per_direction",
+            backend=backend,
+        )
+
+
+class GammaMultipleNegativesRankingLoss(_EmbeddingLoss):
+    """gammacl.GammaClipLoss on (anchor, positive) sentence pairs: the symmetric global
+    contrastive objective with a per-sample rate state, logit_scale = `scale`.
+
+    The data-set index comes from the dataset's "label" column
+    (``dataset.add_column("label", list(range(len(dataset))))``); `num_samples` = len(dataset).
+    The state is ``self.gamma`` (a GammaClipLoss; buffers). Keyword arguments after
+    similarity_fct go to GammaClipLoss (shape, rate, ema, update, generator, backend, clamp,
+    distributed, process_group). Every forward updates the state (see gammacl.gamma)."""
+
+    _impl = gammacl.GammaClipLoss
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_samples: int,
+        scale: float = 20.0,
+        similarity_fct: Callable | None = None,
+        **loss_kwargs: Any,
+    ) -> None:
+        super().__init__(model, scale, similarity_fct, loss_kwargs.get("backend", "auto"))
+        self.gamma = self._impl(num_samples, **loss_kwargs)
+
+    def compute_loss_from_embeddings(self, embeddings: list[torch.Tensor], labels):
+        if len(embeddings) != 2:
+            raise ValueError(
+                f"{type(self).__name__} takes (anchor, positive) pairs: 2 embedding columns, got "
+                f"{len(embeddings)} (hard-negative columns are not part of the gamma objective)"
+            )
+        if not isinstance(labels, torch.Tensor) or labels.ndim != 1:
+            raise ValueError(
+                f"{type(self).__name__} needs each pair's data-set index as the batch's labels; "
+                "add a label column: "
+                "dataset = dataset.add_column('label', list(range(len(dataset)))) "
+                f"(got labels={labels!r})"
+            )
+        anchors, positives = embeddings
+        return self.gamma(self._prep(anchors), self._prep(positives), self.scale, labels)
+
+    # -- the per-sample state in checkpoints ---------------------------------------------------
+    def save_state(self, directory: str | os.PathLike) -> str:
+        """Writes the gamma state (log-rates, visit masks, RNG) to
+        directory/gammacl_loss_state.pt; returns the file's path."""
+        path = os.path.join(os.fspath(directory), STATE_FILE)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(self.gamma.state_dict(), path)
+        return path
+
+    def load_state(self, directory: str | os.PathLike) -> None:
+        path = os.path.join(os.fspath(directory), STATE_FILE)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.gamma.load_state_dict(state)
+
+    def checkpoint_callback(self):
+        """A transformers TrainerCallback saving the state into each checkpoint-N folder
+        (on_save) and restoring it when training resumes at step N (on_train_begin)."""
+        return _state_callback(self)
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {
+            "scale": self.scale,
+            "similarity_fct": getattr(self.similarity_fct, "__name__", str(self.similarity_fct)),
+            "loss": repr(self.gamma),
+        }
+
+
+class SogCLRMultipleNegativesRankingLoss(GammaMultipleNegativesRankingLoss):
+    """gammacl.SogCLRLoss on (anchor, positive) sentence pairs (keyword arguments: ema, update,
+    backend, clamp, distributed, process_group); index from the "label" column as in
+    GammaMultipleNegativesRankingLoss."""
+
+    _impl = gammacl.SogCLRLoss
+
+
+def _state_callback(loss: GammaMultipleNegativesRankingLoss):
+    trainer_callback = require("transformers.trainer_callback", "sentence-transformers")
+    prefix = require("transformers.trainer_utils", "sentence-transformers").PREFIX_CHECKPOINT_DIR
+
+    class GammaLossStateCallback(trainer_callback.TrainerCallback):
+        """Saves / restores a gammacl loss's per-sample state with the trainer's checkpoints."""
+
+        def _dir(self, args, state) -> str:
+            return os.path.join(args.output_dir, f"{prefix}-{state.global_step}")
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                loss.save_state(self._dir(args, state))
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.global_step == 0:
+                return
+            folder = self._dir(args, state)
+            if os.path.isfile(os.path.join(folder, STATE_FILE)):
+                loss.load_state(folder)
+            else:
+                warnings.warn(
+                    f"resuming at step {state.global_step} but {folder} has no {STATE_FILE}; "
+                    "the gamma state was not restored (call loss.load_state(checkpoint_dir) "
+                    "before trainer.train() when the checkpoint lies elsewhere)",
+                    stacklevel=2,
+                )
+
+    return GammaLossStateCallback()
+
+
+__all__ = [
+    "GammaMultipleNegativesRankingLoss",
+    "MultipleNegativesRankingLoss",
+    "MultipleNegativesSymmetricRankingLoss",
+    "STATE_FILE",
+    "SogCLRMultipleNegativesRankingLoss",
+    "embed",
+    "similarity_kind",
+]
