@@ -54,7 +54,8 @@ import triton
 import triton.language as tl
 
 from gammacl.dispatch import interpreter_on
-from gammacl.kernels.simlse import _COL_PART_MAX_BYTES, _tile_config
+from gammacl.kernels.simlse import _COL_PART_MAX_BYTES
+from gammacl.kernels.simlse import _tile_config as _simlse_tile_config
 from gammacl.kernels.tiles import (
     _LN2,
     _LOG2E,
@@ -457,6 +458,18 @@ def _gamma_onepass_tile_kernel(
             w.to(W.dtype.element_ty),
             mask=row_ok[:, None] & col_ok[None, :],
         )
+
+
+def _tile_config(dtype: torch.dtype) -> dict:
+    """Config of _gamma_onepass_tile_kernel: simlse's large-D tile config, except 16-bit on GPU:
+    128 x 64 tiles, 8 warps. The epilogue (4 exponentials, 4 partial vectors and W) of a
+    128 x 128 tile needs more than 255 registers at 8 warps (sm_90 AOT: 252 registers + 12 B
+    spilled; 16 warps cap at 128 registers and spill 84 B); 128 x 64 compiles to 140 registers,
+    no spills, 72 KiB shared memory. Not measured on GPU."""
+    cfg = _simlse_tile_config(dtype)
+    if not interpreter_on() and dtype in (torch.float16, torch.bfloat16):
+        cfg = dict(cfg, BLOCK_N=64)
+    return cfg
 
 
 def _large_d_fwd(a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offset, grad):
