@@ -41,6 +41,10 @@ fp32 uses exp2 with log2(e) folded into scale, alpha and clamp; fp64 uses exp / 
 fp16 operands: W (~0.5/B^2 at batch B, below fp16's normal range) is scaled per tile by an
 exact power of two putting max|W| near 2^14 before the fp16 cast, and the dot products are
 scaled back exactly; NaN propagates, inf saturates at 65504. bf16 / fp32 hold W unscaled.
+Large D (fp32 / bf16 with tiles.use_large_d): `_gamma_onepass_tile_kernel` per [BM, BN] tile of
+S writes the tile's partial LSEs and terms and its block of W to a [R, N] buffer, then
+dA_c = W @ B and dB += W^T @ A_c run as two GEMMs: 3 GEMMs (6MND) in all, no atomics (every
+sum in a fixed order, so this path is deterministic in either mode).
 Config: one fixed config per dtype (_config); GPU choices are not measured. Under the
 interpreter (a test harness) bf16 tiles are upcast before tl.dot, as in kernels/simlse.py.
 """

@@ -51,6 +51,13 @@ fp32 result back by gmax; bf16 has fp32's exponent range and needs no scaling. f
 input_precision="ieee" (matches an fp32 reference on GPU); TF32 is an opt-in that follows
 PyTorch's own switch, torch.set_float32_matmul_precision("high" or "medium").
 
+Large D (D > 128 for 16-bit inputs, D > 64 for fp32; tiles.use_large_d): the fused kernels above
+would re-read their fp32 output rows per column tile (~18 FLOP/B of L2 traffic at D = 1024), so
+the launchers switch to the GEMM-structured path of the "large-D path" section below: a tiled
+forward with the row / column partial LSE in its epilogue, and a backward per chunk of R rows
+(W tile kernel + two GEMMs, R from GAMMACL_TRITON_CHUNK_MIB, default 256 MiB of W). Extra memory
+O(R*N + N*D); FLOPs 2MND + 6MND, at a GEMM's FLOP/byte (bench/NOTES.md, "Large-D paths").
+
 Configs: one fixed config per (dtype, D range) (_config); GAMMACL_AUTOTUNE=1 (read at import,
 ignored under TRITON_INTERPRET) wraps the kernels in triton.autotune over a small list.
 Under the interpreter (a test harness: ~1-2 ms per program x loop trip) tiles are 64 x 64 and
