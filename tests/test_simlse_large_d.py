@@ -259,7 +259,7 @@ def test_onepass_large_d_sweep(dtype, d, monkeypatch):
     _check_onepass(67, 45, d, dtype, 1, 30.0)
 
 
-@pytest.mark.parametrize("update", ["before", "after"])
+@pytest.mark.parametrize("update", [pytest.param("before", marks=pytest.mark.slow), "after"])
 def test_gamma_clip_loss_large_d(update, count_paths, monkeypatch):
     """GammaClipLoss on the triton backend at D = 512 fp32 (both update modes; "after" takes the
     one-pass op) against the float64 reference step, over several steps of the rate state."""
