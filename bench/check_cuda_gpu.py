@@ -210,7 +210,8 @@ def _timings() -> list:
             G.print_timing(entry, 13, "fwd_bwd_tflops_8N2D", "8N^2D")
     # The dB GEMM (N x D fp32, accumulated with beta = 1 per chunk) reads and writes 8 B per
     # output element per chunk for 2R FLOPs: below R ~ 1200 rows it is bandwidth-bound on an H100
-    # (ridge ~295 FLOP/B). At N = 65536 the 256 MiB default gives R = 640 (bench/NOTES.md).
+    # (ridge ~295 FLOP/B). At N = 65536 256 MiB gives R = 640, the 512 MiB default R = 1280
+    # (bench/NOTES.md).
     print("cuda chunk budget sweep, clip_loss N=65536 D=1024 (GAMMACL_CUDA_CHUNK_MIB):")
     for mib in ("256", "512", "1024", "2048"):
         with _Env(GAMMACL_CUDA_CHUNK_MIB=mib):

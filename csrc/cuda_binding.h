@@ -33,7 +33,13 @@
 
 namespace gammacl {
 
-constexpr double kCudaChunkMiB = 256.0;  // GAMMACL_CUDA_CHUNK_MIB
+// GAMMACL_CUDA_CHUNK_MIB default: predicted, not measured (bench/NOTES.md, "Large-D paths"). Per
+// chunk of R rows the dB GEMM (beta = 1 on an fp32 N x D output) does 2R FLOPs per 8 B of output
+// read + write, R/4 FLOP/B; it is compute-bound above the ridge: R > ~1180 on an H100 (295
+// FLOP/B), > ~825 on an H200 (206). At N = 65536 (fp32 S + bf16 W, 6 B per entry) 256 MiB gives
+// R = 640 (bandwidth-bound), 512 MiB gives R = 1280 (compute-bound on both) while the chunk stays
+// well under the 1.2 GB extra-memory target; 1 GiB (R = 2688) would leave ~0.2 GB for the rest.
+constexpr double kCudaChunkMiB = 512.0;
 
 // The device type of the tensors the CUDA kernels take (CPU tensors under the emulator).
 #ifdef GAMMACL_CUDA_EMU

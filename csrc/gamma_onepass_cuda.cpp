@@ -1,7 +1,7 @@
 // gamma_onepass, CUDA backend (torch side): chunked cuBLAS GEMMs + the fused epilogue of
 // gamma_onepass_cuda.cu (contract: python/gammacl/ops/gamma_onepass.py).
 //
-// Per chunk of R rows (R from the memory budget GAMMACL_CUDA_CHUNK_MIB, default 256 MiB):
+// Per chunk of R rows (R from the memory budget GAMMACL_CUDA_CHUNK_MIB, default 512 MiB):
 //   S = A_c @ B^T                        cuBLAS, raw dots, fp32 out from bf16 operands (fp32
 //                                        accumulate); fp32 / fp64 in their own type
 //   gamma_onepass_chunk(S)               row LSE, row_term, column partials (LSE and term, merged

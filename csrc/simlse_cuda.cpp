@@ -17,8 +17,8 @@
 // enqueued on at::cuda::getCurrentCUDAStream(); buffers come from the caching allocator.
 //
 // Chunk size: the largest R with R * N * (bytes of S [+ W] + partials) <= GAMMACL_CUDA_CHUNK_MIB
-// (default 256 MiB), rounded down to a multiple of 128 rows. At N = 65536 (fp32 S, bf16 W) that is
-// 640 rows in the backward: each GEMM is then 640 x 65536 x D, enough to fill an H100.
+// (default 512 MiB, cuda_binding.h says why), rounded down to a multiple of 128 rows. At N = 65536
+// (fp32 S, bf16 W) that is 1280 rows in the backward: each GEMM is then 1280 x 65536 x D.
 //
 // GEMMs, checks and the chunk budget: cuda_binding.h.
 #include <algorithm>

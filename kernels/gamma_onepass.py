@@ -41,6 +41,10 @@ fp32 uses exp2 with log2(e) folded into scale, alpha and clamp; fp64 uses exp / 
 fp16 operands: W (~0.5/B^2 at batch B, below fp16's normal range) is scaled per tile by an
 exact power of two putting max|W| near 2^14 before the fp16 cast, and the dot products are
 scaled back exactly; NaN propagates, inf saturates at 65504. bf16 / fp32 hold W unscaled.
+Large D (fp32 / bf16 with tiles.use_large_d): `_gamma_onepass_tile_kernel` per [BM, BN] tile of
+S writes the tile's partial LSEs and terms and its block of W to a [R, N] buffer, then
+dA_c = W @ B and dB += W^T @ A_c run as two GEMMs: 3 GEMMs (6MND) in all, no atomics (every
+sum in a fixed order, so this path is deterministic in either mode).
 Config: one fixed config per dtype (_config); GPU choices are not measured. Under the
 interpreter (a test harness) bf16 tiles are upcast before tl.dot, as in kernels/simlse.py.
 """
@@ -54,22 +58,30 @@ import triton
 import triton.language as tl
 
 from gammacl.dispatch import interpreter_on
-from gammacl.kernels.simlse import (
-    _COL_PART_MAX_BYTES,
+from gammacl.kernels.simlse import _COL_PART_MAX_BYTES
+from gammacl.kernels.simlse import _tile_config as _simlse_tile_config
+from gammacl.kernels.tiles import (
     _LN2,
     _LOG2E,
     _NEG_INF,
-    _acc_dtype,
-    _device_guard,
     _dot_nn,
     _exp,
-    _flags,
     _load_rows,
     _log,
+    _online_lse,
     _scores_chunked,
     _simlse_col_merge_kernel,
+    _tile_ids,
+    _tile_lse,
     _valid,
+    chunk_rows,
+    gemm,
+    merge_lse,
+    use_large_d,
 )
+from gammacl.kernels.tiles import acc_dtype as _acc_dtype
+from gammacl.kernels.tiles import device_guard as _device_guard
+from gammacl.kernels.tiles import flags as _flags
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -157,18 +169,9 @@ def _gamma_onepass_fwd_kernel(
         )
         s = tl.where(_valid(offs_m, offs_n, M, N, offset, True), s * scale, _NEG_INF)
         # online row LSE; a shift of -inf (nothing valid yet) is replaced by 0
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_shift = tl.where(m_new == _NEG_INF, 0.0, m_new)
-        l_i = l_i * _exp(m_i - m_shift, BASE2) + tl.sum(_exp(s - m_shift[:, None], BASE2), axis=1)
-        m_i = m_new
+        m_i, l_i = _online_lse(m_i, l_i, s, BASE2)
         if COLS:  # column partial of this row block: LSE_i l_ij = cm_j + log sum_i e^{l_ij - cm_j}
-            cm = tl.max(s, axis=0)
-            cm_shift = tl.where(cm == _NEG_INF, 0.0, cm)
-            cl = tl.sum(_exp(s - cm_shift[None, :], BASE2), axis=0)
-            # sum 0 -> -inf (nothing valid); a NaN sum (NaN logit) stays NaN
-            part = tl.where(cl == 0, _NEG_INF, cm_shift + _log(tl.where(cl == 0, 1.0, cl), BASE2))
-            if BASE2:
-                part = part * _LN2
+            part = _tile_lse(s, 0, BASE2)
             tl.store(COL_PART + pid * stride_part + offs_n, part, mask=col_ok)
         # weights: e^{min(l + alpha, clamp)} (NaN propagates so a NaN batch stays visible)
         alpha_c = tl.load(ALPHA_C + offs_n, mask=col_ok, other=_NEG_INF).to(ACC)
@@ -369,6 +372,188 @@ def _launch(a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offset, grad
     return row_lse, row_term, da, col_lse, col_term, db
 
 
+# ----------------------------------------------------------------------------------------------
+# large-D path (GEMM structure, fp32 / bf16 inputs with tiles.use_large_d; fp16 and fp64 keep
+# the fused kernel above): 3 GEMMs, 6MND FLOPs, no atomics (deterministic)
+# ----------------------------------------------------------------------------------------------
+# Per chunk of R rows:
+#   `_gamma_onepass_tile_kernel`, one [BM, BN] tile of S per program (full-D K loop):
+#       row / column partial LSE of the tile  -> ROW_PART[pid_n, i], COL_PART[pid_m, j]
+#       row / column partial terms            -> ROW_TPART[pid_n, i], COL_TPART[pid_m, j]
+#       W = w_row e^{min(l + alpha_r, cap)} + w_col e^{min(l + alpha_c, cap)} -> W [R, N] (operand
+#       dtype), written once
+#   partials merged (LSE by _simlse_col_merge_kernel, terms by a fixed-order sum), then
+#   dA_c = W @ B, dB (+)= W^T @ A_c (tiles._gemm_kernel, fp32 outputs).
+# FLOPs 2RND (tile) + 4RND (GEMMs); bytes per entry: W written once, read twice (3 * size).
+# The weights need no normaliser, so W is final when its tile is computed. fp16 would need W
+# scaled into fp16's range by a factor known before the sweep (the per-tile factor of the fused
+# kernel cannot be undone after a GEMM over many tiles): fp16 keeps the fused kernel.
+@triton.jit(do_not_specialize=["offset"])
+def _gamma_onepass_tile_kernel(
+    X,
+    Y,
+    SCALE,
+    w_row_hi,
+    w_row_lo,
+    w_col_hi,
+    w_col_lo,
+    cap_hi,
+    cap_lo,
+    ALPHA_R,
+    ALPHA_C,
+    ROW_PART,
+    ROW_TPART,
+    COL_PART,
+    COL_TPART,
+    W,
+    M,
+    N,
+    D,
+    stride_x,
+    stride_y,
+    stride_rp,
+    stride_cp,
+    stride_w,
+    offset,
+    GRAD: tl.constexpr,
+    ACC: tl.constexpr,
+    BASE2: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_N] tile of l = scale * X @ Y^T (entries (i, i + offset) excluded):
+    the tile's row / column partial LSEs and terms, and (GRAD) its block of W."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = offs_m < M
+    col_ok = offs_n < N
+    scale = tl.load(SCALE).to(ACC)
+    alpha_r = tl.load(ALPHA_R + offs_m, mask=row_ok, other=_NEG_INF).to(ACC)
+    alpha_c = tl.load(ALPHA_C + offs_n, mask=col_ok, other=_NEG_INF).to(ACC)
+    w_row = tl.cast(w_row_hi, ACC) + tl.cast(w_row_lo, ACC)
+    w_col = tl.cast(w_col_hi, ACC) + tl.cast(w_col_lo, ACC)
+    cap = tl.cast(cap_hi, ACC) + tl.cast(cap_lo, ACC)
+    if BASE2:  # every exponent in log2 units: e^x = 2^{x log2 e}
+        scale = scale * _LOG2E
+        alpha_r = alpha_r * _LOG2E
+        alpha_c = alpha_c * _LOG2E
+        cap = cap * _LOG2E
+    s = _scores_chunked(
+        X, Y, offs_m, offs_n, M, N, D, stride_x, stride_y, ACC, UPCAST, PRECISION,
+        BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
+    s = tl.where(_valid(offs_m, offs_n, M, N, offset, True), s * scale, _NEG_INF)
+    tl.store(ROW_PART + pid_n * stride_rp + offs_m, _tile_lse(s, 1, BASE2), mask=row_ok)
+    tl.store(COL_PART + pid_m * stride_cp + offs_n, _tile_lse(s, 0, BASE2), mask=col_ok)
+    # weights e^{min(l + alpha, cap)} (NaN propagates so a NaN batch stays visible)
+    er = _exp(tl.minimum(s + alpha_r[:, None], cap, propagate_nan=tl.PropagateNan.ALL), BASE2)
+    ec = _exp(tl.minimum(s + alpha_c[None, :], cap, propagate_nan=tl.PropagateNan.ALL), BASE2)
+    tl.store(ROW_TPART + pid_n * stride_rp + offs_m, tl.sum(er, axis=1), mask=row_ok)
+    tl.store(COL_TPART + pid_m * stride_cp + offs_n, tl.sum(ec, axis=0), mask=col_ok)
+    if GRAD:
+        w = w_row * er + w_col * ec
+        tl.store(
+            W + offs_m[:, None] * stride_w + offs_n[None, :],
+            w.to(W.dtype.element_ty),
+            mask=row_ok[:, None] & col_ok[None, :],
+        )
+
+
+def _tile_config(dtype: torch.dtype) -> dict:
+    """Config of _gamma_onepass_tile_kernel: simlse's large-D tile config, except 16-bit on GPU:
+    128 x 64 tiles, 8 warps. The epilogue (4 exponentials, 4 partial vectors and W) of a
+    128 x 128 tile needs more than 255 registers at 8 warps (sm_90 AOT: 252 registers + 12 B
+    spilled; 16 warps cap at 128 registers and spill 84 B); 128 x 64 compiles to 140 registers,
+    no spills, 72 KiB shared memory. Not measured on GPU."""
+    cfg = _simlse_tile_config(dtype)
+    if not interpreter_on() and dtype in (torch.float16, torch.bfloat16):
+        cfg = dict(cfg, BLOCK_N=64)
+    return cfg
+
+
+def _large_d_fwd(a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offset, grad):
+    """The large-D path of gamma_onepass_fwd (same outputs), chunked over rows of a: R from
+    GAMMACL_TRITON_CHUNK_MIB over W [R, N] plus the four partial buffers."""
+    m, d = a.shape
+    n = b.shape[0]
+    acc = _acc_dtype(a.dtype)
+    dev = a.device
+    cfg = _tile_config(a.dtype)
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    isz = 8 if acc == torch.float64 else 4
+    per_row = (n * a.element_size() if grad else 0) + 2 * isz * (
+        triton.cdiv(n, bn) + triton.cdiv(n, bm)
+    )
+    r = chunk_rows(m, per_row, bm)
+    n_rt, n_ct = triton.cdiv(n, bn), triton.cdiv(r, bm)
+    row_part = torch.empty((n_rt, r), dtype=acc, device=dev)
+    row_tpart = torch.empty((n_rt, r), dtype=acc, device=dev)
+    col_part = torch.empty((n_ct, n), dtype=acc, device=dev)
+    col_tpart = torch.empty((n_ct, n), dtype=acc, device=dev)
+    w = torch.empty((r if grad else 0, n), dtype=a.dtype, device=dev)
+    row_lse = torch.empty(m, dtype=acc, device=dev)
+    row_term = torch.empty(m, dtype=acc, device=dev)
+    col_lse = torch.empty(n, dtype=acc, device=dev)
+    col_c = torch.empty(n, dtype=acc, device=dev)
+    col_term = torch.zeros(n, dtype=acc, device=dev)
+    da = torch.empty(m if grad else 0, d, dtype=acc, device=dev)
+    db = torch.zeros(n if grad else 0, d, dtype=acc, device=dev)
+    (wr_hi, wr_lo), (wc_hi, wc_lo), (c_hi, c_lo) = map(_split_fp32, (w_row, w_col, clamp))
+    for i0 in range(0, m, r):
+        rows = min(r, m - i0)
+        x = a[i0 : i0 + rows]
+        grid = (triton.cdiv(rows, bm) * triton.cdiv(n, bn),)
+        _gamma_onepass_tile_kernel[grid](
+            X=x,
+            Y=b,
+            SCALE=scale,
+            w_row_hi=wr_hi,
+            w_row_lo=wr_lo,
+            w_col_hi=wc_hi,
+            w_col_lo=wc_lo,
+            cap_hi=c_hi,
+            cap_lo=c_lo,
+            ALPHA_R=alpha_row[i0 : i0 + rows],
+            ALPHA_C=alpha_col,
+            ROW_PART=row_part,
+            ROW_TPART=row_tpart,
+            COL_PART=col_part,
+            COL_TPART=col_tpart,
+            W=w if grad else row_part,
+            M=rows,
+            N=n,
+            D=d,
+            stride_x=a.stride(0),
+            stride_y=b.stride(0),
+            stride_rp=row_part.stride(0),
+            stride_cp=col_part.stride(0),
+            stride_w=w.stride(0) if grad else 0,
+            offset=int(offset) + i0,  # excluded (i0 + i, i0 + i + offset) in chunk coordinates
+            GRAD=bool(grad),
+            **_flags(a.dtype),
+            **cfg,
+        )
+        used = triton.cdiv(rows, bm)
+        merge_lse(row_part[:, :rows], row_lse[i0 : i0 + rows])
+        torch.sum(row_tpart[:, :rows], dim=0, out=row_term[i0 : i0 + rows])
+        col_term += col_tpart[:used].sum(dim=0)
+        if i0 == 0:
+            merge_lse(col_part[:used], col_lse)
+        else:
+            merge_lse(col_part[:used], col_c)
+            torch.logaddexp(col_lse, col_c, out=col_lse)
+        if grad:
+            wc = w[:rows]
+            gemm(wc, b, da[i0 : i0 + rows], accumulate=False)  # dA_c = W @ B
+            gemm(wc.t(), x, db, accumulate=i0 > 0)  # dB (+)= W^T @ A_c
+    return row_lse, col_lse, row_term, col_term, da, db
+
+
 def gamma_onepass_fwd(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -401,6 +586,11 @@ def gamma_onepass_fwd(
         da = torch.zeros(m if grad else 0, d, dtype=acc, device=dev)
         db = torch.zeros(n if grad else 0, d, dtype=acc, device=dev)
         return row_lse, col_lse, row_lse.new_zeros(m), col_lse.new_zeros(n), da, db
+    if use_large_d(a.dtype, d) and a.dtype != torch.float16:
+        with _device_guard(dev):
+            return _large_d_fwd(
+                a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offset, grad
+            )
     # atomic-free two-launch path: deterministic mode, or a column-partial buffer too large
     if use_deterministic_path() or not _col_part_fits(m, n, a.dtype):
         row_lse, row_term, da, *_ = _launch(

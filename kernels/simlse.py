@@ -51,6 +51,13 @@ fp32 result back by gmax; bf16 has fp32's exponent range and needs no scaling. f
 input_precision="ieee" (matches an fp32 reference on GPU); TF32 is an opt-in that follows
 PyTorch's own switch, torch.set_float32_matmul_precision("high" or "medium").
 
+Large D (D > 128 for 16-bit inputs, D > 64 for fp32; tiles.use_large_d): the fused kernels above
+would re-read their fp32 output rows per column tile (~18 FLOP/B of L2 traffic at D = 1024), so
+the launchers switch to the GEMM-structured path of the "large-D path" section below: a tiled
+forward with the row / column partial LSE in its epilogue, and a backward per chunk of R rows
+(W tile kernel + two GEMMs, R from GAMMACL_TRITON_CHUNK_MIB, default 256 MiB of W). Extra memory
+O(R*N + N*D); FLOPs 2MND + 6MND, at a GEMM's FLOP/byte (bench/NOTES.md, "Large-D paths").
+
 Configs: one fixed config per (dtype, D range) (_config); GAMMACL_AUTOTUNE=1 (read at import,
 ignored under TRITON_INTERPRET) wraps the kernels in triton.autotune over a small list.
 Under the interpreter (a test harness: ~1-2 ms per program x loop trip) tiles are 64 x 64 and
@@ -60,7 +67,6 @@ bf16 x bf16 products are exact in fp32, so the maths is that of the GPU path.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -68,10 +74,29 @@ import triton
 import triton.language as tl
 
 from gammacl.dispatch import interpreter_on
-
-_LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * log2 e)
-_LN2 = tl.constexpr(0.6931471805599453)  # ln(2):    log(x) = log2(x) * ln 2
-_NEG_INF = tl.constexpr(float("-inf"))
+from gammacl.kernels.tiles import (
+    _LN2,
+    _LOG2E,
+    _NEG_INF,
+    _dot_nn,
+    _dot_nt,
+    _exp,
+    _load_rows,
+    _log,
+    _online_lse,
+    _scores_chunked,
+    _simlse_col_merge_kernel,
+    _tile_ids,
+    _tile_lse,
+    _valid,
+    chunk_rows,
+    gemm,
+    merge_lse,
+    use_large_d,
+)
+from gammacl.kernels.tiles import acc_dtype as _acc_dtype
+from gammacl.kernels.tiles import device_guard as _device_guard
+from gammacl.kernels.tiles import flags as _flags
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Column partials buffer [ceil(M/BLOCK_M), N] allowed up to this size; beyond it the forward
@@ -124,88 +149,6 @@ def _autotune_prune(configs, named_args, **kwargs):
 
 
 _AUTOTUNE_MIN_BLOCK_M = 32  # smallest BLOCK_M in the autotune lists (sizes the partials buffer)
-
-
-# ----------------------------------------------------------------------------------------------
-# shared device helpers
-# ----------------------------------------------------------------------------------------------
-@triton.jit
-def _exp(x, BASE2: tl.constexpr):
-    if BASE2:
-        y = tl.exp2(x)
-    else:
-        y = tl.exp(x)
-    return y
-
-
-@triton.jit
-def _log(x, BASE2: tl.constexpr):
-    if BASE2:
-        y = tl.log2(x)
-    else:
-        y = tl.log(x)
-    return y
-
-
-@triton.jit
-def _load_rows(PTR, offs_r, offs_d, stride, n_rows, D):
-    """[len(offs_r), len(offs_d)] tile of a row-major matrix, zeros outside [n_rows, D]."""
-    mask = (offs_r[:, None] < n_rows) & (offs_d[None, :] < D)
-    return tl.load(PTR + offs_r[:, None] * stride + offs_d[None, :], mask=mask, other=0.0)
-
-
-@triton.jit
-def _dot_nt(x, y, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """acc + x @ y^T (x: [BM, BD], y: [BN, BD])."""
-    if UPCAST:
-        x = x.to(tl.float32)
-        y = y.to(tl.float32)
-    return tl.dot(x, tl.trans(y), acc, input_precision=PRECISION)
-
-
-@triton.jit
-def _dot_nn(w, y, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """acc + w @ y (w: [BM, BN] already in the operand dtype, y: [BN, BD])."""
-    if UPCAST:
-        y = y.to(tl.float32)
-    return tl.dot(w, y, acc, input_precision=PRECISION)
-
-
-@triton.jit
-def _scores_chunked(
-    X,
-    Y,
-    offs_m,
-    offs_n,
-    M,
-    N,
-    D,
-    stride_x,
-    stride_y,
-    ACC: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """S = X[offs_m] @ Y[offs_n]^T with the K loop over D in BLOCK_D chunks (2*BM*BN*D FLOPs)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    s = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for k0 in range(0, D, BLOCK_D):
-        x = _load_rows(X, offs_m, k0 + offs_d, stride_x, M, D)
-        y = _load_rows(Y, offs_n, k0 + offs_d, stride_y, N, D)
-        s = _dot_nt(x, y, s, UPCAST, PRECISION)
-    return s
-
-
-@triton.jit
-def _valid(offs_m, offs_n, M, N, offset, EXCLUDE: tl.constexpr):
-    """In-range entries, minus (i, i + offset) when EXCLUDE."""
-    ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if EXCLUDE:
-        ok = ok & (offs_n[None, :] != offs_m[:, None] + offset)
-    return ok
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,55 +218,15 @@ def _simlse_fwd_kernel(
         s = tl.where(_valid(offs_m, offs_n, M, N, offset, EXCLUDE), s * scale, _NEG_INF)
         # online row LSE: m' = max(m, max_j s), l' = l * exp(m - m') + sum_j exp(s - m');
         # a shift of -inf (nothing valid yet) is replaced by 0 so exp never sees -inf - -inf.
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_shift = tl.where(m_new == _NEG_INF, 0.0, m_new)
-        l_i = l_i * _exp(m_i - m_shift, BASE2) + tl.sum(_exp(s - m_shift[:, None], BASE2), axis=1)
-        m_i = m_new
+        m_i, l_i = _online_lse(m_i, l_i, s, BASE2)
         if COLS:
             # column partial of this row block: LSE_i s_ij = cm_j + log sum_i exp(s_ij - cm_j)
-            cm = tl.max(s, axis=0)
-            cm_shift = tl.where(cm == _NEG_INF, 0.0, cm)
-            cl = tl.sum(_exp(s - cm_shift[None, :], BASE2), axis=0)
-            # sum 0 -> -inf (nothing valid); a NaN sum (NaN logit) stays NaN
-            part = tl.where(cl == 0, _NEG_INF, cm_shift + _log(tl.where(cl == 0, 1.0, cl), BASE2))
-            if BASE2:
-                part = part * _LN2
+            part = _tile_lse(s, 0, BASE2)
             tl.store(COL_PART + pid * stride_part + offs_n, part, mask=offs_n < N)
     row = tl.where(l_i == 0, _NEG_INF, m_i + _log(tl.where(l_i == 0, 1.0, l_i), BASE2))
     if BASE2:
         row = row * _LN2
     tl.store(ROW_LSE + offs_m, row, mask=offs_m < M)
-
-
-@triton.jit
-def _simlse_col_merge_kernel(
-    PART,
-    COL_LSE,
-    R,
-    N,
-    stride_part,
-    ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """COL_LSE[j] = LSE_p PART[p, j] (online over the R row-block partials; -inf stays -inf)."""
-    pid = tl.program_id(0).to(tl.int64)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = offs_n < N
-    m = tl.full((BLOCK_N,), _NEG_INF, dtype=ACC)
-    acc = tl.zeros((BLOCK_N,), dtype=ACC)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
-        mask = (offs_r[:, None] < R) & col_ok[None, :]
-        p = tl.load(
-            PART + offs_r[:, None] * stride_part + offs_n[None, :], mask=mask, other=_NEG_INF
-        )
-        m_new = tl.maximum(m, tl.max(p, axis=0))
-        m_shift = tl.where(m_new == _NEG_INF, 0.0, m_new)
-        acc = acc * tl.exp(m - m_shift) + tl.sum(tl.exp(p - m_shift[None, :]), axis=0)
-        m = m_new
-    out = tl.where(acc == 0, _NEG_INF, m + tl.log(tl.where(acc == 0, 1.0, acc)))
-    tl.store(COL_LSE + offs_n, out, mask=col_ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,6 +347,136 @@ def _simlse_bwd_kernel(
         tl.store(o_ptr, acc, mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
+# ----------------------------------------------------------------------------------------------
+# large-D path (GEMM structure): D > 128 for 16-bit inputs, D > 64 for fp32 (tiles.use_large_d)
+# ----------------------------------------------------------------------------------------------
+# A fused row block cannot hold a 1024-wide operand or output in registers, so for large D the
+# work is split into GEMM-shaped kernels, each at a GEMM's FLOP/byte:
+#   forward  `_simlse_fwd_tile_kernel`: one [BM, BN] tile of S per program, the full-D K loop
+#            pipelined (num_stages), the row partial LSE of the tile (over its BN columns) and the
+#            column partial LSE (over its BM rows) in the epilogue, stored to
+#            ROW_PART[pid_n, i] and COL_PART[pid_m, j]; `_simlse_col_merge_kernel` then
+#            LSE-merges both buffers (row partials give the row LSE, column partials the column
+#            LSE, merged across row chunks by logaddexp).  2*BM*BN*D FLOPs per tile; L2 bytes
+#            (BM + BN)*D*size; partial stores (BM + BN)*4.
+#   backward per chunk of R rows: `_simlse_bwd_w_kernel` recomputes one S tile per program and
+#            writes W = g_r*P_row + g_c*P_col (0 on excluded entries) in the operand dtype to a
+#            [R, N] buffer; then dA_c = W @ B and dB += W^T @ A_c (tiles._gemm_kernel, fp32
+#            output, dB accumulated in the GEMM epilogue).  2RND + 4RND FLOPs per chunk; W is
+#            written once and read twice (3*R*N*size bytes).
+# fp16: W scaled by 1/gmax (power of two, on the device) as in the fused backward.
+@triton.jit(do_not_specialize=["offset"])
+def _simlse_fwd_tile_kernel(
+    X,
+    Y,
+    SCALE,
+    ROW_PART,
+    COL_PART,
+    M,
+    N,
+    D,
+    stride_x,
+    stride_y,
+    stride_rp,
+    stride_cp,
+    offset,
+    EXCLUDE: tl.constexpr,
+    COLS: tl.constexpr,
+    ACC: tl.constexpr,
+    BASE2: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """ROW_PART[pid_n, i] = LSE_{j in tile} l_ij; with COLS, COL_PART[pid_m, j] = LSE_{i in
+    tile} l_ij, for the program's [BLOCK_M, BLOCK_N] tile of l = scale * X @ Y^T."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    scale = tl.load(SCALE).to(ACC)
+    if BASE2:
+        scale = scale * _LOG2E
+    s = _scores_chunked(
+        X, Y, offs_m, offs_n, M, N, D, stride_x, stride_y, ACC, UPCAST, PRECISION,
+        BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
+    s = tl.where(_valid(offs_m, offs_n, M, N, offset, EXCLUDE), s * scale, _NEG_INF)
+    tl.store(ROW_PART + pid_n * stride_rp + offs_m, _tile_lse(s, 1, BASE2), mask=offs_m < M)
+    if COLS:
+        tl.store(COL_PART + pid_m * stride_cp + offs_n, _tile_lse(s, 0, BASE2), mask=offs_n < N)
+
+
+@triton.jit(do_not_specialize=["offset"])
+def _simlse_bwd_w_kernel(
+    X,
+    Y,
+    SCALE,
+    LSE_X,
+    LSE_Y,
+    G_X,
+    G_Y,
+    G_INV,
+    W,
+    M,
+    N,
+    D,
+    stride_x,
+    stride_y,
+    stride_w,
+    offset,
+    EXCLUDE: tl.constexpr,
+    HAS_Y: tl.constexpr,
+    G_NORM: tl.constexpr,
+    ACC: tl.constexpr,
+    BASE2: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """W[i, j] = G_X[i] exp(l_ij - LSE_X[i]) + [HAS_Y] G_Y[j] exp(l_ij - LSE_Y[j]) (times G_INV
+    with G_NORM), 0 on excluded entries, stored in W's dtype for one [BLOCK_M, BLOCK_N] tile."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = offs_m < M
+    col_ok = offs_n < N
+    scale = tl.load(SCALE).to(ACC)
+    if BASE2:
+        scale = scale * _LOG2E
+    s = _scores_chunked(
+        X, Y, offs_m, offs_n, M, N, D, stride_x, stride_y, ACC, UPCAST, PRECISION,
+        BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
+    # -inf on excluded / out-of-range entries makes their softmax weights exactly 0
+    s = tl.where(_valid(offs_m, offs_n, M, N, offset, EXCLUDE), s * scale, _NEG_INF)
+    lse_x = tl.load(LSE_X + offs_m, mask=row_ok, other=0.0)
+    lse_x = tl.where(lse_x == _NEG_INF, 0.0, lse_x)  # all-excluded row: all W_ij masked
+    if BASE2:
+        lse_x = lse_x * _LOG2E
+    g_x = tl.load(G_X + offs_m, mask=row_ok, other=0.0)
+    w = g_x[:, None] * _exp(s - lse_x[:, None], BASE2)
+    if HAS_Y:
+        lse_y = tl.load(LSE_Y + offs_n, mask=col_ok, other=0.0)
+        lse_y = tl.where(lse_y == _NEG_INF, 0.0, lse_y)
+        if BASE2:
+            lse_y = lse_y * _LOG2E
+        g_y = tl.load(G_Y + offs_n, mask=col_ok, other=0.0)
+        w += g_y[None, :] * _exp(s - lse_y[None, :], BASE2)
+    if G_NORM:
+        w = w * tl.load(G_INV).to(ACC)
+    tl.store(
+        W + offs_m[:, None] * stride_w + offs_n[None, :],
+        w.to(W.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
+
+
 if _AUTOTUNE:
     _simlse_fwd_kernel = triton.autotune(
         configs=_autotune_configs("fwd"),
@@ -461,10 +494,6 @@ if _AUTOTUNE:
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _config(kind: str, dtype: torch.dtype, d: int) -> dict:
     """The fixed launch config for kernel `kind` ("fwd" or "bwd"), input dtype and D.
 
@@ -485,28 +514,6 @@ def _config(kind: str, dtype: torch.dtype, d: int) -> dict:
         bm, bn, warps, stages = 32, 32, 4, 1
         bd = p2 if d <= 32 else 16
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages)
-
-
-def _flags(dtype: torch.dtype) -> dict:
-    acc = _acc_dtype(dtype)
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        precision = "tf32"  # opt-in, PyTorch's own switch
-    elif dtype in (torch.float16, torch.bfloat16):
-        precision = "tf32"  # ignored for 16-bit operands (the backend default)
-    else:
-        precision = "ieee"
-    return dict(
-        ACC=tl.float64 if acc == torch.float64 else tl.float32,
-        BASE2=acc == torch.float32,
-        UPCAST=dtype == torch.bfloat16 and interpreter_on(),
-        PRECISION=precision,
-    )
-
-
-def _device_guard(device: torch.device):
-    if device.type == "cuda":
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
 
 
 def _check_features(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> None:
@@ -608,6 +615,9 @@ def simlse_fwd(
     if m == 0 or n == 0:  # LSE over an empty set
         return row.fill_(float("-inf")), col.fill_(float("-inf"))
     with _device_guard(dev):
+        if use_large_d(a.dtype, a.shape[1]):
+            _large_d_fwd(a, b, scale, offset, exclude_pos, cols, row, col)
+            return row, col
         if not cols:
             _row_lse(a, b, scale, offset, exclude_pos, row)
             return row, col
@@ -679,6 +689,15 @@ def simlse_bwd(
         gmax = torch.exp2(torch.ceil(torch.log2(torch.where(gmax > 0, gmax, 1.0))))
         g_inv = 1.0 / gmax
     with _device_guard(dev):
+        if use_large_d(a.dtype, d):
+            _large_d_bwd(
+                a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols,
+                g_inv if g_norm else None, da, db,
+            )  # fmt: skip
+            if g_norm:
+                da.mul_(gmax)
+                db.mul_(gmax)
+            return da, db
         # da_raw = W @ b over row blocks of a; db_raw = W^T @ a over row blocks of b, where W^T
         # has the same form with (r, g_r) <-> (c, g_c) and offset -> -offset.
         for x, y, lse_x, lse_y, g_x, g_y, off, has_x, has_y, out in (
@@ -716,3 +735,108 @@ def simlse_bwd(
         da.mul_(gmax)
         db.mul_(gmax)
     return da, db
+
+
+# ----------------------------------------------------------------------------------------------
+# large-D launchers
+# ----------------------------------------------------------------------------------------------
+def _tile_config(dtype: torch.dtype) -> dict:
+    """Fixed config of the large-D tile kernels (GPU choices not measured). 16-bit: 128 x 128
+    output tiles, K loop of 64 over D, 3 stages = (128 + 128)*64*2 B*3 = 96 KiB shared memory
+    (two CTAs per SM on H100: one's exp epilogue overlaps the other's wgmma main loop), 8
+    warps. fp32 (ieee): 64 x 64 x 32. Interpreter: 32 x 32 x 64 (several tiles and K trips)."""
+    if interpreter_on():
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, num_warps=4, num_stages=1)
+    if dtype in (torch.float16, torch.bfloat16):
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+
+
+def _large_d_fwd(a, b, scale, offset, exclude_pos, cols, row, col) -> None:
+    """Row chunks of R rows: one tile-kernel launch per chunk, row partials [ceil(N/BN), R]
+    merged into row[i0:i0+R], column partials [ceil(R/BM), N] merged and logaddexp'd into col.
+    R from GAMMACL_TRITON_CHUNK_MIB over the two partial buffers (R*N*4*(1/BN + 1/BM) bytes)."""
+    m, d = a.shape
+    n = b.shape[0]
+    cfg = _tile_config(a.dtype)
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    acc = row.dtype
+    isz = row.element_size()
+    per_row = isz * (triton.cdiv(n, bn) + (triton.cdiv(n, bm) if cols else 0))
+    r = chunk_rows(m, per_row, bm)
+    row_part = torch.empty((triton.cdiv(n, bn), r), dtype=acc, device=a.device)
+    col_part = torch.empty((triton.cdiv(r, bm), n) if cols else (0, 0), dtype=acc, device=a.device)
+    col_c = torch.empty(n if cols else 0, dtype=acc, device=a.device)
+    for i0 in range(0, m, r):
+        rows = min(r, m - i0)
+        x = a[i0 : i0 + rows]
+        grid = (triton.cdiv(rows, bm) * triton.cdiv(n, bn),)
+        _simlse_fwd_tile_kernel[grid](
+            X=x,
+            Y=b,
+            SCALE=scale,
+            ROW_PART=row_part,
+            COL_PART=col_part if cols else row_part,
+            M=rows,
+            N=n,
+            D=d,
+            stride_x=a.stride(0),
+            stride_y=b.stride(0),
+            stride_rp=row_part.stride(0),
+            stride_cp=col_part.stride(0) if cols else 0,
+            offset=offset + i0,  # excluded (i0 + i, i0 + i + offset) in chunk coordinates
+            EXCLUDE=exclude_pos,
+            COLS=cols,
+            **_flags(a.dtype),
+            **cfg,
+        )
+        merge_lse(row_part[:, :rows], row[i0 : i0 + rows])
+        if cols:
+            tiles_used = triton.cdiv(rows, bm)
+            if i0 == 0:
+                merge_lse(col_part[:tiles_used], col)
+            else:
+                merge_lse(col_part[:tiles_used], col_c)
+                torch.logaddexp(col, col_c, out=col)
+
+
+def _large_d_bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols, g_inv,
+                 da, db) -> None:  # fmt: skip
+    """Per chunk of R rows: W [R, N] (operand dtype) by _simlse_bwd_w_kernel, then
+    da[chunk] = W @ b and db (+)= W^T @ a[chunk]. R from GAMMACL_TRITON_CHUNK_MIB over W."""
+    m, d = a.shape
+    n = b.shape[0]
+    cfg = _tile_config(a.dtype)
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    r = chunk_rows(m, n * a.element_size(), bm)
+    w = torch.empty((r, n), dtype=a.dtype, device=a.device)
+    for i0 in range(0, m, r):
+        rows = min(r, m - i0)
+        x = a[i0 : i0 + rows]
+        grid = (triton.cdiv(rows, bm) * triton.cdiv(n, bn),)
+        _simlse_bwd_w_kernel[grid](
+            X=x,
+            Y=b,
+            SCALE=scale,
+            LSE_X=row_lse[i0 : i0 + rows],
+            LSE_Y=col_lse if cols else row_lse,
+            G_X=g_row[i0 : i0 + rows],
+            G_Y=g_col if cols else g_row,
+            G_INV=g_inv if g_inv is not None else scale,
+            W=w,
+            M=rows,
+            N=n,
+            D=d,
+            stride_x=a.stride(0),
+            stride_y=b.stride(0),
+            stride_w=w.stride(0),
+            offset=offset + i0,
+            EXCLUDE=exclude_pos,
+            HAS_Y=cols,
+            G_NORM=g_inv is not None,
+            **_flags(a.dtype),
+            **cfg,
+        )
+        wc = w[:rows]
+        gemm(wc, b, da[i0 : i0 + rows], accumulate=False)  # dA_c = W @ B
+        gemm(wc.t(), x, db, accumulate=i0 > 0)  # dB (+)= W^T @ A_c

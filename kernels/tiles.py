@@ -1,0 +1,350 @@
+"""Shared Triton tile helpers of every gammacl kernel (kernels/simlse.py, kernels/gamma_onepass.py):
+base-2 exp / log, masked tile loads, tl.dot wrappers, the S = X @ Y^T K loop, the validity
+mask, the online / per-tile LSE blocks, the grouped tile order, the LSE-partial merge kernel,
+a tiled GEMM with fp32 (fp64) output for the large-D paths, and the launch flags.
+
+Maths of the LSE blocks (log2 units when BASE2: l * log2(e), exp2 / log2; natural otherwise):
+    online row LSE   m' = max(m, max_j s_ij),  l' = l * e^{m - m'} + sum_j e^{s_ij - m'}
+    tile LSE         LSE_k s = mx + log sum_k e^{s_k - mx}     (mx = max_k s_k)
+A shift of -inf (nothing valid yet) is replaced by 0 so exp never sees -inf - -inf; an empty
+sum gives -inf, a NaN sum stays NaN.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from gammacl.dispatch import interpreter_on
+
+_LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * log2 e)
+_LN2 = tl.constexpr(0.6931471805599453)  # ln(2):    log(x) = log2(x) * ln 2
+_NEG_INF = tl.constexpr(float("-inf"))
+
+
+# ----------------------------------------------------------------------------------------------
+# elementwise, loads, products
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _exp(x, BASE2: tl.constexpr):
+    if BASE2:
+        y = tl.exp2(x)
+    else:
+        y = tl.exp(x)
+    return y
+
+
+@triton.jit
+def _log(x, BASE2: tl.constexpr):
+    if BASE2:
+        y = tl.log2(x)
+    else:
+        y = tl.log(x)
+    return y
+
+
+@triton.jit
+def _load_rows(PTR, offs_r, offs_d, stride, n_rows, D):
+    """[len(offs_r), len(offs_d)] tile of a row-major matrix, zeros outside [n_rows, D]."""
+    mask = (offs_r[:, None] < n_rows) & (offs_d[None, :] < D)
+    return tl.load(PTR + offs_r[:, None] * stride + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _dot_nt(x, y, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + x @ y^T (x: [BM, BD], y: [BN, BD])."""
+    if UPCAST:
+        x = x.to(tl.float32)
+        y = y.to(tl.float32)
+    return tl.dot(x, tl.trans(y), acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _dot_nn(w, y, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + w @ y (w: [BM, BN] already in the operand dtype, y: [BN, BD])."""
+    if UPCAST:
+        y = y.to(tl.float32)
+    return tl.dot(w, y, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _scores_chunked(
+    X,
+    Y,
+    offs_m,
+    offs_n,
+    M,
+    N,
+    D,
+    stride_x,
+    stride_y,
+    ACC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """S = X[offs_m] @ Y[offs_n]^T with the K loop over D in BLOCK_D chunks (2*BM*BN*D FLOPs)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    s = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for k0 in range(0, D, BLOCK_D):
+        x = _load_rows(X, offs_m, k0 + offs_d, stride_x, M, D)
+        y = _load_rows(Y, offs_n, k0 + offs_d, stride_y, N, D)
+        s = _dot_nt(x, y, s, UPCAST, PRECISION)
+    return s
+
+
+@triton.jit
+def _valid(offs_m, offs_n, M, N, offset, EXCLUDE: tl.constexpr):
+    """In-range entries, minus (i, i + offset) when EXCLUDE."""
+    ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if EXCLUDE:
+        ok = ok & (offs_n[None, :] != offs_m[:, None] + offset)
+    return ok
+
+
+# ----------------------------------------------------------------------------------------------
+# LSE blocks
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _online_lse(m_i, l_i, s, BASE2: tl.constexpr):
+    """One column tile s [BM, BN] folded into the running row LSE (m_i, l_i); returns (m', l')."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_shift = tl.where(m_new == _NEG_INF, 0.0, m_new)
+    l_new = l_i * _exp(m_i - m_shift, BASE2) + tl.sum(_exp(s - m_shift[:, None], BASE2), axis=1)
+    return m_new, l_new
+
+
+@triton.jit
+def _tile_lse(s, AXIS: tl.constexpr, BASE2: tl.constexpr):
+    """LSE of tile s along AXIS (0: per column, 1: per row), in natural-log units."""
+    mx = tl.max(s, axis=AXIS)
+    sh = tl.where(mx == _NEG_INF, 0.0, mx)
+    if AXIS == 0:
+        tot = tl.sum(_exp(s - sh[None, :], BASE2), axis=0)
+    else:
+        tot = tl.sum(_exp(s - sh[:, None], BASE2), axis=1)
+    # sum 0 -> -inf (nothing valid); a NaN sum (NaN logit) stays NaN
+    part = tl.where(tot == 0, _NEG_INF, sh + _log(tl.where(tot == 0, 1.0, tot), BASE2))
+    if BASE2:
+        part = part * _LN2
+    return part
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of a 1-D launch in grouped order: GROUP_M row tiles sweep the column tiles
+    together, so the operand tiles of consecutive programs are shared in L2."""
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(M, BLOCK_M)
+    n_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * n_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    return pid_m.to(tl.int64), pid_n.to(tl.int64)
+
+
+@triton.jit
+def _simlse_col_merge_kernel(
+    PART,
+    COL_LSE,
+    R,
+    N,
+    stride_part,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """COL_LSE[j] = LSE_p PART[p, j] (online over the R row-block partials; -inf stays -inf)."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < N
+    m = tl.full((BLOCK_N,), _NEG_INF, dtype=ACC)
+    acc = tl.zeros((BLOCK_N,), dtype=ACC)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+        mask = (offs_r[:, None] < R) & col_ok[None, :]
+        p = tl.load(
+            PART + offs_r[:, None] * stride_part + offs_n[None, :], mask=mask, other=_NEG_INF
+        )
+        m_new = tl.maximum(m, tl.max(p, axis=0))
+        m_shift = tl.where(m_new == _NEG_INF, 0.0, m_new)
+        acc = acc * tl.exp(m - m_shift) + tl.sum(tl.exp(p - m_shift[None, :]), axis=0)
+        m = m_new
+    out = tl.where(acc == 0, _NEG_INF, m + tl.log(tl.where(acc == 0, 1.0, acc)))
+    tl.store(COL_LSE + offs_n, out, mask=col_ok)
+
+
+def merge_lse(part: torch.Tensor, out: torch.Tensor) -> None:
+    """out[j] = LSE_p part[p, j] (the merge kernel over the rows of a [P, n] partials buffer)."""
+    n = part.shape[1]
+    block_r, block_n = (32, 64) if interpreter_on() else (16, 256)
+    _simlse_col_merge_kernel[(triton.cdiv(n, block_n),)](
+        PART=part,
+        COL_LSE=out,
+        R=part.shape[0],
+        N=n,
+        stride_part=part.stride(0),
+        ACC=tl.float64 if part.dtype == torch.float64 else tl.float32,
+        BLOCK_R=block_r,
+        BLOCK_N=block_n,
+        num_warps=4,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# GEMM with an accumulation-dtype output (large-D backward: dA = W @ B, dB += W^T @ A)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _gemm_kernel(
+    A,
+    B,
+    C,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    stride_cm,
+    ACCUM: tl.constexpr,
+    ACC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """C[M, N] (+= when ACCUM) A[M, K] @ B[K, N]; operands in the input dtype, accumulation and
+    C in ACC (tensor cores for 16-bit operands). 2*BM*BN*K FLOPs per tile; bytes per tile
+    (BM + BN)*K*size from L2 plus BM*BN*4 (x2 with ACCUM) for C: with ACCUM the C round trip
+    is 2*K FLOPs per 8 B, K/4 FLOP/B."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < K
+        a = tl.load(
+            A + offs_m[:, None] * stride_am + kk[None, :] * stride_ak,
+            mask=m_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            B + kk[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+            mask=k_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
+    c_ptr = C + offs_m[:, None] * stride_cm + offs_n[None, :]
+    c_mask = m_ok[:, None] & n_ok[None, :]
+    if ACCUM:
+        acc += tl.load(c_ptr, mask=c_mask, other=0.0)
+    tl.store(c_ptr, acc, mask=c_mask)
+
+
+def gemm_config(dtype: torch.dtype) -> dict:
+    """Fixed config of _gemm_kernel (GPU choices not measured). 16-bit: 128 x 128 x 64 tiles, 4
+    stages = (128*64 + 64*128)*2 B*4 = 128 KiB shared memory, 8 warps (wgmma on sm_90)."""
+    if interpreter_on():  # few programs (the interpreter costs per program x K trip)
+        return dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
+    if dtype in (torch.float16, torch.bfloat16):
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+
+
+def gemm(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
+    """out (+)= x @ y for 2-D views with any strides (out: unit column stride), out in the
+    accumulation dtype, x and y in the operand dtype."""
+    m, k = x.shape
+    n = y.shape[1]
+    cfg = gemm_config(x.dtype)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    _gemm_kernel[grid](
+        A=x,
+        B=y,
+        C=out,
+        M=m,
+        N=n,
+        K=k,
+        stride_am=x.stride(0),
+        stride_ak=x.stride(1),
+        stride_bk=y.stride(0),
+        stride_bn=y.stride(1),
+        stride_cm=out.stride(0),
+        ACCUM=accumulate,
+        ACC=flags(x.dtype)["ACC"],
+        UPCAST=flags(x.dtype)["UPCAST"],
+        PRECISION=flags(x.dtype)["PRECISION"],
+        **cfg,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# launch helpers
+# ----------------------------------------------------------------------------------------------
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def flags(dtype: torch.dtype) -> dict:
+    """ACC / BASE2 / UPCAST / PRECISION constexprs for inputs of `dtype`."""
+    acc = acc_dtype(dtype)
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        precision = "tf32"  # opt-in, PyTorch's own switch
+    elif dtype in (torch.float16, torch.bfloat16):
+        precision = "tf32"  # ignored for 16-bit operands (the backend default)
+    else:
+        precision = "ieee"
+    return dict(
+        ACC=tl.float64 if acc == torch.float64 else tl.float32,
+        BASE2=acc == torch.float32,
+        UPCAST=dtype == torch.bfloat16 and interpreter_on(),
+        PRECISION=precision,
+    )
+
+
+def device_guard(device: torch.device):
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------
+# large-D path: choice and chunk budget
+# ----------------------------------------------------------------------------------------------
+TRITON_CHUNK_MIB = 256.0  # default of GAMMACL_TRITON_CHUNK_MIB
+
+
+def use_large_d(dtype: torch.dtype, d: int) -> bool:
+    """The GEMM-structured path for D above what a fused row block holds in registers: D > 128
+    for 16-bit inputs, D > 64 for fp32; fp64 always takes the fused path."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return d > 128
+    return dtype == torch.float32 and d > 64
+
+
+def chunk_rows(m: int, bytes_per_row: int, multiple: int) -> int:
+    """Rows per chunk: the largest multiple of `multiple` whose buffers (bytes_per_row each) fit
+    GAMMACL_TRITON_CHUNK_MIB (default 256 MiB), at least `multiple`, at most m."""
+
+    mib = float(os.environ.get("GAMMACL_TRITON_CHUNK_MIB", TRITON_CHUNK_MIB))
+    rows = int(mib * 2**20) // max(1, bytes_per_row)
+    rows = max(multiple, rows // multiple * multiple)
+    return max(1, min(m, rows))
