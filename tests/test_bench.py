@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from gammacl import bench
-from gammacl.measure import cli, inputs, peers, plots, registry, timing
+from gammacl.measure import cli, inputs, peers, plots, registry, select, timing
 from gammacl.measure.flops import flops_two_pass
 from gammacl.measure.registry import Impl
 
@@ -155,7 +155,7 @@ def test_error_rows_never_crash(tmp_path, monkeypatch):
             Impl("brokenB", "clip", "torch", broken_mode, flops_two_pass),
         ] + orig(*args, **kw)
 
-    monkeypatch.setattr(peers, "peer_impls", fake_peers)
+    monkeypatch.setattr(select, "peer_impls", fake_peers)
     rc, js, _ = _run(tmp_path, "--n", "64", *FAST, "--loss", "clip", "--impl", "naive")
     assert rc == 0
     st = {(r["impl"], r["mode"]): (r["status"], r["error"]) for r in js["rows"]}
@@ -172,7 +172,7 @@ def test_check_mismatch_is_loud_and_fails(tmp_path, monkeypatch, capsys):
 
     orig = peers.peer_impls
     monkeypatch.setattr(
-        peers,
+        select,
         "peer_impls",
         lambda *a, **k: (
             orig(*a, **k)
@@ -396,7 +396,7 @@ def test_quick_runs_gamma_on_every_cpu_backend():
 def test_row_wise_losses_are_not_drawn_against_the_gemm_floor(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib", reason="plots need the optional 'plot' extra")
     pytest.importorskip("gammacl.modality")
-    impls, _ = registry.select_impls(
+    impls, _ = select.select_impls(
         types.SimpleNamespace(impl="gammacl", loss="all", backend="torch"),
         torch.device("cpu"),
         for_profile=False,

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from gammacl.measure import cli, inputs, memory, meta, nvml, plots, registry, timing
+from gammacl.measure import cli, inputs, memory, meta, nvml, plots, registry, select, timing
 from gammacl.measure.registry import Impl
 
 COLUMNS = (
@@ -340,7 +340,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
     bad = [m for m in modes if m not in cli.MODES]
     if bad:
         raise SystemExit(f"unknown mode(s) {bad}; choose from {','.join(cli.MODES)}")
-    impls, notes = registry.select_impls(args, device, for_profile=False)
+    impls, notes = select.select_impls(args, device, for_profile=False)
     if args.quick:
         impls = _quick_filter(impls, notes)
     if not impls:

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from gammacl.measure import cli, inputs, memory, meta, plots, registry, timing
+from gammacl.measure import cli, inputs, memory, meta, plots, select, timing
 from gammacl.measure.nvml import NvmlView, open_nvml
 from gammacl.measure.registry import Impl
 
@@ -390,7 +390,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
             "gammacl.profile: --snapshot needs a CUDA device (torch.cuda.memory "
             "_record_memory_history); no snapshot written."
         )
-    impls, notes = registry.select_impls(args, device, for_profile=True)
+    impls, notes = select.select_impls(args, device, for_profile=True)
     if not impls:
         raise SystemExit("nothing to run (check --impl / --loss / --backend)")
     for note in notes:

@@ -10,7 +10,6 @@ discovered by name (their costs are in flops.MODALITY_COST).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib
 import importlib.util
@@ -20,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from gammacl.measure import flops as fl
-from gammacl.measure.cli import IMPL_NAMES, OUR_BACKENDS, csv_list
+from gammacl.measure.cli import OUR_BACKENDS, csv_list
 from gammacl.measure.inputs import Features, Step, leaves
 
 Builder = Callable[[Features], Step]
@@ -293,44 +292,3 @@ def available_backends(device: torch.device, requested: str, notes: list[str]) -
             continue
         out.append(be)
     return out
-
-
-def select_impls(
-    args: argparse.Namespace,
-    device: torch.device,
-    *,
-    for_profile: bool,
-    default_losses: Sequence[str] | None = None,
-) -> tuple[list[Impl], list[str]]:
-    """The impls a run covers, from --loss / --backend / --impl, plus human-readable notes on
-    what was left out and why."""
-    from gammacl.measure.peers import peer_impls
-
-    notes: list[str] = []
-    requested = set(csv_list(args.impl))
-    unknown = requested - set(IMPL_NAMES) - {"all"}
-    if unknown:
-        raise SystemExit(
-            f"--impl: unknown {sorted(unknown)}; choose from {','.join(IMPL_NAMES)} or all"
-        )
-    losses = set(csv_list(args.loss))
-    impls: list[Impl] = []
-    if "all" in requested or "gammacl" in requested:
-        backends = available_backends(device, args.backend, notes)
-        impls += our_impls(backends, notes)
-    impls += peer_impls(device, requested, notes, for_profile=for_profile)
-    if "all" not in losses:
-        known = set(our_loss_names()) | {"siglip", "floor"}
-        bad = losses - known
-        if bad:
-            raise SystemExit(f"--loss: unknown {sorted(bad)}; available: {','.join(sorted(known))}")
-        # the GEMM floor goes with every loss; siglip-kernel (a different loss) with clip
-        impls = [
-            i
-            for i in impls
-            if i.loss in losses or i.loss == "floor" or (i.loss == "siglip" and "clip" in losses)
-        ]
-    elif default_losses is not None:
-        impls = [i for i in impls if i.loss in default_losses]
-    kept = [i for i in impls if device.type in i.devices]
-    return kept, notes

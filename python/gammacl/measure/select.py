@@ -1,0 +1,52 @@
+"""Which implementations a bench / profile run covers: gammacl's losses on the requested backends
+(gammacl.measure.registry) and the installed peers (gammacl.measure.peers)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+import torch
+
+from gammacl.measure.cli import IMPL_NAMES, csv_list
+from gammacl.measure.peers import peer_impls
+from gammacl.measure.registry import Impl, available_backends, our_impls, our_loss_names
+
+
+def select_impls(
+    args: argparse.Namespace,
+    device: torch.device,
+    *,
+    for_profile: bool,
+    default_losses: Sequence[str] | None = None,
+) -> tuple[list[Impl], list[str]]:
+    """The impls a run covers, from --loss / --backend / --impl, plus human-readable notes on
+    what was left out and why."""
+    notes: list[str] = []
+    requested = set(csv_list(args.impl))
+    unknown = requested - set(IMPL_NAMES) - {"all"}
+    if unknown:
+        raise SystemExit(
+            f"--impl: unknown {sorted(unknown)}; choose from {','.join(IMPL_NAMES)} or all"
+        )
+    losses = set(csv_list(args.loss))
+    impls: list[Impl] = []
+    if "all" in requested or "gammacl" in requested:
+        backends = available_backends(device, args.backend, notes)
+        impls += our_impls(backends, notes)
+    impls += peer_impls(device, requested, notes, for_profile=for_profile)
+    if "all" not in losses:
+        known = set(our_loss_names()) | {"siglip", "floor"}
+        bad = losses - known
+        if bad:
+            raise SystemExit(f"--loss: unknown {sorted(bad)}; available: {','.join(sorted(known))}")
+        # the GEMM floor goes with every loss; siglip-kernel (a different loss) with clip
+        impls = [
+            i
+            for i in impls
+            if i.loss in losses or i.loss == "floor" or (i.loss == "siglip" and "clip" in losses)
+        ]
+    elif default_losses is not None:
+        impls = [i for i in impls if i.loss in default_losses]
+    kept = [i for i in impls if device.type in i.devices]
+    return kept, notes
