@@ -1,7 +1,7 @@
 """Small-batch contrastive retrieval on real data: minibatch InfoNCE vs SogCLR vs the gamma loss
 vs full-batch InfoNCE (issue 16), and Paper B's regularisers on top of InfoNCE.
 
-    python -m gammacl.experiments.retrieval [--quick] [--out DIR] [--seeds 5] [--epochs 40]
+    python -m gammacl.experiments.retrieval [--quick] [--out DIR] [--seeds 5] [--epochs 2]
     python -m gammacl.experiments.retrieval --sweep [--out DIR]     # ema x shape at batch 8
     python -m gammacl.experiments.retrieval --onepass [--out DIR]   # why update="after" lags
 
@@ -638,8 +638,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sweep", action="store_true", help="ema x shape sweep at the smallest batch")
     p.add_argument("--onepass", action="store_true", help="update='after' diagnosis")
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--eval-every", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--eval-every", type=int, default=1)
     p.add_argument("--batches", type=int, nargs="+", default=[8, 16, 32, 64])
     p.add_argument(
         "--scales", nargs="+", default=["learnable", "fixed"], choices=["learnable", "fixed"]
@@ -651,7 +651,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ema-gamma", type=float, default=None, help="default: the library's")
     p.add_argument("--emas", type=float, nargs="+", default=[0.02, 0.1, 0.5, 0.9])
     p.add_argument("--shapes", type=float, nargs="+", default=[1.0, 10.0])
-    p.add_argument("--paper-b-batch", type=int, default=16)
+    p.add_argument("--paper-b-batch", type=int, default=32)
     p.add_argument("--backend", default="torch")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
