@@ -408,7 +408,7 @@ class GammaClipLoss(_GeneratorAttr, nn.Module):
         update: "before" (update, then use; bounded weights; two passes) or "after" (use the
             stored rate, then update; one fused pass, exponents capped at `clamp`). "after"
             trained far worse on real data at batch 8-64 (docs/experiments.md: the stored rate
-            is one epoch stale while Z moves by e^3 per epoch early in training; the weights
+            is one epoch stale while Z falls by ~e^3 in the first epoch; the weights
             collapse, then spike); do not use it at small batch early in training, or pass
             clamp = log(1 / ema) (measured to recover most of the gap at batch 8).
         generator: torch.Generator for the draws (reproducible runs); its state is saved in
