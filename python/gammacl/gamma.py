@@ -416,9 +416,17 @@ class GammaClipLoss(_GeneratorAttr, nn.Module):
         shape: Gamma shape a > 0 (a = 1: Exponential). Draws are normalised to mean 1.
         rate: "ema" (per-sample moving average, default), "batch" (no state) or "fixed"
             (set_log_rates).
-        ema: weight of the new batch estimate in the moving average, 0 < ema <= 1.
+        ema: weight of the new batch estimate in the moving average, 0 < ema <= 1. Default 0.5
+            (docs/experiments.md: on real data at batch 8 a small ema (0.02, 0.1) trains worse than
+            minibatch InfoNCE because the rate is stale; 0.5 reached a lower global loss than
+            InfoNCE and than 0.1, and keeps part of the bias correction of the synthetic toy,
+            where 0.9 keeps none).
         update: "before" (update, then use; bounded weights; two passes) or "after" (use the
-            stored rate, then update; one fused pass, exponents capped at `clamp`).
+            stored rate, then update; one fused pass, exponents capped at `clamp`). "after"
+            trained far worse on real data at batch 8-64 (docs/experiments.md: the stored rate
+            is one epoch stale while Z falls by ~e^3 in the first epoch; the weights
+            collapse, then spike); do not use it at small batch early in training, or pass
+            clamp = log(1 / ema) (measured to recover most of the gap at batch 8).
         generator: torch.Generator for the draws (reproducible runs); its state is saved in
             state_dict() so a checkpoint resumes the same draws.
         backend: "auto", "torch", "cpp", "triton", "cuda" or "reference".
@@ -441,7 +449,7 @@ class GammaClipLoss(_GeneratorAttr, nn.Module):
         *,
         shape: float = 1.0,
         rate: str = "ema",
-        ema: float = 0.1,
+        ema: float = 0.5,
         update: str = "before",
         generator: torch.Generator | None = None,
         backend: str = "auto",
@@ -624,7 +632,8 @@ class SogCLRLoss(GammaClipLoss):
     SogCLR's own code multiplies the loss by the temperature tau = 1/logit_scale (a learning
     rate rescaling) and, in some versions, sums rather than averages the two directions; this
     class follows G exactly. update="before" (default) is SogCLR's order; update="after" runs the
-    fused one-pass path (GammaClipLoss). Everything else (state_dict, update_state, index
+    fused one-pass path (GammaClipLoss; see its `update` note). Default ema = 0.5, as
+    GammaClipLoss (docs/experiments.md). Everything else (state_dict, update_state, index
     checks, the non-finite guard) is GammaClipLoss's.
     """
 
@@ -632,7 +641,7 @@ class SogCLRLoss(GammaClipLoss):
         self,
         num_samples: int,
         *,
-        ema: float = 0.1,
+        ema: float = 0.5,
         update: str = "before",
         backend: str = "auto",
         clamp: float = DEFAULT_CLAMP,

@@ -35,6 +35,8 @@ import time
 
 import numpy as np
 
+from gammacl.experiments._train import train_loop
+
 DISCLAIMER = (
     "NOTE: a toy derived from the paper's description (math.md §A.7), not the paper's "
     "own setup (not available)."
@@ -83,7 +85,10 @@ def simulate(
     rows = np.arange(s)[:, None]
     rec_at = set(np.unique(np.geomspace(1, steps, min(record, steps)).round().astype(int)))
     rec_steps, traj = [], []
-    for t in range(1, steps + 1):
+    theta_box = [theta]
+
+    def step(t: int) -> None:
+        theta = theta_box[0]
         idx = np.argsort(rng.random((s, anchors)), axis=1)[:, :batch]  # [S, B], no repeats
         sig = sigma[rows, idx]  # [S, B]
         z = rng.standard_normal((s, batch, m)) * sig[..., None]  # [S, B, M]
@@ -106,10 +111,14 @@ def simulate(
         g_naive = sze / se
         g_em = u * mean_ze
         grad = -c[rows, idx][None] + np.where(is_naive[..., None], g_naive, g_em)
-        theta = theta - lr / math.sqrt(t) * grad.mean(axis=-1)
-        if t in rec_at:
-            rec_steps.append(t)
-            traj.append(theta.copy())
+        theta_box[0] = theta - lr / math.sqrt(t) * grad.mean(axis=-1)
+
+    def record_step(t: int) -> None:
+        rec_steps.append(t)
+        traj.append(theta_box[0].copy())
+
+    train_loop(step, steps, record_at=rec_at, record=record_step)
+    theta = theta_box[0]
     return theta, np.array(rec_steps), np.stack(traj, axis=-1)
 
 
