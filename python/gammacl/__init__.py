@@ -1,8 +1,8 @@
 """gammacl: fused, memory-frugal contrastive losses for PyTorch.
 
 Public API (design.md): clip_loss, infonce_loss, ClipLoss, GammaClipLoss, SogCLRLoss,
-FeatureSeparationLoss, BrownianBridgeLoss, GeometricConsistencyLoss; `python -m gammacl.bench`,
-`python -m gammacl.profile`.
+FeatureSeparationLoss, BrownianBridgeLoss, GeometricConsistencyLoss, siglip_loss, SigLipLoss;
+`python -m gammacl.bench`, `python -m gammacl.profile`.
 """
 
 from gammacl import reference
@@ -23,6 +23,7 @@ from gammacl.modality import (
     orthogonality_loss,
     uniformity_loss,
 )
+from gammacl.siglip import SigLipLoss, siglip_loss
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,7 @@ __all__ = [
     "GeometricConsistencyLoss",
     "LogRateState",
     "ModalityContrastiveLoss",
+    "SigLipLoss",
     "SogCLRLoss",
     "brownian_bridge_loss",
     "clip_loss",
@@ -47,5 +49,6 @@ __all__ = [
     "orthogonality_loss",
     "reference",
     "resolve_backend",
+    "siglip_loss",
     "uniformity_loss",
 ]

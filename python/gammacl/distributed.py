@@ -555,3 +555,63 @@ def gamma_loss_distributed(
     out = neg - pos.mean()
     loss.global_loss_estimate = (0.5 * log_r.mean(dim=1).sum() - pos.mean()).detach()
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# SigLIP
+
+
+def siglip_loss_distributed(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: float | torch.Tensor,
+    logit_bias: float | torch.Tensor,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    backend: str = "auto",
+    group=None,
+) -> torch.Tensor:
+    """open_clip's distributed SigLipLoss without the n x (W n) logits. open_clip passes the
+    text features around a ring (dist_impl bidir / shift / reduce) or gathers them ("gather");
+    every variant computes, on rank r with n local pairs,
+
+        loss_r = -(1/n) sum_{i local} sum_{j global} log sigmoid(z_ij l_ij),
+        z_ij = +1 only for j = i + r n (the own diagonal block), -1 for every other text,
+
+    and the gradient of each remote text block goes back to its owner (summed). Here: one
+    all-gather of the text features with gradient (its backward sums every rank's gradient of
+    the slice) and one fused siglip sweep with offset r n. Hence, against the single-process
+    loss L on the concatenated global batch (W n pairs): mean_r loss_r = L, the feature
+    gradients on rank r are W dL/d(its rows), and dloss_r/dscale, dloss_r/dbias average over
+    ranks (DDP) to dL/dscale, dL/dbias. Inputs are checked on every rank before any feature
+    collective (check_agreement), so a bad input raises everywhere instead of hanging."""
+    from gammacl.ops.siglip import siglip
+    from gammacl.siglip import siglip_loss
+
+    rank, world_size = resolve_world(rank, world_size, group)
+    if world_size == 1:
+        return siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=backend)
+    err = None
+    scale = bias = name = None
+    try:
+        V.check_pair(
+            "image_features", image_features, "text_features", text_features, same_batch=True
+        )
+        scale = V.as_scale("logit_scale", logit_scale, image_features)
+        bias = V.as_scale("logit_bias", logit_bias, image_features)
+        name = resolve_backend(backend, image_features.device)
+    except (TypeError, ValueError, RuntimeError) as e:
+        err = e
+    check_agreement(
+        "gammacl SigLipLoss (distributed)",
+        [("image_features", image_features), ("text_features", text_features)],
+        flags=[("rank", rank), ("world_size", world_size)],
+        local_error=err,
+        group=group,
+    )
+    assert scale is not None and bias is not None and name is not None
+    n = image_features.shape[0]
+    all_text = all_gather_rows(text_features, with_grad=True, group=group)
+    with torch.autocast(image_features.device.type, enabled=False):
+        return siglip(image_features, all_text, scale, bias, offset=rank * n, backend=name)
