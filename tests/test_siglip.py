@@ -429,9 +429,10 @@ def _peak_growth_mib(backend: str) -> float:
     "backend",
     [
         *cpu_backends(include_triton=False, include_cuda_emu=False),
-        pytest.param("naive", marks=pytest.mark.slow),  # the probe sees an N x N buffer
+        "naive",  # the probe sees an N x N buffer
     ],
 )
+@pytest.mark.slow  # ~15-20 s per backend on the shared 2-core box (a subprocess at N = 8192)
 def test_no_nxn_allocation(backend):
     grow = _peak_growth_mib(backend)
     if backend == "naive":  # the probe can see an N x N buffer
@@ -538,6 +539,7 @@ def _free_port() -> int:
         return sk.getsockname()[1]
 
 
+@pytest.mark.slow  # ~25 s: two spawned processes importing torch
 def test_two_rank_gloo_equals_one_process():
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available in this torch build")
