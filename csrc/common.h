@@ -100,3 +100,27 @@ int gamma_onepass_chunk(const void* s, gammacl::GcType s_type, void* w, gammacl:
                         CUstream_st* stream);
 
 }  // namespace gammacl::cuda
+
+// ---------------------------------------------------------------------------------------------
+// CUDA launchers of the siglip op (defined in siglip_cuda.cu; contract: python/gammacl/ops/
+// siglip.py). Conventions as above.
+// ---------------------------------------------------------------------------------------------
+namespace gammacl::cuda {
+
+// Bytes of device workspace siglip_chunk needs for a chunk of `rows` rows.
+size_t siglip_workspace_bytes(int64_t rows, int64_t n, bool f64);
+
+// One row chunk of the siglip op. S (rows x n, ld_s, F32 or F64) holds raw dot products of global
+// rows row0..row0+rows-1. With l = scale * S + bias, z = +1 at (row0 + i, row0 + i + offset), -1
+// elsewhere, y = -z l:
+//   row_loss[row0 + i] = sum_j softplus(y_ij),  row_wsum[row0 + i] = sum_j W_ij,  W = -z sigmoid(y)
+//   grad: w_scale * W into w (rows x n, ld_w): w_type == s_type (w may alias s), or BF16 / F16
+//         for F32 (w_scale: a power of two; 2^14 keeps fp16 weights normal, |W| <= 1).
+// scale, bias: acc-typed device scalars. No atomics: per-(row, column-tile) partials in `work`
+// (siglip_workspace_bytes(rows, n, s_type == F64) bytes) summed in a fixed order.
+int siglip_chunk(const void* s, gammacl::GcType s_type, void* w, gammacl::GcType w_type,
+                 int64_t rows, int64_t n, int64_t ld_s, int64_t ld_w, int64_t row0, int64_t offset,
+                 const void* scale, const void* bias, double w_scale, bool grad, void* row_loss,
+                 void* row_wsum, void* work, CUstream_st* stream);
+
+}  // namespace gammacl::cuda

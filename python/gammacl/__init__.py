@@ -1,8 +1,8 @@
 """gammacl: fused, memory-frugal contrastive losses for PyTorch.
 
 Public API (design.md): clip_loss, infonce_loss, ClipLoss, GammaClipLoss, SogCLRLoss,
-FeatureSeparationLoss, BrownianBridgeLoss, GeometricConsistencyLoss; `python -m gammacl.bench`,
-`python -m gammacl.profile`.
+FeatureSeparationLoss, BrownianBridgeLoss, GeometricConsistencyLoss, siglip_loss, SigLipLoss;
+`python -m gammacl.bench`, `python -m gammacl.profile`.
 """
 
 from gammacl import reference
@@ -22,6 +22,7 @@ from gammacl.modality import (
     orthogonality_loss,
     uniformity_loss,
 )
+from gammacl.siglip import SigLipLoss, siglip_loss
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,7 @@ __all__ = [
     "GeometricConsistencyLoss",
     "LogRateState",
     "ModalityContrastiveLoss",
+    "SigLipLoss",
     "SogCLRLoss",
     "brownian_bridge_loss",
     "clip_loss",
@@ -46,5 +48,6 @@ __all__ = [
     "orthogonality_loss",
     "reference",
     "resolve_backend",
+    "siglip_loss",
     "uniformity_loss",
 ]

@@ -203,10 +203,18 @@ def _register_fakes() -> None:
         db = a.new_empty((n if grad else 0, d), dtype=acc(a))
         return v(m), v(n), v(m), v(n), da, db
 
+    def siglip_fwd_fake(a, b, scale, bias, offset, grad):
+        m, n, d = a.shape[0], b.shape[0], a.shape[1]
+        v = a.new_empty((m,), dtype=acc(a))
+        da = a.new_empty((m if grad else 0, d), dtype=acc(a))
+        db = a.new_empty((n if grad else 0, d), dtype=acc(a))
+        return v, v.new_empty((m,)), da, db
+
     for op, fn in (
         ("gammacl::simlse_fwd", simlse_fwd_fake),
         ("gammacl::simlse_bwd", simlse_bwd_fake),
         ("gammacl::gamma_onepass_fwd", gamma_onepass_fwd_fake),
+        ("gammacl::siglip_fwd", siglip_fwd_fake),
     ):
         try:
             torch.library.register_fake(op, fn)

@@ -22,7 +22,7 @@ import torch
 EMU = Path(__file__).resolve().parent
 REPO = EMU.parent.parent
 CSRC = REPO / "csrc"
-OPS = ("simlse_fwd", "simlse_bwd", "gamma_onepass_fwd")
+OPS = ("simlse_fwd", "simlse_bwd", "gamma_onepass_fwd", "siglip_fwd")
 _LIB = None  # the torch.library.Library holding the schemas (must stay alive)
 
 

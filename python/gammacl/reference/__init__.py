@@ -6,7 +6,7 @@ float64; `upcast=False` computes in the inputs' own dtype, which gives "PyTorch'
 that dtype for the tolerance rule in tests/tolerances.py.
 """
 
-from gammacl.reference import gamma, modality
+from gammacl.reference import gamma, modality, siglip
 from gammacl.reference.clip import clip_loss, infonce_loss
 from gammacl.reference.simlse import simlse, simlse_backward
 
@@ -15,6 +15,7 @@ __all__ = [
     "gamma",
     "infonce_loss",
     "modality",
+    "siglip",
     "simlse",
     "simlse_backward",
 ]

@@ -1,0 +1,151 @@
+// siglip, CUDA kernels: the element-wise epilogue of one row chunk of S (contract:
+// python/gammacl/ops/siglip.py; launcher declared in common.h, torch side in siglip_cuda.cpp).
+//
+// Per entry (l = scale * S + bias, y = -z l, z = +1 only on the positive (i, i + offset)):
+//   e = 2^{-|y| log2 e}              one ex2.approx (MUFU) in fp32, exp2 in fp64
+//   softplus(y) = max(y, 0) + log1p(e)          sigmoid(y) = (y >= 0 ? 1 : e) / (1 + e)
+//   W = -z sigmoid(y)                |W| <= 1: stored as w_scale * W in the GEMM operand dtype
+// A block of kThreads owns a kTileRows x kTileCols tile; warp w takes rows w, w + kWarps, ...;
+// lane holds columns col0 + k * 32 + lane (coalesced loads of S and stores of W). Each row's
+// loss / wsum over the tile goes to a [rows, n_ct] partial; a warp per row then sums its n_ct
+// partials in a fixed order (no atomics: bitwise reproducible).
+// Bytes per entry: S read once (4 B), W written once (2 B in bf16 / fp16, or 4 B in place);
+// partials 2 * 4 B per 256 columns. FLOPs ~12 per entry + one exp2, one log1p, one division.
+//
+// All math is fp32 (fp64 for fp64 buffers); indexing is int64. No torch headers: nvcc
+// compile-checks this file alone (tests/test_cuda_compile.py).
+#include <cstdint>
+
+#include "common.h"
+#include "cuda_epilogue.cuh"
+
+namespace gammacl::cuda {
+namespace {
+
+__device__ __forceinline__ float log1p_(float x) { return log1pf(x); }
+__device__ __forceinline__ double log1p_(double x) { return log1p(x); }
+
+// grid = (n_col_tiles, min(n_row_tiles, 65535)), block = kThreads. s: rows x n (ld_s); w: rows x
+// n (ld_w; may alias s when TW == T: every element is read and then written by the same thread;
+// unused when !grad). part_*: [rows, n_ct].
+template <typename T, typename TW>
+__global__ void __launch_bounds__(kThreads)
+    siglip_tile_kernel(const T* s, TW* w, int64_t rows, int64_t n, int64_t ld_s, int64_t ld_w,
+                       int64_t row0, int64_t offset,
+                       const typename AccOf<T>::type* __restrict__ scale,
+                       const typename AccOf<T>::type* __restrict__ bias,
+                       typename AccOf<T>::type w_scale, bool grad,
+                       typename AccOf<T>::type* __restrict__ part_loss,
+                       typename AccOf<T>::type* __restrict__ part_wsum, int64_t n_ct,
+                       int64_t n_rt) {
+  using A = typename AccOf<T>::type;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t ct = blockIdx.x;
+  const int64_t col0 = ct * kTileCols;
+  const A sc = scale[0];
+  const A bi = bias[0];
+  for (int64_t rt = blockIdx.y; rt < n_rt; rt += gridDim.y) {
+    for (int rr = warp; rr < kTileRows; rr += kWarps) {
+      const int64_t r = rt * kTileRows + rr;
+      if (r >= rows) break;                   // warp-uniform
+      const int64_t pos = row0 + r + offset;  // the row's positive column (may lie outside)
+      const T* srow = s + r * ld_s;
+      TW* wrow = grad ? w + r * ld_w : nullptr;
+      A loss = A(0), wsum = A(0);
+#pragma unroll
+      for (int k = 0; k < kPerLane; ++k) {
+        const int64_t j = col0 + int64_t(k) * 32 + lane;
+        if (j < n) {
+          const A l = sc * to_acc(srow[j]) + bi;
+          const bool p = j == pos;
+          const A y = p ? -l : l;
+          const A e = ex2(-abs_(y) * A(kLog2e));  // in [0, 1]; NaN stays NaN
+          const A one = A(1);
+          loss += (y > A(0) ? y : A(0)) + log1p_(e);
+          const A sig = (y >= A(0) ? one : e) / (one + e);
+          const A wv = p ? -sig : sig;
+          wsum += wv;
+          if (grad) wrow[j] = from_acc<TW>(wv * w_scale);  // kernel-uniform branch
+        }
+      }
+      loss = warp_sum(loss);
+      wsum = warp_sum(wsum);
+      if (lane == 0) {
+        part_loss[r * n_ct + ct] = loss;
+        part_wsum[r * n_ct + ct] = wsum;
+      }
+    }
+  }
+}
+
+// A warp per row: its n_ct partials (lane-strided, then a fixed shuffle tree) ->
+// row_loss[row0 + r], row_wsum[row0 + r].
+template <typename A>
+__global__ void __launch_bounds__(kThreads)
+    siglip_row_merge_kernel(const A* __restrict__ part_loss, const A* __restrict__ part_wsum,
+                            int64_t rows, int64_t n_ct, int64_t row0, A* __restrict__ row_loss,
+                            A* __restrict__ row_wsum) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps_total = int64_t(gridDim.x) * kWarps;
+  for (int64_t r = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5); r < rows; r += warps_total) {
+    A l = A(0), ws = A(0);
+    for (int64_t p = lane; p < n_ct; p += 32) {
+      l += part_loss[r * n_ct + p];
+      ws += part_wsum[r * n_ct + p];
+    }
+    l = warp_sum(l);
+    ws = warp_sum(ws);
+    if (lane == 0) {
+      row_loss[row0 + r] = l;
+      row_wsum[row0 + r] = ws;
+    }
+  }
+}
+
+inline size_t part_bytes(int64_t rows, int64_t n, size_t acc_size) {
+  return round_up(static_cast<size_t>(rows * cdiv(n, kTileCols)) * acc_size, 256);
+}
+
+template <typename T, typename TW>
+int launch(const T* s, TW* w, int64_t rows, int64_t n, int64_t ld_s, int64_t ld_w, int64_t row0,
+           int64_t offset, const void* scale, const void* bias, double w_scale, bool grad,
+           void* row_loss, void* row_wsum, void* work, cudaStream_t stream) {
+  using A = typename AccOf<T>::type;
+  const int64_t n_ct = cdiv(n, kTileCols), n_rt = cdiv(rows, kTileRows);
+  const size_t pb = part_bytes(rows, n, sizeof(A));
+  A* p_loss = static_cast<A*>(work);
+  A* p_wsum = reinterpret_cast<A*>(static_cast<char*>(work) + pb);
+  const dim3 grid(static_cast<unsigned>(n_ct), grid_cap(n_rt));
+  GC_LAUNCH(grid, kThreads, stream, siglip_tile_kernel<T, TW>)(
+      s, w, rows, n, ld_s, ld_w, row0, offset, static_cast<const A*>(scale),
+      static_cast<const A*>(bias), static_cast<A>(w_scale), grad, p_loss, p_wsum, n_ct, n_rt);
+  GC_LAUNCH(grid_cap(cdiv(rows, kWarps)), kThreads, stream, siglip_row_merge_kernel<A>)(
+      p_loss, p_wsum, rows, n_ct, row0, static_cast<A*>(row_loss), static_cast<A*>(row_wsum));
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace
+
+size_t siglip_workspace_bytes(int64_t rows, int64_t n, bool f64) {
+  return 2 * part_bytes(rows, n, f64 ? sizeof(double) : sizeof(float));
+}
+
+int siglip_chunk(const void* s, gammacl::GcType s_type, void* w, gammacl::GcType w_type,
+                 int64_t rows, int64_t n, int64_t ld_s, int64_t ld_w, int64_t row0, int64_t offset,
+                 const void* scale, const void* bias, double w_scale, bool grad, void* row_loss,
+                 void* row_wsum, void* work, CUstream_st* stream) {
+  using gammacl::GcType;
+  if (rows <= 0 || n <= 0) return static_cast<int>(cudaSuccess);
+#define GC_DISPATCH(TS, TWT)                                                                 \
+  launch(static_cast<const TS*>(s), static_cast<TWT*>(w), rows, n, ld_s, ld_w, row0, offset, \
+         scale, bias, w_scale, grad, row_loss, row_wsum, work, stream)
+  if (s_type == GcType::F32 && (!grad || w_type == GcType::F32)) return GC_DISPATCH(float, float);
+  if (s_type == GcType::F32 && w_type == GcType::BF16) return GC_DISPATCH(float, __nv_bfloat16);
+  if (s_type == GcType::F32 && w_type == GcType::F16) return GC_DISPATCH(float, __half);
+  if (s_type == GcType::F64 && (!grad || w_type == GcType::F64)) return GC_DISPATCH(double, double);
+#undef GC_DISPATCH
+  return static_cast<int>(cudaErrorInvalidValue);
+}
+
+}  // namespace gammacl::cuda

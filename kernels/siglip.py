@@ -1,0 +1,553 @@
+"""Triton backend of the siglip op: the pairwise sigmoid (SigLIP) loss and its gradient in one
+sweep (contract and maths: gammacl.ops.siglip).
+
+Per entry (l = scale * S + bias, z = +1 on the positive (i, i + offset), y = -z l):
+    e = e^{-|y|}            (one exp2; fp32 with log2(e) folded in, fp64 uses exp / log)
+    softplus(y) = max(y, 0) + log1p(e)       log1p(e) = e log(u) / (u - 1), u = 1 + e
+                                             (Goldberg: exact to rounding where log(u) is not)
+    W = -z sigmoid(y),  sigmoid(y) = (y >= 0 ? 1 : e) / (1 + e)              |W| <= 1
+row_loss_i = sum_j softplus(y_ij), row_wsum_i = sum_j W_ij, da_raw = W @ b, db_raw = W^T @ a.
+
+Two structures, chosen by D (_use_chunked: D > 128 for 16-bit inputs, D > 64 for fp32 / fp64):
+
+1. Small D, flash-style one pass (`_siglip_onepass_kernel`, mirrors kernels/gamma_onepass.py):
+   program p owns rows [p*BM, (p+1)*BM) and streams every column tile:
+       S = a_blk @ b_tile^T (K loop over D)                          2*BM*BN*D FLOPs
+       loss / wsum rows in registers; W in the operand dtype
+       dA[rows] += W @ b_tile   (rows owned by p: read-modify-write, no atomics)
+       dB[cols] += W^T @ a_blk  (atomic add: every row block adds)     4*BM*BN*D FLOPs
+   6MND FLOPs; bytes: a, b re-read from L2 per tile, dA RMW 8*BM*D and dB atomics 4*BN*D per
+   tile (fp32), O(M) statistics, never an M x N buffer. Under torch.use_deterministic_algorithms
+   the kernel runs twice without atomics (COLS=False): on (a, b) for the rows and dA, and on the
+   transposed problem (b, a, -offset) -- l^T_ji = l_ij and the positive (j, j - offset) is the
+   same entry, so W^T_ji = W_ij and its dA is db_raw -- 8MND FLOPs, bitwise reproducible.
+
+2. Large D, chunked (the large-D structure): per chunk of R rows (R from _CHUNK_BYTES),
+       `_siglip_weights_kernel`, grid (R/BM, N/BN): one GEMM tile of S per program (K loop over
+       D), W stored in the operand dtype to an [R, N] buffer, the tile's loss / wsum row sums
+       to [R, N/BN] partials (summed afterwards in a fixed order: no atomics)   2RND FLOPs
+       `_siglip_gemm_kernel` twice: da_c = W @ b and db (+)= W^T @ a_c, fp32 (fp64) outputs
+       accumulated in registers, transposes by strides                            4RND FLOPs
+   6MND FLOPs in all. Bytes beyond the inputs: W written once (2 B per entry for 16-bit
+   inputs) and read by the two GEMMs as ordinary operand streams (compute-bound: K = N for dA,
+   K = R for dB), and dB (fp32, N x D) read-modify-written once per chunk. bench/NOTES.md has
+   the prediction at N = 65536, D = 1024 (not measured). Deterministic (no atomics).
+
+fp16 operands: W is stored as W * 2^14 (exact power of two; |W| <= 1 so it stays <= 16384, and
+the negatives' sigmoid(l) ~ 4.5e-5 at bias -10, subnormal in fp16, becomes a normal number);
+the launchers multiply the fp32 GEMM results by 2^-14 (exact). bf16 / fp32 / fp64 hold W
+unscaled. Under the interpreter (a test harness) bf16 tiles are upcast before tl.dot.
+Config: one fixed config per dtype; GPU choices are not measured.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gammacl.dispatch import interpreter_on
+from gammacl.kernels.simlse import (
+    _LN2,
+    _LOG2E,
+    _acc_dtype,
+    _device_guard,
+    _dot_nn,
+    _flags,
+    _load_rows,
+    _scores_chunked,
+)
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FP16_W_SCALE = 2.0**14  # W * 2^14 in fp16 (module docstring)
+# one-pass (flash-style) kernel up to this D, the chunked GEMM structure above it
+_ONEPASS_MAX_D = {torch.float16: 128, torch.bfloat16: 128, torch.float32: 64, torch.float64: 64}
+_CHUNK_BYTES = 256 * 2**20  # [R, N] W buffer + partials of the chunked path
+
+
+@triton.jit
+def _siglip_terms(s, scale, bias, offs_m, offs_n, M, N, offset, BASE2: tl.constexpr):
+    """(softplus(y), W) of a tile of raw dots s, both 0 outside [M, N] (module docstring)."""
+    valid = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    pos = offs_n[None, :] == offs_m[:, None] + offset
+    l = s * scale + bias
+    y = tl.where(pos, -l, l)
+    ay = tl.abs(y)
+    if BASE2:
+        e = tl.exp2(-ay * _LOG2E)
+    else:
+        e = tl.exp(-ay)
+    u = 1.0 + e
+    if BASE2:
+        lg = tl.log2(u) * _LN2
+    else:
+        lg = tl.log(u)
+    lp = tl.where(u == 1.0, e, e * lg / tl.where(u == 1.0, 1.0, u - 1.0))
+    sp = tl.where(valid, tl.maximum(y, 0.0) + lp, 0.0)
+    sig = tl.where(y >= 0, 1.0, e) / u
+    w = tl.where(valid, tl.where(pos, -sig, sig), 0.0)
+    return sp, w
+
+
+@triton.jit(do_not_specialize=["offset"])
+def _siglip_onepass_kernel(
+    X,
+    Y,
+    SCALE,
+    BIAS,
+    ROW_LOSS,
+    ROW_WSUM,
+    DA,
+    DB,
+    M,
+    N,
+    D,
+    stride_x,
+    stride_y,
+    stride_da,
+    stride_db,
+    offset,
+    w_scale,
+    GRAD: tl.constexpr,
+    COLS: tl.constexpr,
+    ACC: tl.constexpr,
+    BASE2: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Rows [pid*BLOCK_M, ...) of X against every row of Y: ROW_LOSS, ROW_WSUM stored; with GRAD
+    the DA rows written (w_scale * W @ Y) and, with COLS, DB accumulated atomically
+    (w_scale * W^T @ X). w_scale: 2^14 for fp16 operands, else 1."""
+    pid = tl.program_id(0).to(tl.int64)  # int64: offsets reach M*D > 2^31
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < M
+    offs_d = tl.arange(0, BLOCK_D)
+    scale = tl.load(SCALE).to(ACC)
+    bias = tl.load(BIAS).to(ACC)
+    loss_i = tl.zeros((BLOCK_M,), dtype=ACC)
+    wsum_i = tl.zeros((BLOCK_M,), dtype=ACC)
+    for j0 in range(0, N, BLOCK_N):
+        offs_n = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        col_ok = offs_n < N
+        s = _scores_chunked(
+            X,
+            Y,
+            offs_m,
+            offs_n,
+            M,
+            N,
+            D,
+            stride_x,
+            stride_y,
+            ACC,
+            UPCAST,
+            PRECISION,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+        )
+        sp, w = _siglip_terms(s, scale, bias, offs_m, offs_n, M, N, offset, BASE2)
+        loss_i += tl.sum(sp, axis=1)
+        wsum_i += tl.sum(w, axis=1)
+        if GRAD:
+            w = (w * w_scale).to(Y.dtype.element_ty)  # operand dtype, fp32 accumulation
+            if UPCAST:
+                w = w.to(tl.float32)
+            wt = tl.trans(w)  # dB only (COLS)
+            for k0 in range(0, D, BLOCK_D):
+                offs_k = k0 + offs_d
+                k_ok = offs_k < D
+                y = _load_rows(Y, offs_n, offs_k, stride_y, N, D)
+                # dA rows belong to this program alone (the first column tile stores)
+                o_ptr = DA + offs_m[:, None] * stride_da + offs_k[None, :]
+                o_mask = row_ok[:, None] & k_ok[None, :]
+                o = tl.load(o_ptr, mask=o_mask & (j0 > 0), other=0.0)
+                o = _dot_nn(w, y, o, UPCAST, PRECISION)
+                tl.store(o_ptr, o, mask=o_mask)
+                if COLS:  # dB rows are shared by every row block
+                    x = _load_rows(X, offs_m, offs_k, stride_x, M, D)
+                    p = _dot_nn(wt, x, tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC), UPCAST, PRECISION)
+                    tl.atomic_add(
+                        DB + offs_n[:, None] * stride_db + offs_k[None, :],
+                        p,
+                        mask=col_ok[:, None] & k_ok[None, :],
+                    )
+            tl.debug_barrier()  # dA stores visible to every thread before the next tile's loads
+    tl.store(ROW_LOSS + offs_m, loss_i, mask=row_ok)
+    tl.store(ROW_WSUM + offs_m, wsum_i, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["offset", "row0"])
+def _siglip_weights_kernel(
+    X,
+    Y,
+    SCALE,
+    BIAS,
+    W,
+    PART_LOSS,
+    PART_WSUM,
+    R,
+    N,
+    D,
+    row0,
+    stride_x,
+    stride_y,
+    stride_w,
+    stride_part,
+    offset,
+    w_scale,
+    GRAD: tl.constexpr,
+    ACC: tl.constexpr,
+    BASE2: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_N] tile of the chunk's S (X: the chunk's R rows, global row
+    row0 + r): W * w_scale stored in the operand dtype (with GRAD), the tile's loss / wsum row
+    sums to PART_*[r, pid_n]."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    scale = tl.load(SCALE).to(ACC)
+    bias = tl.load(BIAS).to(ACC)
+    s = _scores_chunked(
+        X,
+        Y,
+        offs_m,
+        offs_n,
+        R,
+        N,
+        D,
+        stride_x,
+        stride_y,
+        ACC,
+        UPCAST,
+        PRECISION,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_D,
+    )
+    # positives at global (row0 + r, row0 + r + offset): local offset row0 + offset
+    sp, w = _siglip_terms(s, scale, bias, offs_m, offs_n, R, N, row0 + offset, BASE2)
+    row_ok = offs_m < R
+    tl.store(PART_LOSS + offs_m * stride_part + pid_n, tl.sum(sp, axis=1), mask=row_ok)
+    tl.store(PART_WSUM + offs_m * stride_part + pid_n, tl.sum(w, axis=1), mask=row_ok)
+    if GRAD:
+        mask = row_ok[:, None] & (offs_n[None, :] < N)
+        w_ptr = W + offs_m[:, None] * stride_w + offs_n[None, :]
+        tl.store(w_ptr, (w * w_scale).to(W.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _siglip_gemm_kernel(
+    X,
+    Y,
+    C,
+    MO,
+    NO,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_yk,
+    stride_yn,
+    stride_c,
+    out_scale,
+    ACCUMULATE: tl.constexpr,
+    ACC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """C[MO, NO] = [C +] out_scale * X @ Y, X [MO, K] and Y [K, NO] by strides (a transpose is a
+    stride swap), C in the accumulation dtype (fp32 from 16-bit operands). 2*MO*NO*K FLOPs."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for k0 in range(0, K, BLOCK_K):
+        kk = (k0 + offs_k).to(tl.int64)
+        x = tl.load(
+            X + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
+            mask=(offs_m[:, None] < MO) & (kk[None, :] < K),
+            other=0.0,
+        )
+        y = tl.load(
+            Y + kk[:, None] * stride_yk + offs_n[None, :] * stride_yn,
+            mask=(kk[:, None] < K) & (offs_n[None, :] < NO),
+            other=0.0,
+        )
+        if UPCAST:
+            x = x.to(tl.float32)
+            y = y.to(tl.float32)
+        acc = tl.dot(x, y, acc, input_precision=PRECISION)
+    acc = acc * out_scale
+    mask = (offs_m[:, None] < MO) & (offs_n[None, :] < NO)
+    c_ptr = C + offs_m[:, None] * stride_c + offs_n[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c_ptr, mask=mask, other=0.0)
+    tl.store(c_ptr, acc, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+def _use_chunked(dtype: torch.dtype, d: int) -> bool:
+    return d > _ONEPASS_MAX_D[dtype]
+
+
+def _onepass_config(dtype: torch.dtype, d: int) -> dict:
+    """BLOCK_* >= 16 (tl.dot K >= 16 on H100). Not measured on GPU."""
+    p2 = max(16, triton.next_power_of_2(max(d, 1)))
+    if interpreter_on():  # few programs x loop trips, still several of each
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=min(p2, 32), num_warps=4, num_stages=1)
+    if dtype in (torch.float16, torch.bfloat16):
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=min(p2, 128), num_warps=4, num_stages=2)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=min(p2, 64), num_warps=4, num_stages=2)
+    return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=16, num_warps=4, num_stages=1)
+
+
+def _tile_config(dtype: torch.dtype) -> dict:
+    """Tiles of the chunked path's weights and GEMM kernels (BLOCK_D is the weights kernel's K
+    chunk, BLOCK_K the GEMM's). Not measured on GPU."""
+    if interpreter_on():
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
+    if dtype in (torch.float16, torch.bfloat16):
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1)
+
+
+def _w_scale(dtype: torch.dtype) -> float:
+    return FP16_W_SCALE if dtype == torch.float16 else 1.0
+
+
+def _check(a, b, scale, bias) -> None:
+    for name, x in (("a", a), ("b", b)):
+        if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.dtype not in _FLOAT_DTYPES:
+            raise ValueError(
+                f"siglip (triton): {name} must be a 2-D float16/bfloat16/float32/float64 "
+                f"tensor, got {getattr(x, 'shape', type(x))}"
+            )
+        if x.shape[1] > 1 and x.stride(1) != 1:
+            raise ValueError(
+                f"siglip (triton): {name} needs stride(-1) == 1, got strides {tuple(x.stride())}"
+            )
+    if a.dtype != b.dtype or a.shape[1] != b.shape[1] or a.device != b.device:
+        raise ValueError(
+            f"siglip (triton): a {tuple(a.shape)} {a.dtype} {a.device} and b {tuple(b.shape)} "
+            f"{b.dtype} {b.device} must agree in D, dtype, device"
+        )
+    acc = _acc_dtype(a.dtype)
+    for name, v in (("scale", scale), ("bias", bias)):
+        if v.ndim != 0 or v.dtype != acc or v.device != a.device:
+            raise ValueError(
+                f"siglip (triton): {name} must be a 0-d {acc} tensor on {a.device}, got shape "
+                f"{tuple(v.shape)} {v.dtype} on {v.device}"
+            )
+
+
+def use_deterministic_path() -> bool:
+    """Whether the one-pass launch avoids atomics (two launches): exactly when
+    torch.use_deterministic_algorithms is on (the chunked path has no atomics at all)."""
+    return torch.are_deterministic_algorithms_enabled()
+
+
+def _launch_onepass(a, b, scale, bias, offset: int, grad: bool, cols: bool):
+    """One launch over the rows of a: (row_loss, row_wsum, da_raw, db_raw or None)."""
+    m, d = a.shape
+    n = b.shape[0]
+    acc = _acc_dtype(a.dtype)
+    dev = a.device
+    cfg = _onepass_config(a.dtype, d)
+    row_loss = torch.empty(m, dtype=acc, device=dev)
+    row_wsum = torch.empty(m, dtype=acc, device=dev)
+    da = torch.zeros(m if grad else 0, d, dtype=acc, device=dev)
+    db = torch.zeros(n if grad and cols else 0, d, dtype=acc, device=dev)
+    ws = _w_scale(a.dtype)
+    with _device_guard(dev):
+        _siglip_onepass_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
+            X=a,
+            Y=b,
+            SCALE=scale,
+            BIAS=bias,
+            ROW_LOSS=row_loss,
+            ROW_WSUM=row_wsum,
+            DA=da if grad else row_loss,
+            DB=db if grad and cols else row_loss,
+            M=m,
+            N=n,
+            D=d,
+            stride_x=a.stride(0),
+            stride_y=b.stride(0),
+            stride_da=da.stride(0) if grad else 0,
+            stride_db=db.stride(0) if grad and cols else 0,
+            offset=int(offset),
+            w_scale=ws,
+            GRAD=bool(grad),
+            COLS=bool(cols),
+            **_flags(a.dtype),
+            **cfg,
+        )
+    if grad and ws != 1.0:  # undo the fp16 weight scaling (exact power of two)
+        da.mul_(1.0 / ws)
+        db.mul_(1.0 / ws)
+    return row_loss, row_wsum, da, (db if cols else None)
+
+
+def _gemm(x, y, c, out_scale: float, accumulate: bool, dtype: torch.dtype) -> None:
+    """c (+)= out_scale * x @ y for 2-D views x [MO, K], y [K, NO] (any strides), c row-major."""
+    mo, k = x.shape
+    no = y.shape[1]
+    cfg = _tile_config(dtype)
+    fl = _flags(dtype)
+    _siglip_gemm_kernel[(triton.cdiv(mo, cfg["BLOCK_M"]), triton.cdiv(no, cfg["BLOCK_N"]))](
+        X=x,
+        Y=y,
+        C=c,
+        MO=mo,
+        NO=no,
+        K=k,
+        stride_xm=x.stride(0),
+        stride_xk=x.stride(1),
+        stride_yk=y.stride(0),
+        stride_yn=y.stride(1),
+        stride_c=c.stride(0),
+        out_scale=out_scale,
+        ACCUMULATE=bool(accumulate),
+        ACC=fl["ACC"],
+        UPCAST=fl["UPCAST"],
+        PRECISION=fl["PRECISION"],
+        **cfg,
+    )
+
+
+def _chunk_rows(m: int, n: int, dtype: torch.dtype) -> int:
+    """Rows per chunk: the [R, N] W buffer (operand dtype) + 2 [R, N/BN] partials within
+    _CHUNK_BYTES; a multiple of BLOCK_M when more than one."""
+    bm = _tile_config(dtype)["BLOCK_M"]
+    per_row = n * dtype.itemsize + 2 * triton.cdiv(n, _tile_config(dtype)["BLOCK_N"]) * 8
+    rows = max(1, _CHUNK_BYTES // per_row)
+    if rows > bm:
+        rows -= rows % bm
+    return min(m, rows)
+
+
+def _launch_chunked(a, b, scale, bias, offset: int, grad: bool):
+    """The chunked structure (module docstring 2): (row_loss, row_wsum, da_raw, db_raw)."""
+    m, d = a.shape
+    n = b.shape[0]
+    acc = _acc_dtype(a.dtype)
+    dev = a.device
+    cfg = _tile_config(a.dtype)
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    fl = _flags(a.dtype)
+    ws = _w_scale(a.dtype)
+    p2 = max(16, triton.next_power_of_2(max(d, 1)))
+    step = _chunk_rows(m, n, a.dtype)
+    n_ct = triton.cdiv(n, bn)
+    wbuf = torch.empty((step if grad else 0, n), dtype=a.dtype, device=dev)
+    part = torch.empty((2, step, n_ct), dtype=acc, device=dev)
+    row_loss = torch.empty(m, dtype=acc, device=dev)
+    row_wsum = torch.empty(m, dtype=acc, device=dev)
+    da = torch.empty(m if grad else 0, d, dtype=acc, device=dev)
+    db = torch.empty(n if grad else 0, d, dtype=acc, device=dev)
+    with _device_guard(dev):
+        for i0 in range(0, m, step):
+            rows = min(step, m - i0)
+            a_c = a[i0 : i0 + rows]
+            _siglip_weights_kernel[(triton.cdiv(rows, bm), n_ct)](
+                X=a_c,
+                Y=b,
+                SCALE=scale,
+                BIAS=bias,
+                W=wbuf if grad else part,
+                PART_LOSS=part[0],
+                PART_WSUM=part[1],
+                R=rows,
+                N=n,
+                D=d,
+                row0=i0,
+                stride_x=a.stride(0),
+                stride_y=b.stride(0),
+                stride_w=wbuf.stride(0) if grad else 0,
+                stride_part=part.stride(1),
+                offset=int(offset),
+                w_scale=ws,
+                GRAD=bool(grad),
+                BLOCK_M=bm,
+                BLOCK_N=bn,
+                BLOCK_D=min(p2, cfg["BLOCK_K"]),
+                num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"],
+                **fl,
+            )
+            row_loss[i0 : i0 + rows] = part[0, :rows].sum(1)
+            row_wsum[i0 : i0 + rows] = part[1, :rows].sum(1)
+            if grad:
+                w = wbuf[:rows]
+                _gemm(w, b, da[i0 : i0 + rows], 1.0 / ws, False, a.dtype)  # W @ b
+                _gemm(w.t(), a_c, db, 1.0 / ws, i0 > 0, a.dtype)  # W^T @ a_c
+    return row_loss, row_wsum, da, db
+
+
+def siglip_fwd(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    offset: int,
+    grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row_loss, row_wsum, da_raw, db_raw), see gammacl.ops.siglip. Small D: the one-pass
+    kernel (dB by atomics; under torch.use_deterministic_algorithms two atomic-free launches, the
+    second on the transposed problem). Large D: the chunked weights + GEMM structure."""
+    _check(a, b, scale, bias)
+    m, d = a.shape
+    n = b.shape[0]
+    acc = _acc_dtype(a.dtype)
+    if m == 0 or n == 0:
+        z = torch.zeros(m, dtype=acc, device=a.device)
+        da = torch.zeros(m if grad else 0, d, dtype=acc, device=a.device)
+        db = torch.zeros(n if grad else 0, d, dtype=acc, device=a.device)
+        return z, z.clone(), da, db
+    if _use_chunked(a.dtype, d):
+        return _launch_chunked(a, b, scale, bias, offset, grad)
+    if use_deterministic_path():
+        row_loss, row_wsum, da, _ = _launch_onepass(a, b, scale, bias, offset, grad, False)
+        _, _, db, _ = _launch_onepass(b, a, scale, bias, -offset, grad, False)
+        return row_loss, row_wsum, da, db
+    return _launch_onepass(a, b, scale, bias, offset, grad, True)
+
+
+def aot_launches(dtype: torch.dtype, d: int) -> None:
+    """Calls every launcher of this file on small CPU tensors of `dtype` and feature dimension d
+    in every flag combination (one-pass: GRAD x COLS; chunked: GRAD, and the GEMM's ACCUMULATE
+    both ways through two chunks), for the AOT compile check (python -m gammacl.aot)."""
+    global _CHUNK_BYTES
+    acc = _acc_dtype(dtype)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5, d, generator=g).to(dtype)
+    b = torch.randn(4, d, generator=g).to(dtype)
+    s, bias = torch.tensor(2.0, dtype=acc), torch.tensor(-1.0, dtype=acc)
+    for grad in (False, True):
+        for cols in (False, True):
+            _launch_onepass(a, b, s, bias, 1, grad, cols)
+        saved = _CHUNK_BYTES
+        try:
+            _CHUNK_BYTES = 1  # one row per chunk: the dB GEMM runs with and without ACCUMULATE
+            _launch_chunked(a, b, s, bias, 1, grad)
+        finally:
+            _CHUNK_BYTES = saved

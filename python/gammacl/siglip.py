@@ -1,0 +1,151 @@
+"""The sigmoid (SigLIP) family: `siglip_loss` and `SigLipLoss`, a drop-in for open_clip's
+SigLipLoss, on the fused one-pass siglip op (gammacl.ops.siglip: loss and gradient in one sweep,
+3 GEMM-equivalents, never the N x N logits).
+
+    loss = -(1/N) sum_ij log sigmoid(z_ij (logit_scale <a_i, b_j> + logit_bias)),
+    z_ii = +1, z_ij = -1 otherwise (open_clip's normalisation: divided by the number of rows).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gammacl import _validate as V
+from gammacl.dispatch import BACKENDS, resolve_backend
+from gammacl.distributed import World
+from gammacl.ops.siglip import siglip
+
+DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+
+
+def siglip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: float | torch.Tensor,
+    logit_bias: float | torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """open_clip's SigLipLoss (module docstring) on paired [N, D] features without materialising
+    the N x N logits. logit_scale is the multiplier (already exp'd), logit_bias the additive bias
+    (users initialise it to -10); both may be floats or one-element tensors and receive
+    gradients. Returns a 0-d fp32 tensor (fp64 for fp64 inputs); feature gradients come back in
+    the features' dtype. Features are not normalised here."""
+    return siglip_step(
+        image_features, text_features, logit_scale, logit_bias, world=World(), backend=backend
+    )
+
+
+def siglip_step(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: float | torch.Tensor,
+    logit_bias: float | torch.Tensor,
+    *,
+    world: World,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The SigLIP loss of this rank, for one process and torch.distributed alike: rank r's n local
+    images against every rank's texts (an all-gather with gradient; the identity in a world of
+    one), positives on its own diagonal block (offset r n), divided by n -- open_clip's loss for
+    every dist_impl. The mean over ranks is the loss L of the global batch; feature gradients on
+    rank r are W dL/d(its rows), and dscale / dbias average over ranks (DDP) to L's. Inputs are
+    validated once here and, on several ranks, agreed before any feature collective."""
+    err = scale = bias = name = None
+    try:
+        V.check_pair(
+            "image_features", image_features, "text_features", text_features, same_batch=True
+        )
+        scale = V.as_scale("logit_scale", logit_scale, image_features)
+        bias = V.as_scale("logit_bias", logit_bias, image_features)
+        name = resolve_backend(backend, image_features.device)
+    except (TypeError, ValueError, RuntimeError) as e:
+        err = e
+    world.check(
+        "gammacl SigLipLoss (distributed)",
+        [("image_features", image_features), ("text_features", text_features)],
+        flags=[("rank", world.rank), ("world_size", world.size)],
+        local_error=err,
+    )
+    all_text = world.gather(text_features, with_grad=True)
+    off = world.rank * image_features.shape[0]
+    return siglip(image_features, all_text, scale, bias, offset=off, backend=name)
+
+
+class SigLipLoss(nn.Module):
+    """Drop-in replacement for ``open_clip.loss.SigLipLoss``.
+
+    Same constructor and forward as open_clip (``logit_bias`` is required, as there); the loss
+    is a 0-d fp32 tensor, or ``{"contrastive_loss": loss}`` with ``output_dict=True``.
+
+    Distributed (``world_size > 1``): every ``dist_impl`` of open_clip ("bidir" default,
+    "shift", "reduce", "gather") gives the same loss -- rank r's local images against every
+    rank's texts, the positives only on its own diagonal block, divided by the local batch size
+    -- and gammacl computes it one way: an all-gather of the text features with gradient, then
+    one fused sweep of the n x (W n) problem (siglip_step).
+    ``rank=None`` / ``world_size=None`` take them from the default process group.
+    ``cache_labels`` is accepted for compatibility (no labels matrix exists to cache).
+    """
+
+    def __init__(
+        self,
+        cache_labels: bool = False,
+        rank: int | None = 0,
+        world_size: int | None = 1,
+        dist_impl: str | None = None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        dist_impl = dist_impl or "bidir"
+        if dist_impl not in DIST_IMPLS:
+            raise ValueError(f"dist_impl must be one of {DIST_IMPLS} or None, got {dist_impl!r}")
+        self.cache_labels = cache_labels
+        self.rank = rank
+        self.world_size = world_size
+        self.dist_impl = dist_impl
+        self.backend = backend
+        self.prev_num_logits = 0
+        self.labels: dict = {}
+
+    def _world(self) -> World:
+        """The world from rank / world_size, the default process group's where they are None."""
+        if self.rank is None or self.world_size is None or self.world_size > 1:
+            return World.resolve(self.rank, self.world_size)
+        return World(int(self.rank), 1)
+
+    # open_clip compatibility helpers (materialised; O(N^2) memory, for subclasses only)
+    def get_ground_truth(
+        self, device: torch.device, dtype: torch.dtype, num_logits: int, negative_only: bool = False
+    ) -> torch.Tensor:
+        labels = -torch.ones((num_logits, num_logits), device=device, dtype=dtype)
+        if not negative_only:
+            labels = 2 * torch.eye(num_logits, device=device, dtype=dtype) + labels
+        return labels
+
+    def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
+        logits = logit_scale * image_features @ text_features.T
+        if logit_bias is not None:
+            logits += logit_bias
+        return logits
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: float | torch.Tensor,
+        logit_bias: float | torch.Tensor,
+        output_dict: bool = False,
+    ):
+        loss = siglip_step(
+            image_features,
+            text_features,
+            logit_scale,
+            logit_bias,
+            world=self._world(),
+            backend=self.backend,
+        )
+        return {"contrastive_loss": loss} if output_dict else loss
