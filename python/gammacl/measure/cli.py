@@ -25,7 +25,16 @@ DTYPES = {
     "float64": torch.float64,
 }
 OUR_BACKENDS = ("torch", "cpp", "triton", "cuda", "reference")
-PEERS = ("naive", "naive_compiled", "open_clip", "memeff", "inf_cl", "siglip_kernel", "gemm_floor")
+PEERS = (
+    "naive",
+    "naive_compiled",
+    "open_clip",
+    "open_clip_siglip",
+    "memeff",
+    "inf_cl",
+    "siglip_kernel",
+    "gemm_floor",
+)
 IMPL_NAMES = ("gammacl",) + PEERS
 DEFAULT_SCALE = 1.0 / 0.07  # CLIP's initial exponentiated logit scale
 

@@ -11,9 +11,12 @@ import torch.nn.functional as F
 
 from gammacl.measure import flops as fl
 from gammacl.measure.inputs import Features, FloorStep, Step, leaves
-from gammacl.measure.registry import Impl, _ref_materialised
+from gammacl.measure.registry import Impl, _ref_materialised, functional_reference
 
 _ref_clip = _ref_materialised("clip_loss")
+
+
+_ref_siglip = functional_reference("siglip_loss")
 
 
 def naive_clip(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -39,8 +42,10 @@ PEER_SPECS = [
      "fixed temperature 1/scale (not learnable)"),
     ("inf_cl", "inf_cl", "clip", "triton", (torch.float32,), ("cuda",), True,
      "cal_flash_loss both directions, fp32"),
+    ("open_clip_siglip", "open_clip", "siglip", "torch", None, ("cpu", "cuda"), True,
+     "open_clip.loss.SigLipLoss (materialised logits)"),
     ("siglip_kernel", "siglip_kernel", "siglip", "triton", None, ("cuda",), False,
-     "SigLIP sigmoid loss, not CLIP: time only"),
+     "fused sigmoid loss: time only (its normalisation not checked against ours)"),
 ]  # fmt: skip
 
 
@@ -67,6 +72,11 @@ def _build(name: str, f: Features) -> Step:
             )
 
         return Step(inf_cl, leaves(f, 2))
+    if name == "open_clip_siglip":
+        from open_clip.loss import SigLipLoss
+
+        mod, bias = SigLipLoss(), f.bias
+        return Step(lambda: mod(a, b, s, bias), leaves(f, 2) + [bias])
     if name == "siglip_kernel":
         from siglip_kernel import fused_siglip_loss
 
@@ -132,9 +142,9 @@ def peer_impls(
                 loss,
                 be,
                 lambda f, name=name: _build(name, f),
-                fl.flops_two_pass,
-                fl.expected_materialised if name == "open_clip" else fl.expected_none,
-                _ref_clip if checked else None,
+                fl.flops_one_pass if loss == "siglip" else fl.flops_two_pass,
+                fl.expected_materialised if module == "open_clip" else fl.expected_none,
+                ({"clip": _ref_clip, "siglip": _ref_siglip}[loss] if checked else None),
                 check_na="n/a" if checked else "n/a (sigmoid loss: a different loss)",
                 dtypes=dtypes,
                 devices=devices,

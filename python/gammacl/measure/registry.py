@@ -195,6 +195,8 @@ LOSSES: list[Loss] = [
          available=_has("GammaClipLoss")),
     Loss("sogclr", stateful("SogCLRLoss"), stateful_reference("SogCLRLoss"), fl.flops_two_pass,
          available=_has("SogCLRLoss")),
+    Loss("siglip", functional("siglip_loss"), functional_reference("siglip_loss"),
+         fl.flops_one_pass, memory=lambda be: fl.EXPECTED_BY_BACKEND[be]),
 ]  # fmt: skip
 
 
