@@ -80,7 +80,7 @@ skip() {
 have_gpu() { ((!DRY)) && "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; }
 
 # ------------------------------------------------------------------------------------------
-step env 20 "versions" "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>/dev/null || echo 'nvidia-smi: none'; \"\$PY\" -c 'import sys, torch; print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"gpu\", torch.cuda.is_available()); import triton; print(\"triton\", triton.__version__)'; command -v nvcc && nvcc --version | tail -1; command -v compute-sanitizer || echo 'compute-sanitizer: none'"
+step env 45 "versions" "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>/dev/null || echo 'nvidia-smi: none'; \"\$PY\" -c 'import sys, torch; print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"gpu\", torch.cuda.is_available()); import triton; print(\"triton\", triton.__version__)'; command -v nvcc && nvcc --version | tail -1; command -v compute-sanitizer || echo 'compute-sanitizer: none'"
 
 GPU=0
 if have_gpu; then GPU=1; fi
@@ -130,7 +130,7 @@ for dt in (torch.bfloat16, torch.float32):
     neg = gamma_onepass(a, b, s, al, al, w_row=0.5, w_col=0.5, backend=backend)[0]
     gb = torch.autograd.grad(neg.sum(), (a, b, s))
     ok = all(bool(torch.isfinite(g).all()) for g in (*ga, *gb))
-    print(dt, "clip", float(loss), "onepass", float(neg.sum()), "grads finite", ok)
+    print(dt, "clip", float(loss.detach()), "onepass", float(neg.detach().sum()), "grads finite", ok)
     assert ok
 if dev == "cuda":
     torch.cuda.synchronize()
