@@ -16,7 +16,8 @@
 #   racecheck  compute-sanitizer --tool racecheck on the same run
 #   bench      python -m gammacl.bench, N=32768,65536 D=1024 bf16, clip + gamma_onepass,
 #              backends triton,cuda,torch and the peers found
-#   profile    python -m gammacl.profile: largest N that fits, clip, D=1024 bf16
+#   profile    python -m gammacl.profile: largest N that fits (cap 262144: one fwd+bwd at
+#              2^18 x 1024 is 5.6e14 FLOPs, ~1 s), clip, D=1024 bf16, triton / cuda / naive
 # Everything goes under $OUT when set (else bench/out/gpu_session[-dry]/), flat, at most 8 files:
 # session.log, summary.txt, pytest-gpu.xml, bench.{csv,json}, profile.{csv,json}.
 # The summary table (step, status, seconds, note) is printed last. Exit 1 when a step failed.
@@ -150,7 +151,7 @@ fi
 
 if ((GPU)); then
   step bench 120 "clip,gamma_onepass N=32768,65536 D=1024 bf16; $IMPLS" "\"\$PY\" -m gammacl.bench --device cuda --n 32768,65536 --d 1024 --dtype bf16 --loss clip,gamma_onepass --backend triton,cuda,torch --impl $IMPLS --mode fwd+bwd --rep-ms 50 --no-plot --out \"\$OUTDIR\" --name bench --note gpu_session"
-  step profile 75 "largest N, clip D=1024 bf16" "\"\$PY\" -m gammacl.profile --device cuda --loss clip --backend triton,cuda,torch --impl gammacl,naive --d 1024 --dtype bf16 --n 16384 --n-max 2097152 --no-plot --out \"\$OUTDIR\" --name profile --note gpu_session"
+  step profile 75 "largest N, clip D=1024 bf16" "\"\$PY\" -m gammacl.profile --device cuda --loss clip --backend triton,cuda --impl gammacl,naive --d 1024 --dtype bf16 --n 16384 --n-max 262144 --no-plot --out \"\$OUTDIR\" --name profile --note gpu_session"
 else
   step bench 60 "dry run: CPU, tiny sizes; $IMPLS" "\"\$PY\" -m gammacl.bench --device cpu --n 128 --d 32 --dtype fp32 --loss clip,gamma_onepass --backend torch --impl gammacl,naive --mode fwd+bwd --min-time 0.02 --threads 1 --no-plot --out \"\$OUTDIR\" --name bench --note gpu_session-dry-run"
   step profile 45 "dry run: CPU, tiny sizes" "\"\$PY\" -m gammacl.profile --device cpu --loss clip --backend torch --impl gammacl --d 32 --dtype fp32 --n 128 --n-max 512 --budget-mib 64 --threads 1 --no-plot --out \"\$OUTDIR\" --name profile --note gpu_session-dry-run"
