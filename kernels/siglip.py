@@ -290,7 +290,7 @@ def _siglip_gemm_kernel(
         if UPCAST:
             x = x.to(tl.float32)
             y = y.to(tl.float32)
-        acc = tl.dot(x, y, acc, input_precision=PRECISION)
+        acc = tl.dot(x, y, acc, input_precision=PRECISION, out_dtype=acc.dtype)
     acc = acc * out_scale
     mask = (offs_m[:, None] < MO) & (offs_n[None, :] < NO)
     c_ptr = C + offs_m[:, None] * stride_c + offs_n[None, :]

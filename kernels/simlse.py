@@ -34,7 +34,7 @@ W (cast to the input dtype, as flash-attention does with P) by the other operand
     FLOPs: 2 x (2MND recompute + 2MND product) = 8MND; forward + backward = 10MND (12MND with
     the transposed column sweep). exps: 2 per entry per launch with cols.
 Large D: the S recompute loops over D in BLOCK_D chunks. When D <= BLOCK_D ("single chunk":
-D <= 128 for 16-bit inputs, 64 for fp32, 32 for fp64) the row block of the input is held in
+D <= 128 for 16-bit inputs, 32 for fp32 and fp64) the row block of the input is held in
 registers and the output accumulates in registers. Otherwise the program accumulates its own
 output rows in the fp32 output buffer itself (read-modify-write per column tile and D chunk;
 rows are owned by one program, so there is no race and no atomics; the first column tile
@@ -508,8 +508,11 @@ def _config(kind: str, dtype: torch.dtype, d: int) -> dict:
         bm, bn, warps, stages = (128, 64, 8, 3) if kind == "fwd" else (64, 64, 4, 2)
         bd = p2 if d <= 128 else 64
     elif dtype == torch.float32:
-        bm, bn, warps, stages = 64, 64, 4, 2
-        bd = p2 if d <= 64 else 32
+        # "ieee" fp32 is an FMA dot (operand rows per thread in registers): 4 warps or a
+        # 64-wide D chunk spill on sm_90 (up to 2 KB/thread); 8 warps x 32-wide chunks do not
+        # (python -m gammacl.aot, bench/NOTES.md)
+        bm, bn, warps, stages = 64, 64, 8, 2
+        bd = p2 if d <= 32 else 32
     else:  # float64
         bm, bn, warps, stages = 32, 32, 4, 1
         bd = p2 if d <= 32 else 16

@@ -60,7 +60,8 @@ def _dot_nt(x, y, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     if UPCAST:
         x = x.to(tl.float32)
         y = y.to(tl.float32)
-    return tl.dot(x, tl.trans(y), acc, input_precision=PRECISION)
+    # out_dtype = the accumulator's (fp64 for fp64 inputs): triton 3.6 asserts they agree
+    return tl.dot(x, tl.trans(y), acc, input_precision=PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit
@@ -68,7 +69,7 @@ def _dot_nn(w, y, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """acc + w @ y (w: [BM, BN] already in the operand dtype, y: [BN, BD])."""
     if UPCAST:
         y = y.to(tl.float32)
-    return tl.dot(w, y, acc, input_precision=PRECISION)
+    return tl.dot(w, y, acc, input_precision=PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit

@@ -11,7 +11,8 @@ strides > D (cuBLAS leading dimensions), every dtype (bf16 weight buffers, the f
 weight scale, the fp16 -> fp32 one-pass path), and the bindings' argument checks.
 
 What it cannot show: GPU timing, inter-block races (blocks run one after another), int64 paths at
-N*N > 2^31 (too large to emulate), real cuBLAS numerics (TF32). Those are bench/check_cuda_gpu.py's.
+N*N > 2^31 (too large to emulate), real cuBLAS numerics (TF32). Those are tests/test_gpu.py's
+(marker gpu).
 """
 
 import os

@@ -1,80 +1,90 @@
-"""The GPU self-check scripts' building blocks (bench/_gpucheck.py, used by
-bench/check_cuda_gpu.py and bench/check_triton_gpu.py) run here on CPU tensors: with DEV set to
-"cpu" and backend "cuda" routed to the CPU emulator (tests/cuda_emu), each parity case must pass
-and each timing entry must come back without an error, so a GPU session's short device time is
-not lost to a broken script. The scripts themselves refuse to run without a GPU."""
+"""The GPU tests' case builders (tests/gpu_cases.py, used by tests/test_gpu.py under the `gpu`
+marker) run here on CPU tensors: backend "cuda" through the CPU emulator (tests/cuda_emu, marker
+`emu`) and backend "triton" under the interpreter. Each case must pass with the expected
+summary, and a case must fail when the backend's output is off, so a GPU session's short device
+time is not lost to a broken check."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
+import gpu_cases as C
 import pytest
 import torch
 from cuda_emu.routing import available, routed
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-OK, WHY = available()
-
 
 @pytest.fixture
-def gpucheck(monkeypatch):
-    if not OK:
-        pytest.skip(f"CUDA emulation unavailable: {WHY}")
-    monkeypatch.syspath_prepend(str(BENCH))
-    import _gpucheck as G
-
-    monkeypatch.setattr(G, "DEV", "cpu")
+def emulated():
+    ok, why = available()
+    if not ok:
+        pytest.skip(f"CUDA emulation unavailable: {why}")
     with routed():
-        yield G
+        yield "cpu"
 
 
+def _run(check, prefix: str) -> str:
+    detail = check()
+    assert detail.startswith(prefix), detail
+    return detail
+
+
+@pytest.mark.emu
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-def test_gpucheck_parity_cases_pass_on_the_emulated_cuda_backend(gpucheck, dtype):
-    G = gpucheck
-    cases = {
-        "simlse": G.simlse_case("cuda", dtype, 37, 16, offset=1, exclude=True, nan_free=True),
-        "simlse strided": G.simlse_case("cuda", dtype, 20, 8, strided=True, cols=False),
-        "onepass": G.onepass_case("cuda", dtype, 37, 16),
-        "onepass cap": G.onepass_case("cuda", dtype, 21, 8, clamp=-2.0, offset=1),
-    }
+def test_parity_cases_pass_on_the_emulated_cuda_backend(emulated, dtype):
+    kw = dict(dev="cpu")
+    _run(
+        C.simlse_case("cuda", dtype, 37, 16, offset=1, exclude=True, nan_free=True, **kw),
+        "max|err| row",
+    )
+    _run(C.simlse_case("cuda", dtype, 20, 8, strided=True, cols=False, **kw), "max|err| row")
+    _run(C.onepass_case("cuda", dtype, 37, 16, **kw), "max|err| row_lse")
+    _run(C.onepass_case("cuda", dtype, 21, 8, clamp=-2.0, offset=1, **kw), "max|err| row_lse")
     if dtype != torch.float64:
-        cases["clip"] = G.clip_case("cuda", dtype, 33, 16)
-    results: list = []
-    for name, fn in cases.items():
-        G.record(results, name, fn)
-    bad = [r for r in results if not r["ok"]]
-    assert not bad, bad
-    assert all(r["detail"].startswith("max|err|") or r["detail"] for r in results)
+        _run(C.clip_case("cuda", dtype, 33, 16, dev="cpu"), "loss ")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_gpucheck_onepass_case_passes_on_triton_interpreter(gpucheck, dtype):
+def _interpreted_triton():
     from gammacl.dispatch import interpreter_on, triton_importable
 
     if not (triton_importable() and interpreter_on()):
         pytest.skip("triton on CPU needs TRITON_INTERPRET=1")
-    results: list = []
-    gpucheck.record(results, "onepass", gpucheck.onepass_case("triton", dtype, 21, 8, offset=1))
-    assert results[0]["ok"], results
 
 
-def test_gpucheck_timing_entries_on_cpu(gpucheck):
-    G = gpucheck
-    flops = {"fwd_bwd_tflops_8N2D": ("fwd_bwd_ms", 8 * 64 * 64 * 16)}
-    for entry in (G.time_clip_loss(64, 16, "cuda", flops), G.time_onepass(64, 16, "cuda")):
-        assert "error" not in entry, entry
-        assert len(entry["fwd_bwd_ms"]) == 3 and entry["fwd_bwd_ms"][0] > 0, entry
-        assert entry["backend"] == "cuda" and entry["N"] == 64
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_parity_cases_pass_on_the_triton_interpreter(dtype):
+    _interpreted_triton()
+    _run(C.onepass_case("triton", dtype, 21, 8, offset=1, dev="cpu"), "max|err| row_lse")
+    _run(C.simlse_case("triton", dtype, 21, 8, offset=1, exclude=True, dev="cpu"), "max|err| row")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
-@pytest.mark.parametrize("script", ["check_cuda_gpu.py", "check_triton_gpu.py"])
-def test_gpu_check_scripts_refuse_without_a_gpu(script):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run(
-        [sys.executable, str(BENCH / script), "--no-time"], capture_output=True, text=True,
-        timeout=300, env=env,
-    )  # fmt: skip
-    assert res.returncode == 2, res.stdout + res.stderr
-    assert "no CUDA device visible" in res.stdout + res.stderr
+@pytest.mark.parametrize("target", ["simlse", "onepass", "clip"])
+def test_a_case_fails_when_the_backend_is_off(monkeypatch, target):
+    """One output 1% off (the torch backend, perturbed) must raise: the cases can fail."""
+    import importlib
+
+    import gammacl
+
+    simlse = importlib.import_module("gammacl.ops.simlse")
+    gamma_onepass = importlib.import_module("gammacl.ops.gamma_onepass")
+
+    if target == "simlse":
+        real = simlse.simlse
+
+        def off(*a, **k):
+            row, col = real(*a, **k)
+            return row * 1.01, col
+
+        monkeypatch.setattr(simlse, "simlse", off)
+        check = C.simlse_case("torch", torch.float32, 17, 8, dev="cpu")
+    elif target == "onepass":
+        real_impl = gamma_onepass._backend_impl
+
+        def impl(backend):
+            fn = real_impl(backend)
+            return lambda *a: (*fn(*a)[:4], fn(*a)[4] * 1.01, fn(*a)[5])
+
+        monkeypatch.setattr(gamma_onepass, "_backend_impl", impl)
+        check = C.onepass_case("torch", torch.float32, 17, 8, dev="cpu")
+    else:
+        real_clip = gammacl.clip_loss
+        monkeypatch.setattr(gammacl, "clip_loss", lambda *a, **k: real_clip(*a, **k) * 1.01)
+        check = C.clip_case("torch", torch.float32, 17, 8, dev="cpu")
+    with pytest.raises(AssertionError):
+        check()

@@ -18,7 +18,7 @@ ATOL_FP64 = 1e-12
 # fp16 / bf16: about two units of the dtype's rounding (eps 9.8e-4 / 7.8e-3). The fused GPU paths
 # (triton, cuda) round the gradient weights W to the input dtype for the tensor-core GEMMs, as
 # FlashAttention does with P; on a reduction that cancels (dscale = <A, W B>) that costs ~1.6 ulp
-# of max|ref| (tests/test_gpucheck.py's strided fp16 case), while torch's CPU fp16 reference
+# of max|ref| (the strided fp16 case of tests/gpu_cases.py), while torch's CPU fp16 reference
 # rounds only its outputs.
 TOL = {
     torch.float32: 1e-5,

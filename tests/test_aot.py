@@ -1,0 +1,123 @@
+"""`python -m gammacl.aot`: the ahead-of-time compile check (real Triton compiler, sm_90, no
+GPU). It runs in a subprocess without TRITON_INTERPRET (the kernels must be real JITFunctions).
+
+* a deliberately broken kernel (tl.dot with K = 8, which the interpreter runs and the compiler
+  rejects) is reported as an error with a non-zero exit, next to a good kernel reported ok;
+* over the AOT table: every kernel has fp16, bf16, fp32 and fp64 rows, every row compiled, and
+  the default 16-bit configs of every matmul kernel use wgmma with zero spills on sm_90. The
+  table is the JSON of CI's own AOT step when GAMMACL_AOT_JSON names it, else computed here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton", reason="the AOT check needs triton")
+
+NO_MMA = {"_simlse_col_merge_kernel"}  # kernels without a matrix product
+BROKEN = textwrap.dedent(
+    """
+    import torch
+    import triton
+    import triton.language as tl
+
+
+    @triton.jit
+    def _good_kernel(X, OUT, K: tl.constexpr):
+        offs = tl.arange(0, 16)
+        x = tl.load(X + offs[:, None] * K + tl.arange(0, K)[None, :])
+        tl.store(OUT + offs, tl.sum(x.to(tl.float32), axis=1))
+
+
+    @triton.jit
+    def _broken_kernel(X, OUT, K: tl.constexpr):
+        offs = tl.arange(0, 16)
+        x = tl.load(X + offs[:, None] * K + tl.arange(0, K)[None, :])
+        s = tl.dot(x, tl.trans(x))  # K = 8 < 16: no tensor-core shape takes it
+        tl.store(OUT + offs[:, None] * 16 + offs[None, :], s)
+
+
+    def aot_launches(dtype: torch.dtype, d: int) -> None:
+        x = torch.zeros(16, 8, dtype=dtype)
+        out = torch.zeros(16, 16, dtype=torch.float32)
+        _good_kernel[(1,)](x, out, K=8)
+        _broken_kernel[(1,)](x, out, K=8)
+    """
+)
+
+
+def _aot(*args: str, tmp_path: Path, extra_path: str = "") -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if extra_path:
+        env["PYTHONPATH"] = extra_path + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run(
+        [sys.executable, "-m", "gammacl.aot", "--jobs", "2", *args],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env=env,
+        cwd=tmp_path,
+    )
+
+
+@pytest.mark.slow
+def test_a_broken_kernel_is_reported_as_an_error(tmp_path):
+    (tmp_path / "aot_broken.py").write_text(BROKEN)
+    out = tmp_path / "rows.json"
+    res = _aot(
+        "--op", "aot_broken", "--extra", "aot_broken", "--dtype", "fp16", "--d", "64",
+        "--json", str(out), tmp_path=tmp_path, extra_path=str(tmp_path),
+    )  # fmt: skip
+    assert res.returncode == 1, res.stdout + res.stderr
+    rows = {r["kernel"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"_good_kernel", "_broken_kernel"}, rows
+    assert rows["_good_kernel"]["ok"] and rows["_good_kernel"]["registers"] > 0
+    bad = rows["_broken_kernel"]
+    assert not bad["ok"] and bad["error"], bad
+    assert "ERROR _broken_kernel" in res.stdout and "1 errors" in res.stdout, res.stdout
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory) -> list[dict]:
+    given = os.environ.get("GAMMACL_AOT_JSON")
+    if given:
+        return json.loads(Path(given).read_text())
+    tmp = tmp_path_factory.mktemp("aot")
+    res = _aot("--quiet", "--json", str(tmp / "aot.json"), tmp_path=tmp)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return json.loads((tmp / "aot.json").read_text())
+
+
+@pytest.mark.slow
+def test_aot_table_every_kernel_every_dtype_compiles(table):
+    assert table and all(r["arch"] == 90 for r in table)
+    bad = [(r["kernel"], r["dtype"], r["config"], r["error"]) for r in table if not r["ok"]]
+    assert not bad, bad
+    kernels = {r["kernel"] for r in table}
+    assert {"_simlse_fwd_kernel", "_simlse_bwd_kernel", "_gamma_onepass_fwd_kernel"} <= kernels
+    for k in kernels:
+        assert {r["dtype"] for r in table if r["kernel"] == k} == {
+            "fp16",
+            "bf16",
+            "fp32",
+            "fp64",
+        }, k
+
+
+@pytest.mark.slow
+def test_aot_default_16bit_configs_use_wgmma_without_spills(table):
+    rows = [r for r in table if r["dtype"] in ("fp16", "bf16") and not r.get("autotune")]
+    assert rows
+    assert NO_MMA <= {r["kernel"] for r in rows}
+    for r in rows:
+        where = f"{r['kernel']} {r['dtype']} D={r['D']} {r['config']}"
+        assert r["spills"] == 0, f"{where}: {r['spill_stores']}/{r['spill_loads']} B spilled"
+        if r["kernel"] not in NO_MMA:
+            assert r["mma"] == "wgmma", f"{where}: {r['mma']}"
