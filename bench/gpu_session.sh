@@ -150,7 +150,7 @@ else
 fi
 
 if ((GPU)); then
-  step bench 120 "clip,gamma_onepass N=32768,65536 D=1024 bf16; $IMPLS" "\"\$PY\" -m gammacl.bench --device cuda --n 32768,65536 --d 1024 --dtype bf16 --loss clip,gamma_onepass --backend triton,cuda,torch --impl $IMPLS --mode fwd+bwd --rep-ms 50 --no-plot --out \"\$OUTDIR\" --name bench --note gpu_session"
+  step bench 120 "clip,gamma_onepass,siglip N=32768,65536 D=1024 bf16; $IMPLS" "\"\$PY\" -m gammacl.bench --device cuda --n 32768,65536 --d 1024 --dtype bf16 --loss clip,gamma_onepass,siglip --backend triton,cuda --impl $IMPLS --mode fwd+bwd --rep-ms 50 --no-plot --out \"\$OUTDIR\" --name bench --note gpu_session"
   step profile 75 "largest N, clip D=1024 bf16" "\"\$PY\" -m gammacl.profile --device cuda --loss clip --backend triton,cuda --impl gammacl,naive --d 1024 --dtype bf16 --n 16384 --n-max 262144 --no-plot --out \"\$OUTDIR\" --name profile --note gpu_session"
 else
   step bench 60 "dry run: CPU, tiny sizes; $IMPLS" "\"\$PY\" -m gammacl.bench --device cpu --n 128 --d 32 --dtype fp32 --loss clip,gamma_onepass --backend torch --impl gammacl,naive --mode fwd+bwd --min-time 0.02 --threads 1 --no-plot --out \"\$OUTDIR\" --name bench --note gpu_session-dry-run"
