@@ -11,9 +11,9 @@ dB = scale*db_raw, dscale = <a, da_raw>_F.
 
 Forward, one sweep (`_simlse_fwd_kernel`): program p owns rows [p*BM, (p+1)*BM) and streams all
 column tiles. Per tile: S = a_blk @ b_tile^T (tl.dot, operands in the input dtype, fp32
-accumulation; fp64 operands and accumulator for fp64 inputs), l = scale*S with log2(e) folded
-into scale (exp2/log2; the fp64 path uses exp/log), an online row LSE (running max m, sum
-l_sum, rescaled by exp2(m_old - m_new)) and the tile's column partial
+accumulation; fp64 operands and accumulator for fp64 inputs), l = scale*S rounded once in
+the accumulation dtype, an online row LSE (running max m, sum l_sum, rescaled by
+exp(m_old - m_new)) and the tile's column partial
     part[p, j] = log sum_{i in block p} exp(l_ij)
 written to a [ceil(M/BM), N] buffer in the accumulation dtype; `_simlse_col_merge_kernel`
 then LSE-merges the R = ceil(M/BM) partials of each column. Memory: R*N*4 bytes
@@ -42,7 +42,14 @@ stores without reading).
 That adds 8*BM*D bytes of (mostly L2) traffic per (row block, column tile) but keeps the
 8MND FLOP floor for any D; a full-D register tile is impossible at D = 1024.
 
-Numerics: excluded and out-of-range entries are -inf before any exp; running maxima and LSEs
+Numerics: every shift (row / column max, LSE) and every exponent come from the same rounded
+logit l = scale*S in natural units; the fp32 path takes exp(x) = exp2(x log2 e) of the exact
+difference x = l - shift. Folding log2 e into scale instead (l2 = S * (scale log2 e)) and
+converting the LSE to natural units and back (r * ln2 * log2 e) shifts the maximum entry's
+exponent by ~ulp(l2): 8e-5 relative gradient error at |l| ~ 1e3 (tests/test_large_logits.py).
+The kernels are compiled with enable_fp_fusion=False for the same reason: fused into
+fma(S, scale, -m), the exponent would see the unrounded product.
+Excluded and out-of-range entries are -inf before any exp; running maxima and LSEs
 that are -inf (an all-excluded row or column) are replaced by 0 as the exp shift, so the
 all-excluded row gets LSE -inf and W = 0, never NaN. fp16 only: W = g * P with g ~ 1/N (mean
 losses) would fall below fp16's range when cast for the product, so the backward scales W by
@@ -148,6 +155,26 @@ def _log(x, BASE2: tl.constexpr):
 
 
 @triton.jit
+def _exp_nat(x, BASE2: tl.constexpr):
+    """exp(x) of x = l - shift in natural units: exp2(x log2 e) on the fp32 path."""
+    if BASE2:
+        y = tl.exp2(x * _LOG2E)
+    else:
+        y = tl.exp(x)
+    return y
+
+
+@triton.jit
+def _log_nat(x, BASE2: tl.constexpr):
+    """log(x): log2(x) ln 2 on the fp32 path."""
+    if BASE2:
+        y = tl.log2(x) * _LN2
+    else:
+        y = tl.log(x)
+    return y
+
+
+@triton.jit
 def _load_rows(PTR, offs_r, offs_d, stride, n_rows, D):
     """[len(offs_r), len(offs_d)] tile of a row-major matrix, zeros outside [n_rows, D]."""
     mask = (offs_r[:, None] < n_rows) & (offs_d[None, :] < D)
@@ -243,9 +270,7 @@ def _simlse_fwd_kernel(
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     scale = tl.load(SCALE).to(ACC)
-    if BASE2:
-        scale = scale * _LOG2E  # l * log2(e): every exp below is an exp2
-    m_i = tl.full((BLOCK_M,), _NEG_INF, dtype=ACC)  # running row max (log2 units when BASE2)
+    m_i = tl.full((BLOCK_M,), _NEG_INF, dtype=ACC)  # running row max
     l_i = tl.zeros((BLOCK_M,), dtype=ACC)  # running sum of exp(l - m_i)
     if SINGLE_D:
         x = _load_rows(X, offs_m, offs_d, stride_x, M, D)  # held for the whole sweep
@@ -277,21 +302,21 @@ def _simlse_fwd_kernel(
         # a shift of -inf (nothing valid yet) is replaced by 0 so exp never sees -inf - -inf.
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_shift = tl.where(m_new == _NEG_INF, 0.0, m_new)
-        l_i = l_i * _exp(m_i - m_shift, BASE2) + tl.sum(_exp(s - m_shift[:, None], BASE2), axis=1)
+        l_i = l_i * _exp_nat(m_i - m_shift, BASE2) + tl.sum(
+            _exp_nat(s - m_shift[:, None], BASE2), axis=1
+        )
         m_i = m_new
         if COLS:
             # column partial of this row block: LSE_i s_ij = cm_j + log sum_i exp(s_ij - cm_j)
             cm = tl.max(s, axis=0)
             cm_shift = tl.where(cm == _NEG_INF, 0.0, cm)
-            cl = tl.sum(_exp(s - cm_shift[None, :], BASE2), axis=0)
+            cl = tl.sum(_exp_nat(s - cm_shift[None, :], BASE2), axis=0)
             # sum 0 -> -inf (nothing valid); a NaN sum (NaN logit) stays NaN
-            part = tl.where(cl == 0, _NEG_INF, cm_shift + _log(tl.where(cl == 0, 1.0, cl), BASE2))
-            if BASE2:
-                part = part * _LN2
+            part = tl.where(
+                cl == 0, _NEG_INF, cm_shift + _log_nat(tl.where(cl == 0, 1.0, cl), BASE2)
+            )
             tl.store(COL_PART + pid * stride_part + offs_n, part, mask=offs_n < N)
-    row = tl.where(l_i == 0, _NEG_INF, m_i + _log(tl.where(l_i == 0, 1.0, l_i), BASE2))
-    if BASE2:
-        row = row * _LN2
+    row = tl.where(l_i == 0, _NEG_INF, m_i + _log_nat(tl.where(l_i == 0, 1.0, l_i), BASE2))
     tl.store(ROW_LSE + offs_m, row, mask=offs_m < M)
 
 
@@ -352,6 +377,7 @@ def _simlse_bwd_kernel(
     HAS_X: tl.constexpr,
     HAS_Y: tl.constexpr,
     G_NORM: tl.constexpr,
+    TRANS: tl.constexpr,
     ACC: tl.constexpr,
     BASE2: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -372,22 +398,43 @@ def _simlse_bwd_kernel(
     row_ok = offs_m < M
     offs_d = tl.arange(0, BLOCK_D)
     scale = tl.load(SCALE).to(ACC)
-    if BASE2:
-        scale = scale * _LOG2E
     if HAS_X:
         lse_x = tl.load(LSE_X + offs_m, mask=row_ok, other=0.0)
         lse_x = tl.where(lse_x == _NEG_INF, 0.0, lse_x)  # all-excluded row: all W_ij masked
-        if BASE2:
-            lse_x = lse_x * _LOG2E
         g_x = tl.load(G_X + offs_m, mask=row_ok, other=0.0)
     if SINGLE_D:
         x = _load_rows(X, offs_m, offs_d, stride_x, M, D)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
     for j0 in range(0, N, BLOCK_N):
         offs_n = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        # TRANS (the db launch, X = b): S = (Y_tile @ X_blk^T)^T, the forward's operand order,
+        # so every recomputed logit is bitwise the one its LSE was taken from (Numerics)
         if SINGLE_D:
             y = _load_rows(Y, offs_n, offs_d, stride_y, N, D)
-            s = _dot_nt(x, y, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), UPCAST, PRECISION)
+            if TRANS:
+                s = _dot_nt(y, x, tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC), UPCAST, PRECISION)
+                s = tl.trans(s)
+            else:
+                s = _dot_nt(x, y, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), UPCAST, PRECISION)
+        elif TRANS:
+            s = _scores_chunked(
+                Y,
+                X,
+                offs_n,
+                offs_m,
+                N,
+                M,
+                D,
+                stride_y,
+                stride_x,
+                ACC,
+                UPCAST,
+                PRECISION,
+                BLOCK_N,
+                BLOCK_M,
+                BLOCK_D,
+            )
+            s = tl.trans(s)
         else:
             s = _scores_chunked(
                 X,
@@ -410,15 +457,13 @@ def _simlse_bwd_kernel(
         s = tl.where(_valid(offs_m, offs_n, M, N, offset, EXCLUDE), s * scale, _NEG_INF)
         w = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
         if HAS_X:  # row-softmax term: g_r_i * P_row_ij
-            w += g_x[:, None] * _exp(s - lse_x[:, None], BASE2)
+            w += g_x[:, None] * _exp_nat(s - lse_x[:, None], BASE2)
         if HAS_Y:  # column-softmax term: g_c_j * P_col_ij
             col_ok = offs_n < N
             lse_y = tl.load(LSE_Y + offs_n, mask=col_ok, other=0.0)
             lse_y = tl.where(lse_y == _NEG_INF, 0.0, lse_y)
-            if BASE2:
-                lse_y = lse_y * _LOG2E
             g_y = tl.load(G_Y + offs_n, mask=col_ok, other=0.0)
-            w += g_y[None, :] * _exp(s - lse_y[None, :], BASE2)
+            w += g_y[None, :] * _exp_nat(s - lse_y[None, :], BASE2)
         if G_NORM:
             w = w * tl.load(G_INV).to(ACC)
         # W in the operand dtype for the tensor-core product (fp32 accumulation)
@@ -586,6 +631,7 @@ def _row_lse(x, y, scale, offset, exclude_pos, out, col_part=None) -> None:
         COLS=cols,
         **_flags(x.dtype),
         **kw,
+        enable_fp_fusion=False,  # max and exponent from the same rounded logit (Numerics)
     )
 
 
@@ -620,7 +666,9 @@ def simlse_fwd(
             else:
                 part = torch.empty((r, n), dtype=acc, device=dev)
             _row_lse(a, b, scale, offset, exclude_pos, row, col_part=part)
-            block_r, block_n = (32, 64) if interpreter_on() else (16, 256)
+            # interpreter: 4 partial rows per trip, so tests reach the merge loop's second trip
+            # with M > 4 * 64 rows (tests/test_merge_loops.py)
+            block_r, block_n = (4, 64) if interpreter_on() else (16, 256)
             _simlse_col_merge_kernel[(triton.cdiv(n, block_n),)](
                 PART=part,
                 COL_LSE=col,
@@ -681,9 +729,9 @@ def simlse_bwd(
     with _device_guard(dev):
         # da_raw = W @ b over row blocks of a; db_raw = W^T @ a over row blocks of b, where W^T
         # has the same form with (r, g_r) <-> (c, g_c) and offset -> -offset.
-        for x, y, lse_x, lse_y, g_x, g_y, off, has_x, has_y, out in (
-            (a, b, row_lse, col_lse, g_row, g_col, offset, True, cols, da),
-            (b, a, col_lse, row_lse, g_col, g_row, -offset, cols, True, db),
+        for x, y, lse_x, lse_y, g_x, g_y, off, has_x, has_y, out, trans in (
+            (a, b, row_lse, col_lse, g_row, g_col, offset, True, cols, da, False),
+            (b, a, col_lse, row_lse, g_col, g_row, -offset, cols, True, db, True),
         ):
             kw = {} if _AUTOTUNE else _config("bwd", x.dtype, d)
             rows = x.shape[0]
@@ -709,8 +757,10 @@ def simlse_bwd(
                 HAS_X=has_x,
                 HAS_Y=has_y,
                 G_NORM=g_norm,
+                TRANS=trans,
                 **flags,
                 **kw,
+                enable_fp_fusion=False,  # exponent from the rounded logit (Numerics)
             )
     if g_norm:
         da.mul_(gmax)
