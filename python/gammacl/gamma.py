@@ -1,11 +1,11 @@
-"""The gamma-weighted decomposable contrastive loss (stochastic EM, math.md §A.2-A.5), its
-per-sample partition-function state, and SogCLR (math.md §S) as its mean-E-step special case.
+"""The gamma-weighted decomposable contrastive loss (stochastic EM, docs/math.md §A.2-A.5), its
+per-sample partition-function state, and SogCLR (docs/math.md §S) as its mean-E-step special case.
 
 Objective (fixed; the "global" symmetric contrastive loss, positive EXCLUDED from the
 denominator, l = logit_scale * s, s_ij = <image_i, text_j>):
     G = 1/2 mean_i [-l_ii + log Z_i] + 1/2 mean_j [-l_jj + log Z^T_j],
     Z_i = mean_{j != i} e^{l_ij} over the whole data set (Z^T_j: over images, for text j).
-A minibatch estimate of log Z_i has an O(1/B) bias that moves the minimiser (math.md §A.2). The
+A minibatch estimate of log Z_i has an O(1/B) bias that moves the minimiser (docs/math.md §A.2). The
 gamma identity 1/Z = E[G]/Z, G ~ Gamma(a, 1) / a, makes the loss linear in Z (decomposable): with
 in-batch Zhat_i = mean over the B - 1 in-batch negatives (unbiased for Z_i),
     loss = 1/2 mean_i [-l_ii + u_i Zhat_i] + 1/2 mean_j [-l_jj + v_j Zhat^T_j],  u_i = G_i / (a R_i)
@@ -14,9 +14,10 @@ gradient (E-step), so E[grad] = grad G when R = Z, for any batch size.
     dloss/dl_ij = 1/(2B) (e^{l_ij + alpha_i} + e^{l_ij + alpha^T_j}),  i != j;  -1/B on i == j
     alpha_i = log(G_i / a) - log R_i - log(B - 1)
 Draws are normalised by a (mean 1): for a = 1 this is exactly u = G / R with G ~ Exponential(1);
-for other a it is math.md's augmented loss -a l_ii + u Z, u ~ Gamma(a, rate Z), divided by a (the
-same minimiser; without the 1/a the step would follow -l_ii + a log Z instead). The shape a
-only sets the noise: Var(G/a) = 1/a. SogCLR replaces the draw by its mean (u = 1/R).
+for other a it is the augmented loss -a l_ii + u Z, u ~ Gamma(a, rate Z) (docs/math.md §A.3),
+divided by a (the same minimiser; without the 1/a the step would follow -l_ii + a log Z
+instead). The shape a only sets the noise: Var(G/a) = 1/a. SogCLR replaces the draw by its mean
+(u = 1/R).
 
 Rates (`rate=`):
   "ema"   per-sample state log R (fp32, one table per direction, indexed by the data-set index,
@@ -24,7 +25,7 @@ Rates (`rate=`):
               log R_k <- logaddexp(log(1 - ema) + log R_k, log(ema) + log Zhat)
           (ema is the weight of the new batch estimate; ema = 1 is the plain batch estimate).
           update="before": update with this batch, then use (SogCLR's order). Then
-              u_i Zhat_i <= G_i / (a ema)        (math.md §K.1: R_i >= ema Zhat_i)
+              u_i Zhat_i <= G_i / (a ema)        (docs/math.md §K.1: R_i >= ema Zhat_i)
           so every weight is bounded and no clamp is needed. Two passes (8MND FLOPs): the
           excluded-positive LSEs (simlse), the state update, then simlse's backward with weights
           e^{l_ij + alpha_i}.
@@ -34,7 +35,7 @@ Rates (`rate=`):
           e^{min(l_ij + alpha_i, clamp)}, clamp = 30 by default (weights <= 1e13; the gradient
           keeps the capped weight). A batch that contains first visits first runs an LSE-only
           pass (2MND) to get their Zhat.
-  "batch" no state: R = this batch's Zhat (biased, math.md §A.4 R1); two passes.
+  "batch" no state: R = this batch's Zhat (biased, docs/math.md §A.4 R1); two passes.
   "fixed" user-supplied log-rates per sample (set_log_rates; e.g. exact rates in a toy); never
           updated; one pass with the cap.
 
@@ -217,7 +218,7 @@ def _range_error(num_samples: int, lo: int, hi: int) -> ValueError:
 
 
 class LogRateState(nn.Module):
-    """Per-sample log partition-function estimates log R for ONE direction (math.md §K.1).
+    """Per-sample log partition-function estimates log R for ONE direction (docs/math.md §K.1).
 
     Buffers (saved by state_dict): `log_rate` [num_samples] fp32, `visited` [num_samples] bool,
     `nonfinite` (int64: rows whose log Zhat was non-finite and were therefore not stored).
@@ -659,7 +660,7 @@ class GammaClipLoss(_GeneratorAttr, nn.Module):
 
 
 class SogCLRLoss(GammaClipLoss):
-    """SogCLR (Yuan et al., ICML 2022; math.md §S) for the objective G of gammacl.gamma: the
+    """SogCLR (Yuan et al., ICML 2022; docs/math.md §S) for the objective G of gammacl.gamma: the
     mean E-step of GammaClipLoss, u_i = 1/R_i, with the same per-sample moving-average state.
 
     SogCLR's own code multiplies the loss by the temperature tau = 1/logit_scale (a learning
