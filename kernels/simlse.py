@@ -366,6 +366,7 @@ def _simlse_bwd_kernel(
     G_Y,
     G_INV,
     OUT,
+    DS_PART,
     M,
     N,
     D,
@@ -378,6 +379,7 @@ def _simlse_bwd_kernel(
     HAS_Y: tl.constexpr,
     G_NORM: tl.constexpr,
     TRANS: tl.constexpr,
+    HAS_DS: tl.constexpr,
     ACC: tl.constexpr,
     BASE2: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -405,6 +407,8 @@ def _simlse_bwd_kernel(
     if SINGLE_D:
         x = _load_rows(X, offs_m, offs_d, stride_x, M, D)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
+    if HAS_DS:
+        ds_acc = tl.zeros((BLOCK_M,), dtype=ACC)
     for j0 in range(0, N, BLOCK_N):
         offs_n = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         # TRANS (the db launch, X = b): S = (Y_tile @ X_blk^T)^T, the forward's operand order,
@@ -453,6 +457,7 @@ def _simlse_bwd_kernel(
                 BLOCK_N,
                 BLOCK_D,
             )
+        s_raw = s  # <X_i, Y_j> (0 out of range)
         # -inf on excluded / out-of-range entries makes their softmax weights exactly 0
         s = tl.where(_valid(offs_m, offs_n, M, N, offset, EXCLUDE), s * scale, _NEG_INF)
         w = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
@@ -464,6 +469,11 @@ def _simlse_bwd_kernel(
             lse_y = tl.where(lse_y == _NEG_INF, 0.0, lse_y)
             g_y = tl.load(G_Y + offs_n, mask=col_ok, other=0.0)
             w += g_y[None, :] * _exp_nat(s - lse_y[None, :], BASE2)
+        if HAS_DS:
+            # dscale_raw = sum_ij W_ij <X_i, Y_j> from the fp32 W, before W is rounded to the
+            # operand dtype: <X, W16 @ Y> loses ~ulp(bf16) of the summands, and dscale cancels
+            # against the positive / smoothing terms (bf16, scale 1e-3, smoothing 1: 78% error)
+            ds_acc += tl.sum(w * s_raw, axis=1)
         if G_NORM:
             w = w * tl.load(G_INV).to(ACC)
         # W in the operand dtype for the tensor-core product (fp32 accumulation)
@@ -487,6 +497,8 @@ def _simlse_bwd_kernel(
     if SINGLE_D:
         o_ptr = OUT + offs_m[:, None] * stride_out + offs_d[None, :]
         tl.store(o_ptr, acc, mask=row_ok[:, None] & (offs_d[None, :] < D))
+    if HAS_DS:
+        tl.store(DS_PART + pid, tl.sum(ds_acc, axis=0))
 
 
 if _AUTOTUNE:
@@ -698,9 +710,11 @@ def simlse_bwd(
     offset: int,
     exclude_pos: bool,
     cols: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    dscale: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """(da_raw, db_raw) = (W @ b, W^T @ a), W_ij = g_row_i exp(l_ij - row_lse_i)
-    + [cols] g_col_j exp(l_ij - col_lse_j), 0 on excluded entries; acc dtype."""
+    + [cols] g_col_j exp(l_ij - col_lse_j), 0 on excluded entries; acc dtype. With dscale,
+    also dscale_raw = sum_ij W_ij <a_i, b_j> (0-d) from the unrounded W."""
     _check_features(a, b, scale)
     offset, exclude_pos, cols = int(offset), bool(exclude_pos), bool(cols)
     m, d = a.shape
@@ -714,8 +728,10 @@ def simlse_bwd(
     da = torch.empty(m, d, dtype=acc, device=dev)
     db = torch.empty(n, d, dtype=acc, device=dev)
     if m == 0 or n == 0:
-        return da.zero_(), db.zero_()
+        zero = (torch.zeros((), dtype=acc, device=dev),) if dscale else ()
+        return da.zero_(), db.zero_(), *zero
     flags = _flags(a.dtype)
+    ds_part = None
     # fp16 only (5-bit exponent): |W| <= max|g_r| + max|g_c| and g ~ 1/N, so W = g * P would
     # underflow fp16 at large N; scale W by 1/gmax (gmax a power of two, on the device, no sync)
     # and the fp32 result back by gmax. bf16 shares fp32's exponent range and needs no scaling.
@@ -736,6 +752,10 @@ def simlse_bwd(
             kw = {} if _AUTOTUNE else _config("bwd", x.dtype, d)
             rows = x.shape[0]
             grid = lambda meta, rows=rows: (triton.cdiv(rows, meta["BLOCK_M"]),)  # noqa: E731
+            has_ds = dscale and not trans  # the da launch alone covers every (i, j)
+            if has_ds:  # one fp32 partial per program (autotune: smallest BLOCK_M)
+                bm = _AUTOTUNE_MIN_BLOCK_M if _AUTOTUNE else kw["BLOCK_M"]
+                ds_part = torch.zeros(triton.cdiv(rows, bm), dtype=acc, device=dev)
             _simlse_bwd_kernel[grid](
                 X=x,
                 Y=y,
@@ -746,6 +766,7 @@ def simlse_bwd(
                 G_Y=g_y if has_y else g_x,
                 G_INV=g_inv if g_norm else scale,
                 OUT=out,
+                DS_PART=ds_part if has_ds else out,
                 M=rows,
                 N=y.shape[0],
                 D=d,
@@ -758,6 +779,7 @@ def simlse_bwd(
                 HAS_Y=has_y,
                 G_NORM=g_norm,
                 TRANS=trans,
+                HAS_DS=has_ds,
                 **flags,
                 **kw,
                 enable_fp_fusion=False,  # exponent from the rounded logit (Numerics)
@@ -765,4 +787,6 @@ def simlse_bwd(
     if g_norm:
         da.mul_(gmax)
         db.mul_(gmax)
+    if dscale:
+        return da, db, ds_part.sum()
     return da, db

@@ -325,3 +325,41 @@ def test_reference_backend_matches():
     x = gammacl.clip_loss(a, b, s, backend="reference")
     y = gammacl.clip_loss(a, b, s, backend="torch")
     assert_close_fp64(x, y, "reference backend")
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale,eps", [(0.001, 1.0), (1.0, 0.0), (14.3, 0.1)])
+def test_dscale_16bit_where_it_cancels(backend, dtype, scale, eps):
+    """d loss / d logit_scale = sum_ij W_ij s_ij - (positive and smoothing terms): at small scale
+    or heavy smoothing the two nearly cancel. Fused paths that round W to the 16-bit operand
+    dtype for the GEMMs must not form the first term from the rounded W (triton did: bf16,
+    scale 1e-3, smoothing 1: 78% error; 0.3-0.5% at scales 1-14). Within 10x of the torch
+    backend's error against float64 (the tolerance rule's bf16 allowance, 1e-2 x max|ref|, is
+    far looser than this cancellation needs)."""
+    n, d = 33, 24
+    g = torch.Generator().manual_seed(4)
+    a = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(dtype)
+    b = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(dtype)
+
+    def ds(fn, a, b, dt):
+        s = torch.tensor(scale, dtype=dt, requires_grad=True)
+        fn(a, b, s).backward()
+        return float(s.grad)
+
+    want = ds(
+        lambda *t: reference.clip_loss(*t, label_smoothing=eps),
+        a.double(),
+        b.double(),
+        torch.float64,
+    )
+    base = ds(
+        lambda *t: gammacl.clip_loss(*t, label_smoothing=eps, backend="torch"), a, b, torch.float32
+    )
+    got = ds(
+        lambda *t: gammacl.clip_loss(*t, label_smoothing=eps, backend=backend), a, b, torch.float32
+    )
+    bound = 10 * abs(base - want) + 1e-6 * abs(want)
+    assert abs(got - want) <= bound, (
+        f"{backend}: dscale {got:.6e}, float64 {want:.6e}, torch {base:.6e}"
+    )
