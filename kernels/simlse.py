@@ -28,7 +28,11 @@ then LSE-merges the R = ceil(M/BM) partials of each column. Memory: R*N*4 bytes
 Backward, one kernel launched twice, no atomics, deterministic (`_simlse_bwd_kernel`):
     launch 1 (rows of a):    da_raw_i = sum_j W_ij b_j
     launch 2 (rows of b):    db_raw_j = sum_i W_ij a_i   = the same kernel on (b, a, c, r, g_c,
-                                                           g_r, -offset): W^T has the same form
+                                                           g_r, -offset): W^T has the same form;
+                             TRANS: its S tiles are (a_tile @ b_blk^T)^T, the forward's operand
+                             order, so each logit is bitwise the one its LSE came from
+    with dscale, launch 1 also sums W_ij <a_i, b_j> in fp32 (before W is rounded to the operand
+    dtype) into one partial per program: dscale_raw, exact where dscale cancels.
 Each program owns BM output rows, recomputes its S tiles (2 recomputes in all) and multiplies
 W (cast to the input dtype, as flash-attention does with P) by the other operand's tile.
     FLOPs: 2 x (2MND recompute + 2MND product) = 8MND; forward + backward = 10MND (12MND with

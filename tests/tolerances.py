@@ -20,7 +20,7 @@ ATOL_FP64 = 1e-12
 # FlashAttention does with P; on a reduction that cancels (dscale = <A, W B>) that costs ~1.6 ulp
 # of max|ref| (tests/test_gpucheck.py's strided fp16 case), while torch's CPU fp16 reference
 # rounds only its outputs. (The triton backend forms dscale from its fp32 W in the kernel, so
-# its dscale is held to 10x torch's error in tests/test_clip.py::test_dscale_16bit_where_it_cancels.)
+# its dscale is held to 10x torch's error: test_clip.py::test_dscale_16bit_where_it_cancels.)
 TOL = {
     torch.float32: 1e-5,
     torch.float16: 2e-3,
