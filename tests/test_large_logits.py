@@ -17,7 +17,19 @@ import gammacl
 from gammacl import reference
 from gammacl.ops.simlse import simlse
 
-ALL = cpu_backends()
+CUDA_LSE_DEFECT = (
+    "known defect (issue 13, not fixed on this branch): the CUDA epilogues fold log2(e) into the "
+    "scale and convert the LSE ln2 -> log2e and back, so the maximum entry's exponent is off by "
+    "~ulp(l): 8.4e-5 relative at |l| ~ 1e3 under the emulator (strict: passes once fixed)"
+)
+ALL = [
+    pytest.param(
+        *p.values, id=p.id, marks=[*p.marks, pytest.mark.xfail(strict=True, reason=CUDA_LSE_DEFECT)]
+    )
+    if p.values[0] == "cuda"
+    else p
+    for p in cpu_backends()
+]
 
 
 def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
