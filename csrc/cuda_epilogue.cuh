@@ -83,6 +83,11 @@ __device__ __forceinline__ float ex2(float x) {
 #endif
 }
 __device__ __forceinline__ double ex2(double x) { return exp2(x); }
+// x * y rounded once, never contracted into an fma with a later add: a logit that feeds both a
+// max and an exponent l - max must be the same rounded value in both (exp(0) = 1 exactly at
+// the maximum; contracted, the exponent sees the unrounded product, off by ~ulp(l)).
+__device__ __forceinline__ float mul_rn(float x, float y) { return __fmul_rn(x, y); }
+__device__ __forceinline__ double mul_rn(double x, double y) { return __dmul_rn(x, y); }
 __device__ __forceinline__ float lg2(float x) { return log2f(x); }
 __device__ __forceinline__ double lg2(double x) { return log2(x); }
 __device__ __forceinline__ float abs_(float x) { return fabsf(x); }
@@ -175,7 +180,7 @@ __device__ __forceinline__ void load_row_logits(const T* srow, int64_t col0, int
       const Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(srow + j0);
 #pragma unroll
       for (int v = 0; v < VEC; ++v)
-        l[u * VEC + v] = (j0 + v == excl) ? neg_inf<A>() : to_acc(p.v[v]) * sl2;
+        l[u * VEC + v] = (j0 + v == excl) ? neg_inf<A>() : mul_rn(to_acc(p.v[v]), sl2);
     } else {
 #pragma unroll
       for (int v = 0; v < VEC; ++v) l[u * VEC + v] = neg_inf<A>();

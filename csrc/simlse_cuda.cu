@@ -163,7 +163,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
         const int64_t j = j0 + v;
-        const A l2 = to_acc(p.v[v]) * sl2;
+        const A l2 = mul_rn(to_acc(p.v[v]), sl2);  // as the forward's load_row_logits
         A wv = row_on ? gr * ex2(l2 - r2) : A(0);
         if (cols) {
           const A gc = g_col[j];

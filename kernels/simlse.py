@@ -11,9 +11,9 @@ dB = scale*db_raw, dscale = <a, da_raw>_F.
 
 Forward, one sweep (`_simlse_fwd_kernel`): program p owns rows [p*BM, (p+1)*BM) and streams all
 column tiles. Per tile: S = a_blk @ b_tile^T (tl.dot, operands in the input dtype, fp32
-accumulation; fp64 operands and accumulator for fp64 inputs), l = scale*S with log2(e) folded
-into scale (exp2/log2; the fp64 path uses exp/log), an online row LSE (running max m, sum
-l_sum, rescaled by exp2(m_old - m_new)) and the tile's column partial
+accumulation; fp64 operands and accumulator for fp64 inputs), l = scale*S rounded once in
+the accumulation dtype, an online row LSE (running max m, sum l_sum, rescaled by
+exp(m_old - m_new)) and the tile's column partial
     part[p, j] = log sum_{i in block p} exp(l_ij)
 written to a [ceil(M/BM), N] buffer in the accumulation dtype; `_simlse_col_merge_kernel`
 then LSE-merges the R = ceil(M/BM) partials of each column. Memory: R*N*4 bytes
@@ -28,7 +28,11 @@ then LSE-merges the R = ceil(M/BM) partials of each column. Memory: R*N*4 bytes
 Backward, one kernel launched twice, no atomics, deterministic (`_simlse_bwd_kernel`):
     launch 1 (rows of a):    da_raw_i = sum_j W_ij b_j
     launch 2 (rows of b):    db_raw_j = sum_i W_ij a_i   = the same kernel on (b, a, c, r, g_c,
-                                                           g_r, -offset): W^T has the same form
+                                                           g_r, -offset): W^T has the same form;
+                             TRANS: its S tiles are (a_tile @ b_blk^T)^T, the forward's operand
+                             order, so each logit is bitwise the one its LSE came from
+    with dscale, launch 1 also sums W_ij <a_i, b_j> in fp32 (before W is rounded to the operand
+    dtype) into one partial per program: dscale_raw, exact where dscale cancels.
 Each program owns BM output rows, recomputes its S tiles (2 recomputes in all) and multiplies
 W (cast to the input dtype, as flash-attention does with P) by the other operand's tile.
     FLOPs: 2 x (2MND recompute + 2MND product) = 8MND; forward + backward = 10MND (12MND with
@@ -42,7 +46,14 @@ stores without reading).
 That adds 8*BM*D bytes of (mostly L2) traffic per (row block, column tile) but keeps the
 8MND FLOP floor for any D; a full-D register tile is impossible at D = 1024.
 
-Numerics: excluded and out-of-range entries are -inf before any exp; running maxima and LSEs
+Numerics: every shift (row / column max, LSE) and every exponent come from the same rounded
+logit l = scale*S in natural units; the fp32 path takes exp(x) = exp2(x log2 e) of the exact
+difference x = l - shift. Folding log2 e into scale instead (l2 = S * (scale log2 e)) and
+converting the LSE to natural units and back (r * ln2 * log2 e) shifts the maximum entry's
+exponent by ~ulp(l2): 8e-5 relative gradient error at |l| ~ 1e3 (tests/test_large_logits.py).
+The kernels are compiled with enable_fp_fusion=False for the same reason: fused into
+fma(S, scale, -m), the exponent would see the unrounded product.
+Excluded and out-of-range entries are -inf before any exp; running maxima and LSEs
 that are -inf (an all-excluded row or column) are replaced by 0 as the exp shift, so the
 all-excluded row gets LSE -inf and W = 0, never NaN. fp16 only: W = g * P with g ~ 1/N (mean
 losses) would fall below fp16's range when cast for the product, so the backward scales W by
@@ -82,8 +93,6 @@ from gammacl.kernels.tiles import (
     _dot_nt,
     _exp,
     _load_rows,
-    _log,
-    _online_lse,
     _scores_chunked,
     _simlse_col_merge_kernel,
     _tile_ids,
@@ -152,6 +161,29 @@ _AUTOTUNE_MIN_BLOCK_M = 32  # smallest BLOCK_M in the autotune lists (sizes the 
 
 
 # ----------------------------------------------------------------------------------------------
+# natural-unit exp / log (tests/test_large_logits.py): shift and exponent from one rounded logit
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _exp_nat(x, BASE2: tl.constexpr):
+    """exp(x) of x = l - shift in natural units: exp2(x log2 e) on the fp32 path."""
+    if BASE2:
+        y = tl.exp2(x * _LOG2E)
+    else:
+        y = tl.exp(x)
+    return y
+
+
+@triton.jit
+def _log_nat(x, BASE2: tl.constexpr):
+    """log(x): log2(x) ln 2 on the fp32 path."""
+    if BASE2:
+        y = tl.log2(x) * _LN2
+    else:
+        y = tl.log(x)
+    return y
+
+
+# ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
 @triton.heuristics({"SINGLE_D": lambda args: args["D"] <= args["BLOCK_D"]})
@@ -186,9 +218,7 @@ def _simlse_fwd_kernel(
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     scale = tl.load(SCALE).to(ACC)
-    if BASE2:
-        scale = scale * _LOG2E  # l * log2(e): every exp below is an exp2
-    m_i = tl.full((BLOCK_M,), _NEG_INF, dtype=ACC)  # running row max (log2 units when BASE2)
+    m_i = tl.full((BLOCK_M,), _NEG_INF, dtype=ACC)  # running row max
     l_i = tl.zeros((BLOCK_M,), dtype=ACC)  # running sum of exp(l - m_i)
     if SINGLE_D:
         x = _load_rows(X, offs_m, offs_d, stride_x, M, D)  # held for the whole sweep
@@ -218,14 +248,23 @@ def _simlse_fwd_kernel(
         s = tl.where(_valid(offs_m, offs_n, M, N, offset, EXCLUDE), s * scale, _NEG_INF)
         # online row LSE: m' = max(m, max_j s), l' = l * exp(m - m') + sum_j exp(s - m');
         # a shift of -inf (nothing valid yet) is replaced by 0 so exp never sees -inf - -inf.
-        m_i, l_i = _online_lse(m_i, l_i, s, BASE2)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_shift = tl.where(m_new == _NEG_INF, 0.0, m_new)
+        l_i = l_i * _exp_nat(m_i - m_shift, BASE2) + tl.sum(
+            _exp_nat(s - m_shift[:, None], BASE2), axis=1
+        )
+        m_i = m_new
         if COLS:
             # column partial of this row block: LSE_i s_ij = cm_j + log sum_i exp(s_ij - cm_j)
-            part = _tile_lse(s, 0, BASE2)
+            cm = tl.max(s, axis=0)
+            cm_shift = tl.where(cm == _NEG_INF, 0.0, cm)
+            cl = tl.sum(_exp_nat(s - cm_shift[None, :], BASE2), axis=0)
+            # sum 0 -> -inf (nothing valid); a NaN sum (NaN logit) stays NaN
+            part = tl.where(
+                cl == 0, _NEG_INF, cm_shift + _log_nat(tl.where(cl == 0, 1.0, cl), BASE2)
+            )
             tl.store(COL_PART + pid * stride_part + offs_n, part, mask=offs_n < N)
-    row = tl.where(l_i == 0, _NEG_INF, m_i + _log(tl.where(l_i == 0, 1.0, l_i), BASE2))
-    if BASE2:
-        row = row * _LN2
+    row = tl.where(l_i == 0, _NEG_INF, m_i + _log_nat(tl.where(l_i == 0, 1.0, l_i), BASE2))
     tl.store(ROW_LSE + offs_m, row, mask=offs_m < M)
 
 
@@ -244,6 +283,7 @@ def _simlse_bwd_kernel(
     G_Y,
     G_INV,
     OUT,
+    DS_PART,
     M,
     N,
     D,
@@ -255,6 +295,8 @@ def _simlse_bwd_kernel(
     HAS_X: tl.constexpr,
     HAS_Y: tl.constexpr,
     G_NORM: tl.constexpr,
+    TRANS: tl.constexpr,
+    HAS_DS: tl.constexpr,
     ACC: tl.constexpr,
     BASE2: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -275,22 +317,45 @@ def _simlse_bwd_kernel(
     row_ok = offs_m < M
     offs_d = tl.arange(0, BLOCK_D)
     scale = tl.load(SCALE).to(ACC)
-    if BASE2:
-        scale = scale * _LOG2E
     if HAS_X:
         lse_x = tl.load(LSE_X + offs_m, mask=row_ok, other=0.0)
         lse_x = tl.where(lse_x == _NEG_INF, 0.0, lse_x)  # all-excluded row: all W_ij masked
-        if BASE2:
-            lse_x = lse_x * _LOG2E
         g_x = tl.load(G_X + offs_m, mask=row_ok, other=0.0)
     if SINGLE_D:
         x = _load_rows(X, offs_m, offs_d, stride_x, M, D)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
+    if HAS_DS:
+        ds_acc = tl.zeros((BLOCK_M,), dtype=ACC)
     for j0 in range(0, N, BLOCK_N):
         offs_n = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        # TRANS (the db launch, X = b): S = (Y_tile @ X_blk^T)^T, the forward's operand order,
+        # so every recomputed logit is bitwise the one its LSE was taken from (Numerics)
         if SINGLE_D:
             y = _load_rows(Y, offs_n, offs_d, stride_y, N, D)
-            s = _dot_nt(x, y, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), UPCAST, PRECISION)
+            if TRANS:
+                s = _dot_nt(y, x, tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC), UPCAST, PRECISION)
+                s = tl.trans(s)
+            else:
+                s = _dot_nt(x, y, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), UPCAST, PRECISION)
+        elif TRANS:
+            s = _scores_chunked(
+                Y,
+                X,
+                offs_n,
+                offs_m,
+                N,
+                M,
+                D,
+                stride_y,
+                stride_x,
+                ACC,
+                UPCAST,
+                PRECISION,
+                BLOCK_N,
+                BLOCK_M,
+                BLOCK_D,
+            )
+            s = tl.trans(s)
         else:
             s = _scores_chunked(
                 X,
@@ -309,19 +374,23 @@ def _simlse_bwd_kernel(
                 BLOCK_N,
                 BLOCK_D,
             )
+        s_raw = s  # <X_i, Y_j> (0 out of range)
         # -inf on excluded / out-of-range entries makes their softmax weights exactly 0
         s = tl.where(_valid(offs_m, offs_n, M, N, offset, EXCLUDE), s * scale, _NEG_INF)
         w = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
         if HAS_X:  # row-softmax term: g_r_i * P_row_ij
-            w += g_x[:, None] * _exp(s - lse_x[:, None], BASE2)
+            w += g_x[:, None] * _exp_nat(s - lse_x[:, None], BASE2)
         if HAS_Y:  # column-softmax term: g_c_j * P_col_ij
             col_ok = offs_n < N
             lse_y = tl.load(LSE_Y + offs_n, mask=col_ok, other=0.0)
             lse_y = tl.where(lse_y == _NEG_INF, 0.0, lse_y)
-            if BASE2:
-                lse_y = lse_y * _LOG2E
             g_y = tl.load(G_Y + offs_n, mask=col_ok, other=0.0)
-            w += g_y[None, :] * _exp(s - lse_y[None, :], BASE2)
+            w += g_y[None, :] * _exp_nat(s - lse_y[None, :], BASE2)
+        if HAS_DS:
+            # dscale_raw = sum_ij W_ij <X_i, Y_j> from the fp32 W, before W is rounded to the
+            # operand dtype: <X, W16 @ Y> loses ~ulp(bf16) of the summands, and dscale cancels
+            # against the positive / smoothing terms (bf16, scale 1e-3, smoothing 1: 78% error)
+            ds_acc += tl.sum(w * s_raw, axis=1)
         if G_NORM:
             w = w * tl.load(G_INV).to(ACC)
         # W in the operand dtype for the tensor-core product (fp32 accumulation)
@@ -345,6 +414,8 @@ def _simlse_bwd_kernel(
     if SINGLE_D:
         o_ptr = OUT + offs_m[:, None] * stride_out + offs_d[None, :]
         tl.store(o_ptr, acc, mask=row_ok[:, None] & (offs_d[None, :] < D))
+    if HAS_DS:
+        tl.store(DS_PART + pid, tl.sum(ds_acc, axis=0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -596,6 +667,7 @@ def _row_lse(x, y, scale, offset, exclude_pos, out, col_part=None) -> None:
         COLS=cols,
         **_flags(x.dtype),
         **kw,
+        enable_fp_fusion=False,  # max and exponent from the same rounded logit (Numerics)
     )
 
 
@@ -633,7 +705,9 @@ def simlse_fwd(
             else:
                 part = torch.empty((r, n), dtype=acc, device=dev)
             _row_lse(a, b, scale, offset, exclude_pos, row, col_part=part)
-            block_r, block_n = (32, 64) if interpreter_on() else (16, 256)
+            # interpreter: 4 partial rows per trip, so tests reach the merge loop's second trip
+            # with M > 4 * 64 rows (tests/test_merge_loops.py)
+            block_r, block_n = (4, 64) if interpreter_on() else (16, 256)
             _simlse_col_merge_kernel[(triton.cdiv(n, block_n),)](
                 PART=part,
                 COL_LSE=col,
@@ -663,9 +737,11 @@ def simlse_bwd(
     offset: int,
     exclude_pos: bool,
     cols: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    dscale: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """(da_raw, db_raw) = (W @ b, W^T @ a), W_ij = g_row_i exp(l_ij - row_lse_i)
-    + [cols] g_col_j exp(l_ij - col_lse_j), 0 on excluded entries; acc dtype."""
+    + [cols] g_col_j exp(l_ij - col_lse_j), 0 on excluded entries; acc dtype. With dscale,
+    also dscale_raw = sum_ij W_ij <a_i, b_j> (0-d) from the unrounded W."""
     _check_features(a, b, scale)
     offset, exclude_pos, cols = int(offset), bool(exclude_pos), bool(cols)
     m, d = a.shape
@@ -679,8 +755,10 @@ def simlse_bwd(
     da = torch.empty(m, d, dtype=acc, device=dev)
     db = torch.empty(n, d, dtype=acc, device=dev)
     if m == 0 or n == 0:
-        return da.zero_(), db.zero_()
+        zero = (torch.zeros((), dtype=acc, device=dev),) if dscale else ()
+        return da.zero_(), db.zero_(), *zero
     flags = _flags(a.dtype)
+    ds_part = None
     # fp16 only (5-bit exponent): |W| <= max|g_r| + max|g_c| and g ~ 1/N, so W = g * P would
     # underflow fp16 at large N; scale W by 1/gmax (gmax a power of two, on the device, no sync)
     # and the fp32 result back by gmax. bf16 shares fp32's exponent range and needs no scaling.
@@ -700,16 +778,22 @@ def simlse_bwd(
             if g_norm:
                 da.mul_(gmax)
                 db.mul_(gmax)
-            return da, db
+            # large-D path: dscale_raw = <a, da_raw>_F (from the rounded W; not measured for the
+            # cancelling case the small-D kernel sums in fp32)
+            return (da, db, (a.to(acc) * da).sum()) if dscale else (da, db)
         # da_raw = W @ b over row blocks of a; db_raw = W^T @ a over row blocks of b, where W^T
         # has the same form with (r, g_r) <-> (c, g_c) and offset -> -offset.
-        for x, y, lse_x, lse_y, g_x, g_y, off, has_x, has_y, out in (
-            (a, b, row_lse, col_lse, g_row, g_col, offset, True, cols, da),
-            (b, a, col_lse, row_lse, g_col, g_row, -offset, cols, True, db),
+        for x, y, lse_x, lse_y, g_x, g_y, off, has_x, has_y, out, trans in (
+            (a, b, row_lse, col_lse, g_row, g_col, offset, True, cols, da, False),
+            (b, a, col_lse, row_lse, g_col, g_row, -offset, cols, True, db, True),
         ):
             kw = {} if _AUTOTUNE else _config("bwd", x.dtype, d)
             rows = x.shape[0]
             grid = lambda meta, rows=rows: (triton.cdiv(rows, meta["BLOCK_M"]),)  # noqa: E731
+            has_ds = dscale and not trans  # the da launch alone covers every (i, j)
+            if has_ds:  # one fp32 partial per program (autotune: smallest BLOCK_M)
+                bm = _AUTOTUNE_MIN_BLOCK_M if _AUTOTUNE else kw["BLOCK_M"]
+                ds_part = torch.zeros(triton.cdiv(rows, bm), dtype=acc, device=dev)
             _simlse_bwd_kernel[grid](
                 X=x,
                 Y=y,
@@ -720,6 +804,7 @@ def simlse_bwd(
                 G_Y=g_y if has_y else g_x,
                 G_INV=g_inv if g_norm else scale,
                 OUT=out,
+                DS_PART=ds_part if has_ds else out,
                 M=rows,
                 N=y.shape[0],
                 D=d,
@@ -731,12 +816,17 @@ def simlse_bwd(
                 HAS_X=has_x,
                 HAS_Y=has_y,
                 G_NORM=g_norm,
+                TRANS=trans,
+                HAS_DS=has_ds,
                 **flags,
                 **kw,
+                enable_fp_fusion=False,  # exponent from the rounded logit (Numerics)
             )
     if g_norm:
         da.mul_(gmax)
         db.mul_(gmax)
+    if dscale:
+        return da, db, ds_part.sum()
     return da, db
 
 

@@ -163,18 +163,29 @@ def test_gradcheck_fp64(backend):
 
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_large_logits_finite(backend, dtype):
+@pytest.mark.parametrize("seed", [0, 1])
+def test_large_logits_match_reference(backend, dtype, seed, request):
+    """Unnormalised features at scale 100 (|logit| up to ~1e4, far beyond exp's range): loss and
+    all three gradients against the float64 reference with the tolerance rule (the fp32 bound is
+    ~1e-5 relative; the old cpp / triton large-logit errors were 2e-4 .. 5e-3)."""
+    if backend == "cuda" and dtype == torch.float32:
+        from test_large_logits import CUDA_LSE_DEFECT
+
+        request.applymarker(pytest.mark.xfail(strict=True, reason=CUDA_LSE_DEFECT))
     n, d = 19, 24
-    a = (torch.randn(n, d) * 3).to(dtype).requires_grad_()  # unnormalised: |logit| up to ~1e4
-    b = (torch.randn(n, d) * 3).to(dtype).requires_grad_()
+    g = torch.Generator().manual_seed(seed)
+    a = (torch.randn(n, d, generator=g) * 3).to(dtype).requires_grad_()
+    b = (torch.randn(n, d, generator=g) * 3).to(dtype).requires_grad_()
     s = torch.tensor(100.0, requires_grad=True)
-    loss = gammacl.clip_loss(a, b, s, backend=backend)
-    loss.backward()
-    assert torch.isfinite(loss)
-    for g in (a.grad, b.grad, s.grad):
-        assert torch.isfinite(g).all()
-    ref = reference.clip_loss(a.detach(), b.detach(), 100.0)
-    assert abs(float(loss.detach()) - float(ref)) <= 2e-3 * max(1.0, abs(float(ref)))
+    _check(
+        lambda *t: gammacl.clip_loss(*t, backend=backend),
+        lambda *t, upcast: reference.clip_loss(*t, upcast=upcast),
+        a,
+        b,
+        s,
+        dtype,
+        f"{backend} {dtype} large logits",
+    )
 
 
 @pytest.mark.parametrize("backend", ALL)
@@ -318,3 +329,50 @@ def test_reference_backend_matches():
     x = gammacl.clip_loss(a, b, s, backend="reference")
     y = gammacl.clip_loss(a, b, s, backend="torch")
     assert_close_fp64(x, y, "reference backend")
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale,eps", [(0.001, 1.0), (1.0, 0.0), (14.3, 0.1)])
+def test_dscale_16bit_where_it_cancels(backend, dtype, scale, eps, request):
+    """d loss / d logit_scale = sum_ij W_ij s_ij - (positive and smoothing terms): at small scale
+    or heavy smoothing the two nearly cancel. Fused paths that round W to the 16-bit operand
+    dtype for the GEMMs must not form the first term from the rounded W (triton did: bf16,
+    scale 1e-3, smoothing 1: 78% error; 0.3-0.5% at scales 1-14). Within 10x of the torch
+    backend's error against float64 (the tolerance rule's bf16 allowance, 1e-2 x max|ref|, is
+    far looser than this cancellation needs)."""
+    if backend == "cuda":
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="known defect (issue 13, not fixed on this branch): the CUDA backward "
+                "rounds W to the 16-bit operand dtype and dscale = <A, W16 B> cancels (emulator: "
+                "88% error at scale 1e-3); strict: passes once fixed",
+            )
+        )
+    n, d = 33, 24
+    g = torch.Generator().manual_seed(4)
+    a = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(dtype)
+    b = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(dtype)
+
+    def ds(fn, a, b, dt):
+        s = torch.tensor(scale, dtype=dt, requires_grad=True)
+        fn(a, b, s).backward()
+        return float(s.grad)
+
+    want = ds(
+        lambda *t: reference.clip_loss(*t, label_smoothing=eps),
+        a.double(),
+        b.double(),
+        torch.float64,
+    )
+    base = ds(
+        lambda *t: gammacl.clip_loss(*t, label_smoothing=eps, backend="torch"), a, b, torch.float32
+    )
+    got = ds(
+        lambda *t: gammacl.clip_loss(*t, label_smoothing=eps, backend=backend), a, b, torch.float32
+    )
+    bound = 10 * abs(base - want) + 1e-6 * abs(want)
+    assert abs(got - want) <= bound, (
+        f"{backend}: dscale {got:.6e}, float64 {want:.6e}, torch {base:.6e}"
+    )

@@ -87,12 +87,6 @@ def oracle_clip_loss(
 # ----------------------------------------------------------------------------------------------
 
 
-def _have_gamma() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("gammacl.gamma") is not None
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -245,14 +239,12 @@ def _check_clip(rank, world, report):
     report("clip fp32", fp32)
 
     def module_world_from_group():
-        # ClipLoss(rank=None, world_size=None): rank and world size from the default group
-        try:
-            mod = gammacl.ClipLoss(
-                local_loss=True, gather_with_grad=True, rank=None, world_size=None, backend="torch"
-            )
-            ours = _grads(mod, img[sl], txt[sl], scale)
-        except TypeError as e:  # ClipLoss without the None support (compares None > 1)
-            return {"unsupported": str(e)}
+        # ClipLoss(rank=None, world_size=None): rank and world size from the default group (a
+        # TypeError here is a failure, never a skip)
+        mod = gammacl.ClipLoss(
+            local_loss=True, gather_with_grad=True, rank=None, world_size=None, backend="torch"
+        )
+        ours = _grads(mod, img[sl], txt[sl], scale)
         ref = _grads(
             lambda a, b, s_: oracle_clip_loss(
                 a, b, s_, local_loss=True, gather_with_grad=True, rank=rank, world_size=world
@@ -372,11 +364,13 @@ def _gamma_steps(world: int):
     return steps
 
 
-def _make_gamma(cls_name: str, kwargs: dict, seed: int, single: bool = False):
+def _make_gamma(
+    cls_name: str, kwargs: dict, seed: int, single: bool = False, backend: str = "torch"
+):
     from gammacl import gamma
 
     cls = getattr(gamma, cls_name)
-    kw = dict(kwargs, backend="torch")
+    kw = dict(kwargs, backend=backend)
     if single:
         kw["distributed"] = False  # the single-process reference, inside a distributed worker
     if cls_name == "GammaClipLoss":
@@ -396,8 +390,6 @@ def _check_gamma(rank, world, report):
     import torch.distributed as dist
     from tolerances import assert_close_fp64
 
-    if not _have_gamma():
-        return
     steps = _gamma_steps(world)
     sl = slice(rank * G_LOCAL, (rank + 1) * G_LOCAL)
     for key, (cls_name, kwargs) in GAMMA_CONFIGS.items():
@@ -438,23 +430,34 @@ def _check_gamma(rank, world, report):
         report(key, run)
 
     def nonfinite():
-        # a NaN image row on rank 0: rows resting on it are not stored, all others are, the
-        # same on every rank and as in a single process
-        for kwargs in ({"rate": "ema", "update": "before"}, {"rate": "ema", "update": "after"}):
-            single = _make_gamma("GammaClipLoss", kwargs, seed=7, single=True)
-            ours = _make_gamma("GammaClipLoss", kwargs, seed=7)
+        # a NaN image row on rank 0 (or a NaN text row on the last rank): rows resting on it are
+        # not stored, all others are, the same on every rank and as in a single process. On the
+        # cpp backend too: the validity masks (gammacl.distributed._valid_local_estimates) must
+        # not rely on the torch backend propagating NaN.
+        cases = [
+            (backend, side, kwargs)
+            for backend in ("torch", "cpp")
+            for side in ("image", "text")
+            for kwargs in ({"rate": "ema", "update": "before"}, {"rate": "ema", "update": "after"})
+        ]
+        for backend, side, kwargs in cases:
+            single = _make_gamma("GammaClipLoss", kwargs, seed=7, single=True, backend=backend)
+            ours = _make_gamma("GammaClipLoss", kwargs, seed=7, backend=backend)
             for k, (img, txt, idx) in enumerate(steps[:2]):
-                img = img.clone()
-                if k == 1:
+                img, txt = img.clone(), txt.clone()
+                if k == 1 and side == "image":
                     img[0, 0] = float("nan")
+                elif k == 1:
+                    txt[-1, 1] = float("nan")
                 single(img, txt, 4.0, idx)
                 _gamma_call(ours, img[sl], txt[sl], 4.0, idx[sl])
             for name in ("image_rate", "text_rate"):
                 mine, theirs = getattr(ours, name), getattr(single, name)
-                assert torch.equal(mine.visited, theirs.visited), f"{kwargs} {name} visited"
-                assert torch.equal(mine.nonfinite, theirs.nonfinite), f"{kwargs} {name} count"
+                what = f"{backend} NaN {side} {kwargs} {name}"
+                assert torch.equal(mine.visited, theirs.visited), f"{what} visited"
+                assert torch.equal(mine.nonfinite, theirs.nonfinite), f"{what} count"
                 assert int(mine.nonfinite) > 0
-                assert_close_fp64(mine.log_rate, theirs.log_rate, f"{kwargs} {name}")
+                assert_close_fp64(mine.log_rate, theirs.log_rate, what)
                 flat = torch.cat([mine.log_rate.double(), mine.visited.double()])
                 every = [torch.empty_like(flat) for _ in range(world)]
                 dist.all_gather(every, flat)
@@ -600,9 +603,7 @@ def test_clip_defaults_from_group_noncontiguous(world_run):
 
 
 def test_clip_module_world_size_none(world_run):
-    per_rank = _ok(world_run, "clip module world from group")
-    if "unsupported" in per_rank[0]:
-        pytest.skip(f"ClipLoss does not accept world_size=None yet: {per_rank[0]['unsupported']}")
+    _ok(world_run, "clip module world from group")
 
 
 def test_clip_fp32(world_run):
@@ -634,10 +635,6 @@ def test_fail_fast_same_error_on_every_rank(world_run, case):
     _ok(world_run, "fail-fast then in sync")
 
 
-needs_gamma = pytest.mark.skipif(not _have_gamma(), reason="gammacl.gamma is not in this build")
-
-
-@needs_gamma
 @pytest.mark.parametrize("config", list(GAMMA_CONFIGS))
 def test_gamma_matches_single_process(world_run, config):
     """Every step: mean over ranks of the loss and d_scale = the single-process loss on the
@@ -649,12 +646,10 @@ def test_gamma_matches_single_process(world_run, config):
         assert per_rank[0]["paths"] == ["lse+one_pass", "lse+one_pass", "one_pass"], per_rank
 
 
-@needs_gamma
 def test_gamma_nonfinite_rows_skipped_identically(world_run):
     _ok(world_run, "gamma nonfinite")
 
 
-@needs_gamma
 def test_gamma_fail_fast_same_error_on_every_rank(world_run):
     world, _ = world_run
     per_rank = _ok(world_run, "gamma fail-fast")

@@ -599,3 +599,57 @@ def test_constructor_validation(kwargs, err, match):
     kw = {"num_samples": 10, **kwargs}
     with pytest.raises(err, match=match):
         GammaClipLoss(kw.pop("num_samples"), **kw)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("update", ["before", "after"])
+def test_nonfinite_text_row_stores_exactly_the_valid_anchors(backend, update):
+    """NaN in text 2. Image anchor i needs every text j != i finite: only image anchor 2 (its
+    negatives are texts 0, 1, 3) is stored. Text anchor j needs text_j finite: 0, 1, 3 are
+    stored, 2 is not. Kills a mask that forgets to leave out the anchor's own positive
+    (bad_t.sum() instead of bad_t.sum() - bad_t[i]); NaN only in image rows never sees it."""
+    n, b = 8, 4
+    img, txt = _pairs(n, 16)
+    mod = GammaClipLoss(
+        n, update=update, backend=backend, ema=0.5, generator=torch.Generator().manual_seed(0)
+    )
+    index = torch.tensor([0, 1, 2, 3])
+    mod(img[index], txt[index], 4.0, index)
+    before = [st.log_rate.clone() for st in (mod.image_rate, mod.text_rate)]
+    bad = txt[index].clone()
+    bad[2, 3] = float("nan")
+    assert torch.isnan(mod(img[index], bad, 5.0, index))
+    img_st, txt_st = mod.image_rate, mod.text_rate
+    changed_img = img_st.log_rate[index] != before[0][index]
+    changed_txt = txt_st.log_rate[index] != before[1][index]
+    assert changed_img.tolist() == [False, False, True, False]
+    assert changed_txt.tolist() == [True, True, False, True]
+    assert int(img_st.nonfinite) == b - 1 and int(txt_st.nonfinite) == 1
+    assert torch.isfinite(img_st.log_rate).all() and torch.isfinite(txt_st.log_rate).all()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
+@pytest.mark.parametrize("backend", ALL)
+def test_all_seen_needs_both_image_and_text_visited(backend):
+    """Image anchors all visited while two text anchors are not: the next update-after step must
+    take the LSE pass for them ("lse+one_pass"), never the one-pass path on unvisited text
+    rates. NaN in image 0 then image 1 stores image {1, 2, 3} then {0, 2, 3}, text {0} then {1}."""
+    n = 4
+    img, txt = _pairs(n, 16, seed=3)
+    mod = GammaClipLoss(
+        n, update="after", backend=backend, ema=0.5, generator=torch.Generator().manual_seed(0)
+    )
+    index = torch.arange(n)
+    for k in (0, 1):
+        bad = img.clone()
+        bad[k, 0] = float("nan")
+        mod(bad, txt, 4.0, index)
+    assert mod.image_rate.visited.tolist() == [True] * 4
+    assert mod.text_rate.visited.tolist() == [True, True, False, False]
+    text_before = mod.text_rate.log_rate.clone()
+    loss = mod(img, txt, 4.0, index)
+    assert mod.last_path == "lse+one_pass"
+    assert mod.text_rate.visited.all()
+    assert torch.isfinite(loss)
+    assert (mod.text_rate.log_rate[2:] != text_before[2:]).all()

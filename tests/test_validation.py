@@ -123,7 +123,7 @@ def test_infonce_bad_input():
 
 def test_mixed_devices_meta():
     a, b = f32(4, 8), torch.empty(4, 8, device="meta")
-    with pytest.raises(ValueError, match=r"same device, got cpu and meta"):
+    with pytest.raises(ValueError, match=r"text_features is on the meta device"):
         gammacl.clip_loss(a, b, 1.0)
     with pytest.raises(ValueError, match=r"logit_scale is on meta but the features are on cpu"):
         gammacl.clip_loss(a, f32(4, 8), torch.empty((), device="meta"))
@@ -146,3 +146,19 @@ def test_cliploss_constructor_errors():
         gammacl.ClipLoss(backend="nope")
     with pytest.raises(ValueError, match="use_horovod"):
         gammacl.ClipLoss(use_horovod=True)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "reference"])
+@pytest.mark.parametrize("which", ["image_features", "text_features", "both"])
+def test_meta_device_features_named(backend, which):
+    """Meta tensors carry no data: a clear error naming the argument and the device, not
+    torch's "unsupported scalarType" from deep inside a kernel."""
+    img = torch.empty(4, 8, device="meta" if which != "text_features" else "cpu")
+    txt = torch.empty(4, 8, device="meta" if which != "image_features" else "cpu")
+    first = "text_features" if which == "text_features" else "image_features"
+    with pytest.raises(ValueError, match=rf"{first} is on the meta device \(shape \(4, 8\)"):
+        gammacl.clip_loss(img, txt, 2.0, backend=backend)
+    with pytest.raises(ValueError, match=r"is on the meta device"):
+        gammacl.infonce_loss(img, txt, 2.0, backend=backend)
+    with pytest.raises(ValueError, match=rf"{first} is on the meta device"):
+        gammacl.ClipLoss(backend=backend)(img, txt, torch.tensor(2.0, device=img.device))

@@ -2,7 +2,7 @@
 
 Two shared libraries, both plain torch op libraries (no Python module):
   cpu : every csrc/*.cpp except *_cuda.cpp. Defines the `gammacl::` op schemas
-        (TORCH_LIBRARY_FRAGMENT) and their CPU kernels. Flags -O3 -fopenmp.
+        (TORCH_LIBRARY_FRAGMENT) and their CPU kernels. Flags -O3 -ffp-contract=off -fopenmp.
   cuda: csrc/*_cuda.cpp + csrc/*.cu, only CUDA kernels (TORCH_LIBRARY_IMPL(gammacl, CUDA, ...)).
         Loaded after the cpu library, which owns the schemas, so both can live in one process.
         Needs a CUDA torch, a visible GPU and nvcc (CUDA_HOME); links cuBLAS.
@@ -150,7 +150,13 @@ def _build(cuda: bool) -> str:
     out = build_dir(cuda)
     out.mkdir(parents=True, exist_ok=True)
     kw: dict = {}
-    cflags = ["-O3", "-fopenmp"] if sys.platform.startswith("linux") else ["-O3"]
+    # -ffp-contract=off: no fused multiply-add across statements. A logit l = s * x feeds both
+    # the row max m and the exponent l - m; contracted into fma(s, x, -m) the exponent uses the
+    # unrounded product, so exp(l_max - m) != 1 and, at |l| ~ 1e3, gradients are off by ~ulp(l)
+    # (2e-4 relative; tests/test_large_logits.py).
+    cflags = ["-O3", "-ffp-contract=off"]
+    if sys.platform.startswith("linux"):
+        cflags.append("-fopenmp")
     ldflags = ["-fopenmp"] if sys.platform.startswith("linux") else []
     if cuda:
         kw["extra_cuda_cflags"] = ["-O3", "-lineinfo", *_arch_flags()]

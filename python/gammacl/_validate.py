@@ -27,6 +27,13 @@ def check_features(name: str, x: object) -> torch.Tensor:
         raise ValueError(f"{name} must be 2-D [N, D], got shape {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.device.type == "meta":
+        # a meta tensor has no data to compute a loss from (torch.compile's fake tensors carry
+        # the real device, so they never get here)
+        raise ValueError(
+            f"{name} is on the meta device (shape {tuple(x.shape)}, no data); gammacl computes "
+            "losses on cpu or cuda tensors"
+        )
     if x.shape[0] == 0:
         raise ValueError(
             f"{name} is an empty batch (shape {tuple(x.shape)}); batch size must be >= 1"

@@ -7,7 +7,8 @@ extension from csrc/), "reference" (naive materialised loss, for checking only).
 `auto` (or the GAMMACL_BACKEND environment variable, read when backend="auto") picks per device:
   CUDA tensors -> "triton" (falls back to "cuda", then "torch"). The triton-vs-cuda order is
                   not measured yet (no GPU has been available); it is a placeholder.
-  CPU tensors  -> "cpp" when the extension builds, else "torch" with one warning. Measured on a
+  CPU tensors  -> "cpp" when the extension builds, else "torch" with one warning, whatever
+                  TRITON_INTERPRET says (the interpreter runs only when asked for). Measured on a
                   2-core AMD EPYC box, clip_loss fwd+bwd N=4096 D=256 fp32 (median of 5):
                   cpp 456 ms, torch 763 ms, naive materialised 765 ms (1 thread);
                   243 / 409 / 452 ms (2 threads) -- bench/NOTES.md.
@@ -67,7 +68,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 "falling back to the chunked torch backend"
             )
             return "torch"
-        if device.type == "cpu" and not interpreter_on():
+        if device.type == "cpu":
+            # never "triton" on CPU: the interpreter (TRITON_INTERPRET=1) is a test harness,
+            # chosen only by an explicit backend="triton"; the variable does not change auto.
             ok, why = _ext_available(cuda=False)
             if ok:
                 return "cpp"

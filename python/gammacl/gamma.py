@@ -63,7 +63,7 @@ def _range_error(num_samples: int, lo: int, hi: int) -> ValueError:
 
 
 class LogRateState(nn.Module):
-    """Per-sample log partition-function estimates log R for ONE direction (math.md §K.1).
+    """Per-sample log partition-function estimates log R for ONE direction (docs/math.md §K.1).
 
     Buffers (saved by state_dict): `log_rate` [num_samples] fp32, `visited` [num_samples] bool,
     `nonfinite` (int64: rows whose log Zhat was non-finite and were therefore not stored).
@@ -626,7 +626,7 @@ class GammaClipLoss(_GeneratorAttr, nn.Module):
 
 
 class SogCLRLoss(GammaClipLoss):
-    """SogCLR (Yuan et al., ICML 2022; math.md §S) for the objective G of gammacl.gamma: the
+    """SogCLR (Yuan et al., ICML 2022; docs/math.md §S) for the objective G of gammacl.gamma: the
     mean E-step of GammaClipLoss, u_i = 1/R_i, with the same per-sample moving-average state.
 
     SogCLR's own code multiplies the loss by the temperature tau = 1/logit_scale (a learning

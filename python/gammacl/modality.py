@@ -1,4 +1,4 @@
-"""Paper B's modality-structure regularisers (reference/math.md §B.1–B.7), O(N*D) memory each.
+"""Paper B's modality-structure regularisers (docs/math.md §B.1–B.7), O(N*D) memory each.
 
 Notation: z_v, z_t [N, D] image / text features, z_*_aug the features of augmented inputs,
 zi_* the "independent" features of extra projection heads, s = logit_scale (exponentiated).
@@ -280,7 +280,7 @@ def inmodal_infonce_loss(
     """In-modal InfoNCE of z against its augmented view, mean over rows.
     inmodal="cyclip" (default): CE(s * z @ z_aug.T, arange), CyCLIP's code, which Paper B builds
     on; "printed": -(1/N) sum_j log(e^{s<z_j,za_j>} / sum_k e^{s<z_j,z_k>}), the denominator over
-    the NON-augmented z (k = j included), as math.md B.1 prints L_V2V."""
+    the NON-augmented z (k = j included), as docs/math.md B.1 prints L_V2V."""
     _check_group([("z", z), ("z_aug", z_aug)])
     inmodal = _check_choice("inmodal", inmodal, INMODAL_FORMS)
     scale = V.as_scale("logit_scale", logit_scale, z)

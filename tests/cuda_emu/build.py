@@ -63,7 +63,13 @@ def load(asan: bool = False):
         if not w.exists() or w.read_text() != text:
             w.write_text(text)
         wrappers.append(str(w))
-    flags = ["-O2", "-DGAMMACL_CUDA_EMU", "-fno-strict-aliasing", "-Wno-unknown-pragmas"]
+    flags = [
+        "-O2",
+        "-DGAMMACL_CUDA_EMU",
+        "-fno-strict-aliasing",
+        "-ffp-contract=off",
+        "-Wno-unknown-pragmas",
+    ]
     if asan:
         flags += ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
     cpp_extension.load(

@@ -65,6 +65,9 @@ inline float __half2float(__half x) { return static_cast<float>(x); }
 inline __half __float2half_rn(float x) { return __half(x); }
 inline float __bfloat162float(__nv_bfloat16 x) { return static_cast<float>(x); }
 inline __nv_bfloat16 __float2bfloat16_rn(float x) { return __nv_bfloat16(x); }
+// the emulator is built with -ffp-contract=off (build.py): a plain product is rounded once
+inline float __fmul_rn(float x, float y) { return x * y; }
+inline double __dmul_rn(double x, double y) { return x * y; }
 
 inline uint3 threadIdx{0, 0, 0};
 inline uint3 blockIdx{0, 0, 0};

@@ -1,11 +1,11 @@
-"""Gradient bias of minibatch contrastive training: the synthetic toy of math.md §A.7.
+"""Gradient bias of minibatch contrastive training: the synthetic toy of docs/math.md §A.7.
 
     python -m gammacl.experiments.bias [--steps 20000] [--seeds 10] [--negatives 2 8 32]
                                        [--out bias_theta.png] [--no-plot]
 
 THIS IS A TOY DERIVED FROM THE PAPER'S DESCRIPTION (Chen et al., NeurIPS 2022: "noise injected
 into synthetic data, 10 runs, the proposed loss converges to the optimum 1.0"), NOT THE PAPER'S
-OWN SETUP, which is not available (math.md §A.1, §A.7).
+OWN SETUP, which is not available (docs/math.md §A.1, §A.7).
 
 Model: one scalar theta. n = 256 anchors, anchor i has a fixed noise scale sigma_i ~ U(0.5, 1.5)
 and positive score c_i = sigma_i^2; its negatives have logit theta * z, z ~ N(0, sigma_i^2). The
@@ -38,7 +38,7 @@ import numpy as np
 from gammacl.experiments._train import train_loop
 
 DISCLAIMER = (
-    "NOTE: a toy derived from the paper's description (math.md §A.7), not the paper's "
+    "NOTE: a toy derived from the paper's description (docs/math.md §A.7), not the paper's "
     "own setup (not available)."
 )
 
@@ -169,7 +169,8 @@ def plot(res: dict, path: str) -> bool:
         ax.set_ylim(0.0, min(4.0, float(res["traj"][mi].max()) + 0.2))
     axes[0][0].legend(fontsize=7)
     fig.suptitle(
-        "Toy from math.md §A.7 (derived from the paper's description, not its setup)", fontsize=9
+        "Toy from docs/math.md §A.7 (derived from the paper's description, not its setup)",
+        fontsize=9,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1,7 +1,7 @@
 """gamma_onepass: value AND gradient of the decomposable negative term in one sweep over S.
 
 The gamma / SogCLR negative term weights each off-diagonal pair by a per-row scalar known
-before the sweep (math.md §A.5, §K.3): with l_ij = scale * <a_i, b_j>, entries (i, i + offset)
+before the sweep (docs/math.md §A.5, §K.3): with l_ij = scale * <a_i, b_j>, entries (i, i + offset)
 excluded, and alpha_row [M], alpha_col [N] supplied by the caller (detached),
     neg = w_row * sum_i row_term_i + w_col * sum_j col_term_j
     row_term_i = sum_j e^{min(l_ij + alpha_row_i, clamp)}      col_term_j likewise with alpha_col_j
@@ -15,7 +15,7 @@ rate state, updated after use) the excluded-positive row/column LSEs. FLOPs: 3 G
 `clamp` caps each exponent so a stale rate can never overflow fp32 (e^30 ~ 1e13 per entry: sums
 over 1e25 entries stay finite); W uses the capped weight, so where the cap bites the gradient is
 that of the uncapped loss with the pair's weight clipped (not the derivative of the capped
-value, which would be 0). With rates updated before use (math.md §K.1) every weight is at most
+value, which would be 0). With rates updated before use (docs/math.md §K.1) every weight is at most
 G_i / ema and the cap never bites.
 
 Backend contract (every backend implements exactly this function):

@@ -194,17 +194,29 @@ def _simlse_backward_op(
     exclude_pos: bool,
     cols: bool,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(da_raw, db_raw, dscale_raw = sum_ij W_ij <a_i, b_j>). The triton backend forms dscale_raw
+    from its fp32 W inside the kernel (it rounds W to the operand dtype for the GEMMs, and
+    dscale cancels against the positive / smoothing terms); the others as <a, da_raw>_F."""
     _, bwd = _backend_impl(backend, a.device)
     a, b = _last_dim_contiguous(a), _last_dim_contiguous(b)
     with torch.autocast(a.device.type, enabled=False):
-        return bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols)
+        if backend == "triton":
+            return bwd(
+                a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols, dscale=True
+            )
+        da, db = bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols)
+        return da, db, (a.to(da.dtype) * da).sum()
 
 
 @_simlse_backward_op.register_fake
 def _(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols, backend):
     acc = acc_dtype(a.dtype)
-    return a.new_empty(a.shape, dtype=acc), b.new_empty(b.shape, dtype=acc)
+    return (
+        a.new_empty(a.shape, dtype=acc),
+        b.new_empty(b.shape, dtype=acc),
+        a.new_empty((), dtype=acc),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -225,13 +237,13 @@ def _backward(ctx, g_row, g_col):
         g_col = torch.zeros_like(col) if g_col is None else g_col.to(acc).contiguous()
     else:
         g_col = row.new_zeros(0)
-    da_raw, db_raw = _simlse_backward_op(
+    da_raw, db_raw, ds_raw = _simlse_backward_op(
         a, b, scale, row, col, g_row, g_col, offset, exclude_pos, cols, backend
     )
     need_a, need_b, need_s = ctx.needs_input_grad[:3]
     da = (da_raw * scale).to(a.dtype) if need_a else None
     db = (db_raw * scale).to(b.dtype) if need_b else None
-    ds = (a.to(acc) * da_raw).sum() if need_s else None
+    ds = ds_raw if need_s else None
     return da, db, ds, None, None, None, None
 
 

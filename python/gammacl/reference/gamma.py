@@ -1,5 +1,6 @@
-"""Naive float64 reference of the gamma-weighted decomposable contrastive loss (math.md §A.2-A.5,
-§S, §K) and of its per-sample rate state. Every gamma / SogCLR test compares against this file.
+"""Naive float64 reference of the gamma-weighted decomposable contrastive loss
+(docs/math.md §A.2-A.5, §S, §K) and of its per-sample rate state. Every gamma / SogCLR test
+compares against this file.
 
 Objective (the "global" symmetric contrastive loss, positive EXCLUDED from the denominator):
     G = 1/2 mean_i [-l_ii + log Z_i] + 1/2 mean_j [-l_jj + log Z^T_j],   l = logit_scale * a @ b.T

@@ -1,8 +1,9 @@
-"""Reference Paper B modality-structure losses (math.md §B.1–B.4), written as printed, pairwise.
+"""Reference Paper B modality-structure losses (docs/math.md §B.1–B.4), as printed, pairwise.
 
-Each function spells out the printed formula term by term (with the corrections math.md records)
-and materialises every N x N (uniformity: N x N x D) quantity on purpose: these are the ground
-truth the fused / Gram-form paths in gammacl.modality are tested against, not a fast path.
+Each function spells out the printed formula term by term (with the corrections docs/math.md
+records) and materialises every N x N (uniformity: N x N x D) quantity on purpose: these are
+the ground truth the fused / Gram-form paths in gammacl.modality are tested against, not a fast
+path.
 `upcast=True` (default) computes in float64; `upcast=False` in the inputs' own dtype ("PyTorch's
 own error" for tests/tolerances.py).
 
@@ -169,7 +170,7 @@ def modality_contrastive_loss(
 
 
 def brownian_bridge_closed_form(z_v, z_t, z_v_aug, t=0.25) -> torch.Tensor:
-    """math.md B.3's corrected closed form for unit vectors (a cross-check of the first line):
+    """docs/math.md B.3's corrected closed form for unit vectors (a cross-check of the first line):
     ||z^a - mu||^2 = 2 - 2 (t<z_V,z^a> + (1-t)<z_T,z^a>) / sqrt(t^2 + (1-t)^2 + 2t(1-t)<V,T>)."""
     v, tt, a = (x.double() for x in (z_v, z_t, z_v_aug))
     num = t * (v * a).sum(1) + (1 - t) * (tt * a).sum(1)
