@@ -40,12 +40,8 @@ def select_impls(
         bad = losses - known
         if bad:
             raise SystemExit(f"--loss: unknown {sorted(bad)}; available: {','.join(sorted(known))}")
-        # the GEMM floor goes with every loss; siglip-kernel (a different loss) with clip
-        impls = [
-            i
-            for i in impls
-            if i.loss in losses or i.loss == "floor" or (i.loss == "siglip" and "clip" in losses)
-        ]
+        # the GEMM floor goes with every loss; the sigmoid-loss peers with gammacl's siglip
+        impls = [i for i in impls if i.loss in losses or i.loss == "floor"]
     elif default_losses is not None:
         impls = [i for i in impls if i.loss in default_losses]
     kept = [i for i in impls if device.type in i.devices]
