@@ -74,6 +74,7 @@ def _gamma_run(mods, fn, steps, first=0):
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", cpu_backends())  # triton: under the interpreter
 def test_gamma_family_compiled_matches_eager(backend):
     torch._dynamo.reset()
@@ -173,6 +174,7 @@ def _modality_step(backend, mods):
     return step
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", NO_TRITON)
 def test_modality_family_compiled_matches_eager(backend):
     torch._dynamo.reset()

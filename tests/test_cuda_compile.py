@@ -28,6 +28,9 @@ TORCH_NVCC_DEFINES = [
     "-D__CUDA_NO_HALF2_OPERATORS__",
 ]
 
+# nvcc and host-compiler builds take ~10-15 s each: CI's slow step
+pytestmark = pytest.mark.slow
+
 
 def _nvcc() -> str | None:
     for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):

@@ -96,6 +96,7 @@ def test_example_single_process_clip():
     _assert_learned(_run([sys.executable, str(SCRIPT), "--loss", "clip", *TINY]), 1)
 
 
+@pytest.mark.slow
 def test_example_torchrun_two_processes_clip():
     _assert_learned(_run(_torchrun(2, ["--loss", "clip", *TINY])), 2)
 
@@ -110,5 +111,6 @@ def test_example_single_process_gamma():
     _assert_learned(_run([sys.executable, str(SCRIPT), "--loss", "gamma", *TINY]), 1)
 
 
+@pytest.mark.slow
 def test_example_torchrun_two_processes_gamma():
     _assert_learned(_run(_torchrun(2, ["--loss", "gamma", *TINY])), 2)

@@ -301,6 +301,7 @@ def test_frozen_model_log_rate_tends_to_log_z(update):
         assert e.mean() > 0.3, e
 
 
+@pytest.mark.slow
 def test_small_batch_training_reaches_the_full_objective_optimum():
     """Learn only the logit scale t on fixed features (n = 64) with batch 8: the optimum t* of
     the full-data objective G is known (Newton on the float64 reference). Plain minibatch

@@ -48,12 +48,14 @@ def _peak_growth_mib(backend: str) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", cpu_backends(include_triton=False, include_cuda_emu=False))
 def test_no_nxn_allocation(backend):
     grow = _peak_growth_mib(backend)
     assert grow < 0.4 * NN_MIB, f"{backend}: peak RSS grew {grow:.0f} MiB (N x N fp32 = 256 MiB)"
 
 
+@pytest.mark.slow
 def test_probe_sees_nxn():
     grow = _peak_growth_mib("naive")
     assert grow > NN_MIB, f"the materialised reference grew only {grow:.0f} MiB"
