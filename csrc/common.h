@@ -55,9 +55,9 @@ size_t simlse_fwd_workspace_bytes(int64_t rows, int64_t n, bool f64);
 // Forward epilogue of one row chunk: S (rows x n, leading dim ld, type s_type) holds raw dot
 // products a_i . b_j of global rows row0..row0+rows-1.
 //   row_lse[row0 + i] = log sum_j exp(l_ij)                       (written for the chunk's rows)
-//   cols: (col_m, col_l)[j] <- running base-2 column stats (max m, sum of 2^(l*log2e - m)) merged
-//         with this chunk's; `first` starts them fresh (no initialisation needed), `last` writes
-//         col_lse[j] = ln2 * (m + log2 l) instead of storing them.
+//   cols: (col_m, col_l)[j] <- running column stats (max m, sum of e^(l - m)) merged with this
+//         chunk's; `first` starts them fresh (no initialisation needed), `last` writes
+//         col_lse[j] = m + ln l instead of storing them.
 // Rows with every entry excluded get -inf. Race-free: per-(row-tile, column) partials in `work`
 // are merged by one thread per column; no atomics.
 int simlse_fwd_chunk(const void* s, gammacl::GcType s_type, int64_t rows, int64_t n, int64_t ld,
@@ -70,11 +70,16 @@ int simlse_fwd_chunk(const void* s, gammacl::GcType s_type, int64_t rows, int64_
 // (0 if excluded) with i = row0 + local row. s_type in {F32, F64, F16, BF16}; w_type = F64 iff
 // s_type is F64. w_scale: optional acc-typed device scalar (nullptr = 1), a power of two that
 // keeps fp16 weights out of fp16's subnormal range; the caller divides the GEMM results by it.
+// ds_part (acc type, >= simlse_bwd_ds_partials(rows, n) elements) receives *ds_count partial
+// sums of W_ij S_ij (the unscaled weights in the acc type: d loss / d scale without the 16-bit
+// rounding of W); their sum is this chunk's share of sum_ij W_ij S_ij.
+size_t simlse_bwd_ds_partials(int64_t rows, int64_t n);
 int simlse_bwd_weights(const void* s, gammacl::GcType s_type, void* w, gammacl::GcType w_type,
                        int64_t rows, int64_t n, int64_t ld_s, int64_t ld_w, int64_t row0,
                        int64_t offset, bool exclude, bool cols, const void* scale,
                        const void* row_lse, const void* col_lse, const void* g_row,
-                       const void* g_col, const void* w_scale, CUstream_st* stream);
+                       const void* g_col, const void* w_scale, void* ds_part, int64_t* ds_count,
+                       CUstream_st* stream);
 
 // Bytes of device workspace gamma_onepass_chunk needs for a chunk of `rows` rows.
 size_t gamma_onepass_workspace_bytes(int64_t rows, int64_t n, bool f64);
@@ -83,7 +88,7 @@ size_t gamma_onepass_workspace_bytes(int64_t rows, int64_t n, bool f64);
 // x n, ld_s, F32 or F64) holds raw dot products of global rows row0..row0+rows-1; entry
 // (row0 + i, row0 + i + offset) is excluded. With l = scale * S:
 //   row_lse[row0 + i], row_term[row0 + i] = sum_j e^{min(l_ij + alpha_row[row0 + i], clamp)}
-//   columns: running (col_m, col_s) base-2 LSE stats and col_t term sums merged with this chunk's
+//   columns: running (col_m, col_s) LSE stats and col_t term sums merged with this chunk's
 //            (`first` starts them fresh; `last` writes col_lse / col_term instead of storing them)
 //   grad: W_ij = w_row e^{min(l_ij + alpha_row_i, clamp)} + w_col e^{min(l_ij + alpha_col_j,
 //   clamp)}

@@ -11,19 +11,9 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#ifdef GAMMACL_CUDA_EMU
-// tests/cuda_emu: CPU stand-ins for the CUDA runtime, cuBLAS and ATen's CUDA context; the bindings
-// then run on CPU tensors (tests/test_cuda_emu.py)
-#include "cuda_emu_torch.h"
-#define GC_CUDA_IMPL(m) TORCH_LIBRARY_IMPL(gammacl_cuda_emu, CPU, m)
-#else
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <cublas_v2.h>
-// Registers the CUDA kernels of gammacl's ops: GC_CUDA_IMPL(m) { m.impl(...); }
-#define GC_CUDA_IMPL(m) TORCH_LIBRARY_IMPL(gammacl, CUDA, m)
-#endif
+// The platform (ATen's CUDA context, cuBLAS, GC_CUDA_IMPL, kKernelDevice), chosen by the include
+// path: csrc/platform/ for a GPU build, tests/cuda_emu/ for the CPU emulator.
+#include <gammacl_cuda_torch.h>
 
 #include <algorithm>
 #include <limits>
@@ -40,13 +30,6 @@ namespace gammacl {
 // R = 640 (bandwidth-bound), 512 MiB gives R = 1280 (compute-bound on both) while the chunk stays
 // well under the 1.2 GB extra-memory target; 1 GiB (R = 2688) would leave ~0.2 GB for the rest.
 constexpr double kCudaChunkMiB = 512.0;
-
-// The device type of the tensors the CUDA kernels take (CPU tensors under the emulator).
-#ifdef GAMMACL_CUDA_EMU
-constexpr at::DeviceType kKernelDevice = at::kCPU;
-#else
-constexpr at::DeviceType kKernelDevice = at::kCUDA;
-#endif
 
 inline GcType gc_type(at::ScalarType t) {
   switch (t) {

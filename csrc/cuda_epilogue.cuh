@@ -2,22 +2,19 @@
 // No torch header (the .cu files are compile-checked by nvcc alone). Everything here is inline or
 // a template, so each translation unit can include it.
 //
-// Base-2 online LSE: with l2 = l * log2(e), a partial is (m, s) = (max l2, sum 2^(l2 - m)) and
-//   (m, s) + (m', s') = (M, s 2^(m - M) + s' 2^(m' - M)),  M = max(m, m'),
-//   LSE = ln2 * (m + log2 s);  empty partial: m = -inf, s = 0.
+// Online LSE in natural units: a partial is (m, s) = (max l, sum e^(l - m)) and
+//   (m, s) + (m', s') = (M, s e^(m - M) + s' e^(m' - M)),  M = max(m, m'),
+//   LSE = m + ln s;  empty partial: m = -inf, s = 0.
+// Every e^d is ex2(d * log2 e) with d formed in natural units first: the shift (a max, an LSE)
+// and the exponent then come from the same rounded logit l = mul_rn(S, scale), so the maximum
+// entry's weight e^(l_max - LSE) is exact at |l| ~ 1e3. Folding log2(e) into the scale instead
+// (l2 = S * (scale log2 e), LSE stored as ln2 * (m2 + log2 s)) rounds the logit twice and puts
+// ~ulp(l) (8e-5 relative at |l| ~ 1e3) into that weight (tests/test_large_logits.py).
 #pragma once
 
-#ifdef GAMMACL_CUDA_EMU
-// tests/cuda_emu: the host compiler runs these kernels on a CPU (tests/test_cuda_emu.py)
-#include "cuda_emu.h"
-#else
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-// Kernel launch on `stream`: GC_LAUNCH(grid, block, stream, kernel<...>)(args...).
-#define GC_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<(grid), (block), 0, (stream)>>>
-#endif
+// The platform (CUDA runtime, 16-bit types, GC_LAUNCH, gc_ex2_approx_ftz), chosen by the include
+// path: csrc/platform/ for nvcc, tests/cuda_emu/ for the CPU emulator.
+#include <gammacl_cuda_device.h>
 
 #include <cmath>
 #include <cstddef>
@@ -73,16 +70,13 @@ __device__ __forceinline__ double from_acc<double>(double x) {
 
 // 2^x by the MUFU unit (ex2.approx.ftz: rel. error ~2^-22, -inf -> 0, NaN -> NaN; results
 // below 2^-126 flush to 0, irrelevant next to the running max's term 1).
-__device__ __forceinline__ float ex2(float x) {
-#ifdef GAMMACL_CUDA_EMU
-  return gammacl_emu::ex2_approx_ftz(x);
-#else
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-#endif
-}
+__device__ __forceinline__ float ex2(float x) { return gc_ex2_approx_ftz(x); }
 __device__ __forceinline__ double ex2(double x) { return exp2(x); }
+// e^d for a d already formed in natural units (one FMUL + one MUFU ex2).
+template <typename A>
+__device__ __forceinline__ A ex(A d) {
+  return ex2(d * A(kLog2e));
+}
 // x * y rounded once, never contracted into an fma with a later add: a logit that feeds both a
 // max and an exponent l - max must be the same rounded value in both (exp(0) = 1 exactly at
 // the maximum; contracted, the exponent sees the unrounded product, off by ~ulp(l)).
@@ -110,7 +104,7 @@ struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
 
-// (m, s) <- (m, s) + (om, os) in base 2; empty partials have m = -inf (and s = 0). A NaN max or
+// (m, s) <- (m, s) + (om, os); empty partials have m = -inf (and s = 0). A NaN max or
 // sum anywhere makes the result NaN (a partial may hold m = -inf with s = NaN: a NaN logit in a
 // column whose other entries are all excluded).
 template <typename A>
@@ -120,15 +114,15 @@ __device__ __forceinline__ void merge(A& m, A& s, A om, A os) {
     s = s + os;
     return;
   }
-  const A a = (m == neg_inf<A>()) ? (s != s ? s : A(0)) : s * ex2(m - mx);
-  const A b = (om == neg_inf<A>()) ? (os != os ? os : A(0)) : os * ex2(om - mx);
+  const A a = (m == neg_inf<A>()) ? (s != s ? s : A(0)) : s * ex(m - mx);
+  const A b = (om == neg_inf<A>()) ? (os != os ? os : A(0)) : os * ex(om - mx);
   m = mx;
   s = a + b;
 }
 
 template <typename A>
 __device__ __forceinline__ A finalize_lse(A m, A s) {
-  return s != s ? s : (m == neg_inf<A>() ? m : (m + lg2(s)) * A(kLn2));
+  return s != s ? s : (m == neg_inf<A>() ? m : m + lg2(s) * A(kLn2));
 }
 
 template <typename A>
@@ -166,12 +160,12 @@ __device__ __forceinline__ int tile_col(int k, int lane) {
   return ((k / VEC) * 32 + lane) * VEC + k % VEC;
 }
 
-// Base-2 logits l2 = scale * log2(e) * S of one row for the lane's columns; column `excl` and
+// Logits l = mul_rn(S, scale) of one row for the lane's columns; column `excl` and
 // columns >= n are -inf. VEC > 1 only when n % VEC == 0 (and the row is VEC-aligned), so a vector
 // is either fully inside or fully outside the row.
 template <int VEC, typename T, typename A>
 __device__ __forceinline__ void load_row_logits(const T* srow, int64_t col0, int lane, int64_t n,
-                                                int64_t excl, A sl2, A (&l)[kPerLane]) {
+                                                int64_t excl, A sl, A (&l)[kPerLane]) {
   constexpr int U = kPerLane / VEC;
 #pragma unroll
   for (int u = 0; u < U; ++u) {
@@ -180,7 +174,7 @@ __device__ __forceinline__ void load_row_logits(const T* srow, int64_t col0, int
       const Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(srow + j0);
 #pragma unroll
       for (int v = 0; v < VEC; ++v)
-        l[u * VEC + v] = (j0 + v == excl) ? neg_inf<A>() : mul_rn(to_acc(p.v[v]), sl2);
+        l[u * VEC + v] = (j0 + v == excl) ? neg_inf<A>() : mul_rn(to_acc(p.v[v]), sl);
     } else {
 #pragma unroll
       for (int v = 0; v < VEC; ++v) l[u * VEC + v] = neg_inf<A>();
@@ -189,7 +183,7 @@ __device__ __forceinline__ void load_row_logits(const T* srow, int64_t col0, int
 }
 
 // Row partial (m, s) of the warp's kTileCols logits: exact two-step (max, then sum of
-// 2^(l2 - m)) from registers; every lane gets the result.
+// e^(l - m)) from registers; every lane gets the result.
 template <typename A>
 __device__ __forceinline__ void warp_row_partial(const A (&l)[kPerLane], A& m, A& s) {
   m = neg_inf<A>();
@@ -198,18 +192,18 @@ __device__ __forceinline__ void warp_row_partial(const A (&l)[kPerLane], A& m, A
   m = warp_max(m);
   s = A(0);
 #pragma unroll
-  for (int k = 0; k < kPerLane; ++k) s += (l[k] == neg_inf<A>()) ? A(0) : ex2(l[k] - m);
+  for (int k = 0; k < kPerLane; ++k) s += (l[k] == neg_inf<A>()) ? A(0) : ex(l[k] - m);
   s = warp_sum(s);
 }
 
-// One logit into a running column partial with one exp2:
-//   d = l2 - m;  e = 2^-|d|;  d > 0 ? (s = s e + 1, m = l2) : s += e
-// d = +inf on an empty partial (e = 0, s = 1); l2 = -inf (excluded / padded) leaves (m, s)
-// unchanged; a NaN l2 makes s NaN.
+// One logit into a running column partial with one exp:
+//   d = l - m;  e = e^-|d|;  d > 0 ? (s = s e + 1, m = l) : s += e
+// d = +inf on an empty partial (e = 0, s = 1); l = -inf (excluded / padded) leaves (m, s)
+// unchanged; a NaN l makes s NaN.
 template <typename A>
 __device__ __forceinline__ void online_push(A& m, A& s, A l) {
   const A d = l - m;
-  const A e = ex2(-abs_(d));
+  const A e = ex(-abs_(d));
   const bool up = d > A(0);
   const bool live = l != neg_inf<A>();
   s = live ? (up ? s * e + A(1) : s + e) : s;

@@ -2,13 +2,13 @@
 // GEMMs; contract: python/gammacl/ops/gamma_onepass.py).
 //
 // Per row chunk the torch side computes S = A_c @ B^T (raw dots; fp32, or fp64) with cuBLAS. One
-// kernel reads S once and produces everything the one-pass op needs from it. With l = scale * S,
-// base-2 units l2 = l * log2(e), a2 = alpha * log2(e), c2 = clamp * log2(e), entry (i, i + offset)
-// excluded (l2 = -inf):
+// kernel reads S once and produces everything the one-pass op needs from it. With l = mul_rn(scale,
+// S) (natural units throughout, every e^d one ex2(d log2 e): cuda_epilogue.cuh), entry
+// (i, i + offset) excluded (l = -inf):
 //
-//   row_lse_i  = LSE_j l_ij                col_lse_j  = LSE_i l_ij        (base-2 online partials)
-//   er_ij = 2^min(l2_ij + a2r_i, c2) = e^min(l_ij + alpha_row_i, clamp),   row_term_i = sum_j er_ij
-//   ec_ij = 2^min(l2_ij + a2c_j, c2) = e^min(l_ij + alpha_col_j, clamp),   col_term_j = sum_i ec_ij
+//   row_lse_i  = LSE_j l_ij                col_lse_j  = LSE_i l_ij        (online partials)
+//   er_ij = e^min(l_ij + alpha_row_i, clamp),   row_term_i = sum_j er_ij
+//   ec_ij = e^min(l_ij + alpha_col_j, clamp),   col_term_j = sum_i ec_ij
 //   W_ij  = w_row er_ij + w_col ec_ij                                       (0 on excluded entries)
 //
 // gamma_onepass_tile_kernel: a block owns a 64-row x 256-column tile (cuda_epilogue.cuh): warp w
@@ -50,7 +50,7 @@ __global__ void __launch_bounds__(kThreads) gamma_onepass_tile_kernel(
     int64_t offset, const typename AccOf<T>::type* __restrict__ scale,
     const typename AccOf<T>::type* __restrict__ alpha_row,
     const typename AccOf<T>::type* __restrict__ alpha_col, typename AccOf<T>::type w_row,
-    typename AccOf<T>::type w_col, typename AccOf<T>::type c2, bool grad,
+    typename AccOf<T>::type w_col, typename AccOf<T>::type cl, bool grad,
     typename AccOf<T>::type* __restrict__ row_pm, typename AccOf<T>::type* __restrict__ row_ps,
     typename AccOf<T>::type* __restrict__ row_pt, typename AccOf<T>::type* __restrict__ col_pm,
     typename AccOf<T>::type* __restrict__ col_ps, typename AccOf<T>::type* __restrict__ col_pt,
@@ -64,14 +64,14 @@ __global__ void __launch_bounds__(kThreads) gamma_onepass_tile_kernel(
   const int warp = threadIdx.x >> 5;
   const int64_t ct = blockIdx.x;
   const int64_t col0 = ct * kTileCols;
-  const A sl2 = scale[0] * A(kLog2e);
+  const A sl = scale[0];
   const A ninf = neg_inf<A>();
 
-  A ac2[kPerLane];  // alpha_col * log2(e) of the lane's columns (unused where padded)
+  A ac[kPerLane];  // alpha_col of the lane's columns (unused where padded)
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) {
     const int64_t j = col0 + tile_col<VEC>(k, lane);
-    ac2[k] = j < n ? alpha_col[j] * A(kLog2e) : A(0);
+    ac[k] = j < n ? alpha_col[j] : A(0);
   }
 
   for (int64_t rt = blockIdx.y; rt < n_rt; rt += gridDim.y) {
@@ -87,17 +87,17 @@ __global__ void __launch_bounds__(kThreads) gamma_onepass_tile_kernel(
       if (r >= rows) break;  // warp-uniform
       const int64_t i = row0 + r;
       A l[kPerLane];
-      load_row_logits<VEC>(s + r * ld_s, col0, lane, n, i + offset, sl2, l);
+      load_row_logits<VEC>(s + r * ld_s, col0, lane, n, i + offset, sl, l);
       A m, sum;
       warp_row_partial(l, m, sum);
-      const A ar2 = alpha_row[i] * A(kLog2e);
+      const A ar = alpha_row[i];
       A wv[kPerLane];
       A term = A(0);
 #pragma unroll
       for (int k = 0; k < kPerLane; ++k) {
         const bool live = l[k] != ninf;  // excluded and padded entries weigh 0
-        const A er = live ? ex2(cap(l[k] + ar2, c2)) : A(0);
-        const A ec = live ? ex2(cap(l[k] + ac2[k], c2)) : A(0);
+        const A er = live ? ex(cap(l[k] + ar, cl)) : A(0);
+        const A ec = live ? ex(cap(l[k] + ac[k], cl)) : A(0);
         term += er;
         ctm[k] += ec;
         online_push(cm[k], cs[k], l[k]);
@@ -222,7 +222,7 @@ int launch(const T* s, TW* w, int64_t rows, int64_t n, int64_t ld_s, int64_t ld_
   const A* sc = static_cast<const A*>(scale);
   const A* ar = static_cast<const A*>(alpha_row);
   const A* ac = static_cast<const A*>(alpha_col);
-  const A c2 = static_cast<A>(clamp * kLog2e);
+  const A cl = static_cast<A>(clamp);
   const dim3 grid(static_cast<unsigned>(f.n_ct), grid_cap(f.n_rt));
   constexpr int VEC = 16 / sizeof(T);  // 16-byte loads of S; W stores VEC * sizeof(TW) bytes
   const bool vec_ok = n % VEC == 0 && ld_s % VEC == 0 && aligned(s, 16) &&
@@ -230,7 +230,7 @@ int launch(const T* s, TW* w, int64_t rows, int64_t n, int64_t ld_s, int64_t ld_
 #define GC_TILE(V)                                                                                 \
   GC_LAUNCH(grid, kThreads, stream, gamma_onepass_tile_kernel<T, TW, V>)(                          \
       s, w, rows, n, ld_s, ld_w, row0, offset, sc, ar, ac, static_cast<A>(w_row),                  \
-      static_cast<A>(w_col), c2, grad, row_p[0], row_p[1], row_p[2], col_p[0], col_p[1], col_p[2], \
+      static_cast<A>(w_col), cl, grad, row_p[0], row_p[1], row_p[2], col_p[0], col_p[1], col_p[2], \
       f.n_ct, f.n_rt)
   if (vec_ok) {
     GC_TILE(VEC);

@@ -370,7 +370,7 @@ std::tuple<at::Tensor, at::Tensor> simlse_fwd_cpu(const at::Tensor& a_in, const 
   return {row, col};
 }
 
-std::tuple<at::Tensor, at::Tensor> simlse_bwd_cpu(const at::Tensor& a_in, const at::Tensor& b_in,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cpu(const at::Tensor& a_in, const at::Tensor& b_in,
                                                   const at::Tensor& scale,
                                                   const at::Tensor& row_lse,
                                                   const at::Tensor& col_lse,
@@ -386,7 +386,7 @@ std::tuple<at::Tensor, at::Tensor> simlse_bwd_cpu(const at::Tensor& a_in, const 
   at::Tensor db = at::zeros({N, D}, opts);
   if (M == 0 || N == 0 || D == 0) {
     da.zero_();
-    return {da, db};
+    return {da, db, at::zeros({}, opts)};
   }
   const at::Tensor a = a_in.to(acc), b = b_in.to(acc);
   const at::Tensor rl = row_lse.contiguous(), gr = g_row.contiguous();
@@ -397,7 +397,9 @@ std::tuple<at::Tensor, at::Tensor> simlse_bwd_cpu(const at::Tensor& a_in, const 
         cols ? cl.const_data_ptr<scalar_t>() : nullptr, gr.const_data_ptr<scalar_t>(),
         cols ? gc.const_data_ptr<scalar_t>() : nullptr, offset, exclude_pos, cols, da, db);
   });
-  return {da, db};
+  // sum_ij W_ij <a_i, b_j> = <A, W B>_F: W is acc-typed here, so no cancellation (cf. the CUDA
+  // backend, which rounds W to 16 bits for its GEMMs and sums W_ij S_ij in the kernel).
+  return {da, db, (a * da).sum()};
 }
 
 }  // namespace
@@ -411,7 +413,8 @@ TORCH_LIBRARY_FRAGMENT(gammacl, m) {
       "-> (Tensor, Tensor)");
   m.def(
       "simlse_bwd(Tensor a, Tensor b, Tensor scale, Tensor row_lse, Tensor col_lse, "
-      "Tensor g_row, Tensor g_col, int offset, bool exclude_pos, bool cols) -> (Tensor, Tensor)");
+      "Tensor g_row, Tensor g_col, int offset, bool exclude_pos, bool cols) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(gammacl, CPU, m) {

@@ -8,6 +8,8 @@
 //                                                bf16/fp16 buffer so the two GEMMs below run on
 //                                                tensor cores with bf16/fp16 operands
 //             da_c = W @ B;  db (+)= W^T @ A_c   fp32 (fp64) outputs, db accumulated by beta = 1
+//             ds (+)= sum_ij W_ij S_ij           from the kernel's per-block partials of the
+//                                                acc-typed W (not <A, da>: 16-bit W cancels)
 //             (fp16 W carries a power-of-two scale against underflow, removed at the end)
 // 2MND + 6MND FLOPs (4 GEMMs per forward + backward). Logits are never stored in bf16: a bf16
 // logit carries ~0.4 absolute error at scale 100.
@@ -84,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor> simlse_fwd_cuda(const at::Tensor& a_in, const
   return {row, col};
 }
 
-std::tuple<at::Tensor, at::Tensor> simlse_bwd_cuda(const at::Tensor& a_in, const at::Tensor& b_in,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cuda(const at::Tensor& a_in, const at::Tensor& b_in,
                                                    const at::Tensor& scale,
                                                    const at::Tensor& row_lse,
                                                    const at::Tensor& col_lse,
@@ -103,10 +105,11 @@ std::tuple<at::Tensor, at::Tensor> simlse_bwd_cuda(const at::Tensor& a_in, const
   const auto opts = a.options().dtype(acc);
   at::Tensor da = at::empty({M, D}, opts);
   at::Tensor db = at::empty({N, D}, opts);
+  at::Tensor ds = at::zeros({}, opts);
   if (M == 0 || N == 0 || D == 0) {
     da.zero_();
     db.zero_();
-    return {da, db};
+    return {da, db, ds};
   }
   const auto in = a.scalar_type();
   const bool half = in == at::kHalf || in == at::kBFloat16;  // W in the input dtype
@@ -124,11 +127,14 @@ std::tuple<at::Tensor, at::Tensor> simlse_bwd_cuda(const at::Tensor& a_in, const
     sigma = at::exp2(at::clamp(at::floor(at::log2(16384.0 / gmax)), -120.0, 120.0));
     inv_sigma = at::reciprocal(sigma);
   }
+  at::Tensor ds_part =
+      at::empty({static_cast<int64_t>(cuda::simlse_bwd_ds_partials(R, N))}, opts);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t a_row_bytes = a.stride(0) * a.element_size();
   for (int64_t i0 = 0; i0 < M; i0 += R) {
     const int64_t rows = std::min(R, M - i0);
     const char* a_c = byte_ptr(a) + i0 * a_row_bytes;
+    int64_t n_part = 0;
     gemm_rm(false, true, rows, N, D, a_c, a.stride(0), b.const_data_ptr(), b.stride(0),
             buf.data_ptr(), N, false, in);
     const int err = cuda::simlse_bwd_weights(
@@ -136,8 +142,9 @@ std::tuple<at::Tensor, at::Tensor> simlse_bwd_cuda(const at::Tensor& a_in, const
         N, N, i0, offset, exclude_pos, cols, sc.const_data_ptr(), rl.const_data_ptr(),
         cols ? cl.const_data_ptr() : nullptr, gr.const_data_ptr(),
         cols ? gc.const_data_ptr() : nullptr, sigma.defined() ? sigma.const_data_ptr() : nullptr,
-        stream);
+        ds_part.data_ptr(), &n_part, stream);
     C10_CUDA_CHECK(static_cast<cudaError_t>(err));
+    ds.add_(ds_part.narrow(0, 0, n_part).sum());
     // da[i0:i0+rows] = W @ B
     gemm_rm(false, false, rows, D, N, wbuf.const_data_ptr(), N, b.const_data_ptr(), b.stride(0),
             static_cast<char*>(da.data_ptr()) + i0 * D * asz, D, false, in);
@@ -149,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor> simlse_bwd_cuda(const at::Tensor& a_in, const
     da.mul_(inv_sigma);
     db.mul_(inv_sigma);
   }
-  return {da, db};
+  return {da, db, ds};
 }
 
 }  // namespace

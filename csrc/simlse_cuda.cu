@@ -2,25 +2,29 @@
 //
 // Per row chunk the torch side computes S = A_c @ B^T (raw dots, fp32 from bf16/fp16 operands, or
 // fp64) with cuBLAS; these kernels turn S into statistics (forward) or gradient weights (backward)
-// reading it exactly once. With l = scale * S, base-2 units l2 = l * log2(e):
+// reading it exactly once. With l = mul_rn(scale, S) (rounded once; cuda_epilogue.cuh says why):
 //
-//   forward  row  r_i = ln2 * (m_i + log2 sum_j 2^(l2_ij - m_i)),   m_i = max_j l2_ij
+//   forward  row  r_i = m_i + ln sum_j e^(l_ij - m_i),   m_i = max_j l_ij
 //            col  (m_j, s_j) over the chunk's rows, merged across chunks online:
-//                 (m, s) + (m', s') = (M, s 2^(m-M) + s' 2^(m'-M)),  M = max(m, m')
-//   backward W_ij = g_r_i 2^(l2_ij - r2_i) + g_c_j 2^(l2_ij - c2_j)   (0 on excluded entries)
+//                 (m, s) + (m', s') = (M, s e^(m-M) + s' e^(m'-M)),  M = max(m, m')
+//   backward W_ij = g_r_i e^(l_ij - r_i) + g_c_j e^(l_ij - c_j)   (0 on excluded entries)
+//            dscale partial: sum_ij W_ij S_ij from the fp32 W (before any 16-bit rounding; the
+//            caller's <A, W16 B> would cancel against the positive / smoothing terms)
+//   (every e^d is one ex2(d log2 e) on the MUFU unit)
 //
 // Forward, one pass over S (simlse_fwd_tile_kernel): a block owns a 64-row x 256-column tile;
 // warp w takes rows w, w+8, ...; each lane holds 8 columns (two 16-byte loads for fp32).
-//   row partial : warp max, then warp sum of 2^(l2 - max) (exact two-step, from registers), one
+//   row partial : warp max, then warp sum of e^(l - max) (exact two-step, from registers), one
 //                 (m, s) pair per (row, column tile) -> row_part
-//   col partial : per lane, online over the warp's rows with one exp2 per entry:
-//                   d = l2 - m;  e = 2^-|d|;  d > 0 ? (s = s e + 1, m = l2) : s += e
+//   col partial : per lane, online over the warp's rows with one exp per entry:
+//                   d = l - m;  e = e^-|d|;  d > 0 ? (s = s e + 1, m = l) : s += e
 //                 then the 8 warps merge through shared memory -> one pair per (row tile, column)
 // simlse_row_merge_kernel (a warp per row) and simlse_col_merge_kernel (a thread per column, also
 // folding in the running statistics of earlier chunks) finish. No atomics: every output element
 // has exactly one writer. Traffic per chunk: S read once (4 B/entry) + partials (~3% of S).
 // Backward (simlse_bwd_weight_kernel): elementwise, 16-byte vector loads/stores, two exp2 per
-// entry; writes W in place (fp32/fp64) or to a bf16/fp16 buffer for the tensor-core GEMMs.
+// entry; writes W in place (fp32/fp64) or to a bf16/fp16 buffer for the tensor-core GEMMs, and
+// one dscale partial per block (per-thread sums of W_ij S_ij, one block reduction at the end).
 //
 // All math is fp32 (fp64 for fp64 buffers) on fp32/fp64/bf16/fp16 S buffers; indexing is int64.
 // No torch headers: nvcc compile-checks this file alone (tests/test_cuda_compile.py).
@@ -55,7 +59,7 @@ __global__ void __launch_bounds__(kThreads)
   const int warp = threadIdx.x >> 5;
   const int64_t ct = blockIdx.x;
   const int64_t col0 = ct * kTileCols;
-  const A sl2 = scale[0] * A(kLog2e);
+  const A sl = scale[0];
 
   for (int64_t rt = blockIdx.y; rt < n_rt; rt += gridDim.y) {
     A cm[kPerLane], cs[kPerLane];
@@ -69,7 +73,7 @@ __global__ void __launch_bounds__(kThreads)
       if (r >= rows) break;  // warp-uniform
       const int64_t excl = exclude ? row0 + r + offset : int64_t(-1);
       A l[kPerLane];
-      load_row_logits<VEC>(s + r * ld, col0, lane, n, excl, sl2, l);
+      load_row_logits<VEC>(s + r * ld, col0, lane, n, excl, sl, l);
       A m, sum;  // row partial over this tile's kTileCols columns
       warp_row_partial(l, m, sum);
       if (lane == 0) {
@@ -132,7 +136,8 @@ __global__ void __launch_bounds__(kThreads)
 // ---- backward ----
 
 // grid = (ceil(n / (kThreads * VEC)), min(rows, 65535)), block = kThreads. w may alias s (same
-// element type): every element is read and then written by the same thread.
+// element type): every element is read and then written by the same thread. ds_part[gridDim.y *
+// gridDim.x]: block (x, y) writes sum over its entries of W_ij S_ij (unscaled fp32 W).
 template <typename T, typename TW, int VEC>
 __global__ void __launch_bounds__(kThreads)
     simlse_bwd_weight_kernel(const T* s, TW* w, int64_t rows, int64_t n, int64_t ld_s, int64_t ld_w,
@@ -142,18 +147,21 @@ __global__ void __launch_bounds__(kThreads)
                              const typename AccOf<T>::type* __restrict__ col_lse,
                              const typename AccOf<T>::type* __restrict__ g_row,
                              const typename AccOf<T>::type* __restrict__ g_col,
-                             const typename AccOf<T>::type* __restrict__ w_scale) {
+                             const typename AccOf<T>::type* __restrict__ w_scale,
+                             typename AccOf<T>::type* __restrict__ ds_part) {
   using A = typename AccOf<T>::type;
-  const A sl2 = scale[0] * A(kLog2e);
+  __shared__ A sm_ds[kWarps];
+  const A sl = scale[0];
   const A ws = w_scale ? w_scale[0] : A(1);
   const A ninf = neg_inf<A>();
   const int64_t jstride = int64_t(gridDim.x) * kThreads * VEC;
+  A ds = A(0);
   for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
     const int64_t i = row0 + r;
     const A gr = g_row[i];
-    const A r2 = row_lse[i] * A(kLog2e);
+    const A ri = row_lse[i];
     // A row with LSE -inf has every entry excluded; g = 0 rows contribute nothing.
-    const bool row_on = gr != A(0) && r2 != ninf;
+    const bool row_on = gr != A(0) && ri != ninf;
     const int64_t excl = exclude ? i + offset : int64_t(-1);
     const T* srow = s + r * ld_s;
     TW* wrow = w + r * ld_w;
@@ -163,17 +171,30 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
         const int64_t j = j0 + v;
-        const A l2 = mul_rn(to_acc(p.v[v]), sl2);  // as the forward's load_row_logits
-        A wv = row_on ? gr * ex2(l2 - r2) : A(0);
+        const A sv = to_acc(p.v[v]);
+        const A l = mul_rn(sv, sl);  // as the forward's load_row_logits
+        A wv = row_on ? gr * ex(l - ri) : A(0);
         if (cols) {
           const A gc = g_col[j];
-          const A c2 = col_lse[j] * A(kLog2e);
-          if (gc != A(0) && c2 != ninf) wv += gc * ex2(l2 - c2);
+          const A cj = col_lse[j];
+          if (gc != A(0) && cj != ninf) wv += gc * ex(l - cj);
         }
-        q.v[v] = from_acc<TW>(j == excl ? A(0) : wv * ws);
+        wv = j == excl ? A(0) : wv;
+        ds += wv * sv;
+        q.v[v] = from_acc<TW>(wv * ws);
       }
       *reinterpret_cast<Pack<TW, VEC>*>(wrow + j0) = q;
     }
+  }
+  ds = warp_sum(ds);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) sm_ds[warp] = ds;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    A t = A(0);
+#pragma unroll
+    for (int w8 = 0; w8 < kWarps; ++w8) t += sm_ds[w8];
+    ds_part[int64_t(blockIdx.y) * gridDim.x + blockIdx.x] = t;
   }
 }
 
@@ -234,7 +255,7 @@ template <typename T, typename TW>
 int launch_bwd(const T* s, TW* w, int64_t rows, int64_t n, int64_t ld_s, int64_t ld_w, int64_t row0,
                int64_t offset, bool exclude, bool cols, const void* scale, const void* row_lse,
                const void* col_lse, const void* g_row, const void* g_col, const void* w_scale,
-               cudaStream_t stream) {
+               void* ds_part, int64_t* ds_count, cudaStream_t stream) {
   using A = typename AccOf<T>::type;
   const A* sc = static_cast<const A*>(scale);
   const A* rl = static_cast<const A*>(row_lse);
@@ -242,22 +263,29 @@ int launch_bwd(const T* s, TW* w, int64_t rows, int64_t n, int64_t ld_s, int64_t
   const A* gr = static_cast<const A*>(g_row);
   const A* gc = static_cast<const A*>(g_col);
   const A* wsc = static_cast<const A*>(w_scale);
+  A* dsp = static_cast<A*>(ds_part);
   constexpr int VEC = 16 / sizeof(T);  // 16-byte loads of S; W stores are VEC * sizeof(TW)
   const bool vec_ok = n % VEC == 0 && ld_s % VEC == 0 && ld_w % VEC == 0 && aligned(s, 16) &&
                       aligned(w, VEC * sizeof(TW));
   if (vec_ok) {
     const dim3 grid(static_cast<unsigned>(cdiv(n, int64_t(kThreads) * VEC)), grid_cap(rows));
+    *ds_count = int64_t(grid.x) * grid.y;
     GC_LAUNCH(grid, kThreads, stream, simlse_bwd_weight_kernel<T, TW, VEC>)(
-        s, w, rows, n, ld_s, ld_w, row0, offset, exclude, cols, sc, rl, cl, gr, gc, wsc);
+        s, w, rows, n, ld_s, ld_w, row0, offset, exclude, cols, sc, rl, cl, gr, gc, wsc, dsp);
   } else {
     const dim3 grid(static_cast<unsigned>(cdiv(n, int64_t(kThreads))), grid_cap(rows));
+    *ds_count = int64_t(grid.x) * grid.y;
     GC_LAUNCH(grid, kThreads, stream, simlse_bwd_weight_kernel<T, TW, 1>)(
-        s, w, rows, n, ld_s, ld_w, row0, offset, exclude, cols, sc, rl, cl, gr, gc, wsc);
+        s, w, rows, n, ld_s, ld_w, row0, offset, exclude, cols, sc, rl, cl, gr, gc, wsc, dsp);
   }
   return static_cast<int>(cudaGetLastError());
 }
 
 }  // namespace
+
+size_t simlse_bwd_ds_partials(int64_t rows, int64_t n) {
+  return static_cast<size_t>(cdiv(n, kThreads)) * grid_cap(rows);
+}
 
 size_t simlse_fwd_workspace_bytes(int64_t rows, int64_t n, bool f64) {
   const FwdWork f = fwd_work(rows, n);
@@ -291,12 +319,15 @@ int simlse_bwd_weights(const void* s, gammacl::GcType s_type, void* w, gammacl::
                        int64_t rows, int64_t n, int64_t ld_s, int64_t ld_w, int64_t row0,
                        int64_t offset, bool exclude, bool cols, const void* scale,
                        const void* row_lse, const void* col_lse, const void* g_row,
-                       const void* g_col, const void* w_scale, CUstream_st* stream) {
+                       const void* g_col, const void* w_scale, void* ds_part, int64_t* ds_count,
+                       CUstream_st* stream) {
   using gammacl::GcType;
+  *ds_count = 0;
   if (rows <= 0 || n <= 0) return static_cast<int>(cudaSuccess);
 #define GC_BWD(TS, TWT)                                                                          \
   launch_bwd(static_cast<const TS*>(s), static_cast<TWT*>(w), rows, n, ld_s, ld_w, row0, offset, \
-             exclude, cols, scale, row_lse, col_lse, g_row, g_col, w_scale, stream)
+             exclude, cols, scale, row_lse, col_lse, g_row, g_col, w_scale, ds_part, ds_count,   \
+             stream)
   if (s_type == GcType::F64) {
     return w_type == GcType::F64 ? GC_BWD(double, double) : static_cast<int>(cudaErrorInvalidValue);
   }

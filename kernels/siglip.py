@@ -47,16 +47,16 @@ import triton
 import triton.language as tl
 
 from gammacl.dispatch import interpreter_on
-from gammacl.kernels.simlse import (
+from gammacl.kernels.tiles import (
     _LN2,
     _LOG2E,
-    _acc_dtype,
-    _device_guard,
     _dot_nn,
-    _flags,
     _load_rows,
     _scores_chunked,
 )
+from gammacl.kernels.tiles import acc_dtype as _acc_dtype
+from gammacl.kernels.tiles import device_guard as _device_guard
+from gammacl.kernels.tiles import flags as _flags
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FP16_W_SCALE = 2.0**14  # W * 2^14 in fp16 (module docstring)

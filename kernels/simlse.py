@@ -86,17 +86,16 @@ import triton.language as tl
 
 from gammacl.dispatch import interpreter_on
 from gammacl.kernels.tiles import (
-    _LN2,
-    _LOG2E,
     _NEG_INF,
     _dot_nn,
     _dot_nt,
-    _exp,
+    _exp_nat,
     _load_rows,
+    _log_nat,
     _scores_chunked,
     _simlse_col_merge_kernel,
     _tile_ids,
-    _tile_lse,
+    _tile_lse_nat,
     _valid,
     chunk_rows,
     gemm,
@@ -158,29 +157,6 @@ def _autotune_prune(configs, named_args, **kwargs):
 
 
 _AUTOTUNE_MIN_BLOCK_M = 32  # smallest BLOCK_M in the autotune lists (sizes the partials buffer)
-
-
-# ----------------------------------------------------------------------------------------------
-# natural-unit exp / log (tests/test_large_logits.py): shift and exponent from one rounded logit
-# ----------------------------------------------------------------------------------------------
-@triton.jit
-def _exp_nat(x, BASE2: tl.constexpr):
-    """exp(x) of x = l - shift in natural units: exp2(x log2 e) on the fp32 path."""
-    if BASE2:
-        y = tl.exp2(x * _LOG2E)
-    else:
-        y = tl.exp(x)
-    return y
-
-
-@triton.jit
-def _log_nat(x, BASE2: tl.constexpr):
-    """log(x): log2(x) ln 2 on the fp32 path."""
-    if BASE2:
-        y = tl.log2(x) * _LN2
-    else:
-        y = tl.log(x)
-    return y
 
 
 # ----------------------------------------------------------------------------------------------
@@ -468,16 +444,14 @@ def _simlse_fwd_tile_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     scale = tl.load(SCALE).to(ACC)
-    if BASE2:
-        scale = scale * _LOG2E
     s = _scores_chunked(
         X, Y, offs_m, offs_n, M, N, D, stride_x, stride_y, ACC, UPCAST, PRECISION,
         BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
     s = tl.where(_valid(offs_m, offs_n, M, N, offset, EXCLUDE), s * scale, _NEG_INF)
-    tl.store(ROW_PART + pid_n * stride_rp + offs_m, _tile_lse(s, 1, BASE2), mask=offs_m < M)
+    tl.store(ROW_PART + pid_n * stride_rp + offs_m, _tile_lse_nat(s, 1, BASE2), mask=offs_m < M)
     if COLS:
-        tl.store(COL_PART + pid_m * stride_cp + offs_n, _tile_lse(s, 0, BASE2), mask=offs_n < N)
+        tl.store(COL_PART + pid_m * stride_cp + offs_n, _tile_lse_nat(s, 0, BASE2), mask=offs_n < N)
 
 
 @triton.jit(do_not_specialize=["offset"])
@@ -491,6 +465,7 @@ def _simlse_bwd_w_kernel(
     G_Y,
     G_INV,
     W,
+    DS_PART,
     M,
     N,
     D,
@@ -511,34 +486,32 @@ def _simlse_bwd_w_kernel(
     GROUP_M: tl.constexpr,
 ):
     """W[i, j] = G_X[i] exp(l_ij - LSE_X[i]) + [HAS_Y] G_Y[j] exp(l_ij - LSE_Y[j]) (times G_INV
-    with G_NORM), 0 on excluded entries, stored in W's dtype for one [BLOCK_M, BLOCK_N] tile."""
+    with G_NORM), 0 on excluded entries, stored in W's dtype for one [BLOCK_M, BLOCK_N] tile;
+    DS_PART[program] = sum over the tile of W_ij S_ij from the acc-typed W before G_INV and the
+    rounding to W's dtype (d loss / d scale; <A, W16 B> would cancel)."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = offs_m < M
     col_ok = offs_n < N
     scale = tl.load(SCALE).to(ACC)
-    if BASE2:
-        scale = scale * _LOG2E
-    s = _scores_chunked(
+    raw = _scores_chunked(
         X, Y, offs_m, offs_n, M, N, D, stride_x, stride_y, ACC, UPCAST, PRECISION,
         BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
     # -inf on excluded / out-of-range entries makes their softmax weights exactly 0
-    s = tl.where(_valid(offs_m, offs_n, M, N, offset, EXCLUDE), s * scale, _NEG_INF)
+    valid = _valid(offs_m, offs_n, M, N, offset, EXCLUDE)
+    s = tl.where(valid, raw * scale, _NEG_INF)
     lse_x = tl.load(LSE_X + offs_m, mask=row_ok, other=0.0)
     lse_x = tl.where(lse_x == _NEG_INF, 0.0, lse_x)  # all-excluded row: all W_ij masked
-    if BASE2:
-        lse_x = lse_x * _LOG2E
     g_x = tl.load(G_X + offs_m, mask=row_ok, other=0.0)
-    w = g_x[:, None] * _exp(s - lse_x[:, None], BASE2)
+    w = g_x[:, None] * _exp_nat(s - lse_x[:, None], BASE2)
     if HAS_Y:
         lse_y = tl.load(LSE_Y + offs_n, mask=col_ok, other=0.0)
         lse_y = tl.where(lse_y == _NEG_INF, 0.0, lse_y)
-        if BASE2:
-            lse_y = lse_y * _LOG2E
         g_y = tl.load(G_Y + offs_n, mask=col_ok, other=0.0)
-        w += g_y[None, :] * _exp(s - lse_y[None, :], BASE2)
+        w += g_y[None, :] * _exp_nat(s - lse_y[None, :], BASE2)
+    tl.store(DS_PART + tl.program_id(0), tl.sum(tl.sum(tl.where(valid, w * raw, 0.0), 1), 0))
     if G_NORM:
         w = w * tl.load(G_INV).to(ACC)
     tl.store(
@@ -771,16 +744,15 @@ def simlse_bwd(
         g_inv = 1.0 / gmax
     with _device_guard(dev):
         if use_large_d(a.dtype, d):
+            ds = torch.zeros((), dtype=acc, device=dev)
             _large_d_bwd(
                 a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols,
-                g_inv if g_norm else None, da, db,
+                g_inv if g_norm else None, da, db, ds,
             )  # fmt: skip
             if g_norm:
                 da.mul_(gmax)
                 db.mul_(gmax)
-            # large-D path: dscale_raw = <a, da_raw>_F (from the rounded W; not measured for the
-            # cancelling case the small-D kernel sums in fp32)
-            return (da, db, (a.to(acc) * da).sum()) if dscale else (da, db)
+            return (da, db, ds) if dscale else (da, db)
         # da_raw = W @ b over row blocks of a; db_raw = W^T @ a over row blocks of b, where W^T
         # has the same form with (r, g_r) <-> (c, g_c) and offset -> -offset.
         for x, y, lse_x, lse_y, g_x, g_y, off, has_x, has_y, out, trans in (
@@ -882,6 +854,7 @@ def _large_d_fwd(a, b, scale, offset, exclude_pos, cols, row, col) -> None:
             COLS=cols,
             **_flags(a.dtype),
             **cfg,
+            enable_fp_fusion=False,  # the shift and the exponent from one rounded logit
         )
         merge_lse(row_part[:, :rows], row[i0 : i0 + rows])
         if cols:
@@ -894,15 +867,17 @@ def _large_d_fwd(a, b, scale, offset, exclude_pos, cols, row, col) -> None:
 
 
 def _large_d_bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols, g_inv,
-                 da, db) -> None:  # fmt: skip
+                 da, db, ds) -> None:  # fmt: skip
     """Per chunk of R rows: W [R, N] (operand dtype) by _simlse_bwd_w_kernel, then
-    da[chunk] = W @ b and db (+)= W^T @ a[chunk]. R from GAMMACL_TRITON_CHUNK_MIB over W."""
+    da[chunk] = W @ b and db (+)= W^T @ a[chunk], ds (0-d) += sum_ij W_ij S_ij from the
+    kernel's per-tile partials. R from GAMMACL_TRITON_CHUNK_MIB over W."""
     m, d = a.shape
     n = b.shape[0]
     cfg = _tile_config(a.dtype)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     r = chunk_rows(m, n * a.element_size(), bm)
     w = torch.empty((r, n), dtype=a.dtype, device=a.device)
+    ds_part = torch.empty(triton.cdiv(r, bm) * triton.cdiv(n, bn), dtype=ds.dtype, device=a.device)
     for i0 in range(0, m, r):
         rows = min(r, m - i0)
         x = a[i0 : i0 + rows]
@@ -917,6 +892,7 @@ def _large_d_bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_po
             G_Y=g_col if cols else g_row,
             G_INV=g_inv if g_inv is not None else scale,
             W=w,
+            DS_PART=ds_part,
             M=rows,
             N=n,
             D=d,
@@ -929,7 +905,9 @@ def _large_d_bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_po
             G_NORM=g_inv is not None,
             **_flags(a.dtype),
             **cfg,
+            enable_fp_fusion=False,  # exponent from the rounded logit (tiles._exp_nat)
         )
+        ds += ds_part[: grid[0]].sum()
         wc = w[:rows]
         gemm(wc, b, da[i0 : i0 + rows], accumulate=False)  # dA_c = W @ B
         gemm(wc.t(), x, db, accumulate=i0 > 0)  # dB (+)= W^T @ A_c

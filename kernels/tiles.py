@@ -48,6 +48,28 @@ def _log(x, BASE2: tl.constexpr):
 
 
 @triton.jit
+def _exp_nat(x, BASE2: tl.constexpr):
+    """exp(x) of x = l - shift formed in natural units: exp2(x log2 e) on the fp32 path. The
+    shift and the exponent then come from one rounded logit (exp(0) = 1 exactly at the row
+    maximum; tests/test_large_logits.py); folding log2 e into the scale rounds the logit twice."""
+    if BASE2:
+        y = tl.exp2(x * _LOG2E)
+    else:
+        y = tl.exp(x)
+    return y
+
+
+@triton.jit
+def _log_nat(x, BASE2: tl.constexpr):
+    """log(x): log2(x) ln 2 on the fp32 path."""
+    if BASE2:
+        y = tl.log2(x) * _LN2
+    else:
+        y = tl.log(x)
+    return y
+
+
+@triton.jit
 def _load_rows(PTR, offs_r, offs_d, stride, n_rows, D):
     """[len(offs_r), len(offs_d)] tile of a row-major matrix, zeros outside [n_rows, D]."""
     mask = (offs_r[:, None] < n_rows) & (offs_d[None, :] < D)
@@ -119,6 +141,18 @@ def _online_lse(m_i, l_i, s, BASE2: tl.constexpr):
     m_shift = tl.where(m_new == _NEG_INF, 0.0, m_new)
     l_new = l_i * _exp(m_i - m_shift, BASE2) + tl.sum(_exp(s - m_shift[:, None], BASE2), axis=1)
     return m_new, l_new
+
+
+@triton.jit
+def _tile_lse_nat(s, AXIS: tl.constexpr, BASE2: tl.constexpr):
+    """LSE of a natural-unit tile s along AXIS (0: per column, 1: per row), via _exp_nat."""
+    mx = tl.max(s, axis=AXIS)
+    sh = tl.where(mx == _NEG_INF, 0.0, mx)
+    if AXIS == 0:
+        tot = tl.sum(_exp_nat(s - sh[None, :], BASE2), axis=0)
+    else:
+        tot = tl.sum(_exp_nat(s - sh[:, None], BASE2), axis=1)
+    return tl.where(tot == 0, _NEG_INF, sh + _log_nat(tl.where(tot == 0, 1.0, tot), BASE2))
 
 
 @triton.jit

@@ -49,7 +49,8 @@ def test_cu_compiles_for_sm80_and_sm90(src, tmp_path):
     cmd = [
         NVCC, "-std=c++17", "-O3", "-c", str(src), "-o", str(tmp_path / (src.stem + ".o")),
         "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
-        "-I", str(CSRC), "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr", *TORCH_NVCC_DEFINES,
+        "-I", str(CSRC), "-I", str(CSRC / "platform"), "-Xcompiler", "-fPIC",
+        "--expt-relaxed-constexpr", *TORCH_NVCC_DEFINES,
     ]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout}\n{res.stderr}"
@@ -130,7 +131,7 @@ def test_cuda_binding_compiles_against_torch_headers(src, tmp_path):
     for name, text in _STUBS.items():
         if not (inc / name).exists():
             (stubs / name).write_text(textwrap.dedent(text))
-    cmd = [cxx, "-std=c++20", "-fsyntax-only", "-I", str(CSRC)]
+    cmd = [cxx, "-std=c++20", "-fsyntax-only", "-I", str(CSRC), "-I", str(CSRC / "platform")]
     torch_inc = cpp_extension.include_paths()
     if not any((Path(p) / "c10/cuda/impl/cuda_cmake_macros.h").exists() for p in torch_inc):
         cmd.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")

@@ -21,7 +21,9 @@ def table(monkeypatch):
     dispatch._warn_once.cache_clear()
 
     def set_(triton=True, cpp=True, cuda=True, interpret=False):
-        def ext(cuda: bool):
+        def ext(cuda: bool, device_type: str = "cuda"):
+            if cuda and device_type != "cuda":  # no stand-in registered in this table
+                return False, f"not on {device_type!r} tensors"
             return (have_cuda, "no cuda here") if cuda else (cpp, "no compiler here")
 
         have_cuda = cuda
@@ -141,3 +143,35 @@ def test_auto_runs_cpp_on_cpu_under_the_interpreter(monkeypatch):
     loss = gammacl.clip_loss(a, b, 2.0)
     assert seen == ["cpp"]
     assert torch.allclose(loss, gammacl.clip_loss(a, b, 2.0, backend="torch"), atol=1e-6)
+
+
+def test_cuda_provider_seam_routes_cuda_backend_on_other_device_types():
+    """_ext.register_cuda_provider: backend="cuda" on CPU tensors resolves and calls the
+    registered library's ops (how tests/cuda_emu plugs in); removed, it is refused again."""
+    from gammacl import _ext
+    from gammacl.ops.simlse import simlse
+
+    calls = []
+
+    class FakeOps:
+        def simlse_fwd(self, a, b, scale, offset, exclude_pos, cols):
+            calls.append("simlse_fwd")
+            return torch.full((a.shape[0],), 7.0), torch.full((b.shape[0],), 8.0)
+
+    assert _ext.cuda_provider("cpu") is None
+    with pytest.raises(RuntimeError, match="backend='cuda' runs on CUDA tensors"):
+        dispatch.resolve_backend("cuda", CPU)
+    _ext.register_cuda_provider("cpu", FakeOps)
+    try:
+        assert dispatch.resolve_backend("cuda", CPU) == "cuda"
+        assert _ext.available(cuda=True, device_type="cpu") == (True, "")
+        a = torch.randn(3, 4)
+        row, col = simlse(a, torch.randn(5, 4), torch.tensor(1.0), backend="cuda")
+        assert calls == ["simlse_fwd"] and row.tolist() == [7.0] * 3 and col.tolist() == [8.0] * 5
+    finally:
+        _ext.register_cuda_provider("cpu", None)
+    assert _ext.cuda_provider("cpu") is None
+    with pytest.raises(RuntimeError, match="backend='cuda' runs on CUDA tensors"):
+        dispatch.resolve_backend("cuda", CPU)
+    with pytest.raises(ValueError, match="serves device type 'cuda'"):
+        _ext.register_cuda_provider("cuda", FakeOps)

@@ -120,9 +120,10 @@ def test_simlse_cpp_all_excluded_rows_are_finite(ops):
     assert torch.isneginf(row[0]) and torch.isfinite(row[1:]).all()
     assert torch.isfinite(col).all()
     g_row = torch.ones(5)
-    da, db = ops.simlse_bwd(a, b, s, row, col, g_row, torch.ones(1), 0, True, True)
+    da, db, ds = ops.simlse_bwd(a, b, s, row, col, g_row, torch.ones(1), 0, True, True)
     assert torch.isfinite(da).all() and torch.isfinite(db).all()
     assert torch.equal(da[0], torch.zeros(4))
+    assert torch.allclose(ds, (a * da).sum(), rtol=1e-6, atol=0.0)  # sum_ij W_ij <a_i, b_j>
 
 
 @needs_ext
@@ -399,7 +400,7 @@ def test_cpp_vectorised_exp_accuracy_in_ulp(ops):
     x = torch.cat([x, x.new_zeros((-x.numel()) % d)]).reshape(-1, d)
     m = x.shape[0]
     eye = torch.eye(d)
-    da, _ = ops.simlse_bwd(
+    da, _, _ = ops.simlse_bwd(
         x,
         eye,
         torch.tensor(1.0),

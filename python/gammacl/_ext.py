@@ -15,6 +15,11 @@ and headers), so editing csrc/ needs no manual step. `python -m gammacl.build_ex
 ahead of time. GAMMACL_NO_EXT=1 disables both (the dispatcher then falls back to the torch backend
 with one warning).
 
+Stand-ins: `register_cuda_provider(device_type, load)` lets backend="cuda" run on tensors of
+another device type through an op library with the same schemas (tests/cuda_emu registers the
+CPU emulation of csrc's CUDA code this way); `op(name, cuda)` is how the ops call a compiled
+kernel, picking the library from the tensors' device at call time.
+
 Fake (meta) kernels of the ops are registered here in Python (torch.library.register_fake), so
 torch.compile and torch.library.opcheck can trace them with symbolic shapes.
 """
@@ -25,7 +30,9 @@ import os
 import shutil
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,6 +40,8 @@ _LOCK = threading.RLock()
 _STATE: dict[bool, tuple[bool, str]] = {}
 _BUILT: dict[bool, str] = {}
 _FAKES_REGISTERED = False
+# device type -> loader of an op library standing in for the CUDA library on that device type
+_CUDA_PROVIDERS: dict[str, Callable[[], Any]] = {}
 
 
 def csrc_dir() -> Path:
@@ -116,7 +125,9 @@ def _needs_compile(cuda: bool) -> bool:
     if not lib.exists():
         return True
     t = lib.stat().st_mtime
-    deps = sources(cuda) + sorted(csrc_dir().glob("*.h")) + sorted(csrc_dir().glob("*.cuh"))
+    d = csrc_dir()
+    deps = sources(cuda) + sorted(d.glob("*.h")) + sorted(d.glob("*.cuh"))
+    deps += sorted((d / "platform").glob("*.h"))
     return any(p.stat().st_mtime > t for p in deps)
 
 
@@ -174,7 +185,9 @@ def _build(cuda: bool) -> str:
         sources=[str(p) for p in sources(cuda)],
         extra_cflags=cflags,
         extra_ldflags=ldflags,
-        extra_include_paths=[str(csrc_dir())],
+        # platform/: the real <gammacl_cuda_device.h> / <gammacl_cuda_torch.h> (tests/cuda_emu
+        # has the CPU emulator's versions of the two and puts its own directory there instead)
+        extra_include_paths=[str(csrc_dir()), str(csrc_dir() / "platform")],
         build_directory=str(out),
         with_cuda=cuda,
         is_python_module=False,
@@ -198,7 +211,8 @@ def _register_fakes() -> None:
         return a.new_empty((a.shape[0],), dtype=acc(a)), a.new_empty((n,), dtype=acc(a))
 
     def simlse_bwd_fake(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols):
-        return a.new_empty(a.shape, dtype=acc(a)), b.new_empty(b.shape, dtype=acc(a))
+        da, db = a.new_empty(a.shape, dtype=acc(a)), b.new_empty(b.shape, dtype=acc(a))
+        return da, db, a.new_empty((), dtype=acc(a))
 
     def gamma_onepass_fwd_fake(
         a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offset, grad
@@ -255,10 +269,32 @@ def _try_load(cuda: bool) -> tuple[bool, str]:
     return True, ""
 
 
+def register_cuda_provider(device_type: str, load: Callable[[], Any] | None) -> None:
+    """backend="cuda" on tensors of `device_type` (not "cuda") runs the ops of the library that
+    `load()` returns: an object with the gammacl ops (simlse_fwd, simlse_bwd, gamma_onepass_fwd,
+    siglip_fwd) under the same schemas, taking tensors of that device type. None removes it."""
+    if device_type == "cuda":
+        raise ValueError("the CUDA library itself serves device type 'cuda'")
+    if load is None:
+        _CUDA_PROVIDERS.pop(device_type, None)
+    else:
+        _CUDA_PROVIDERS[device_type] = load
+
+
+def cuda_provider(device_type: str) -> Callable[[], Any] | None:
+    """The registered stand-in for the CUDA library on `device_type`, or None."""
+    return _CUDA_PROVIDERS.get(device_type)
+
+
 @torch.compiler.assume_constant_result  # torch.compile calls it eagerly, never traces the lock
-def available(cuda: bool = False) -> tuple[bool, str]:
+def available(cuda: bool = False, device_type: str = "cuda") -> tuple[bool, str]:
     """(True, "") when the cpu (or cuda) library is built and loaded, else (False, reason).
-    Builds on first call; the answer is cached for the process. Never raises."""
+    Builds on first call; the answer is cached for the process. Never raises. With cuda=True
+    and another `device_type`, whether a stand-in is registered for it."""
+    if cuda and device_type != "cuda":
+        if device_type in _CUDA_PROVIDERS:
+            return True, ""
+        return False, f"the CUDA kernels run on CUDA tensors, not on {device_type!r} tensors"
     state = _STATE.get(cuda)
     if state is not None:
         return state
@@ -271,13 +307,30 @@ def available(cuda: bool = False) -> tuple[bool, str]:
         return _STATE[cuda]
 
 
-def load(cuda: bool = False):
-    """torch.ops.gammacl, after making sure the cpu (and, for cuda=True, cuda) library is loaded.
-    Raises RuntimeError with the reason when it cannot be."""
+def load(cuda: bool = False, device_type: str | None = None):
+    """torch.ops.gammacl, after making sure the cpu (and, for cuda=True, cuda) library is loaded
+    (for cuda=True and another `device_type`: its registered stand-in). Raises RuntimeError with
+    the reason when it cannot be."""
+    if cuda and device_type not in (None, "cuda"):
+        provider = _CUDA_PROVIDERS.get(device_type)
+        if provider is None:
+            raise RuntimeError(available(cuda=True, device_type=device_type)[1])
+        return provider()
     ok, why = available(cuda=cuda)
     if not ok:
         raise RuntimeError(f"gammacl {'CUDA' if cuda else 'C++'} extension unavailable: {why}")
     return torch.ops.gammacl
+
+
+def op(name: str, cuda: bool) -> Callable[..., Any]:
+    """The compiled op `name` of the cpp (cuda=False) or cuda library as a function of the op's
+    arguments; the library is picked from the first argument's device when called."""
+
+    def call(a: torch.Tensor, *args: Any) -> Any:
+        return getattr(load(cuda=cuda, device_type=a.device.type), name)(a, *args)
+
+    call.__name__ = call.__qualname__ = f"{name}[{'cuda' if cuda else 'cpp'}]"
+    return call
 
 
 def library_path(cuda: bool = False) -> str | None:

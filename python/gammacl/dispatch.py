@@ -40,10 +40,10 @@ def _warn_once(msg: str) -> None:
     warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
-def _ext_available(cuda: bool) -> tuple[bool, str]:
+def _ext_available(cuda: bool, device_type: str = "cuda") -> tuple[bool, str]:
     from gammacl import _ext
 
-    return _ext.available(cuda=cuda)
+    return _ext.available(cuda=cuda, device_type=device_type)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -96,9 +96,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if not ok:
             raise RuntimeError(f"backend='cpp' is unavailable: {why}")
     elif backend == "cuda":
-        if device.type != "cuda":
+        # other device types only through a registered stand-in (_ext.register_cuda_provider)
+        ok, why = _ext_available(cuda=True, device_type=device.type)
+        if device.type != "cuda" and not ok:
             raise RuntimeError(f"backend='cuda' runs on CUDA tensors, got tensors on {device}")
-        ok, why = _ext_available(cuda=True)
         if not ok:
             raise RuntimeError(f"backend='cuda' is unavailable: {why}")
     return backend

@@ -1,5 +1,7 @@
 """Builds the CUDA emulation library: csrc/*_cuda.cpp and csrc/*.cu compiled by the host compiler
-with GAMMACL_CUDA_EMU (cuda_emu.h, cuda_emu_torch.h), registered as CPU kernels of the
+with this directory on the include path, so the platform headers the sources include
+(<gammacl_cuda_device.h>, <gammacl_cuda_torch.h>) are the emulator's (cuda_emu.h,
+cuda_emu_torch.h) rather than csrc/platform/'s; registered as CPU kernels of the
 `gammacl_cuda_emu::` ops, whose schemas are those of the real `gammacl::` ops.
 
     from cuda_emu.build import load
@@ -65,7 +67,6 @@ def load(asan: bool = False):
         wrappers.append(str(w))
     flags = [
         "-O2",
-        "-DGAMMACL_CUDA_EMU",
         "-fno-strict-aliasing",
         "-ffp-contract=off",
         "-Wno-unknown-pragmas",
@@ -95,7 +96,7 @@ def load_selftest():
     cpp_extension.load(
         name="gammacl_emu_selftest",
         sources=[str(EMU / "selftest.cpp")],
-        extra_cflags=["-O1", "-DGAMMACL_CUDA_EMU", "-Wno-unknown-pragmas"],
+        extra_cflags=["-O1", "-Wno-unknown-pragmas"],
         extra_include_paths=[str(EMU)],
         build_directory=str(out),
         is_python_module=False,

@@ -1,6 +1,7 @@
 // CPU stand-ins for what gammacl's CUDA bindings (csrc/*_cuda.cpp, csrc/cuda_binding.h) take from
-// the CUDA runtime, cuBLAS and ATen's CUDA context, for tests/test_cuda_emu.py. Included by
-// csrc/cuda_binding.h when GAMMACL_CUDA_EMU is defined; tensors then live on the CPU.
+// the CUDA runtime, cuBLAS and ATen's CUDA context, for tests/test_cuda_emu.py. Included by this
+// directory's <gammacl_cuda_torch.h>, which the emulator build puts on csrc/cuda_binding.h's
+// include path in place of csrc/platform/'s; tensors then live on the CPU.
 //
 // cublasGemmEx (emu_runtime.cpp) follows the cuBLAS documentation: column-major operands,
 // op(A) m x k, op(B) k x n, C m x n; lda >= max(1, rows of the stored A), likewise ldb, ldc >=

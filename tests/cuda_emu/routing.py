@@ -2,20 +2,15 @@
 backend-parametrised tests run csrc's CUDA kernels and bindings on a CPU: see tests/conftest.py
 (the "cuda-emu" backend of cpu_backends()).
 
-Inside `routed()`:
-  gammacl._ext.load(cuda=True)       -> torch.ops.gammacl_cuda_emu (CPU kernels of the CUDA code)
-  gammacl._ext.available(cuda=True)  -> (True, "")
-  resolve_backend("cuda", cpu)       -> "cuda" (everywhere gammacl imported resolve_backend)
-Everything else is unchanged.
+Inside `routed()` the emulation library is gammacl's registered stand-in for the CUDA library on
+device type "cpu" (gammacl._ext.register_cuda_provider, the seam every op's "cuda" backend goes
+through): resolve_backend("cuda", cpu) -> "cuda", and the ops call torch.ops.gammacl_cuda_emu.
+Nothing of gammacl is patched.
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
-
-import pytest
-import torch
 
 from cuda_emu import build
 
@@ -39,28 +34,14 @@ def available() -> tuple[bool, str]:
 
 @contextlib.contextmanager
 def routed():
-    from gammacl import _ext, dispatch
+    """backend="cuda" on CPU tensors runs the emulated CUDA library while inside (registered as
+    the CUDA library's stand-in for device type "cpu": gammacl._ext.register_cuda_provider)."""
+    from gammacl import _ext
 
     ops = build.load()
-    real_load, real_available, real_resolve = _ext.load, _ext.available, dispatch.resolve_backend
-
-    def load(cuda: bool = False):
-        return ops if cuda else real_load(cuda=False)
-
-    def available_(cuda: bool = False):
-        return (True, "") if cuda else real_available(cuda=False)
-
-    def resolve(backend: str, device):
-        if backend == "cuda" and torch.device(device).type == "cpu":
-            return "cuda"
-        return real_resolve(backend, device)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_ext, "load", load)
-        mp.setattr(_ext, "available", available_)
-        for name, mod in list(sys.modules.items()):
-            if (name == "gammacl" or name.startswith("gammacl.")) and getattr(
-                mod, "resolve_backend", None
-            ) is real_resolve:
-                mp.setattr(mod, "resolve_backend", resolve)
+    previous = _ext.cuda_provider("cpu")
+    _ext.register_cuda_provider("cpu", build.load)
+    try:
         yield ops
+    finally:
+        _ext.register_cuda_provider("cpu", previous)

@@ -445,26 +445,75 @@ def onepass_plan(batch: int, ema: float, scale: str) -> list[Method]:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_plan(plan, seeds, data, *, epochs, eval_every, backend, diag=None) -> list[dict]:
-    rows: list[dict] = []
+def _run_task(task) -> tuple[list[dict], list | None, float]:
+    """One (method, seed) run in a worker process: (rows, diagnostics, wall seconds)."""
+    m, seed, epochs, eval_every, backend, want_diag, threads = task
+    torch.set_num_threads(threads)
+    diag: list | None = [] if want_diag else None
+    t1 = time.perf_counter()
+    rows = run_one(
+        m,
+        seed,
+        _DATA or load_pairs(),
+        epochs=epochs,
+        eval_every=eval_every,
+        backend=backend,
+        diag=diag,
+    )
+    return rows, diag, time.perf_counter() - t1
+
+
+_DATA = None  # the data set of a worker process (loaded once per worker)
+
+
+def _init_worker() -> None:
+    global _DATA
+    _DATA = load_pairs()
+
+
+def run_plan(
+    plan, seeds, data, *, epochs, eval_every, backend, diag=None, jobs: int = 1, threads: int = 1
+) -> list[dict]:
+    """Every (method, seed) of the plan; `jobs` > 1 runs them in that many worker processes
+    (`threads` torch threads each); rows in plan order whatever the finishing order."""
+    tasks = [
+        (m, s, epochs, eval_every, backend, diag is not None, threads) for m in plan for s in seeds
+    ]
+    results: list = [None] * len(tasks)
     t0 = time.perf_counter()
-    total = len(plan) * len(seeds)
-    done = 0
-    for m in plan:
-        for seed in seeds:
-            t1 = time.perf_counter()
-            rs = run_one(
-                m, seed, data, epochs=epochs, eval_every=eval_every, backend=backend, diag=diag
-            )
-            rows += rs
-            done += 1
-            last = rs[-1]
-            log(
-                f"[{done}/{total} {time.perf_counter() - t0:.0f}s] {m.name} B={m.batch or 'full'} "
-                f"{m.scale} seed {seed}: R@1 {last['recall_at_1']:.3f} G train "
-                f"{last['global_train_loss']:.3f} test {last['global_test_loss']:.3f} "
-                f"({time.perf_counter() - t1:.1f} s)"
-            )
+
+    def done_line(i: int, k: int) -> None:
+        m, seed = tasks[i][0], tasks[i][1]
+        last = results[i][0][-1]
+        log(
+            f"[{k}/{len(tasks)} {time.perf_counter() - t0:.0f}s] {m.name} B={m.batch or 'full'} "
+            f"{m.scale} seed {seed}: R@1 {last['recall_at_1']:.3f} G train "
+            f"{last['global_train_loss']:.3f} test {last['global_test_loss']:.3f} "
+            f"({results[i][2]:.1f} s)"
+        )
+
+    if jobs <= 1:
+        global _DATA
+        _DATA = data
+        for i, t in enumerate(tasks):
+            results[i] = _run_task(t)
+            done_line(i, i + 1)
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        ctx = mp.get_context("spawn")  # no fork of a process that holds torch's thread pools
+        with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker) as ex:
+            futs = {ex.submit(_run_task, t): i for i, t in enumerate(tasks)}
+            for k, f in enumerate(as_completed(futs), 1):
+                i = futs[f]
+                results[i] = f.result()
+                done_line(i, k)
+    rows: list[dict] = []
+    for r, d, _ in results:
+        rows += r
+        if diag is not None and d:
+            diag += d
     return rows
 
 
@@ -521,11 +570,17 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--ema-sogclr", type=float, default=None, help="default: the library's")
     p.add_argument("--ema-gamma", type=float, default=None, help="default: the library's")
-    p.add_argument("--emas", type=float, nargs="+", default=[0.02, 0.1, 0.5, 0.9])
-    p.add_argument("--shapes", type=float, nargs="+", default=[1.0, 10.0])
+    p.add_argument("--emas", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.9])
+    p.add_argument("--shapes", type=float, nargs="+", default=[1.0, 10.0, 100.0])
     p.add_argument("--paper-b-batch", type=int, default=32)
     p.add_argument("--backend", default="torch")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        help="worker processes, one (method, seed) run each at a time (default: CPU count)",
+    )
     p.add_argument(
         "--only", nargs="+", default=None, help="run only the plan's methods of these names"
     )
@@ -539,6 +594,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.jobs <= 0:
+        args.jobs = max(1, (os.cpu_count() or 1) // max(1, args.threads))
     if args.report:
         return report(args.report, args.out)
     if args.quick:
@@ -567,11 +624,15 @@ def main(argv: list[str] | None = None) -> dict:
         )
         name = "retrieval"
     if args.only:
+        names = sorted({m.name for m in plan})
+        unknown = [x for x in args.only if x not in names]
+        if unknown:
+            p.error(f"--only {unknown}: not in this plan; its methods are {names}")
         plan = [m for m in plan if m.name in args.only]
     log(
         f"{name}: {len(plan)} methods x {len(seeds)} seeds, {args.epochs} epochs, train "
         f"{data[0].shape[0]} / test {data[2].shape[0]} pairs, torch threads "
-        f"{torch.get_num_threads()}, backend {args.backend}"
+        f"{torch.get_num_threads()} x {args.jobs} processes, backend {args.backend}"
     )
     t0 = time.perf_counter()
     rows = run_plan(
@@ -582,6 +643,8 @@ def main(argv: list[str] | None = None) -> dict:
         eval_every=args.eval_every,
         backend=args.backend,
         diag=diag,
+        jobs=args.jobs,
+        threads=args.threads,
     )
     wall = time.perf_counter() - t0
     table = format_table(rows)

@@ -43,6 +43,7 @@ import torch
 
 from gammacl._validate import acc_dtype
 from gammacl.dispatch import resolve_backend
+from gammacl.ops._backends import Backends, compiled, kernel
 from gammacl.ops.simlse import _chunk_rows, _masked_logits
 
 DEFAULT_CLAMP = 30.0
@@ -95,20 +96,14 @@ def _reference_fwd(a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offse
     return out
 
 
-def _backend_impl(name: str):
-    if name == "torch":
-        return torch_fwd
-    if name == "reference":
-        return _reference_fwd
-    if name == "triton":
-        from gammacl.kernels import gamma_onepass as k
-
-        return k.gamma_onepass_fwd
-    if name in ("cpp", "cuda"):
-        from gammacl import _ext
-
-        return _ext.load(cuda=name == "cuda").gamma_onepass_fwd
-    raise ValueError(f"gamma_onepass has no backend {name!r}")
+# The dispatch seam of this op: backend name -> fwd of the contract above.
+_backend_impl = Backends(
+    "gamma_onepass",
+    reference=lambda: _reference_fwd,
+    torch=lambda: torch_fwd,
+    triton=kernel("gamma_onepass", "gamma_onepass_fwd"),
+    **compiled("gamma_onepass_fwd"),
+)
 
 
 # A torch.library custom op (like gammacl::simlse): one opaque node for torch.compile, and opcheck

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from gammacl._validate import acc_dtype
 from gammacl.dispatch import resolve_backend
+from gammacl.ops._backends import Backends, compiled, kernel
 from gammacl.ops.simlse import _chunk_rows
 
 
@@ -77,20 +78,14 @@ def _reference_fwd(a, b, scale, bias, offset, grad):
     return out
 
 
-def _backend_impl(name: str):
-    if name == "torch":
-        return torch_fwd
-    if name == "reference":
-        return _reference_fwd
-    if name == "triton":
-        from gammacl.kernels import siglip as k
-
-        return k.siglip_fwd
-    if name in ("cpp", "cuda"):
-        from gammacl import _ext
-
-        return _ext.load(cuda=name == "cuda").siglip_fwd
-    raise ValueError(f"siglip has no backend {name!r}")
+# The dispatch seam of this op: backend name -> fwd of the contract above.
+_backend_impl = Backends(
+    "siglip",
+    reference=lambda: _reference_fwd,
+    torch=lambda: torch_fwd,
+    triton=kernel("siglip", "siglip_fwd"),
+    **compiled("siglip_fwd"),
+)
 
 
 # A torch.library custom op: one opaque node for torch.compile; opcheck tests its schema, fake

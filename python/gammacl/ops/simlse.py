@@ -17,9 +17,14 @@ the 4-GEMM floor. Saved for backward: a, b, r, c, scale (O((M+N)D)), never an M 
 Backends (one registry, `_IMPLS`: reference, torch, cpp, cuda, triton) implement two functions
 with one signature each:
     fwd(a, b, scale, offset, exclude_pos, cols) -> (row_lse [M], col_lse [N] or [0])
-    bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols) -> (da_raw, db_raw)
-with `scale` a 0-d tensor in the accumulation dtype on the features' device, statistics and raw
-gradients in the accumulation dtype (fp64 for fp64 inputs, else fp32), g_row / g_col contiguous.
+    bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols)
+        -> (da_raw, db_raw, dscale_raw)
+dscale_raw = sum_ij W_ij <a_i, b_j> (a 0-d tensor): the fused backends that round W to 16 bits
+for their GEMMs (triton, cuda) sum it from the acc-typed W inside their kernels, since
+<A, da_raw> would then cancel against the positive / smoothing terms; the others form
+<A, da_raw>_F. `scale` is a 0-d tensor in the accumulation dtype on the features' device;
+statistics and raw gradients are in the accumulation dtype (fp64 for fp64 inputs, else fp32);
+g_row / g_col are contiguous.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import os
 import torch
 
 from gammacl._validate import acc_dtype
+from gammacl.ops._backends import Backends, compiled, kernel
 
 # torch backend chunk: rows per chunk chosen so one chunk x N fp32 buffer stays under this budget.
 _CHUNK_BYTES = int(float(os.environ.get("GAMMACL_CHUNK_MIB", "32")) * 2**20)
@@ -87,7 +93,7 @@ def torch_bwd(
             w.diagonal(i0 + offset).zero_()
         da[i0:i1] = torch.mm(w, bf)
         db.addmm_(w.t(), af[i0:i1])
-    return da, db
+    return da, db, (af * da).sum()
 
 
 def _reference_impls():
@@ -98,7 +104,7 @@ def _reference_impls():
         return ref_fwd(a, b, scale, offset=offset, exclude_pos=exclude_pos, cols=cols, upcast=False)
 
     def bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols):
-        return ref_bwd(
+        da, db = ref_bwd(
             a,
             b,
             scale,
@@ -111,41 +117,28 @@ def _reference_impls():
             cols=cols,
             upcast=False,
         )
+        return da, db, (a * da).sum()
 
     return fwd, bwd
 
 
-def _triton_impls():
-    from gammacl.kernels import simlse as k
-
-    return k.simlse_fwd, k.simlse_bwd
-
-
-def _ext_impls(cuda: bool):
-    from gammacl import _ext
-
-    ops = _ext.load(cuda=cuda)
-    return ops.simlse_fwd, ops.simlse_bwd
-
-
 # The dispatch seam of this op: backend name -> (fwd, bwd) of the contract above.
-_IMPLS = {
-    "reference": _reference_impls,
-    "torch": lambda: (torch_fwd, torch_bwd),
-    "cpp": lambda: _ext_impls(cuda=False),
-    "cuda": lambda: _ext_impls(cuda=True),
-    "triton": _triton_impls,
-}
+_IMPLS = Backends(
+    "simlse",
+    reference=_reference_impls,
+    torch=lambda: (torch_fwd, torch_bwd),
+    triton=kernel("simlse", "simlse_fwd", "simlse_bwd", dscale=True),
+    **compiled("simlse_fwd", "simlse_bwd"),
+)
 
 
 def _backend_impl(name: str, device: torch.device | None = None):
-    if name == "auto" and device is not None:  # callers normally pass a resolved name
+    """(fwd, bwd) of a backend; `auto` needs the device (callers normally pass a resolved name)."""
+    if name == "auto" and device is not None:
         from gammacl.dispatch import resolve_backend
 
         name = resolve_backend(name, device)
-    if name not in _IMPLS:
-        raise ValueError(f"simlse has no backend {name!r} (backends: {tuple(_IMPLS)})")
-    return _IMPLS[name]()
+    return _IMPLS(name)
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -195,18 +188,12 @@ def _simlse_backward_op(
     cols: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(da_raw, db_raw, dscale_raw = sum_ij W_ij <a_i, b_j>). The triton backend forms dscale_raw
-    from its fp32 W inside the kernel (it rounds W to the operand dtype for the GEMMs, and
-    dscale cancels against the positive / smoothing terms); the others as <a, da_raw>_F."""
+    """(da_raw, db_raw, dscale_raw = sum_ij W_ij <a_i, b_j>): the backend's bwd (module
+    docstring)."""
     _, bwd = _backend_impl(backend, a.device)
     a, b = _last_dim_contiguous(a), _last_dim_contiguous(b)
     with torch.autocast(a.device.type, enabled=False):
-        if backend == "triton":
-            return bwd(
-                a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols, dscale=True
-            )
-        da, db = bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols)
-        return da, db, (a.to(da.dtype) * da).sum()
+        return bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols)
 
 
 @_simlse_backward_op.register_fake

@@ -1,0 +1,70 @@
+"""The dispatch seam of an op: one table, backend name -> implementation, loaded on first use.
+
+Every ops/<op>.py builds one `Backends` table with the same five names (reference, torch, cpp,
+cuda, triton) following the contract written at the top of that file; the losses resolve the
+backend name once at their public boundary (gammacl.dispatch) and the op looks it up here.
+"cpp" and "cuda" call the compiled op of the same name through gammacl._ext.op, which picks the
+library from the tensors' device (a registered stand-in for "cuda" on other device types:
+gammacl._ext.register_cuda_provider); "triton" imports gammacl.kernels.<module> on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+NAMES = ("reference", "torch", "cpp", "cuda", "triton")
+
+
+class Backends(dict):
+    """backends(name) -> the op's implementation for backend `name` (loaded on first call and
+    cached), or ValueError naming the op and its backends. A dict of name -> loader, so a test
+    can substitute one backend (monkeypatch.setitem; a substituted loader drops the cache)."""
+
+    def __init__(self, op: str, **loaders: Callable[[], Any]) -> None:
+        if set(loaders) != set(NAMES):
+            raise ValueError(f"{op}: backends must be exactly {NAMES}, got {tuple(loaders)}")
+        super().__init__(loaders)
+        self.op = op
+        self._loaded: dict[str, Any] = {}
+
+    def __setitem__(self, name: str, loader: Callable[[], Any]) -> None:
+        self._loaded.pop(name, None)
+        super().__setitem__(name, loader)
+
+    def __call__(self, name: str) -> Any:
+        if name not in self:
+            raise ValueError(f"{self.op} has no backend {name!r} (backends: {NAMES})")
+        if name not in self._loaded:
+            self._loaded[name] = self[name]()
+        return self._loaded[name]
+
+
+def compiled(*names: str) -> dict[str, Callable[[], Any]]:
+    """cpp= and cuda= loaders of the compiled ops `names` (one function, or a tuple of them)."""
+    from gammacl import _ext
+
+    def loader(cuda: bool) -> Callable[[], Any]:
+        def load() -> Any:
+            fns = tuple(_ext.op(n, cuda) for n in names)
+            return fns[0] if len(fns) == 1 else fns
+
+        return load
+
+    return {"cpp": loader(False), "cuda": loader(True)}
+
+
+def kernel(module: str, *names: str, **bind: Any) -> Callable[[], Any]:
+    """triton= loader: gammacl.kernels.<module>.<name> for each name (keyword arguments `bind`
+    fixed on the last one), imported on first use."""
+
+    def load() -> Any:
+        mod = importlib.import_module(f"gammacl.kernels.{module}")
+        fns = [getattr(mod, n) for n in names]
+        if bind:
+            fns[-1] = functools.partial(fns[-1], **bind)
+        return fns[0] if len(fns) == 1 else tuple(fns)
+
+    return load
