@@ -370,12 +370,10 @@ std::tuple<at::Tensor, at::Tensor> simlse_fwd_cpu(const at::Tensor& a_in, const 
   return {row, col};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cpu(const at::Tensor& a_in, const at::Tensor& b_in,
-                                                  const at::Tensor& scale,
-                                                  const at::Tensor& row_lse,
-                                                  const at::Tensor& col_lse,
-                                                  const at::Tensor& g_row, const at::Tensor& g_col,
-                                                  int64_t offset, bool exclude_pos, bool cols) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cpu(
+    const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& scale,
+    const at::Tensor& row_lse, const at::Tensor& col_lse, const at::Tensor& g_row,
+    const at::Tensor& g_col, int64_t offset, bool exclude_pos, bool cols) {
   const char* op = "gammacl::simlse_bwd (cpu)";
   const Problem pr = check_problem(op, a_in, b_in, scale, at::kCPU);
   const auto acc = pr.acc;

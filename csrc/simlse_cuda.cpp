@@ -86,12 +86,10 @@ std::tuple<at::Tensor, at::Tensor> simlse_fwd_cuda(const at::Tensor& a_in, const
   return {row, col};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cuda(const at::Tensor& a_in, const at::Tensor& b_in,
-                                                   const at::Tensor& scale,
-                                                   const at::Tensor& row_lse,
-                                                   const at::Tensor& col_lse,
-                                                   const at::Tensor& g_row, const at::Tensor& g_col,
-                                                   int64_t offset, bool exclude_pos, bool cols) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cuda(
+    const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& scale,
+    const at::Tensor& row_lse, const at::Tensor& col_lse, const at::Tensor& g_row,
+    const at::Tensor& g_col, int64_t offset, bool exclude_pos, bool cols) {
   const char* op = "gammacl::simlse_bwd (cuda)";
   const Problem pr = check_problem(op, a_in, b_in, scale, kKernelDevice);
   const auto acc = pr.acc;
@@ -127,8 +125,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cuda(const at::Tensor&
     sigma = at::exp2(at::clamp(at::floor(at::log2(16384.0 / gmax)), -120.0, 120.0));
     inv_sigma = at::reciprocal(sigma);
   }
-  at::Tensor ds_part =
-      at::empty({static_cast<int64_t>(cuda::simlse_bwd_ds_partials(R, N))}, opts);
+  at::Tensor ds_part = at::empty({static_cast<int64_t>(cuda::simlse_bwd_ds_partials(R, N))}, opts);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t a_row_bytes = a.stride(0) * a.element_size();
   for (int64_t i0 = 0; i0 < M; i0 += R) {

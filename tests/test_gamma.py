@@ -239,7 +239,7 @@ def test_module_float32_runs_close_to_reference():
         a, c, sc = _leaf(img[index], txt[index], torch.tensor(10.0))
         loss = mod(a, c, sc, index)
         grads = _grads(loss, (a, c, sc))
-        log_w = draw_log_weights(1.0, 6, generator=replay).double()
+        log_w = draw_log_weights(mod.shape, 6, generator=replay).double()
         a2, c2, s2 = _leaf(img[index].double(), txt[index].double(), torch.tensor(10.0).double())
         want, state = ref.gamma_clip_step(
             a2, c2, s2, index, log_w, state, ema=0.2, update="after", clamp=mod.clamp
@@ -507,7 +507,7 @@ def test_batch_rate(backend):
     a, c, sc = _leaf(img, txt, torch.tensor(6.0, dtype=torch.float64))
     out = mod(a, c, sc, None, output_dict=True)
     assert set(out) == {"contrastive_loss"} and mod.last_path == "two_pass"
-    log_w = draw_log_weights(1.0, 7, generator=torch.Generator().manual_seed(4)).double()
+    log_w = draw_log_weights(mod.shape, 7, generator=torch.Generator().manual_seed(4)).double()
     a2, c2, s2 = _leaf(a, c, sc)
     log_r = torch.stack(ref.log_zhat(img, txt, 6.0))
     want = ref.gamma_step_loss(a2, c2, s2, log_w, log_r)

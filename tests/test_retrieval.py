@@ -105,12 +105,17 @@ def test_quick_cli(tmp_path):
         rows = list(csv.DictReader(f))
     assert COLUMNS <= set(rows[0])
     methods = {r["method"] for r in rows}
+    import gammacl
+
+    a = R.library_default(gammacl.GammaClipLoss, "shape")  # the library's defaults, by name
+    e_s = R.library_default(gammacl.SogCLRLoss, "ema")
+    e_g = R.library_default(gammacl.GammaClipLoss, "ema")
     assert methods == {
         "clip",
         "clip (full batch)",
-        "sogclr before",
-        "gamma a=1 before",
-        "gamma a=1 after",
+        f"sogclr ema={e_s:g} before",
+        f"gamma a={a:g} ema={e_g:g} before",
+        f"gamma a={a:g} ema={e_g:g} after",
         "clip+fs",
         "clip+bb",
         "clip+gc",
@@ -131,3 +136,24 @@ def test_quick_cli(tmp_path):
         pass
     else:
         assert (tmp_path / "retrieval.png").stat().st_size > 1000
+
+
+def test_only_names_outside_the_plan_are_an_error(capsys):
+    with pytest.raises(SystemExit):
+        R.main(["--only", "no-such-method", "--out", "unused"])
+    assert "no-such-method" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # ~20 s: two spawned workers import torch
+def test_parallel_jobs_give_the_serial_rows_in_plan_order():
+    """run_plan(jobs=2) (spawned worker processes) returns exactly the serial rows, in plan
+    order."""
+    data = R.load_pairs()
+    plan = [R.Method("sogclr", 256, "fixed", ema=0.5), R.Method("clip", 128, "learnable")]
+    kw = {"epochs": 1, "eval_every": 1, "backend": "torch"}
+    serial = R.run_plan(plan, [0, 1], data, **kw)
+    parallel = R.run_plan(plan, [0, 1], data, jobs=2, **kw)
+    assert [(r["method"], r["seed"], r["epoch"]) for r in serial] == [
+        (m.name, s, e) for m in plan for s in (0, 1) for e in (0, 1)
+    ]
+    assert parallel == serial

@@ -284,7 +284,7 @@ def test_gamma_clip_loss_large_d(update, count_paths, monkeypatch):
         loss = mod(*leaves, sc, index.to(DEVICE))
         paths.append(mod.last_path)
         grads = torch.autograd.grad(loss, (*leaves, sc))
-        log_w = draw_log_weights(1.0, bsz, generator=replay).double()
+        log_w = draw_log_weights(mod.shape, bsz, generator=replay).double()
         want_in = [x.detach().cpu().double().requires_grad_() for x in (*leaves, sc)]
         want, state = ref.gamma_clip_step(
             *want_in,

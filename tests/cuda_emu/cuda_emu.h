@@ -1,9 +1,9 @@
 // A CPU emulator for the subset of CUDA that gammacl's kernels (csrc/*.cu) use, so the test suite
 // can run the real kernel source on a machine without a GPU (tests/test_cuda_emu.py).
 //
-// csrc/cuda_epilogue.cuh includes <gammacl_cuda_device.h>; the emulator build finds this directory's
-// version of it (which includes this header) instead of csrc/platform/'s, and the .cu files are
-// then compiled by the host compiler. What is emulated, and how:
+// csrc/cuda_epilogue.cuh includes <gammacl_cuda_device.h>; the emulator build finds this
+// directory's version of it (which includes this header) instead of csrc/platform/'s, and the .cu
+// files are then compiled by the host compiler. What is emulated, and how:
 //   * a launch GC_LAUNCH(grid, block, stream, kernel)(args...) runs the blocks one after another;
 //     the threads of a block are cooperative fibers (ucontext) on one OS thread, switched only at
 //     __syncthreads and warp shuffles, so `__shared__` (defined as `static`) is the running block's

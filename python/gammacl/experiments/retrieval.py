@@ -1,7 +1,7 @@
 """Small-batch contrastive retrieval on real data: minibatch InfoNCE vs SogCLR vs the gamma loss
 vs full-batch InfoNCE (issue 16), and Paper B's regularisers on top of InfoNCE.
 
-    python -m gammacl.experiments.retrieval [--quick] [--out DIR] [--seeds 5] [--epochs 2]
+    python -m gammacl.experiments.retrieval [--quick] [--out DIR] [--seeds 5] [--epochs 40]
     python -m gammacl.experiments.retrieval --sweep [--out DIR]     # ema x shape at batch 8
     python -m gammacl.experiments.retrieval --onepass [--out DIR]   # why update="after" lags
 
@@ -401,12 +401,25 @@ def _weight_diag(m, loss_fn, towers, scale, tl, tr, idx, t, per_epoch) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+def library_default(cls, name: str):
+    """The default of keyword `name` of gammacl loss class `cls` (the library's, not ours)."""
+    import inspect
+
+    return inspect.signature(cls).parameters[name].default
+
+
 def main_plan(
-    batches, scales, ema_sog, ema_gamma, paper_b_batch, fixed_batches=None
+    batches, scales, ema_sog, ema_gamma, paper_b_batch, fixed_batches=None, shape=None
 ) -> list[Method]:
-    """clip at every batch and the full set; SogCLR and the gamma loss (before / after) at every
-    small batch; for scale "fixed" only at `fixed_batches` (default: all); Paper B rows (scale
-    scales[0]) at `paper_b_batch` (0: none)."""
+    """clip at every batch and the full set; SogCLR and the gamma loss (before / after; shape
+    `shape`, default the library's) at every small batch; for scale "fixed" only at
+    `fixed_batches` (default: all); Paper B rows (scale scales[0]) at `paper_b_batch` (0: none)."""
+    if shape is None:
+        shape = float(library_default(gammacl.GammaClipLoss, "shape"))
+    if ema_sog is None:
+        ema_sog = float(library_default(gammacl.SogCLRLoss, "ema"))
+    if ema_gamma is None:
+        ema_gamma = float(library_default(gammacl.GammaClipLoss, "ema"))
     ms: list[Method] = []
     for sc in scales:
         bs = batches if sc != "fixed" or fixed_batches is None else fixed_batches
@@ -414,7 +427,7 @@ def main_plan(
         ms.append(Method("clip", 0, sc))
         ms += [Method("sogclr", b, sc, ema=ema_sog, update="before") for b in bs]
         for upd in ("before", "after"):
-            ms += [Method("gamma", b, sc, ema=ema_gamma, shape=1.0, update=upd) for b in bs]
+            ms += [Method("gamma", b, sc, ema=ema_gamma, shape=shape, update=upd) for b in bs]
     if paper_b_batch:
         ms += [Method(x, paper_b_batch, scales[0]) for x in ("clip+fs", "clip+bb", "clip+gc")]
     return ms
@@ -559,8 +572,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sweep", action="store_true", help="ema x shape sweep at the smallest batch")
     p.add_argument("--onepass", action="store_true", help="update='after' diagnosis")
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--eval-every", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--eval-every", type=int, default=4)
     p.add_argument("--batches", type=int, nargs="+", default=[8, 16, 32, 64])
     p.add_argument(
         "--scales", nargs="+", default=["learnable", "fixed"], choices=["learnable", "fixed"]
@@ -604,8 +617,6 @@ def main(argv: list[str] | None = None) -> dict:
         args.scales = ["fixed"]
         args.paper_b_batch = 64
         args.emas, args.shapes = [0.1, 0.9], [1.0]
-    os.makedirs(args.out, exist_ok=True)
-    data = load_pairs()
     seeds = list(range(args.seeds))
     smallest = min(args.batches)
     diag: list | None = None
@@ -629,6 +640,8 @@ def main(argv: list[str] | None = None) -> dict:
         if unknown:
             p.error(f"--only {unknown}: not in this plan; its methods are {names}")
         plan = [m for m in plan if m.name in args.only]
+    os.makedirs(args.out, exist_ok=True)
+    data = load_pairs()
     log(
         f"{name}: {len(plan)} methods x {len(seeds)} seeds, {args.epochs} epochs, train "
         f"{data[0].shape[0]} / test {data[2].shape[0]} pairs, torch threads "

@@ -42,7 +42,7 @@ from __future__ import annotations
 import torch
 
 from gammacl._validate import acc_dtype
-from gammacl.dispatch import resolve_backend
+from gammacl.dispatch import resolve_traced
 from gammacl.ops._backends import Backends, compiled, kernel
 from gammacl.ops.simlse import _chunk_rows, _masked_logits
 
@@ -198,11 +198,6 @@ def _backward(ctx, g_neg, *unused):
 _gamma_onepass_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.compiler.assume_constant_result
-def _resolve(backend: str, device: torch.device) -> str:
-    return resolve_backend(backend, device)
-
-
 def gamma_onepass(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -219,7 +214,7 @@ def gamma_onepass(
     """(neg, row_lse, col_lse, row_term, col_term) of the module docstring; only `neg` (0-d) is
     differentiable (to a, b and the 0-d scale). alpha_row / alpha_col are treated as constants.
     Inputs must already be validated (scale: 0-d accumulation-dtype tensor)."""
-    name = _resolve(backend, a.device)
+    name = resolve_traced(backend, a.device)  # a no-op check for an already resolved name
     acc = acc_dtype(a.dtype)
     if a.stride(-1) != 1:
         a = a.contiguous()

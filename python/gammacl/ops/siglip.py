@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from gammacl._validate import acc_dtype
-from gammacl.dispatch import resolve_backend
+from gammacl.dispatch import resolve_traced
 from gammacl.ops._backends import Backends, compiled, kernel
 from gammacl.ops.simlse import _chunk_rows
 
@@ -155,11 +155,6 @@ def _backward(ctx, g, *unused):
 _siglip_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.compiler.assume_constant_result
-def _resolve(backend: str, device: torch.device) -> str:
-    return resolve_backend(backend, device)
-
-
 def siglip(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -172,7 +167,7 @@ def siglip(
     """The 0-d loss of the module docstring (fp32, fp64 for fp64 inputs), differentiable to a,
     b, the 0-d scale and the 0-d bias. Inputs must already be validated (scale, bias: 0-d
     accumulation-dtype tensors on the features' device)."""
-    name = _resolve(backend, a.device)
+    name = resolve_traced(backend, a.device)  # a no-op check for an already resolved name
     if a.stride(-1) != 1:
         a = a.contiguous()
     if b.stride(-1) != 1:
