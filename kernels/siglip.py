@@ -26,8 +26,8 @@ Two structures, chosen by D (_use_chunked: D > 128 for 16-bit inputs, D > 64 for
        `_siglip_weights_kernel`, grid (R/BM, N/BN): one GEMM tile of S per program (K loop over
        D), W stored in the operand dtype to an [R, N] buffer, the tile's loss / wsum row sums
        to [R, N/BN] partials (summed afterwards in a fixed order: no atomics)   2RND FLOPs
-       `_siglip_gemm_kernel` twice: da_c = W @ b and db (+)= W^T @ a_c, fp32 (fp64) outputs
-       accumulated in registers, transposes by strides                            4RND FLOPs
+       the shared GEMM (tiles.gemm) twice: da_c = W @ b and db (+)= W^T @ a_c, fp32 (fp64)
+       outputs accumulated in registers, transposes by strides                    4RND FLOPs
    6MND FLOPs in all. Bytes beyond the inputs: W written once (2 B per entry for 16-bit
    inputs) and read by the two GEMMs as ordinary operand streams (compute-bound: K = N for dA,
    K = R for dB), and dB (fp32, N x D) read-modify-written once per chunk. bench/NOTES.md has
@@ -53,6 +53,7 @@ from gammacl.kernels.tiles import (
     _dot_nn,
     _load_rows,
     _scores_chunked,
+    gemm,
 )
 from gammacl.kernels.tiles import acc_dtype as _acc_dtype
 from gammacl.kernels.tiles import device_guard as _device_guard
@@ -245,60 +246,6 @@ def _siglip_weights_kernel(
         tl.store(w_ptr, (w * w_scale).to(W.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _siglip_gemm_kernel(
-    X,
-    Y,
-    C,
-    MO,
-    NO,
-    K,
-    stride_xm,
-    stride_xk,
-    stride_yk,
-    stride_yn,
-    stride_c,
-    out_scale,
-    ACCUMULATE: tl.constexpr,
-    ACC: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """C[MO, NO] = [C +] out_scale * X @ Y, X [MO, K] and Y [K, NO] by strides (a transpose is a
-    stride swap), C in the accumulation dtype (fp32 from 16-bit operands). 2*MO*NO*K FLOPs."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for k0 in range(0, K, BLOCK_K):
-        kk = (k0 + offs_k).to(tl.int64)
-        x = tl.load(
-            X + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
-            mask=(offs_m[:, None] < MO) & (kk[None, :] < K),
-            other=0.0,
-        )
-        y = tl.load(
-            Y + kk[:, None] * stride_yk + offs_n[None, :] * stride_yn,
-            mask=(kk[:, None] < K) & (offs_n[None, :] < NO),
-            other=0.0,
-        )
-        if UPCAST:
-            x = x.to(tl.float32)
-            y = y.to(tl.float32)
-        acc = tl.dot(x, y, acc, input_precision=PRECISION, out_dtype=acc.dtype)
-    acc = acc * out_scale
-    mask = (offs_m[:, None] < MO) & (offs_n[None, :] < NO)
-    c_ptr = C + offs_m[:, None] * stride_c + offs_n[None, :]
-    if ACCUMULATE:
-        acc += tl.load(c_ptr, mask=mask, other=0.0)
-    tl.store(c_ptr, acc, mask=mask)
-
-
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
@@ -409,33 +356,6 @@ def _launch_onepass(a, b, scale, bias, offset: int, grad: bool, cols: bool):
     return row_loss, row_wsum, da, (db if cols else None)
 
 
-def _gemm(x, y, c, out_scale: float, accumulate: bool, dtype: torch.dtype) -> None:
-    """c (+)= out_scale * x @ y for 2-D views x [MO, K], y [K, NO] (any strides), c row-major."""
-    mo, k = x.shape
-    no = y.shape[1]
-    cfg = _tile_config(dtype)
-    fl = _flags(dtype)
-    _siglip_gemm_kernel[(triton.cdiv(mo, cfg["BLOCK_M"]), triton.cdiv(no, cfg["BLOCK_N"]))](
-        X=x,
-        Y=y,
-        C=c,
-        MO=mo,
-        NO=no,
-        K=k,
-        stride_xm=x.stride(0),
-        stride_xk=x.stride(1),
-        stride_yk=y.stride(0),
-        stride_yn=y.stride(1),
-        stride_c=c.stride(0),
-        out_scale=out_scale,
-        ACCUMULATE=bool(accumulate),
-        ACC=fl["ACC"],
-        UPCAST=fl["UPCAST"],
-        PRECISION=fl["PRECISION"],
-        **cfg,
-    )
-
-
 def _chunk_rows(m: int, n: int, dtype: torch.dtype) -> int:
     """Rows per chunk: the [R, N] W buffer (operand dtype) + 2 [R, N/BN] partials within
     _CHUNK_BYTES; a multiple of BLOCK_M when more than one."""
@@ -500,8 +420,11 @@ def _launch_chunked(a, b, scale, bias, offset: int, grad: bool):
             row_wsum[i0 : i0 + rows] = part[1, :rows].sum(1)
             if grad:
                 w = wbuf[:rows]
-                _gemm(w, b, da[i0 : i0 + rows], 1.0 / ws, False, a.dtype)  # W @ b
-                _gemm(w.t(), a_c, db, 1.0 / ws, i0 > 0, a.dtype)  # W^T @ a_c
+                gemm(w, b, da[i0 : i0 + rows], accumulate=False)  # W @ b
+                gemm(w.t(), a_c, db, accumulate=i0 > 0)  # W^T @ a_c
+    if grad and ws != 1.0:  # undo the fp16 weight scaling (a power of two: exact)
+        da.mul_(1.0 / ws)
+        db.mul_(1.0 / ws)
     return row_loss, row_wsum, da, db
 
 

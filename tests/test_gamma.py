@@ -654,3 +654,16 @@ def test_all_seen_needs_both_image_and_text_visited(backend):
     assert mod.text_rate.visited.all()
     assert torch.isfinite(loss)
     assert (mod.text_rate.log_rate[2:] != text_before[2:]).all()
+
+
+def test_default_clamp_bounds_the_one_pass_weights_at_one_over_ema():
+    """clamp=None: log(1/ema) for update="after" on EMA rates (docs/experiments.md), 30 (the
+    numerical guard) otherwise; an explicit clamp always wins."""
+    from gammacl.gamma import DEFAULT_CLAMP
+
+    assert GammaClipLoss(4, update="after", ema=0.5).clamp == pytest.approx(math.log(2.0))
+    assert SogCLRLoss(4, update="after", ema=0.25).clamp == pytest.approx(math.log(4.0))
+    assert GammaClipLoss(4, update="after", ema=1.0).clamp == DEFAULT_CLAMP
+    assert GammaClipLoss(4, update="after", rate="fixed").clamp == DEFAULT_CLAMP
+    assert GammaClipLoss(4, update="before").clamp == DEFAULT_CLAMP
+    assert GammaClipLoss(4, update="after", clamp=7.0).clamp == 7.0

@@ -216,3 +216,28 @@ def test_onepass_huge_logits_fp64(backend, small_part_buffer, monkeypatch):
     assert torch.isfinite(out[1]).all(), out[1]
     for name, x, y in zip(OUTPUTS, out, want, strict=True):
         assert_close_fp64(x, y, f"{backend} {name}")
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_onepass_large_logits_within_10x_of_torch(backend):
+    """Unnormalised features at scale 100 (|l| ~ 1e3): alpha = -(row / column max logit) keeps
+    e^(l + alpha) in range, so every output depends on logits rounded at ~ulp(1e3). Each fp32
+    output within 10x of the torch backend's own fp32 error against float64 (issue 13: the
+    shift and the exponent from one rounded logit, in every backend)."""
+    g = torch.Generator().manual_seed(7)
+    m, n, d = 37, 29, 24
+    a, b = torch.randn(m, d, generator=g) * 3, torch.randn(n, d, generator=g) * 3
+    s = torch.tensor(100.0)
+    lg = 100.0 * a.double() @ b.double().T
+    ar, ac = (-lg.amax(1)).float(), (-lg.amax(0)).float()
+    args = (0.3, 0.7, 30.0, 2)
+    want = ref.gamma_onepass(a.double(), b.double(), s.double(), ar.double(), ac.double(), *args)
+    base = _backend_fwd("torch")(a, b, s, ar, ac, *args, True)
+    got = _backend_fwd(backend)(a, b, s, ar, ac, *args, True)
+
+    def rel(u, y):
+        return float((u.double() - y).abs().max() / y.abs().max().clamp_min(1e-300))
+
+    for name, x, y, t in zip(OUTPUTS, got, want, base, strict=True):
+        err, torch_err = rel(x, y), rel(t, y)
+        assert err <= 10 * torch_err + 1e-7, f"{backend} {name}: {err:.2e} vs torch {torch_err:.2e}"
