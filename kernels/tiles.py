@@ -301,7 +301,10 @@ def gemm_config(dtype: torch.dtype) -> dict:
         return dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
     if dtype in (torch.float16, torch.bfloat16):
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+    # fp32: 8 warps. AOT table (sm_90, triton 3.9), fp32-ieee: at 4 warps 4 B spilled without
+    # ACCUM and 10 KB with ACCUM (the table's tiny launches, 4-element row strides); at 8 warps
+    # 0 B and 296 B; with 16-aligned strides (real shapes) 0 B at either count (a probe).
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
 
 
 def gemm(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:

@@ -442,7 +442,8 @@ class GammaClipLoss(_GeneratorAttr, nn.Module):
             rate is one revisit (an epoch) stale; uncapped (clamp 30) "after" trained far worse
             on real data at batch 8-32 (docs/experiments.md: the weights collapse, then spike),
             hence its default cap log(1/ema) (`default_clamp`), with which it trained nearly as
-            well as "before" at batch 8 over 40 epochs.
+            well as "before" at batch 8 over 40 epochs; at batch 16-64 it was still unreliable
+            (some seeds collapse): prefer "before" there.
         generator: torch.Generator for the draws (reproducible runs); its state is saved in
             state_dict() so a checkpoint resumes the same draws.
         backend: "auto", "torch", "cpp", "triton", "cuda" or "reference".
