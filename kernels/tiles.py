@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gammacl._validate import acc_dtype  # the one definition (kernels import it from here)
 from gammacl.dispatch import interpreter_on
 
 _LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * log2 e)
@@ -321,10 +322,6 @@ def gemm(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, accumulate: bool) 
 # ----------------------------------------------------------------------------------------------
 # launch helpers
 # ----------------------------------------------------------------------------------------------
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def flags(dtype: torch.dtype) -> dict:
     """ACC / BASE2 / UPCAST / PRECISION constexprs for inputs of `dtype`."""
     acc = acc_dtype(dtype)
