@@ -88,6 +88,7 @@ class Backend:
     refusal: Callable[[torch.device], str | None]
     auto: tuple[tuple[str, int], ...] = ()
     figure: str = ""
+    title: str = ""  # how a fallback warning names it (default: the name)
 
 
 RECORDS = (
@@ -105,6 +106,7 @@ RECORDS = (
         "csrc/<op>.cpp via _ext.op(name, cuda=False) (ops/_backends.compiled)",
         _cpp_refusal,
         auto=(("cpu", 0),),
+        title="the C++ CPU extension",
         figure="clip_loss fwd+bwd N=4096 D=256 fp32, 2-core AMD EPYC, median of 5: cpp 456 ms, "
         "torch 763 ms, naive 765 ms (1 thread); 243 / 409 / 452 ms (2 threads), bench/NOTES.md",
     ),
@@ -122,6 +124,7 @@ RECORDS = (
         "csrc/<op>_cuda.{cu,cpp} via _ext.op(name, cuda=True) (ops/_backends.compiled)",
         _cuda_refusal,
         auto=(("cuda", 1),),
+        title="the CUDA extension",
         figure="not measured (see triton)",
     ),
     Backend(
@@ -146,10 +149,10 @@ def _auto(device: torch.device) -> str:
         why = BY_NAME[name].refusal(device)
         if why is None:
             return name
-        refused[name] = why
+        refused[BY_NAME[name].title or name] = why
     if refused:
         which = " nor ".join(refused)
-        which = f"neither {which} is usable" if len(refused) > 1 else f"{which} is unusable"
+        which = f"neither {which} is usable" if len(refused) > 1 else f"{which} is unavailable"
         _warn_once(
             f"gammacl: {which} on {device.type} ({'; '.join(refused.values())}); "
             "falling back to the chunked torch backend"
