@@ -3,6 +3,7 @@ backend parity (two-pass and one-pass paths), gradcheck, the rate state (update 
 duplicates, non-finite guard, checkpoints), the K.4 oracles, and small-batch convergence to the
 optimum of the full-data objective."""
 
+import copy
 import io
 import math
 
@@ -546,6 +547,70 @@ def test_update_state_method():
         mod.update_state(torch.tensor([6]), lz[0, :1], lz[1, :1])
     with pytest.raises(RuntimeError, match="rate='ema'"):
         GammaClipLoss(6, rate="batch").update_state(index, lz[0], lz[1])
+
+
+@pytest.mark.parametrize(
+    "args, err, match",
+    [
+        ((torch.arange(6), torch.ones(6), torch.ones(5)), ValueError, "log_zhat_text"),
+        ((torch.arange(6), torch.ones(6), torch.ones(6, dtype=torch.long)), TypeError, "text"),
+        ((torch.arange(6), torch.ones(5), torch.ones(6)), ValueError, "log_zhat_image"),
+        ((torch.tensor([0, 6]), torch.ones(2), torch.ones(2)), ValueError, r"\[0, 5\]"),
+    ],
+    ids=["short-text", "int-text", "short-image", "range"],
+)
+def test_update_state_is_atomic(args, err, match):
+    """A call that raises writes nothing: neither direction's values, visits nor counters."""
+    mod = GammaClipLoss(6, ema=0.5)
+    mod.update_state(torch.tensor([1, 3]), torch.tensor([0.5, 0.7]), torch.tensor([0.2, 0.4]))
+    before = {k: v.clone() for k, v in mod.state_dict().items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(err, match=match):
+        mod.update_state(*args)
+    after = mod.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_set_log_rates_is_atomic():
+    mod = GammaClipLoss(4, rate="fixed")
+    with pytest.raises(ValueError, match="text_log_rate must be finite"):
+        mod.set_log_rates(torch.ones(4), torch.tensor([0.0, float("inf"), 0.0, 0.0]))
+    assert not mod.image_rate.visited.any() and not mod.image_rate.log_rate.any()
+    with pytest.raises(RuntimeError, match="set_log_rates"):
+        mod(*_pairs(2, 3), 3.0, torch.tensor([0, 1]))
+
+
+def test_checkpoint_generator_restored_into_a_module_built_without_one():
+    """The docstring's promise: a checkpoint resumes the same draws, also when the loading module
+    was constructed with generator=None (it gets a generator in the checkpoint's state)."""
+    n = 10
+    img, txt = _pairs(n, 6)
+    mod = GammaClipLoss(n, shape=0.5, generator=torch.Generator().manual_seed(3), backend="torch")
+    _steps(mod, img, txt, SCHEDULE[:2])
+    state = copy.deepcopy(mod.state_dict())  # state_dict() holds the live buffers
+    cont = _steps(mod, img, txt, SCHEDULE[2:5])
+    fresh = GammaClipLoss(n, shape=0.5, backend="torch")
+    fresh.load_state_dict(state)
+    assert isinstance(fresh.generator, torch.Generator)
+    torch.manual_seed(12345)  # the global RNG must not be what the resumed run draws from
+    assert torch.equal(_steps(fresh, img, txt, SCHEDULE[2:5]), cont)
+    # and a checkpoint without a generator leaves a generator-less module on the global RNG
+    plain = GammaClipLoss(n, backend="torch")
+    plain.load_state_dict(GammaClipLoss(n).state_dict())
+    assert plain.generator is None
+
+
+def test_meta_index_and_numpy_num_samples():
+    np = pytest.importorskip("numpy")
+    mod = GammaClipLoss(np.int64(10), backend="torch")
+    assert mod.num_samples == 10 and type(mod.num_samples) is int
+    img, txt = _pairs(4, 3)
+    with pytest.raises(ValueError, match="index is on the meta device"):
+        mod(img, txt, 3.0, torch.arange(4, device="meta"))
+    with pytest.raises(ValueError, match="index is on the meta device"):
+        mod.update_state(torch.arange(4, device="meta"), torch.ones(4), torch.ones(4))
+    assert not mod.image_rate.visited.any()
+    with pytest.raises(ValueError, match="num_samples"):
+        GammaClipLoss(np.float64(10.0))
 
 
 @pytest.mark.parametrize(

@@ -275,9 +275,7 @@ class ClipLoss(nn.Module):
 
     def _world(self) -> World:
         """The world from rank / world_size, the default process group's where they are None."""
-        if self.rank is None or self.world_size is None or self.world_size > 1:
-            return World.resolve(self.rank, self.world_size)
-        return World(int(self.rank), 1)
+        return World.resolve(self.rank, self.world_size)
 
     # open_clip compatibility helpers (CoCaLoss / DistillClipLoss call these).
     def get_ground_truth(self, device: torch.device, num_logits: int) -> torch.Tensor:

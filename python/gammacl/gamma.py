@@ -19,7 +19,7 @@ One step function, `gamma_step`, serves a single process and torch.distributed a
 from __future__ import annotations
 
 import math
-from numbers import Real
+from numbers import Integral, Real
 
 import torch
 from torch import nn
@@ -43,6 +43,11 @@ def _check_index_tensor(index: object, batch: int | None) -> torch.Tensor:
         raise TypeError(
             f"index must be an int64 tensor of data-set indices, got {type(index).__name__}"
         )
+    if index.device.type == "meta" and not torch.compiler.is_compiling():
+        raise ValueError(
+            "index is on the meta device (shape only, no values): the rate state needs the "
+            "data-set indices themselves; pass index on the features' device or the CPU"
+        )
     if index.dtype == torch.bool or index.dtype.is_floating_point or index.dtype.is_complex:
         raise TypeError(
             f"index must be an integer (int64) tensor of data-set indices, got dtype {index.dtype}"
@@ -60,6 +65,16 @@ def _range_error(num_samples: int, lo: int, hi: int) -> ValueError:
         f"index values must lie in [0, {num_samples - 1}] "
         f"(num_samples={num_samples}), got values in [{lo}, {hi}]"
     )
+
+
+def _check_log_zhat(name: str, log_zhat: object, index: torch.Tensor) -> None:
+    if not isinstance(log_zhat, torch.Tensor) or log_zhat.shape != index.shape:
+        raise ValueError(
+            f"{name} must be a tensor of shape {tuple(index.shape)}, got "
+            f"{getattr(log_zhat, 'shape', type(log_zhat))}"
+        )
+    if not log_zhat.dtype.is_floating_point:
+        raise TypeError(f"{name} must be floating point, got {log_zhat.dtype}")
 
 
 class LogRateState(nn.Module):
@@ -107,14 +122,8 @@ class LogRateState(nn.Module):
         length) and returns the updated log-rates per position (in log_zhat's dtype, computed
         from the state as it was before this call: the "update before use" rates)."""
         index = self._index(index, check)
-        if not isinstance(log_zhat, torch.Tensor) or log_zhat.shape != index.shape:
-            raise ValueError(
-                f"log_zhat must be a tensor of shape {tuple(index.shape)}, got "
-                f"{getattr(log_zhat, 'shape', type(log_zhat))}"
-            )
+        _check_log_zhat("log_zhat", log_zhat, index)
         lz = log_zhat.detach().to(self.log_rate.device)
-        if not lz.dtype.is_floating_point:
-            raise TypeError(f"log_zhat must be floating point, got {lz.dtype}")
         keep = math.log1p(-self.ema) if self.ema < 1.0 else float("-inf")
         old, seen = self.log_rate[index].to(lz.dtype), self.visited[index]
         new = torch.where(seen, torch.logaddexp(old + keep, lz + math.log(self.ema)), lz)
@@ -132,16 +141,20 @@ class LogRateState(nn.Module):
         self.nonfinite += (~ok).sum()
         return new
 
-    @torch.no_grad()
-    def set_log_rates(self, log_rate: torch.Tensor) -> None:
-        """Sets every sample's log-rate (rate="fixed"); must be finite, shape [num_samples]."""
+    def check_log_rates(self, log_rate: object, name: str = "log-rates") -> None:
+        """set_log_rates' argument check: a finite tensor of shape [num_samples]."""
         if not isinstance(log_rate, torch.Tensor) or log_rate.shape != (self.num_samples,):
             raise ValueError(
-                f"log-rates must be a tensor of shape ({self.num_samples},), got "
+                f"{name} must be a tensor of shape ({self.num_samples},), got "
                 f"{getattr(log_rate, 'shape', type(log_rate))}"
             )
         if not bool(torch.isfinite(log_rate).all()):
-            raise ValueError("log-rates must be finite")
+            raise ValueError(f"{name} must be finite")
+
+    @torch.no_grad()
+    def set_log_rates(self, log_rate: torch.Tensor) -> None:
+        """Sets every sample's log-rate (rate="fixed"); must be finite, shape [num_samples]."""
+        self.check_log_rates(log_rate)
         self.log_rate.copy_(log_rate.detach())
         self.visited.fill_(True)
 
@@ -445,7 +458,8 @@ class GammaClipLoss(_GeneratorAttr, nn.Module):
             well as "before" at batch 8 over 40 epochs; at batch 16-64 it was still unreliable
             (some seeds collapse): prefer "before" there.
         generator: torch.Generator for the draws (reproducible runs); its state is saved in
-            state_dict() so a checkpoint resumes the same draws.
+            state_dict() so a checkpoint resumes the same draws (a module built without a
+            generator gets one, on the saved device, when it loads a checkpoint that has one).
         backend: "auto", "torch", "cpp", "triton", "cuda" or "reference".
         clamp: exponent cap of the one-pass path; None (default): `default_clamp(rate, ema,
             update)`, i.e. log(1/ema) for update="after" with EMA rates, else 30.
@@ -478,8 +492,13 @@ class GammaClipLoss(_GeneratorAttr, nn.Module):
         super().__init__()
         if distributed not in (None, True, False):
             raise ValueError(f"distributed must be None (auto), True or False, got {distributed!r}")
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        if (
+            isinstance(num_samples, bool)
+            or not isinstance(num_samples, Integral)
+            or int(num_samples) < 1
+        ):
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        num_samples = int(num_samples)
         if (
             isinstance(shape, bool)
             or not isinstance(shape, Real)
@@ -549,7 +568,11 @@ class GammaClipLoss(_GeneratorAttr, nn.Module):
         directions; what forward does after (or before) use."""
         if self.rate != "ema":
             raise RuntimeError(f"update_state needs rate='ema', this loss has rate={self.rate!r}")
-        self.image_rate.update(index, log_zhat_image)
+        # every argument is checked before either direction is written (a raise changes nothing)
+        index = self.image_rate._index(index, check=True)
+        _check_log_zhat("log_zhat_image", log_zhat_image, index)
+        _check_log_zhat("log_zhat_text", log_zhat_text, index)
+        self.image_rate.update(index, log_zhat_image, check=False)
         self.text_rate.update(index, log_zhat_text, check=False)
 
     def set_log_rates(self, image_log_rate: torch.Tensor, text_log_rate: torch.Tensor) -> None:
@@ -558,17 +581,31 @@ class GammaClipLoss(_GeneratorAttr, nn.Module):
             raise RuntimeError(
                 f"set_log_rates needs rate='fixed', this loss has rate={self.rate!r}"
             )
+        for state, name, x in (
+            (self.image_rate, "image_log_rate", image_log_rate),
+            (self.text_rate, "text_log_rate", text_log_rate),
+        ):  # both checked before either is written
+            state.check_log_rates(x, name)
         self.image_rate.set_log_rates(image_log_rate)
         self.text_rate.set_log_rates(text_log_rate)
         self._fixed_set = True
 
     def get_extra_state(self) -> dict:
-        gen = self.generator.get_state() if self.generator is not None else None
-        return {"generator_state": gen, "fixed_set": self._fixed_set}
+        gen = self.generator
+        return {
+            "generator_state": gen.get_state() if gen is not None else None,
+            "generator_device": str(gen.device) if gen is not None else None,
+            "fixed_set": self._fixed_set,
+        }
 
     def set_extra_state(self, state: dict) -> None:
-        if state.get("generator_state") is not None and self.generator is not None:
-            self.generator.set_state(state["generator_state"])
+        gen_state = state.get("generator_state")
+        if gen_state is not None:
+            if self.generator is None:
+                # the checkpoint's draws came from its own generator: a module built without one
+                # gets a generator on the saved device, so the resumed run draws the same stream
+                self.generator = torch.Generator(state.get("generator_device") or "cpu")
+            self.generator.set_state(gen_state)
         self._fixed_set = bool(state.get("fixed_set", self._fixed_set))
 
     # -- one step ------------------------------------------------------------------------------
