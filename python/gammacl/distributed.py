@@ -28,8 +28,8 @@ collective; a ring only pays off when overlapped with compute, which was not mea
 from __future__ import annotations
 
 from collections.abc import Sequence
-from numbers import Integral
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 
