@@ -53,9 +53,11 @@ converting the LSE to natural units and back (r * ln2 * log2 e) shifts the maxim
 exponent by ~ulp(l2): 8e-5 relative gradient error at |l| ~ 1e3 (tests/test_large_logits.py).
 The kernels are compiled with enable_fp_fusion=False for the same reason: fused into
 fma(S, scale, -m), the exponent would see the unrounded product.
-Excluded and out-of-range entries are -inf before any exp; running maxima and LSEs
+Forward: excluded and out-of-range entries are -inf before any exp; running maxima and LSEs
 that are -inf (an all-excluded row or column) are replaced by 0 as the exp shift, so the
-all-excluded row gets LSE -inf and W = 0, never NaN. fp16 only: W = g * P with g ~ 1/N (mean
+all-excluded row gets LSE -inf. Backward: every valid W_ij is formed in IEEE arithmetic (g = 0
+too: a NaN / inf feature gives NaN weights, as on the torch backend) and excluded /
+out-of-range entries are then set to 0 (an all-excluded row: W = 0, never NaN). fp16 only: W = g * P with g ~ 1/N (mean
 losses) would fall below fp16's range when cast for the product, so the backward scales W by
 1/gmax (gmax = max|g| rounded up to a power of two, computed on the device: no host sync) and the
 fp32 result back by gmax; bf16 has fp32's exponent range and needs no scaling. fp32 inputs use
@@ -295,7 +297,6 @@ def _simlse_bwd_kernel(
     scale = tl.load(SCALE).to(ACC)
     if HAS_X:
         lse_x = tl.load(LSE_X + offs_m, mask=row_ok, other=0.0)
-        lse_x = tl.where(lse_x == _NEG_INF, 0.0, lse_x)  # all-excluded row: all W_ij masked
         g_x = tl.load(G_X + offs_m, mask=row_ok, other=0.0)
     if SINGLE_D:
         x = _load_rows(X, offs_m, offs_d, stride_x, M, D)
@@ -351,17 +352,19 @@ def _simlse_bwd_kernel(
                 BLOCK_D,
             )
         s_raw = s  # <X_i, Y_j> (0 out of range)
-        # -inf on excluded / out-of-range entries makes their softmax weights exactly 0
-        s = tl.where(_valid(offs_m, offs_n, M, N, offset, EXCLUDE), s * scale, _NEG_INF)
+        valid = _valid(offs_m, offs_n, M, N, offset, EXCLUDE)
+        s = s * scale
         w = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
         if HAS_X:  # row-softmax term: g_r_i * P_row_ij
             w += g_x[:, None] * _exp_nat(s - lse_x[:, None], BASE2)
         if HAS_Y:  # column-softmax term: g_c_j * P_col_ij
             col_ok = offs_n < N
             lse_y = tl.load(LSE_Y + offs_n, mask=col_ok, other=0.0)
-            lse_y = tl.where(lse_y == _NEG_INF, 0.0, lse_y)
             g_y = tl.load(G_Y + offs_n, mask=col_ok, other=0.0)
             w += g_y[None, :] * _exp_nat(s - lse_y[None, :], BASE2)
+        # W = 0 on excluded / out-of-range entries; every valid entry is formed in IEEE
+        # arithmetic, g = 0 included, so a NaN / inf logit or LSE reaches OUT as NaN (torch's)
+        w = tl.where(valid, w, 0.0)
         if HAS_DS:
             # dscale_raw = sum_ij W_ij <X_i, Y_j> from the fp32 W, before W is rounded to the
             # operand dtype: <X, W16 @ Y> loses ~ulp(bf16) of the summands, and dscale cancels
@@ -499,19 +502,18 @@ def _simlse_bwd_w_kernel(
         X, Y, offs_m, offs_n, M, N, D, stride_x, stride_y, ACC, UPCAST, PRECISION,
         BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
-    # -inf on excluded / out-of-range entries makes their softmax weights exactly 0
     valid = _valid(offs_m, offs_n, M, N, offset, EXCLUDE)
-    s = tl.where(valid, raw * scale, _NEG_INF)
+    s = raw * scale
     lse_x = tl.load(LSE_X + offs_m, mask=row_ok, other=0.0)
-    lse_x = tl.where(lse_x == _NEG_INF, 0.0, lse_x)  # all-excluded row: all W_ij masked
     g_x = tl.load(G_X + offs_m, mask=row_ok, other=0.0)
     w = g_x[:, None] * _exp_nat(s - lse_x[:, None], BASE2)
     if HAS_Y:
         lse_y = tl.load(LSE_Y + offs_n, mask=col_ok, other=0.0)
-        lse_y = tl.where(lse_y == _NEG_INF, 0.0, lse_y)
         g_y = tl.load(G_Y + offs_n, mask=col_ok, other=0.0)
         w += g_y[None, :] * _exp_nat(s - lse_y[None, :], BASE2)
-    tl.store(DS_PART + tl.program_id(0), tl.sum(tl.sum(tl.where(valid, w * raw, 0.0), 1), 0))
+    # 0 on excluded / out-of-range entries; NaN / inf logits or LSEs stay NaN (as torch's)
+    w = tl.where(valid, w, 0.0)
+    tl.store(DS_PART + tl.program_id(0), tl.sum(tl.sum(w * raw, 1), 0))
     if G_NORM:
         w = w * tl.load(G_INV).to(ACC)
     tl.store(
