@@ -355,16 +355,17 @@ def _simlse_bwd_kernel(
         valid = _valid(offs_m, offs_n, M, N, offset, EXCLUDE)
         s = s * scale
         w = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        # exponents -inf on excluded / out-of-range entries (an all-excluded row's LSE is -inf:
+        # l - LSE = +inf there, never -inf - -inf); every valid entry is formed in IEEE
+        # arithmetic, g = 0 included, so a NaN / inf logit or LSE reaches OUT as NaN (torch's)
         if HAS_X:  # row-softmax term: g_r_i * P_row_ij
-            w += g_x[:, None] * _exp_nat(s - lse_x[:, None], BASE2)
+            w += g_x[:, None] * _exp_nat(tl.where(valid, s - lse_x[:, None], _NEG_INF), BASE2)
         if HAS_Y:  # column-softmax term: g_c_j * P_col_ij
             col_ok = offs_n < N
             lse_y = tl.load(LSE_Y + offs_n, mask=col_ok, other=0.0)
             g_y = tl.load(G_Y + offs_n, mask=col_ok, other=0.0)
-            w += g_y[None, :] * _exp_nat(s - lse_y[None, :], BASE2)
-        # W = 0 on excluded / out-of-range entries; every valid entry is formed in IEEE
-        # arithmetic, g = 0 included, so a NaN / inf logit or LSE reaches OUT as NaN (torch's)
-        w = tl.where(valid, w, 0.0)
+            w += g_y[None, :] * _exp_nat(tl.where(valid, s - lse_y[None, :], _NEG_INF), BASE2)
+        w = tl.where(valid, w, 0.0)  # 0 also where g is non-finite, as torch's zeroing
         if HAS_DS:
             # dscale_raw = sum_ij W_ij <X_i, Y_j> from the fp32 W, before W is rounded to the
             # operand dtype: <X, W16 @ Y> loses ~ulp(bf16) of the summands, and dscale cancels
@@ -506,12 +507,13 @@ def _simlse_bwd_w_kernel(
     s = raw * scale
     lse_x = tl.load(LSE_X + offs_m, mask=row_ok, other=0.0)
     g_x = tl.load(G_X + offs_m, mask=row_ok, other=0.0)
-    w = g_x[:, None] * _exp_nat(s - lse_x[:, None], BASE2)
+    # exponents -inf on excluded / out-of-range entries, W 0 there; NaN / inf logits or LSEs
+    # give NaN weights on valid entries (as torch's); see _simlse_bwd_kernel
+    w = g_x[:, None] * _exp_nat(tl.where(valid, s - lse_x[:, None], _NEG_INF), BASE2)
     if HAS_Y:
         lse_y = tl.load(LSE_Y + offs_n, mask=col_ok, other=0.0)
         g_y = tl.load(G_Y + offs_n, mask=col_ok, other=0.0)
-        w += g_y[None, :] * _exp_nat(s - lse_y[None, :], BASE2)
-    # 0 on excluded / out-of-range entries; NaN / inf logits or LSEs stay NaN (as torch's)
+        w += g_y[None, :] * _exp_nat(tl.where(valid, s - lse_y[None, :], _NEG_INF), BASE2)
     w = tl.where(valid, w, 0.0)
     tl.store(DS_PART + tl.program_id(0), tl.sum(tl.sum(w * raw, 1), 0))
     if G_NORM:
