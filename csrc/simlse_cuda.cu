@@ -152,12 +152,12 @@ __global__ void __launch_bounds__(kThreads)
   using A = typename AccOf<T>::type;
   __shared__ A sm_ds[kWarps];
   const A sl = scale[0];
-  const A ws = w_scale ? w_scale[0] : A(1);
   const int64_t jstride = int64_t(gridDim.x) * kThreads * VEC;
   A ds = A(0);
   for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
     const int64_t i = row0 + r;
     const A gr = g_row[i];
+    const A ws = w_scale ? w_scale[i] : A(1);  // fp16: the row's power of two (binding)
     const A ri = row_lse[i];
     // Every entry is formed, g = 0 rows and columns too (0 * exp(NaN) stays NaN, as on the torch
     // backend); excluded entries are then set to 0 (an all-excluded row: -inf - -inf -> 0).

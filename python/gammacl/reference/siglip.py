@@ -28,14 +28,10 @@ def _signs(m: int, n: int, offset: int, device, dtype) -> torch.Tensor:
 
 
 def _logits(a, b, logit_scale, logit_bias, upcast: bool):
-    """(l, dtype of l): float64 throughout with upcast; else the GEMM in the inputs' dtype and
-    everything after it in the accumulation dtype (fp32 for 16-bit inputs)."""
-    if upcast:
-        dt = torch.float64
-        s = a.to(dt) @ b.to(dt).t()
-    else:
-        dt = acc_dtype(a.dtype)
-        s = (a @ b.t()).to(dt)
+    """(l, dtype of l): float64 throughout with upcast; else the accumulation dtype throughout,
+    the GEMM included (fp32 for 16-bit inputs, as the simlse reference; docs/numerics.md)."""
+    dt = torch.float64 if upcast else acc_dtype(a.dtype)
+    s = a.to(dt) @ b.to(dt).t()
     return _value(logit_scale, a, dt) * s + _value(logit_bias, a, dt), dt
 
 
