@@ -21,7 +21,7 @@ from tolerances import simlse_fwd_bwd
 import gammacl
 from gammacl.ops.simlse import simlse
 
-ALL = cpu_backends()
+ALL = [*cpu_backends(), "reference"]
 
 
 def _leaves(*xs):
