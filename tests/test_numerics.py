@@ -238,3 +238,30 @@ def test_fp16_gradient_overflow_shows_as_inf(backend, d):
     others = torch.ones(21, dtype=torch.bool)
     others[3] = False
     torch.testing.assert_close(ga[others].float(), ta[others].float(), rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("d", [64, 160], ids=["one-pass", "chunked"])
+def test_siglip_fp16_subnormal_weights_are_scaled(backend, d):
+    """SigLIP's W_ij = -z sigmoid(-z l_ij) with orthonormal rows a, b = c a, logit_scale 1 and
+    logit_bias -14.28, c = 28.56: every logit is -14.28 (negatives) or +14.28 (positives), so every
+    |W_ij| is sigmoid(-14.28) = 6.3e-7 = 10.5 units of fp16's smallest subnormal (6e-8): the
+    whole gradient is the N^2 tiny weights (the regime of N sigmoid(bias) >= 1 at bias -10 and
+    N >~ 2e4), and each rounds by ~5% in fp16. The fp16 paths that round W for their GEMMs must
+    scale it (kernels/siglip.py FP16_W_SCALE = 2^14, csrc/siglip_cuda.cpp kFp16WScale): d loss /
+    d logit_scale = <A, W B> / N comes from those GEMMs in fp32 (the feature gradients themselves
+    are fp16 subnormals here, ~2e-7, so they are not the probe)."""
+    g = torch.Generator().manual_seed(d)
+    n, c = 48, 28.56
+    q, _ = torch.linalg.qr(torch.randn(d, n, generator=g, dtype=torch.float64))
+    a = q.t().contiguous().half()
+    b = (a.double() * c).half()
+    xs = _leaves(a, b, torch.tensor(1.0), torch.tensor(-14.28))
+    got = torch.autograd.grad(gammacl.siglip_loss(*xs, backend=backend), xs[2:])
+    r = _leaves(*(x.double() for x in xs))
+    z = 2 * torch.eye(n, dtype=torch.float64) - 1
+    loss = -F.logsigmoid(z * (r[2] * r[0] @ r[1].t() + r[3])).sum() / n
+    want = torch.autograd.grad(loss, r[2:])
+    for name, x, y in zip(("d logit_scale", "d logit_bias"), got, want, strict=True):
+        rel = float((x.double() - y).abs() / y.abs())
+        assert rel < 1e-3, (name, rel)  # scaled: ~5e-5; unscaled W: ~4e-2
