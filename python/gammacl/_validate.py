@@ -175,3 +175,25 @@ def check_labels(
     if permutation and not stats[2]:
         raise ValueError(f"labels must be a permutation of 0..{cols - 1} for the symmetric loss")
     return labels.long()
+
+
+def check_log_zhat(name: str, log_zhat: object, index: torch.Tensor) -> None:
+    """A floating-point tensor shaped like `index` (per-position batch log Zhat)."""
+    if not isinstance(log_zhat, torch.Tensor) or log_zhat.shape != index.shape:
+        raise ValueError(
+            f"{name} must be a tensor of shape {tuple(index.shape)}, got "
+            f"{getattr(log_zhat, 'shape', type(log_zhat))}"
+        )
+    if not log_zhat.dtype.is_floating_point:
+        raise TypeError(f"{name} must be floating point, got {log_zhat.dtype}")
+
+
+def check_log_rates(name: str, log_rate: object, n: int) -> None:
+    """Per-sample log-rates: a finite tensor of shape [n] (one host sync for the finite check)."""
+    if not isinstance(log_rate, torch.Tensor) or log_rate.shape != (n,):
+        raise ValueError(
+            f"{name} must be a tensor of shape ({n},), got "
+            f"{getattr(log_rate, 'shape', type(log_rate))}"
+        )
+    if not bool(torch.isfinite(log_rate).all()):
+        raise ValueError(f"{name} must be finite")

@@ -45,10 +45,7 @@ def _check_index_tensor(index: object, batch: int | None) -> torch.Tensor:
             f"index must be an int64 tensor of data-set indices, got {type(index).__name__}"
         )
     if index.device.type == "meta" and not torch.compiler.is_compiling():
-        raise ValueError(
-            "index is on the meta device (shape only, no values): the rate state needs the "
-            "data-set indices themselves; pass index on the features' device or the CPU"
-        )
+        raise ValueError("index is on the meta device (no values); pass the data-set indices")
     if index.dtype == torch.bool or index.dtype.is_floating_point or index.dtype.is_complex:
         raise TypeError(
             f"index must be an integer (int64) tensor of data-set indices, got dtype {index.dtype}"
@@ -66,16 +63,6 @@ def _range_error(num_samples: int, lo: int, hi: int) -> ValueError:
         f"index values must lie in [0, {num_samples - 1}] "
         f"(num_samples={num_samples}), got values in [{lo}, {hi}]"
     )
-
-
-def _check_log_zhat(name: str, log_zhat: object, index: torch.Tensor) -> None:
-    if not isinstance(log_zhat, torch.Tensor) or log_zhat.shape != index.shape:
-        raise ValueError(
-            f"{name} must be a tensor of shape {tuple(index.shape)}, got "
-            f"{getattr(log_zhat, 'shape', type(log_zhat))}"
-        )
-    if not log_zhat.dtype.is_floating_point:
-        raise TypeError(f"{name} must be floating point, got {log_zhat.dtype}")
 
 
 @dataclass(frozen=True)
@@ -138,7 +125,7 @@ class LogRateState(nn.Module):
         length) and returns the updated log-rates per position (in log_zhat's dtype, computed
         from the state as it was before this call: the "update before use" rates)."""
         index = self._index(index, check)
-        _check_log_zhat("log_zhat", log_zhat, index)
+        V.check_log_zhat("log_zhat", log_zhat, index)
         lz = log_zhat.detach().to(self.log_rate.device)
         keep = math.log1p(-self.ema) if self.ema < 1.0 else float("-inf")
         old, seen = self.log_rate[index].to(lz.dtype), self.visited[index]
@@ -157,20 +144,10 @@ class LogRateState(nn.Module):
         self.nonfinite += (~ok).sum()
         return new
 
-    def check_log_rates(self, log_rate: object, name: str = "log-rates") -> None:
-        """set_log_rates' argument check: a finite tensor of shape [num_samples]."""
-        if not isinstance(log_rate, torch.Tensor) or log_rate.shape != (self.num_samples,):
-            raise ValueError(
-                f"{name} must be a tensor of shape ({self.num_samples},), got "
-                f"{getattr(log_rate, 'shape', type(log_rate))}"
-            )
-        if not bool(torch.isfinite(log_rate).all()):
-            raise ValueError(f"{name} must be finite")
-
     @torch.no_grad()
     def set_log_rates(self, log_rate: torch.Tensor) -> None:
         """Sets every sample's log-rate (rate="fixed"); must be finite, shape [num_samples]."""
-        self.check_log_rates(log_rate)
+        V.check_log_rates("log-rates", log_rate, self.num_samples)
         self.log_rate.copy_(log_rate.detach())
         self.visited.fill_(True)
 
@@ -481,8 +458,8 @@ class GammaClipLoss(InWorld, _GeneratorAttr, nn.Module):
             raise RuntimeError(f"update_state needs rate='ema', this loss has rate={self.rate!r}")
         # every argument is checked before either direction is written (a raise changes nothing)
         index = self.image_rate._index(index, check=True)
-        _check_log_zhat("log_zhat_image", log_zhat_image, index)
-        _check_log_zhat("log_zhat_text", log_zhat_text, index)
+        V.check_log_zhat("log_zhat_image", log_zhat_image, index)
+        V.check_log_zhat("log_zhat_text", log_zhat_text, index)
         self.image_rate.update(index, log_zhat_image, check=False)
         self.text_rate.update(index, log_zhat_text, check=False)
 
@@ -492,22 +469,16 @@ class GammaClipLoss(InWorld, _GeneratorAttr, nn.Module):
             raise RuntimeError(
                 f"set_log_rates needs rate='fixed', this loss has rate={self.rate!r}"
             )
-        for state, name, x in (
-            (self.image_rate, "image_log_rate", image_log_rate),
-            (self.text_rate, "text_log_rate", text_log_rate),
-        ):  # both checked before either is written
-            state.check_log_rates(x, name)
+        V.check_log_rates("image_log_rate", image_log_rate, self.num_samples)  # both checked
+        V.check_log_rates("text_log_rate", text_log_rate, self.num_samples)  # before any write
         self.image_rate.set_log_rates(image_log_rate)
         self.text_rate.set_log_rates(text_log_rate)
         self._fixed_set = True
 
     def get_extra_state(self) -> dict:
         gen = self.generator
-        return {
-            "generator_state": gen.get_state() if gen is not None else None,
-            "generator_device": str(gen.device) if gen is not None else None,
-            "fixed_set": self._fixed_set,
-        }
+        dev, gen_state = (None, None) if gen is None else (str(gen.device), gen.get_state())
+        return {"generator_state": gen_state, "generator_device": dev, "fixed_set": self._fixed_set}
 
     def set_extra_state(self, state: dict) -> None:
         gen_state = state.get("generator_state")
