@@ -368,3 +368,111 @@ def test_state_callback_restores_state_on_resume(tmp_path, tiny):
     assert fresh.gamma.image_rate.visited.tolist() == [1, 0, 1, 0, 1, 0]
     with pytest.warns(UserWarning, match="not restored"):
         fresh.checkpoint_callback().on_train_begin(args, SimpleNamespace(global_step=5), None)
+
+
+def _ours_and_theirs_signature(ours, theirs):
+    import inspect
+
+    mine = inspect.signature(ours.__init__).parameters
+    lib = inspect.signature(theirs.__init__).parameters
+    return mine, lib
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_every_library_keyword_is_accepted_with_its_default(tiny, cached):
+    """Every parameter of sentence-transformers' (Cached)MultipleNegativesRankingLoss is ours too,
+    in the same position, with the same default (similarity_fct: None resolves to cos_sim);
+    passing each default explicitly builds the same loss."""
+    name = "CachedMultipleNegativesRankingLoss" if cached else "MultipleNegativesRankingLoss"
+    theirs, ours = getattr(st_losses, name), getattr(G, name)
+    mine, lib = _ours_and_theirs_signature(ours, theirs)
+    assert list(mine)[: len(lib)] == list(lib)  # same names, same order
+    defaults = {}
+    for key, p in lib.items():
+        if key in ("self", "model"):
+            continue
+        if key == "similarity_fct":
+            assert mine[key].default is None and p.default is st_util.cos_sim
+        else:
+            assert mine[key].default == p.default, key
+        defaults[key] = p.default
+    assert {"hardness_mode", "hardness_strength"} <= set(defaults)
+    loss = ours(tiny, **defaults)
+    assert loss.similarity_fct is st_util.cos_sim and loss.hardness_mode is None
+    ref_cfg = theirs(tiny, **defaults).get_config_dict()
+    cfg = loss.get_config_dict()
+    assert {k: cfg[k] for k in ref_cfg} == ref_cfg
+    # a mode with strength 0 weights nothing (the library only warns); strength > 0 is refused
+    ours(tiny, hardness_mode="hard_negatives", hardness_strength=0.0)
+    with pytest.raises(ValueError, match="hardness_strength=5.0 is not fused"):
+        ours(tiny, hardness_mode="hard_negatives", hardness_strength=5.0)
+    with pytest.raises(ValueError, match="hardness_mode must be one of"):
+        ours(tiny, hardness_mode="hardest")
+    with pytest.raises(ValueError, match="non-negative"):
+        ours(tiny, hardness_strength=-1.0)
+    with pytest.raises(ValueError, match="doc_to_doc.*not fused|not fused.*doc_to_doc"):
+        ours(tiny, directions=("query_to_doc", "doc_to_doc"))
+    with pytest.raises(ValueError, match="'query_to_doc' direction is required"):
+        ours(tiny, directions=("doc_to_query",))
+    reordered = ours(tiny, directions=("doc_to_query", "query_to_doc"))
+    assert reordered.directions == ("query_to_doc", "doc_to_query")
+
+
+def _columns_of(b, n_neg):
+    cols = [[SENTENCES[i % 12] for i in range(b)], [SENTENCES[(i + 5) % 12] for i in range(b)]]
+    for k in range(n_neg):
+        cols.append([SENTENCES[(3 * i + k + 7) % 12] for i in range(b)])
+    return cols
+
+
+@pytest.mark.parametrize(
+    "mini_batch_size, directions, n_neg",
+    [
+        (4, ("query_to_doc",), 1),  # the acceptance case: 10 rows -> mini-batches of 4, 4, 2
+        pytest.param(3, ("query_to_doc", "doc_to_query"), 0, marks=SLOW),
+        pytest.param(16, ("query_to_doc",), 2, marks=SLOW),  # one mini-batch
+    ],
+)
+def test_cached_mnrl_matches_library(tiny, mini_batch_size, directions, n_neg):
+    """CachedMultipleNegativesRankingLoss: loss and every parameter gradient equal to
+    sentence-transformers' CachedMultipleNegativesRankingLoss (float64 reference, fp32 against
+    the library's own fp32 error)."""
+    kw = dict(scale=15.0, mini_batch_size=mini_batch_size, directions=directions)
+    _compare(
+        tiny,
+        lambda m: st_losses.CachedMultipleNegativesRankingLoss(m, **kw),
+        lambda m: G.CachedMultipleNegativesRankingLoss(m, **kw, backend="torch"),
+        _columns_of(10, n_neg),
+    )
+
+
+def test_cached_gamma_equals_uncached_and_updates_state_once(tiny):
+    """CachedGammaMultipleNegativesRankingLoss at mini_batch_size 4 (3 mini-batches of a batch of
+    10) returns the loss of GammaMultipleNegativesRankingLoss with the same draws, gives the same
+    parameter gradients and leaves the same state (one update per batch)."""
+    cols = _columns_of(10, 0)
+    index = torch.tensor([3, 17, 5, 0, 11, 9, 2, 14, 8, 6])
+    out = {}
+    for cached in (False, True):
+        model = copy.deepcopy(tiny).double()
+        kw = dict(scale=10.0, generator=torch.Generator().manual_seed(5), backend="torch")
+        if cached:
+            fn = G.CachedGammaMultipleNegativesRankingLoss(model, 20, mini_batch_size=4, **kw)
+        else:
+            fn = G.GammaMultipleNegativesRankingLoss(model, 20, **kw)
+        loss, grads = _loss_and_grads(fn, model, _features(model, cols), index)
+        out[cached] = loss, grads, fn.gamma.state_dict()
+    assert_close_fp64(out[True][0], out[False][0], "loss")
+    for k, g in out[False][1].items():
+        if g is not None:
+            assert_close_fp64(out[True][1][k], g, k)
+    for k, v in out[False][2].items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(out[True][2][k], v), k
+    assert int(out[True][2]["image_rate.visited"].sum()) == 10
+
+
+def test_one_pair_batch_error_names_drop_last(tiny):
+    loss = G.SogCLRMultipleNegativesRankingLoss(tiny, num_samples=4, backend="torch")
+    with pytest.raises(ValueError, match="dataloader_drop_last=True"):
+        loss(_features(tiny, [SENTENCES[:1], SENTENCES[1:2]]), torch.tensor([2]))
