@@ -6,7 +6,9 @@ reference; our fp32 loss and every parameter gradient must be within 2x the libr
 error + TOL; in float64 they must match the library tightly."""
 
 import copy
+import math
 import os
+import shutil
 import warnings
 
 import pytest
@@ -292,7 +294,7 @@ def test_gamma_loss_trains_with_sentence_transformer_trainer(tmp_path):
     ds = datasets.Dataset.from_dict({"anchor": SENTENCES[:n], "positive": SENTENCES[2 : 2 + n]})
     ds = ds.add_column("label", list(range(n)))
 
-    def run(out_dir, resume=None):
+    def run(out_dir, resume=None, eval_ds=None):
         model = make_model(tmp_path, seed=0)
         loss = G.GammaMultipleNegativesRankingLoss(
             model, num_samples=n, scale=10.0, generator=torch.Generator().manual_seed(0)
@@ -300,6 +302,7 @@ def test_gamma_loss_trains_with_sentence_transformer_trainer(tmp_path):
         args = SentenceTransformerTrainingArguments(
             output_dir=str(out_dir),
             per_device_train_batch_size=4,
+            per_device_eval_batch_size=4,  # dataloader_drop_last drops a short eval batch too
             max_steps=4,
             save_strategy="steps",
             save_steps=2,
@@ -311,20 +314,25 @@ def test_gamma_loss_trains_with_sentence_transformer_trainer(tmp_path):
             dataloader_drop_last=True,
         )
         trainer = SentenceTransformerTrainer(
-            model=model,
-            args=args,
-            train_dataset=ds,
-            loss=loss,
-            callbacks=[loss.checkpoint_callback()],
+            model=model, args=args, train_dataset=ds, eval_dataset=eval_ds, loss=loss
         )
+        loss.attach(trainer)
         trainer.train(resume_from_checkpoint=resume)
         return model, loss, trainer
 
     init = {k: v.clone() for k, v in make_model(tmp_path, seed=0).state_dict().items()}
     out = tmp_path / "run"
-    model, loss, trainer = run(out)
+    eval_ds = datasets.Dataset.from_dict(
+        {"anchor": SENTENCES[8:12], "positive": SENTENCES[:4], "label": [0, 1, 2, 3]}
+    )
+    model, loss, trainer = run(out, eval_ds=eval_ds)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    kept = {k: v.clone() for k, v in loss.gamma.state_dict().items() if torch.is_tensor(v)}
+    metrics = trainer.evaluate()  # its labels are not training indices: no state change
+    assert math.isfinite(metrics["eval_loss"])
+    for k, v in kept.items():
+        assert torch.equal(loss.gamma.state_dict()[k], v), k
     assert any(not torch.equal(v, init[k]) for k, v in model.state_dict().items())  # it trained
     state = loss.gamma.state_dict()
     assert state["image_rate.visited"].all() and state["text_rate.visited"].all()
@@ -337,8 +345,13 @@ def test_gamma_loss_trains_with_sentence_transformer_trainer(tmp_path):
     ck2 = torch.load(out / "checkpoint-2" / G.STATE_FILE, weights_only=True)
     assert not torch.equal(ck2["image_rate.log_rate"], state["image_rate.log_rate"])
 
-    # resume from checkpoint-2 (a copy elsewhere is loaded by load_state; here: the run's folder)
-    resumed_model, resumed, _ = run(out, resume=str(out / "checkpoint-2"))
+    # resume from a copy of checkpoint-2 elsewhere, into a new output folder: attach() reads the
+    # state from the folder the trainer resumes from
+    shutil.copytree(out / "checkpoint-2", tmp_path / "moved" / "checkpoint-2")
+    shutil.rmtree(out)
+    resumed_model, resumed, _ = run(
+        tmp_path / "run2", resume=str(tmp_path / "moved" / "checkpoint-2")
+    )
     res_state = resumed.gamma.state_dict()
     assert torch.equal(res_state["image_rate.visited"], state["image_rate.visited"])
     for k in ("image_rate.log_rate", "text_rate.log_rate"):
@@ -354,19 +367,19 @@ def test_state_callback_restores_state_on_resume(tmp_path, tiny):
 
     loss = G.SogCLRMultipleNegativesRankingLoss(tiny, num_samples=6, backend="torch")
     feats = _features(tiny, _columns(0, b=3))
-    with torch.no_grad():
-        loss(feats, torch.tensor([4, 0, 2]))
+    loss(feats, torch.tensor([4, 0, 2]))  # a training forward (outside training: no update)
     cb = loss.checkpoint_callback()
     args = SimpleNamespace(output_dir=str(tmp_path))
     cb.on_save(args, SimpleNamespace(global_step=3, is_world_process_zero=True), None)
     assert (tmp_path / "checkpoint-3" / G.STATE_FILE).is_file()
     fresh = G.SogCLRMultipleNegativesRankingLoss(tiny, num_samples=6, backend="torch")
-    fresh.checkpoint_callback().on_train_begin(args, SimpleNamespace(global_step=3), None)
+    with pytest.warns(UserWarning, match="need not be the checkpoint"):  # output_dir guessed
+        fresh.checkpoint_callback().on_train_begin(args, SimpleNamespace(global_step=3), None)
     for k, v in loss.gamma.state_dict().items():
         if isinstance(v, torch.Tensor):
             assert torch.equal(fresh.gamma.state_dict()[k], v), k
     assert fresh.gamma.image_rate.visited.tolist() == [1, 0, 1, 0, 1, 0]
-    with pytest.warns(UserWarning, match="not restored"):
+    with pytest.warns(UserWarning, match="not restored.*attach"):
         fresh.checkpoint_callback().on_train_begin(args, SimpleNamespace(global_step=5), None)
 
 
