@@ -140,3 +140,27 @@ def test_sentence_transformers_eval_leaves_state_and_attach_resumes(tmp_path):
     cb.on_train_begin(trainer.args, SimpleNamespace(global_step=7), None)  # no second load
     with pytest.raises(FileNotFoundError, match="checkpoint-3, which has no gammacl_loss_state.pt"):
         trainer.train(resume_from_checkpoint=True)  # the last checkpoint of output_dir
+
+
+def test_open_clip_checkpoint_hooks_on_a_stand_in_module(tmp_path):
+    """gammacl.integrations.open_clip._patch_checkpoints on a stand-in for open_clip_train.main
+    (the real one is tested in test_integrations_open_clip.py, in open_clip's environment)."""
+    from gammacl.integrations import open_clip as OC
+
+    loss = SogCLRLoss(6, backend="torch")
+    main = SimpleNamespace(torch=torch, pt_load=lambda p, map_location=None: torch.load(p))
+    OC._patch_checkpoints(main, loss)
+    try:
+        loss(*_batch(3), 3.0, torch.tensor([5, 1, 3]))
+        ck = {"epoch": 2, "state_dict": {}, "optimizer": {}}
+        main.torch.save(ck, tmp_path / "epoch_2.pt")
+        main.torch.save({"not": "a training checkpoint"}, tmp_path / "other.pt")
+        assert OC.CHECKPOINT_KEY not in torch.load(tmp_path / "other.pt")
+        assert main.torch.float64 is torch.float64  # everything else is torch's
+        fresh = SogCLRLoss(6, backend="torch")
+        OC._patch_checkpoints(main, fresh)
+        main.pt_load(tmp_path / "epoch_2.pt")
+        assert fresh.image_rate.visited.tolist() == [0, 1, 0, 1, 0, 1]
+        assert torch.equal(fresh.text_rate.log_rate, loss.text_rate.log_rate)
+    finally:
+        OC._STATE.clear()
