@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from gammacl._progress import BuildProgress
+
 _LOCK = threading.RLock()
 _STATE: dict[bool, tuple[bool, str]] = {}
 _BUILT: dict[bool, str] = {}
@@ -203,27 +205,23 @@ def _build(cuda: bool) -> str:
         # after the toolkit's own headers (-idirafter): the wheels only fill in what it lacks
         for inc in _cuda_include_paths():
             cflags += ["-idirafter", inc]
-    if _needs_compile(cuda):
-        print(
-            f"building gammacl C++{'/CUDA' if cuda else ''} extension (first use, ~1 min) "
-            f"in {out} ...",
-            file=sys.stderr,
-            flush=True,
+    n = len(sources(cuda))
+    progress = BuildProgress("C++/CUDA" if cuda else "C++", out, n, cuda)
+    with progress if _needs_compile(cuda) else contextlib.nullcontext():
+        path = cpp_extension.load(
+            name=_name(cuda),
+            sources=[str(p) for p in sources(cuda)],
+            extra_cflags=cflags,
+            extra_ldflags=ldflags,
+            # platform/: the real <gammacl_cuda_device.h> / <gammacl_cuda_torch.h> (tests/cuda_emu
+            # has the CPU emulator's versions of the two and puts its own directory there instead)
+            extra_include_paths=[str(csrc_dir()), str(csrc_dir() / "platform")],
+            build_directory=str(out),
+            with_cuda=cuda,
+            is_python_module=False,
+            verbose=False,
+            **kw,
         )
-    path = cpp_extension.load(
-        name=_name(cuda),
-        sources=[str(p) for p in sources(cuda)],
-        extra_cflags=cflags,
-        extra_ldflags=ldflags,
-        # platform/: the real <gammacl_cuda_device.h> / <gammacl_cuda_torch.h> (tests/cuda_emu
-        # has the CPU emulator's versions of the two and puts its own directory there instead)
-        extra_include_paths=[str(csrc_dir()), str(csrc_dir() / "platform")],
-        build_directory=str(out),
-        with_cuda=cuda,
-        is_python_module=False,
-        verbose=False,
-        **kw,
-    )
     return str(path)
 
 
