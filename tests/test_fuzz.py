@@ -21,7 +21,7 @@ error": the materialised formula in the accumulation dtype from the same rounded
 form's floor: r = l_max + log k is rounded to ulp(|l|), so with ties at |l| ~ 1e3..1e4 every
 softmax weight carries a relative error ~ulp(|l|) that a shifted materialised softmax avoids.
 
-The default run draws a few cases per loss (~15 s); `-m slow` draws many more (~1 min), and
+The default run draws one case per loss and backend; `-m slow` draws 13 more, and
 `-m emu` runs the default cases on the CUDA backend's source under the emulator.
 """
 
@@ -266,8 +266,8 @@ def _check_case(kind, seed, backend):
         _compare(x, y, z, dt, max_logit, f"{what} {name}")
 
 
-DEFAULT_SEEDS = range(2)
-SLOW_SEEDS = range(2, 14)
+DEFAULT_SEEDS = range(1)
+SLOW_SEEDS = range(1, 14)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
