@@ -168,6 +168,18 @@ def tile_config(dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
 
 
+def w_tile_config(dtype: torch.dtype) -> dict:
+    """Config of _simlse_bwd_w_kernel. 16-bit: 64 x 128 x 64, 4 warps, 3 stages = 72 KiB shared
+    memory. The CLIP variant (HAS_Y=1) holds S, the two softmax terms and W per element: 255
+    registers at tile_config's 128 x 128 / 8 warps (1 CTA per SM, its exp epilogue and pipeline
+    fill exposed); at 64 x 128 / 4 warps 167 registers (180 with EXCLUDE) -> 3 CTAs per SM
+    (2 with EXCLUDE), HAS_Y=0 127 -> 3 (sm_90, triton 3.6.0, `python -m gammacl.aot`). Other
+    dtypes and the interpreter: tile_config."""
+    if dtype in (torch.float16, torch.bfloat16) and not interpreter_on():
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
+    return tile_config(dtype)
+
+
 def large_d_fwd(a, b, scale, offset, exclude_pos, cols, row, col) -> None:
     """Row chunks of R rows: one tile-kernel launch per chunk, row partials [ceil(N/BN), R]
     merged into row[i0:i0+R], column partials [ceil(R/BM), N] merged and logaddexp'd into col.
@@ -227,7 +239,7 @@ def large_d_bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos
     with a_s_i = a_i * sigma_min / sigma_i (a factor <= 1, rounded to fp16: an [R, D] copy)."""
     m, d = a.shape
     n = b.shape[0]
-    cfg = tile_config(a.dtype)
+    cfg = w_tile_config(a.dtype)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     r = chunk_rows(m, n * a.element_size(), bm)
     w = torch.empty((r, n), dtype=a.dtype, device=a.device)

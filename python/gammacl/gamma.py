@@ -27,6 +27,7 @@ from torch import nn
 
 from gammacl import _validate as V
 from gammacl._random import _draw_op, _GeneratorAttr, draw_log_weights  # noqa: F401
+from gammacl._trainstate import estimate_valued_step
 from gammacl.clip import _pos_logits
 from gammacl.dispatch import resolve_traced
 from gammacl.distributed import InWorld, World
@@ -396,7 +397,9 @@ class GammaClipLoss(InWorld, _GeneratorAttr, nn.Module):
         process_group: the torch.distributed group for distributed use (default: the world).
     forward(image_features, text_features, logit_scale, index, output_dict=False) returns the
     0-d loss (fp32; fp64 for fp64 features) or {"contrastive_loss": loss}; `index` [B] holds each
-    pair's data-set index (int64; may be None for rate="batch").
+    pair's data-set index (int64; may be None for rate="batch"). Value: global_loss_estimate (G
+    at this batch with the rates used: what a trainer logs); gradient: the surrogate's. The state
+    changes only while training (gammacl._trainstate), or by update_state().
     """
 
     def __init__(
@@ -644,7 +647,9 @@ class GammaClipLoss(InWorld, _GeneratorAttr, nn.Module):
         index: torch.Tensor | None,
         output_dict: bool = False,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
-        loss = self._step(image_features, text_features, logit_scale, index, self._world())
+        loss = estimate_valued_step(
+            self, type(self)._step, image_features, text_features, logit_scale, index, self._world()
+        )
         return {"contrastive_loss": loss} if output_dict else loss
 
 
