@@ -33,8 +33,9 @@ import torch
 from torch import nn
 
 from gammacl import _validate as V
+from gammacl._local_grad import clip_local
 from gammacl.dispatch import BACKENDS, resolve_backend
-from gammacl.distributed import World
+from gammacl.distributed import GRAD_COMMS, World, check_grad_comm
 from gammacl.ops.simlse import simlse
 
 
@@ -193,12 +194,16 @@ def clip_step(
     local_loss: bool = False,
     gather_with_grad: bool = False,
     backend: str = "auto",
+    grad_comm: str = "reduce",
 ) -> torch.Tensor:
     """The CLIP loss of this rank (module docstring), a 0-d fp32 tensor (fp64 for fp64 inputs).
     Validation happens here once; on several ranks it is agreed before any feature collective,
-    so a bad input on one rank is the same error on all ranks, not a hang."""
+    so a bad input on one rank is the same error on all ranks, not a hang. grad_comm="local"
+    (with gather_with_grad=True): the same loss and feature gradients with no feature-gradient
+    collective (gammacl._local_grad)."""
     err = scale = name = None
     try:
+        check_grad_comm(grad_comm, gather_with_grad)
         V.check_pair(
             "image_features", image_features, "text_features", text_features, same_batch=True
         )
@@ -214,11 +219,16 @@ def clip_step(
             ("world_size", world.size),
             ("local_loss", bool(local_loss)),
             ("gather_with_grad", bool(gather_with_grad)),
+            ("grad_comm", GRAD_COMMS.index(grad_comm) if grad_comm in GRAD_COMMS else -1),
         ],
         local_error=err,
     )
     if world.size == 1:
         return clip_pairs(image_features, text_features, scale, backend=name).mean()
+    if grad_comm == "local":
+        return clip_local(
+            image_features, text_features, scale, world=world, local_loss=local_loss, backend=name
+        )
     n = image_features.shape[0]
     all_image = world.gather(image_features, with_grad=gather_with_grad)
     all_text = world.gather(text_features, with_grad=gather_with_grad)
@@ -245,6 +255,11 @@ class ClipLoss(nn.Module):
     With ``world_size > 1`` the features are gathered across ranks with open_clip's semantics
     (module docstring); ``rank=None`` / ``world_size=None`` take them from the default
     process group (a single process when torch.distributed is not initialised).
+    ``grad_comm="local"`` (needs ``gather_with_grad=True``): the features are gathered without
+    autograd plus each anchor's LSE, and each rank computes its own features' gradient (as
+    anchors and as every rank's negatives): the same loss and feature gradients, no N x D
+    collective in backward (docs/distributed.md; logit_scale's gradient is a per-rank share
+    with the same sum over ranks).
     """
 
     def __init__(
@@ -257,10 +272,12 @@ class ClipLoss(nn.Module):
         use_horovod: bool = False,
         *,
         backend: str = "auto",
+        grad_comm: str = "reduce",
     ) -> None:
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_grad_comm(grad_comm, gather_with_grad)
         if use_horovod:
             raise ValueError("use_horovod=True is not supported; use torch.distributed")
         self.local_loss = local_loss
@@ -270,6 +287,7 @@ class ClipLoss(nn.Module):
         self.world_size = world_size
         self.use_horovod = use_horovod
         self.backend = backend
+        self.grad_comm = grad_comm
         self.prev_num_logits = 0
         self.labels: dict = {}
 
@@ -330,6 +348,7 @@ class ClipLoss(nn.Module):
             local_loss=self.local_loss,
             gather_with_grad=self.gather_with_grad,
             backend=self.backend,
+            grad_comm=self.grad_comm,
         )
         if bias is not None:
             loss = loss + 0.0 * bias

@@ -25,10 +25,12 @@ import torch
 from torch import nn
 
 from gammacl import _validate as V
+from gammacl import sharded_state as SS
+from gammacl._local_grad import neg_lse_local
 from gammacl._random import _draw_op, _GeneratorAttr, draw_log_weights  # noqa: F401
 from gammacl.clip import _pos_logits
 from gammacl.dispatch import BACKENDS, resolve_traced
-from gammacl.distributed import World
+from gammacl.distributed import World, dist_up
 from gammacl.ops.gamma_onepass import DEFAULT_CLAMP, gamma_onepass
 from gammacl.ops.simlse import simlse
 
@@ -285,6 +287,7 @@ def gamma_step(
             ("rate", _RATE_CODES[loss.rate]),
             ("update", int(loss.update == "after")),
             ("mean_estep", int(loss._mean_estep)),
+            ("grad_comm/state_sharding", SS.mode_code(loss.grad_comm, loss.state_sharding)),
         ],
         local_error=err,
     )
@@ -295,8 +298,9 @@ def gamma_step(
     log_m = math.log(total - 1)
     log_w = loss._log_weights(total, image_features, world)[:, off : off + n]
     acc = log_w.dtype
-    all_image = world.gather(image_features, with_grad=True)
-    all_text = world.gather(text_features, with_grad=True)
+    local = loss.grad_comm == "local" and world.size > 1  # no feature-gradient collective
+    all_image = world.gather(image_features, with_grad=not local)
+    all_text = world.gather(text_features, with_grad=not local)
     valid = _valid_estimates(image_features, text_features, all_image, all_text, off, scale)
     if bad is not None:  # compiled, out-of-range index: store nothing
         valid = valid & ~bad
@@ -304,7 +308,7 @@ def gamma_step(
     states = loss._states(dev) if loss.rate != "batch" else None
 
     if not one_pass:  # LSE pass (simlse fwd) -> rates -> gradient pass (simlse bwd)
-        row, col = _neg_lse(
+        row, col = (neg_lse_local if local else _neg_lse)(
             image_features, text_features, all_image, all_text, scale, off, world, name
         )
         log_zhat = _log_zhat(row, col, valid, log_m)
@@ -456,6 +460,8 @@ class GammaClipLoss(_GeneratorAttr, nn.Module):
             (save it from any rank), rank 0's draws are broadcast. True: always; False: never
             (each rank keeps its own state and sees only its own batch).
         process_group: the torch.distributed group for distributed use (default: the world).
+        grad_comm: "reduce" | "local", state_sharding: "replicated" | "owner" (SogCLRLoss takes
+            both too): scale-out modes of the two-pass path (docs/distributed.md).
     forward(image_features, text_features, logit_scale, index, output_dict=False) returns the
     0-d loss (fp32; fp64 for fp64 features) or {"contrastive_loss": loss}; `index` [B] holds each
     pair's data-set index (int64; may be None for rate="batch").
@@ -474,8 +480,13 @@ class GammaClipLoss(_GeneratorAttr, nn.Module):
         clamp: float | None = None,
         distributed: bool | None = None,
         process_group=None,
+        grad_comm: str = "reduce",
+        state_sharding: str = "replicated",
     ) -> None:
         super().__init__()
+        self.grad_comm, self.state_sharding = SS.check_modes(
+            grad_comm, state_sharding, rate, update
+        )
         if distributed not in (None, True, False):
             raise ValueError(f"distributed must be None (auto), True or False, got {distributed!r}")
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
@@ -523,8 +534,11 @@ class GammaClipLoss(_GeneratorAttr, nn.Module):
         self.distributed = distributed
         self.process_group = process_group
         self._mean_estep = False  # SogCLR: u = 1/R instead of a draw
-        self.image_rate = LogRateState(num_samples, self.ema) if rate != "batch" else None
-        self.text_rate = LogRateState(num_samples, self.ema) if rate != "batch" else None
+        owner = state_sharding == "owner"
+        self.shard = SS.OwnerShard(self._world(), type(self).__name__) if owner else None
+        size = self.shard.size(num_samples) if self.shard is not None else num_samples
+        self.image_rate = LogRateState(size, self.ema) if rate != "batch" else None
+        self.text_rate = LogRateState(size, self.ema) if rate != "batch" else None
         self._fixed_set = False
         self.last_path: str | None = None  # "two_pass", "one_pass" or "lse+one_pass"
         self.global_loss_estimate: torch.Tensor | None = None
@@ -549,8 +563,8 @@ class GammaClipLoss(_GeneratorAttr, nn.Module):
         directions; what forward does after (or before) use."""
         if self.rate != "ema":
             raise RuntimeError(f"update_state needs rate='ema', this loss has rate={self.rate!r}")
-        self.image_rate.update(index, log_zhat_image)
-        self.text_rate.update(index, log_zhat_text, check=False)
+        lz = (log_zhat_image, log_zhat_text)
+        SS.update_state(self.shard, (self.image_rate, self.text_rate), index, *lz)
 
     def set_log_rates(self, image_log_rate: torch.Tensor, text_log_rate: torch.Tensor) -> None:
         """rate="fixed": the log-rates log R of every sample, per direction, [num_samples]."""
@@ -612,13 +626,7 @@ class GammaClipLoss(_GeneratorAttr, nn.Module):
             all_index, all_lz = out[:, 0].long(), out[:, 1:].t().to(log_zhat.dtype)
         else:
             all_index, all_lz = index, log_zhat
-        img, txt = self._states(log_zhat.device)
-        new = torch.stack(
-            [
-                img.update(all_index, all_lz[0], check=False),
-                txt.update(all_index, all_lz[1], check=False),
-            ]
-        )
+        new = SS.update(self.shard, self._states(log_zhat.device), all_index, all_lz, world)
         n = index.shape[0]
         return new[:, world.rank * n : (world.rank + 1) * n]
 
@@ -626,7 +634,7 @@ class GammaClipLoss(_GeneratorAttr, nn.Module):
         if self.distributed is False:
             return World()
         world = World.of_group(self.process_group)
-        if self.distributed and world.size == 1 and not _dist_up():
+        if self.distributed and world.size == 1 and not dist_up():
             raise RuntimeError(
                 f"{type(self).__name__}(distributed=True) needs an initialised torch.distributed "
                 "process group"
@@ -667,6 +675,7 @@ class SogCLRLoss(GammaClipLoss):
         clamp: float | None = None,
         distributed: bool | None = None,
         process_group=None,
+        **scale_out: str,
     ) -> None:
         super().__init__(
             num_samples,
@@ -678,6 +687,7 @@ class SogCLRLoss(GammaClipLoss):
             clamp=clamp,
             distributed=distributed,
             process_group=process_group,
+            **scale_out,
         )
         self._mean_estep = True
 
@@ -686,9 +696,3 @@ class SogCLRLoss(GammaClipLoss):
             f"num_samples={self.num_samples}, ema={self.ema}, update={self.update!r}, "
             f"backend={self.backend!r}"
         )
-
-
-def _dist_up() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()

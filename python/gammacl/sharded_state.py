@@ -1,0 +1,140 @@
+"""state_sharding="owner": the per-sample rate state split over ranks by owner.
+
+Rank r of W keeps the entries of the data-set indices k with k mod W == r, at slot k div W: a
+LogRateState of ceil((num_samples - r) / W) <= ceil(num_samples / W) entries per direction,
+instead of num_samples on every rank ("replicated").
+
+One step (update before use, GammaClipLoss update="before", rate="ema"): the batch's
+(index, log Zhat) pairs are already all-gathered (an [N, 3] buffer, as for "replicated"); each
+rank applies the EMA rule to the positions it owns -- every duplicate of an index has the same
+owner, so LogRateState.update's duplicate rule (the last finite estimate wins) holds unchanged
+-- and writes their updated log-rates into an [2, N] buffer that is zero elsewhere; one
+all-reduce (sum) of it gives every rank the updated rate of every position of the global batch.
+Two O(N) collectives per step, the same values as "replicated" (each position has one owner,
+and x + 0 = x exactly). The owned subset is found with a boolean mask (one host sync).
+
+Checkpoints: each rank saves its shard, with (rank, world size) in the loss's extra state;
+loading a shard saved at another rank / world size is refused (`check_shard`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gammacl.distributed import GRAD_COMMS, World, check_grad_comm
+
+STATE_SHARDINGS = ("replicated", "owner")
+
+
+def shard_size(num_samples: int, rank: int, world_size: int) -> int:
+    """Number of indices k in [0, num_samples) with k mod world_size == rank."""
+    return max(0, -(-(num_samples - rank) // world_size))
+
+
+def owner_update(states, all_index: torch.Tensor, all_lz: torch.Tensor, world: World):
+    """Updated log-rates [2, N] of every position of the global batch (module docstring);
+    `states` are this rank's two shards, all_index [N] global indices, all_lz [2, N]."""
+    own = torch.remainder(all_index, world.size) == world.rank
+    local = torch.div(all_index[own], world.size, rounding_mode="floor")
+    new = torch.zeros_like(all_lz)
+    for k, s in enumerate(states):
+        new[k, own] = s.update(local, all_lz[k, own], check=False).to(new.dtype)
+    return world.all_reduce_sum(new)
+
+
+def owned(index: torch.Tensor, world: World) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask of the positions this rank owns, their slots in its shard)."""
+    own = torch.remainder(index, world.size) == world.rank
+    return own, torch.div(index[own], world.size, rounding_mode="floor")
+
+
+def check_shard(saved: object, current: tuple[int, int], what: str) -> None:
+    """Refuses a checkpoint shard saved at another (rank, world size)."""
+    saved = tuple(saved) if saved is not None else None
+    if saved != current:
+        got = (
+            "a replicated (full) state"
+            if saved is None
+            else f"the shard of rank {saved[0]} of {saved[1]}"
+        )
+        raise ValueError(
+            f"{what}: state_sharding='owner' checkpoint holds {got}, but this process is rank "
+            f"{current[0]} of {current[1]}; resume at the same world size and rank (each rank "
+            "loads the shard it saved), or reshard offline: entry k lives on rank k mod W at "
+            "slot k div W"
+        )
+
+
+def check_modes(grad_comm: str, state_sharding: str, rate: str, update: str) -> tuple[str, str]:
+    """Validated (grad_comm, state_sharding) of a GammaClipLoss / SogCLRLoss: both scale-out
+    modes run on the two-pass path (update="before"); "owner" needs a state (rate="ema")."""
+    check_grad_comm(grad_comm)
+    if state_sharding not in STATE_SHARDINGS:
+        raise ValueError(f"state_sharding must be one of {STATE_SHARDINGS}, got {state_sharding!r}")
+    if (grad_comm, state_sharding) != ("reduce", "replicated") and (
+        rate == "fixed" or (rate == "ema" and update == "after")
+    ):
+        raise ValueError(
+            f"grad_comm={grad_comm!r}, state_sharding={state_sharding!r}: 'local' and 'owner' run "
+            f"on the two-pass path (update='before', rate='ema' or 'batch'), got rate={rate!r}, "
+            f"update={update!r}"
+        )
+    if state_sharding == "owner" and rate != "ema":
+        raise ValueError(f"state_sharding='owner' needs rate='ema' (a state), got rate={rate!r}")
+    return grad_comm, state_sharding
+
+
+def mode_code(grad_comm: str, state_sharding: str) -> int:
+    """One int for the metadata agreement (gammacl.distributed.check_agreement)."""
+    return GRAD_COMMS.index(grad_comm) + 2 * STATE_SHARDINGS.index(state_sharding)
+
+
+class OwnerShard(nn.Module):
+    """This rank's place (rank, world size) in an owner-sharded state, fixed at construction. A
+    child module of the loss registered before its rate states, so its extra state (the place)
+    is checked on load before their buffers are (`check_shard`)."""
+
+    def __init__(self, world: World, what: str = "GammaClipLoss") -> None:
+        super().__init__()
+        self.place = (world.rank, world.size)
+        self.what = what
+
+    def extra_repr(self) -> str:
+        return f"rank={self.place[0]}, world_size={self.place[1]}"
+
+    def size(self, num_samples: int) -> int:
+        return shard_size(num_samples, *self.place)
+
+    def get_extra_state(self) -> dict:
+        return {"shard": self.place}
+
+    def set_extra_state(self, state: dict) -> None:
+        check_shard(state.get("shard"), self.place, self.what)
+
+    def world(self, world: World) -> World:
+        if (world.rank, world.size) != self.place:
+            raise ValueError(
+                f"state_sharding='owner': this loss holds the shard of rank {self.place[0]} of "
+                f"{self.place[1]} (fixed at construction), but runs as rank {world.rank} of "
+                f"{world.size}"
+            )
+        return world
+
+
+def update(shard: OwnerShard | None, states, all_index, all_lz, world: World) -> torch.Tensor:
+    """Updated log-rates [2, N] of every position of the (gathered) batch: the replicated rule
+    on the whole state, or `owner_update` on this rank's shard."""
+    if shard is None:
+        return torch.stack([s.update(all_index, lz, check=False) for s, lz in zip(states, all_lz)])
+    return owner_update(states, all_index, all_lz, shard.world(world))
+
+
+def update_state(shard: OwnerShard | None, states, index, log_zhat_image, log_zhat_text) -> None:
+    """GammaClipLoss.update_state: every given entry, or (owner) those this rank owns."""
+    lz = (log_zhat_image, log_zhat_text)
+    if shard is not None:
+        own, index = owned(index, World(*shard.place))
+        lz = tuple(x[own] for x in lz)
+    states[0].update(index, lz[0])
+    states[1].update(index, lz[1], check=False)
