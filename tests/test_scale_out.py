@@ -342,3 +342,80 @@ def test_local_fail_fast_same_error_on_every_rank(scale_run, case):
     msgs = _ok(scale_run, case)
     assert len(set(msgs)) == 1, msgs
     assert "differs between ranks" in msgs[0], msgs[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# single process (default run)
+
+
+@pytest.mark.parametrize("exclude_pos", [False, True])
+def test_local_pair_lse_gradient_is_both_directions(exclude_pos):
+    """In a world of one the local backward (rows with their own LSE, columns with every
+    anchor's) must give simlse's autograd of both directions, for any upstream: d/dx, d/dy and
+    dscale (the half of the two sweeps' sum)."""
+    from gammacl._local_grad import local_pair_lse
+    from gammacl.distributed import World
+    from gammacl.ops.simlse import simlse
+
+    g = torch.Generator().manual_seed(3)
+    x, y = (torch.randn(9, 6, generator=g, dtype=torch.float64) for _ in range(2))
+    wx, wy = (torch.rand(9, generator=g, dtype=torch.float64) for _ in range(2))
+    scale = torch.tensor(2.5, dtype=torch.float64)
+
+    def ref(a, b, s):
+        row, col = simlse(a, b, s, exclude_pos=exclude_pos, backend="torch")
+        return (wx * row).sum() + (wy * col).sum()
+
+    def ours(a, b, s):
+        rx, ry, lse = local_pair_lse(
+            a, b, a, b, s, World(), offset=0, exclude_pos=exclude_pos, backend="torch"
+        )
+        assert not lse.requires_grad
+        return (wx * rx).sum() + (wy * ry).sum()
+
+    want, got = _run(ref, x, y, scale), _run(ours, x, y, scale)
+    for what, a, b in zip(("value", "d_x", "d_y", "d_scale"), got, want, strict=True):
+        assert_close_fp64(a, b, what)
+
+
+def test_scale_out_arguments_validated():
+    import gammacl
+
+    with pytest.raises(ValueError, match=r"grad_comm must be one of \('reduce', 'local'\)"):
+        gammacl.ClipLoss(grad_comm="ring")
+    with pytest.raises(ValueError, match="gather_with_grad=True"):
+        gammacl.ClipLoss(grad_comm="local", gather_with_grad=False)
+    with pytest.raises(ValueError, match="grad_comm must be one of"):
+        gammacl.SigLipLoss(grad_comm=None)
+    with pytest.raises(ValueError, match="state_sharding must be one of"):
+        gammacl.SogCLRLoss(10, state_sharding="sharded")
+    with pytest.raises(ValueError, match=r"two-pass path.*update='after'"):
+        gammacl.SogCLRLoss(10, update="after", grad_comm="local")
+    with pytest.raises(ValueError, match=r"two-pass path.*rate='fixed'"):
+        gammacl.GammaClipLoss(10, rate="fixed", state_sharding="owner")
+    with pytest.raises(ValueError, match=r"state_sharding='owner' needs rate='ema'.*'batch'"):
+        gammacl.GammaClipLoss(10, rate="batch", state_sharding="owner")
+
+
+def test_owner_checkpoint_of_another_world_refused_in_one_process():
+    """A world of one: "owner" is the whole state, equal to "replicated" step by step; a shard
+    saved by rank 1 of 4 is refused before any buffer is touched, naming both places."""
+    import gammacl
+
+    rep = gammacl.SogCLRLoss(SAMPLES, backend="torch")
+    own = gammacl.SogCLRLoss(SAMPLES, backend="torch", state_sharding="owner", grad_comm="local")
+    g = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        img, txt = (torch.randn(6, 4, generator=g, dtype=torch.float64) for _ in range(2))
+        idx = torch.randint(0, SAMPLES, (6,), generator=g)
+        assert_close_fp64(own(img, txt, 2.0, idx), rep(img, txt, 2.0, idx), "loss")
+    assert_close_fp64(own.image_rate.log_rate, rep.image_rate.log_rate, "state")
+    sd = own.state_dict()
+    sd["shard._extra_state"] = {"shard": (1, 4)}
+    before = own.image_rate.log_rate.clone()
+    with pytest.raises(ValueError, match=r"shard of rank 1 of 4, but this process is rank 0 of 1"):
+        own.load_state_dict(sd)
+    assert torch.equal(own.image_rate.log_rate, before)
+    fresh = gammacl.SogCLRLoss(SAMPLES, backend="torch", state_sharding="owner")
+    fresh.load_state_dict(own.state_dict())
+    assert torch.equal(fresh.image_rate.log_rate, own.image_rate.log_rate)
