@@ -292,6 +292,28 @@ def _check_fail_fast_local(rank, world, report):
     report("fail fast uneven local", lambda: case(True, ("local", "local")))
     report("fail fast mixed grad_comm", lambda: case(False, ("local", "reduce")))
 
+    def agreement_first():
+        # set_agreement_check("first"): the metadata all-gather (int64, W x K) on the first call
+        # of a loss only; the features' collectives are unchanged
+        from gammacl.distributed import CommCounter, set_agreement_check
+
+        mod = gammacl.ClipLoss(True, True, rank=rank, world_size=world, grad_comm="local")
+        counts = []
+        set_agreement_check("first")
+        try:
+            for _ in range(3):
+                with CommCounter() as c:
+                    mod(img[sl], txt[sl], 3.0)
+                counts.append(len(c.records))
+        finally:
+            set_agreement_check("always")
+        with CommCounter() as c:
+            mod(img[sl], txt[sl], 3.0)
+        assert counts == [4, 3, 3] and len(c.records) == 4, (counts, len(c.records))
+        return counts
+
+    report("agreement check first", agreement_first)
+
 
 CHECKS = (
     _check_local_clip,
@@ -334,6 +356,11 @@ def test_gamma_local_equals_reduce_and_full_batch(scale_run, config):
 @pytest.mark.parametrize("cls_name", ["SogCLRLoss", "GammaClipLoss"])
 def test_owner_sharding_equals_replicated_and_checkpoints(scale_run, cls_name):
     _ok(scale_run, f"owner {cls_name}")
+
+
+@pytest.mark.slow
+def test_agreement_check_first_call_only(scale_run):
+    _ok(scale_run, "agreement check first")
 
 
 @pytest.mark.slow
@@ -395,6 +422,10 @@ def test_scale_out_arguments_validated():
         gammacl.GammaClipLoss(10, rate="fixed", state_sharding="owner")
     with pytest.raises(ValueError, match=r"state_sharding='owner' needs rate='ema'.*'batch'"):
         gammacl.GammaClipLoss(10, rate="batch", state_sharding="owner")
+    from gammacl.distributed import set_agreement_check
+
+    with pytest.raises(ValueError, match=r"one of \('always', 'first', 'off'\), got 'never'"):
+        set_agreement_check("never")
 
 
 def test_owner_checkpoint_of_another_world_refused_in_one_process():

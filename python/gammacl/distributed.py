@@ -21,7 +21,8 @@ Agreement check: before any feature collective, one all-gather of a few int64 me
 (shapes, dtypes, devices, declared rank/world size, flags, "local validation passed"). Any
 disagreement -- uneven batches from drop_last=False, different D or dtype, one rank's invalid
 input, a wrong rank= -- raises the same ValueError on every rank instead of a hang. Cost: one
-W*K int64 all-gather and one host sync per call (skipped while torch.compile traces).
+W*K int64 all-gather and one host sync per call (skipped while torch.compile traces; only on
+the first call of each loss with set_agreement_check("first")).
 
 No ring exchange: the all-gather moves the same (W-1) n D elements per rank a ring would, in one
 collective; a ring only pays off when overlapped with compute, which was not measured here.
@@ -29,6 +30,7 @@ collective; a ring only pays off when overlapped with compute, which was not mea
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -50,6 +52,30 @@ _DTYPES = (
 _DEVICE_TYPES = ("cpu", "cuda")
 _NDIM_SLOTS = 3  # dims recorded per tensor (enough to name any shape the losses accept)
 GRAD_COMMS = ("reduce", "local")
+AGREEMENT_CHECKS = ("always", "first", "off")
+_agreement = {"mode": os.environ.get("GAMMACL_AGREEMENT_CHECK", "always"), "seen": set()}
+
+
+def set_agreement_check(mode: str) -> None:
+    """When World.check runs its metadata all-gather: "always" (default; every call), "first"
+    (the first call of each loss kind in this process, then never: no collective and no host
+    sync per step) or "off". With "first" / "off" a later disagreement (an uneven last batch, a
+    bad input on one rank) is no longer one clear error on every rank: the feature collective
+    fails or hangs until the process group's timeout. Every rank must use the same mode. Also
+    from the environment: GAMMACL_AGREEMENT_CHECK. Cost measured in docs/distributed.md."""
+    if mode not in AGREEMENT_CHECKS:
+        raise ValueError(f"agreement check mode must be one of {AGREEMENT_CHECKS}, got {mode!r}")
+    _agreement["mode"] = mode
+    _agreement["seen"] = set()
+
+
+def _agree_now(what: str) -> bool:
+    mode = _agreement["mode"]
+    if mode == "first":
+        first = what not in _agreement["seen"]
+        _agreement["seen"].add(what)
+        return first
+    return mode != "off"
 
 
 def check_grad_comm(grad_comm: object, gather_with_grad: bool = True) -> str:
@@ -296,7 +322,7 @@ class World:
         """Raises this rank's validation error, after every rank agreed on the metadata (a
         collective when size > 1; nothing to agree on in a single process or while
         torch.compile traces, where the inputs are trusted)."""
-        if self.size > 1 and not torch.compiler.is_compiling():
+        if self.size > 1 and not torch.compiler.is_compiling() and _agree_now(what):
             check_agreement(what, args, flags=flags, local_error=local_error, group=self.group)
         if local_error is not None:
             raise local_error
