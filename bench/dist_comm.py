@@ -2,6 +2,7 @@
 (CPU), and the cost of the per-call metadata agreement (docs/distributed.md).
 
     python bench/dist_comm.py --world 2 4 [--n 64] [--dim 256] [--json out.json]
+    python bench/dist_comm.py --model      the modelled step time at W = 8 .. 1024 (no ranks)
 
 Each rank runs a warm-up step, then one step inside gammacl.distributed.CommCounter (a dispatch
 mode that sees every c10d / functional collective, autograd's included), phase "forward" for
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import sys
@@ -180,6 +182,49 @@ def _fmt(res: dict) -> str:
     return "\n".join(lines)
 
 
+# the scale-out model of docs/distributed.md: ASSUMED rates, not measurements
+NVLINK, INTER, FLOPS, ALPHA = 900e9, 50e9, 700e12, 5e-6  # B/s in a node of 8, B/s per GPU
+# across nodes, bf16 dense FLOP/s, latency per tree level of one collective (s)
+
+
+def _coll(nbytes: float, world: int) -> float:
+    """Seconds of one all-gather / reduce-scatter whose full buffer is `nbytes`: each rank moves
+    (W - 1) / W of it at NVLink rate inside one node of 8, at the inter-node rate beyond;
+    latency ALPHA per level of a tree (ceil(log2 W) levels)."""
+    bw = NVLINK if world <= 8 else INTER
+    return ALPHA * math.ceil(math.log2(world)) + (world - 1) / world * nbytes / bw
+
+
+def model(n: int = 512, dim: int = 1024, elem: int = 2) -> str:
+    """Modelled step time per rank (ms, no compute / communication overlap) of the CLIP loss
+    (local_loss rows: two n x N simlse sweeps at the 4-GEMM floor, 16 n N D FLOPs in both
+    modes) and SigLIP (one fused sweep, 6 n N D; "local" two sweeps, 12 n N D)."""
+    rows = [
+        "| W | N | compute ms | fwd gathers ms | reduce: bwd ms | local: extra ms | "
+        "CLIP reduce ms | CLIP local ms | SigLIP reduce ms | SigLIP local ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for k in range(3, 11):
+        w = 2**k
+        big = w * n * dim * elem  # one gathered N x D feature buffer
+        small = 2 * w * n * 4  # 2 N fp32 statistics
+        comp = 16 * n * (w * n) * dim / FLOPS
+        fwd = 2 * _coll(big, w)
+        red_bwd = 2 * _coll(big, w)
+        loc_extra = 2 * _coll(small, w)  # LSE gather (forward) + upstream gather (backward)
+        sig_comp = 6 * n * (w * n) * dim / FLOPS
+        sig_red = sig_comp + 2 * _coll(big, w)
+        sig_loc = 2 * sig_comp + 2 * _coll(big, w)
+        ms = [x * 1e3 for x in (comp, fwd, red_bwd, loc_extra)]
+        total = [(comp + fwd + red_bwd) * 1e3, (comp + fwd + loc_extra) * 1e3]
+        rows.append(
+            f"| {w} | {w * n} | "
+            + " | ".join(f"{x:.3f}" for x in ms + total + [sig_red * 1e3, sig_loc * 1e3])
+            + " |"
+        )
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--world", type=int, nargs="+", default=[2, 4])
@@ -187,7 +232,11 @@ def main(argv=None) -> int:
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--reps", type=int, default=5, help="timed steps per case")
     p.add_argument("--json", default=None, help="write every record here")
+    p.add_argument("--model", action="store_true", help="print the scale-out model table only")
     args = p.parse_args(argv)
+    if args.model:
+        print(model())
+        return 0
     results = [run(w, args) for w in args.world]
     for res in results:
         print(_fmt(res))
