@@ -85,39 +85,6 @@ def local_pair_lse(
     )
 
 
-def clip_local(
-    image: torch.Tensor,
-    text: torch.Tensor,
-    scale: torch.Tensor,
-    *,
-    world: World,
-    local_loss: bool,
-    backend: str,
-) -> torch.Tensor:
-    """ClipLoss with grad_comm="local" on world.size > 1 ranks: the loss "reduce" gives (rank r's
-    rows with local_loss, else the global loss L) and the feature gradient of gather_with_grad
-    (W dL/d own rows), with no feature-gradient collective."""
-    from gammacl.clip import _nan_if_not_finite, _pos_logits
-
-    off = world.rank * image.shape[0]
-    all_image = world.gather(image, with_grad=False)
-    all_text = world.gather(text, with_grad=False)
-    ri, rt, lse_all = local_pair_lse(
-        image, text, all_image, all_text, scale, world, offset=off, exclude_pos=False,
-        backend=backend,
-    )  # fmt: skip
-    pos = _pos_logits(image, text, scale)  # both sides of every positive are local
-    per = _nan_if_not_finite(0.5 * (ri + rt) - pos)
-    own = per.mean()
-    if local_loss:
-        return own
-    # the global loss L as this rank's value; the gradient stays this rank's share (sum_q loss_q)
-    with torch.no_grad():
-        pos_all = _pos_logits(all_image, all_text, scale.detach())
-        full = _nan_if_not_finite(0.5 * lse_all.sum(dim=0) - pos_all).mean()
-    return own + (full - own).detach()
-
-
 def siglip_local(
     image: torch.Tensor,
     text: torch.Tensor,

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from gammacl import _validate as V
-from gammacl._local_grad import clip_local
+from gammacl._local_grad import local_pair_lse
 from gammacl.dispatch import BACKENDS, resolve_backend
 from gammacl.distributed import GRAD_COMMS, World, check_grad_comm
 from gammacl.ops.simlse import simlse
@@ -242,6 +242,37 @@ def clip_step(
         all_image = world.reinsert(all_image, image_features)
         all_text = world.reinsert(all_text, text_features)
     return clip_pairs(all_image, all_text, scale, backend=name).mean()
+
+
+def clip_local(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    world: World,
+    local_loss: bool,
+    backend: str,
+) -> torch.Tensor:
+    """ClipLoss with grad_comm="local" on world.size > 1 ranks: the loss "reduce" gives (rank r's
+    rows with local_loss, else the global loss L) and the feature gradient of gather_with_grad
+    (W dL/d own rows), with no feature-gradient collective."""
+    off = world.rank * image.shape[0]
+    all_image = world.gather(image, with_grad=False)
+    all_text = world.gather(text, with_grad=False)
+    ri, rt, lse_all = local_pair_lse(
+        image, text, all_image, all_text, scale, world, offset=off, exclude_pos=False,
+        backend=backend,
+    )  # fmt: skip
+    pos = _pos_logits(image, text, scale)  # both sides of every positive are local
+    per = _nan_if_not_finite(0.5 * (ri + rt) - pos)
+    own = per.mean()
+    if local_loss:
+        return own
+    # the global loss L as this rank's value; the gradient stays this rank's share (sum_q loss_q)
+    with torch.no_grad():
+        pos_all = _pos_logits(all_image, all_text, scale.detach())
+        full = _nan_if_not_finite(0.5 * lse_all.sum(dim=0) - pos_all).mean()
+    return own + (full - own).detach()
 
 
 class ClipLoss(nn.Module):
