@@ -166,6 +166,8 @@ def _check_local_gamma(rank, world, report):
             single = _gamma(cls_name, kwargs, seed=7, single=True)
             red = _gamma(cls_name, kwargs, seed=7, grad_comm="reduce")
             loc = _gamma(cls_name, kwargs, seed=7, grad_comm="local")
+            red32 = _gamma(cls_name, kwargs, seed=7, grad_comm="reduce")
+            loc32 = _gamma(cls_name, kwargs, seed=7, grad_comm="local")
             largest = 0
             for k, (img, txt, idx) in enumerate(steps):
                 s = torch.tensor(4.0, dtype=torch.float64)
@@ -176,6 +178,12 @@ def _check_local_gamma(rank, world, report):
                         lambda a, b, s_, i=idx[sl]: loc(a, b, s_, i), img[sl], txt[sl], s, counter=c
                     )
                 largest = max(largest, c.largest("backward"))
+                # fp32: error vs fp64 "reduce" at most PyTorch's own fp32 error (tolerances.py)
+                i32, t32, s32 = img[sl].float(), txt[sl].float(), s.float()
+                g32 = _run(lambda a, b, s_, i=idx[sl]: loc32(a, b, s_, i), i32, t32, s32)
+                r32 = _run(lambda a, b, s_, i=idx[sl]: red32(a, b, s_, i), i32, t32, s32)
+                for j, what in enumerate(("loss", "d_image", "d_text")):
+                    assert_close_dtype(g32[j], r[j], r32[j], torch.float32, f"{key} fp32 {what}")
                 for what, x, y in zip(("loss", "d_image", "d_text"), g, r, strict=False):
                     assert_close_fp64(x, y, f"{key} step {k} {what} local vs reduce")
                 assert_close_fp64(_rank_sum(g[3]), _rank_sum(r[3]), f"{key} step {k} sum d_scale")
