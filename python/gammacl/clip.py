@@ -34,8 +34,8 @@ from torch import nn
 
 from gammacl import _validate as V
 from gammacl._local_grad import local_pair_lse
-from gammacl.dispatch import BACKENDS, resolve_backend
-from gammacl.distributed import GRAD_COMMS, World, check_grad_comm
+from gammacl.dispatch import resolve_backend
+from gammacl.distributed import GRAD_COMMS, InWorld, World, check_grad_comm
 from gammacl.ops.simlse import simlse
 
 
@@ -200,19 +200,15 @@ def clip_step(
     Validation happens here once; on several ranks it is agreed before any feature collective,
     so a bad input on one rank is the same error on all ranks, not a hang. grad_comm="local"
     (with gather_with_grad=True): the same loss and feature gradients with no feature-gradient
-    collective (gammacl._local_grad)."""
-    err = scale = name = None
-    try:
+    collective (clip_local)."""
+
+    def check():
         check_grad_comm(grad_comm, gather_with_grad)
-        V.check_pair(
-            "image_features", image_features, "text_features", text_features, same_batch=True
-        )
-        scale = V.as_scale("logit_scale", logit_scale, image_features)
-        name = resolve_backend(backend, image_features.device)
-    except (TypeError, ValueError, RuntimeError) as e:
-        err = e
-    world.check(
+        return V.check_paired_step(image_features, text_features, logit_scale, backend)
+
+    scale, name = world.agree(
         "gammacl ClipLoss (distributed)",
+        check,
         [("image_features", image_features), ("text_features", text_features)],
         flags=[
             ("rank", world.rank),
@@ -221,7 +217,6 @@ def clip_step(
             ("gather_with_grad", bool(gather_with_grad)),
             ("grad_comm", GRAD_COMMS.index(grad_comm) if grad_comm in GRAD_COMMS else -1),
         ],
-        local_error=err,
     )
     if world.size == 1:
         return clip_pairs(image_features, text_features, scale, backend=name).mean()
@@ -275,7 +270,7 @@ def clip_local(
     return own + (full - own).detach()
 
 
-class ClipLoss(nn.Module):
+class ClipLoss(InWorld, nn.Module):
     """Drop-in replacement for ``open_clip.loss.ClipLoss``.
 
     Same constructor and forward as open_clip; the N x N logit matrix is never formed.
@@ -306,8 +301,7 @@ class ClipLoss(nn.Module):
         grad_comm: str = "reduce",
     ) -> None:
         super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        V.check_backend(backend)
         check_grad_comm(grad_comm, gather_with_grad)
         if use_horovod:
             raise ValueError("use_horovod=True is not supported; use torch.distributed")
@@ -321,12 +315,6 @@ class ClipLoss(nn.Module):
         self.grad_comm = grad_comm
         self.prev_num_logits = 0
         self.labels: dict = {}
-
-    def _world(self) -> World:
-        """The world from rank / world_size, the default process group's where they are None."""
-        if self.rank is None or self.world_size is None or self.world_size > 1:
-            return World.resolve(self.rank, self.world_size)
-        return World(int(self.rank), 1)
 
     # open_clip compatibility helpers (CoCaLoss / DistillClipLoss call these).
     def get_ground_truth(self, device: torch.device, num_logits: int) -> torch.Tensor:

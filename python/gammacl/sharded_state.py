@@ -66,7 +66,7 @@ def check_shard(saved: object, current: tuple[int, int], what: str) -> None:
         )
 
 
-def check_modes(grad_comm: str, state_sharding: str, rate: str, update: str) -> tuple[str, str]:
+def modes(grad_comm: str, state_sharding: str, rate: str, update: str) -> tuple[str, str]:
     """Validated (grad_comm, state_sharding) of a GammaClipLoss / SogCLRLoss: both scale-out
     modes run on the two-pass path (update="before"); "owner" needs a state (rate="ema")."""
     check_grad_comm(grad_comm)
@@ -85,9 +85,17 @@ def check_modes(grad_comm: str, state_sharding: str, rate: str, update: str) -> 
     return grad_comm, state_sharding
 
 
-def mode_code(grad_comm: str, state_sharding: str) -> int:
-    """One int for the metadata agreement (gammacl.distributed.check_agreement)."""
-    return GRAD_COMMS.index(grad_comm) + 2 * STATE_SHARDINGS.index(state_sharding)
+def mode_code(loss) -> int:
+    """A loss's (grad_comm, state_sharding) as one int for the metadata agreement."""
+    return GRAD_COMMS.index(loss.grad_comm) + 2 * STATE_SHARDINGS.index(loss.state_sharding)
+
+
+def shard_for(loss, num_samples: int) -> tuple[OwnerShard | None, int]:
+    """(the loss's OwnerShard, its rate states' size): (None, num_samples) when replicated."""
+    if loss.state_sharding != "owner":
+        return None, num_samples
+    shard = OwnerShard(loss._world(), type(loss).__name__)
+    return shard, shard.size(num_samples)
 
 
 class OwnerShard(nn.Module):
@@ -130,11 +138,11 @@ def update(shard: OwnerShard | None, states, all_index, all_lz, world: World) ->
     return owner_update(states, all_index, all_lz, shard.world(world))
 
 
-def update_state(shard: OwnerShard | None, states, index, log_zhat_image, log_zhat_text) -> None:
+def update_state(loss, index, log_zhat_image, log_zhat_text) -> None:
     """GammaClipLoss.update_state: every given entry, or (owner) those this rank owns."""
     lz = (log_zhat_image, log_zhat_text)
-    if shard is not None:
-        own, index = owned(index, World(*shard.place))
+    if loss.shard is not None:
+        own, index = owned(index, World(*loss.shard.place))
         lz = tuple(x[own] for x in lz)
-    states[0].update(index, lz[0])
-    states[1].update(index, lz[1], check=False)
+    loss.image_rate.update(index, lz[0])
+    loss.text_rate.update(index, lz[1], check=False)

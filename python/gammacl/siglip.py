@@ -13,8 +13,7 @@ from torch import nn
 
 from gammacl import _validate as V
 from gammacl._local_grad import siglip_local
-from gammacl.dispatch import BACKENDS, resolve_backend
-from gammacl.distributed import GRAD_COMMS, World, check_grad_comm
+from gammacl.distributed import GRAD_COMMS, InWorld, World, check_grad_comm
 from gammacl.ops.siglip import siglip
 
 DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
@@ -56,26 +55,21 @@ def siglip_step(
     validated once here and, on several ranks, agreed before any feature collective.
     grad_comm="local": the same loss and every gradient, the texts gathered without autograd
     (gammacl._local_grad.siglip_local)."""
-    err = scale = bias = name = None
-    try:
+
+    def check():
         check_grad_comm(grad_comm)
-        V.check_pair(
-            "image_features", image_features, "text_features", text_features, same_batch=True
-        )
-        scale = V.as_scale("logit_scale", logit_scale, image_features)
-        bias = V.as_scale("logit_bias", logit_bias, image_features)
-        name = resolve_backend(backend, image_features.device)
-    except (TypeError, ValueError, RuntimeError) as e:
-        err = e
-    world.check(
+        scale, name = V.check_paired_step(image_features, text_features, logit_scale, backend)
+        return scale, V.as_scale("logit_bias", logit_bias, image_features), name
+
+    scale, bias, name = world.agree(
         "gammacl SigLipLoss (distributed)",
+        check,
         [("image_features", image_features), ("text_features", text_features)],
         flags=[
             ("rank", world.rank),
             ("world_size", world.size),
             ("grad_comm", GRAD_COMMS.index(grad_comm) if grad_comm in GRAD_COMMS else -1),
         ],
-        local_error=err,
     )
     if grad_comm == "local" and world.size > 1:
         return siglip_local(image_features, text_features, scale, bias, world=world, backend=name)
@@ -84,7 +78,7 @@ def siglip_step(
     return siglip(image_features, all_text, scale, bias, offset=off, backend=name)
 
 
-class SigLipLoss(nn.Module):
+class SigLipLoss(InWorld, nn.Module):
     """Drop-in replacement for ``open_clip.loss.SigLipLoss``.
 
     Same constructor and forward as open_clip (``logit_bias`` is required, as there); the loss
@@ -113,8 +107,7 @@ class SigLipLoss(nn.Module):
         grad_comm: str = "reduce",
     ) -> None:
         super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        V.check_backend(backend)
         self.grad_comm = check_grad_comm(grad_comm)
         dist_impl = dist_impl or "bidir"
         if dist_impl not in DIST_IMPLS:
@@ -126,12 +119,6 @@ class SigLipLoss(nn.Module):
         self.backend = backend
         self.prev_num_logits = 0
         self.labels: dict = {}
-
-    def _world(self) -> World:
-        """The world from rank / world_size, the default process group's where they are None."""
-        if self.rank is None or self.world_size is None or self.world_size > 1:
-            return World.resolve(self.rank, self.world_size)
-        return World(int(self.rank), 1)
 
     # open_clip compatibility helpers (materialised; O(N^2) memory, for subclasses only)
     def get_ground_truth(
