@@ -140,6 +140,8 @@ GAMMA_LOCAL = {
     "sogclr": ("SogCLRLoss", {"ema": 0.5}),
     "gamma ema": ("GammaClipLoss", {"rate": "ema", "ema": 0.3, "shape": 2.0}),
     "gamma batch": ("GammaClipLoss", {"rate": "batch", "shape": 2.0}),
+    "sogclr after": ("SogCLRLoss", {"ema": 0.5, "update": "after"}),  # one pass (+ LSE pass)
+    "gamma fixed": ("GammaClipLoss", {"rate": "fixed", "shape": 2.0}),  # one pass
 }
 
 
@@ -151,7 +153,11 @@ def _gamma(cls_name, kwargs, *, seed, single=False, **modes):
         kw["distributed"] = False
     if cls_name == "GammaClipLoss":
         kw["generator"] = torch.Generator().manual_seed(seed)
-    return getattr(gamma, cls_name)(modes.pop("samples", SAMPLES), **kw)
+    loss = getattr(gamma, cls_name)(SAMPLES, **kw)
+    if kw.get("rate") == "fixed":
+        g = torch.Generator().manual_seed(5)
+        loss.set_log_rates(torch.randn(SAMPLES, generator=g), torch.randn(SAMPLES, generator=g))
+    return loss
 
 
 def _check_local_gamma(rank, world, report):
@@ -193,8 +199,9 @@ def _check_local_gamma(rank, world, report):
                 if loc.rate == "ema":
                     assert_close_fp64(loc.image_rate.log_rate, single.image_rate.log_rate, key)
                     assert_close_fp64(loc.text_rate.log_rate, single.text_rate.log_rate, key)
-            assert 0 < largest <= 2 * world * n * 8, largest  # the 2 N upstream floats only
-            return {"largest bwd bytes": largest}
+            # two-pass: the 2 N upstream floats only; one-pass: nothing (weights gathered forward)
+            assert largest == (0 if loc._one_pass() else 2 * world * n * 8), largest
+            return {"largest bwd bytes": largest, "paths": loc.last_path}
 
         report(key + " local grad_comm", run)
 
@@ -424,11 +431,11 @@ def test_scale_out_arguments_validated():
         gammacl.SigLipLoss(grad_comm=None)
     with pytest.raises(ValueError, match="state_sharding must be one of"):
         gammacl.SogCLRLoss(10, state_sharding="sharded")
-    with pytest.raises(ValueError, match=r"two-pass path.*update='after'"):
-        gammacl.SogCLRLoss(10, update="after", grad_comm="local")
-    with pytest.raises(ValueError, match=r"two-pass path.*rate='fixed'"):
+    with pytest.raises(ValueError, match=r"'owner' runs on the two-pass.*update='after'"):
+        gammacl.SogCLRLoss(10, update="after", state_sharding="owner")
+    with pytest.raises(ValueError, match=r"'owner' runs on the two-pass.*rate='fixed'"):
         gammacl.GammaClipLoss(10, rate="fixed", state_sharding="owner")
-    with pytest.raises(ValueError, match=r"state_sharding='owner' needs rate='ema'.*'batch'"):
+    with pytest.raises(ValueError, match=r"'owner' runs on the two-pass.*rate='batch'"):
         gammacl.GammaClipLoss(10, rate="batch", state_sharding="owner")
     from gammacl.distributed import set_agreement_check
 

@@ -13,6 +13,8 @@ simlse backward over (x_{R_r}, y_all) with row statistics (a, g^a) of the local 
 column statistics (b, g^b) of ALL anchors: that backward's da is exactly d/dx_{R_r}. So the
 forward all-gathers the features WITHOUT autograd plus each anchor's LSE (2 N floats), the
 backward all-gathers each anchor's upstream (g^a, g^b) (2 N floats) -- O(N) bytes, never N x D.
+The one-pass gamma path (neg_one_pass_local) gathers the anchors' weights in the forward
+instead and has no backward collective; SigLIP (siglip_local) gathers features only.
 
 The scale: that backward's dscale on rank r covers its rows of both directions AND its columns
 of every anchor, so summed over ranks it counts every logit twice; rank r returns half of it.
@@ -117,3 +119,50 @@ def neg_lse_local(image, text, all_image, all_text, scale, off: int, world: Worl
         image, text, all_image, all_text, scale, world, offset=off, exclude_pos=True,
         backend=backend,
     )[:2]  # fmt: skip
+
+
+class _HalfGrad(torch.autograd.Function):
+    """Identity whose backward halves the gradient (the scale's share, module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return 0.5 * g
+
+
+def neg_one_pass_local(
+    image, text, all_image, all_text, scale, log_w, log_r, log_m, clamp, off, world, backend
+):
+    """gammacl.gamma._neg_one_pass for grad_comm="local": (neg, row LSEs of this rank's image and
+    text anchors). The weights alpha = log w - log r - log(B - 1) of every anchor are all-gathered
+    in the forward ([N, 2], FastCLIP's u); each side's one fused sweep then carries its rows
+    (alpha_row, this rank's anchors) and its columns as every rank's anchors (alpha_col, all N),
+    so gamma_onepass's stashed dA is this rank's exact feature gradient and the backward has no
+    collective. The value keeps the row terms only (loss_r, as "reduce"); the scale's gradient is
+    the half share (both sweeps count each pair once per direction, summed over ranks twice)."""
+    from gammacl.ops.gamma_onepass import gamma_onepass
+
+    alpha = (log_w - log_r).detach() - log_m
+    alpha_all = world.gather(alpha.t().contiguous(), with_grad=False).t()
+    w, s = 0.5 / image.shape[0], _HalfGrad.apply(scale)
+    out = [
+        gamma_onepass(
+            x,
+            y.detach(),
+            s,
+            alpha[k],
+            alpha_all[1 - k],
+            w_row=w,
+            w_col=w,
+            clamp=clamp,
+            offset=off,
+            backend=backend,
+        )  # fmt: skip
+        for k, (x, y) in enumerate(((image, all_text), (text, all_image)))
+    ]
+    neg = out[0][0] + out[1][0]
+    rows = w * (out[0][3].sum() + out[1][3].sum())
+    return neg + (rows - neg).detach(), out[0][1], out[1][1]

@@ -27,7 +27,7 @@ from torch import nn
 
 from gammacl import _validate as V
 from gammacl import sharded_state as SS
-from gammacl._local_grad import neg_lse_local
+from gammacl._local_grad import neg_lse_local, neg_one_pass_local
 from gammacl._random import _draw_op, _GeneratorAttr, draw_log_weights  # noqa: F401
 from gammacl.clip import _pos_logits
 from gammacl.dispatch import resolve_traced
@@ -613,7 +613,7 @@ class GammaClipLoss(InWorld, _GeneratorAttr, nn.Module):
                 log_zhat = _log_zhat(r0, c0, valid, log_m)
                 log_r = torch.where(seen, stored, log_zhat)
                 path = "lse+one_pass"
-            neg, row, col = _neg_one_pass(
+            neg, row, col = (neg_one_pass_local if local else _neg_one_pass)(
                 image_features,
                 text_features,
                 all_image,

@@ -67,21 +67,16 @@ def check_shard(saved: object, current: tuple[int, int], what: str) -> None:
 
 
 def modes(grad_comm: str, state_sharding: str, rate: str, update: str) -> tuple[str, str]:
-    """Validated (grad_comm, state_sharding) of a GammaClipLoss / SogCLRLoss: both scale-out
-    modes run on the two-pass path (update="before"); "owner" needs a state (rate="ema")."""
+    """Validated (grad_comm, state_sharding) of a GammaClipLoss / SogCLRLoss: "owner" runs on the
+    two-pass path with a state (rate="ema", update="before"); "local" on every path."""
     check_grad_comm(grad_comm)
     if state_sharding not in STATE_SHARDINGS:
         raise ValueError(f"state_sharding must be one of {STATE_SHARDINGS}, got {state_sharding!r}")
-    if (grad_comm, state_sharding) != ("reduce", "replicated") and (
-        rate == "fixed" or (rate == "ema" and update == "after")
-    ):
+    if state_sharding == "owner" and (rate != "ema" or update == "after"):
         raise ValueError(
-            f"grad_comm={grad_comm!r}, state_sharding={state_sharding!r}: 'local' and 'owner' run "
-            f"on the two-pass path (update='before', rate='ema' or 'batch'), got rate={rate!r}, "
-            f"update={update!r}"
+            "state_sharding='owner' runs on the two-pass path with a state (rate='ema', "
+            f"update='before'), got rate={rate!r}, update={update!r}"
         )
-    if state_sharding == "owner" and rate != "ema":
-        raise ValueError(f"state_sharding='owner' needs rate='ema' (a state), got rate={rate!r}")
     return grad_comm, state_sharding
 
 
