@@ -1,11 +1,11 @@
 """gammacl: fused, memory-frugal contrastive losses for PyTorch.
 
-Public API (design.md): clip_loss, infonce_loss, ClipLoss, GammaClipLoss, SogCLRLoss,
+Public API (README.md): clip_loss, infonce_loss, ClipLoss, GammaClipLoss, SogCLRLoss,
 FeatureSeparationLoss, BrownianBridgeLoss, GeometricConsistencyLoss, siglip_loss, SigLipLoss;
 `python -m gammacl.bench`, `python -m gammacl.profile`.
 """
 
-from gammacl import reference
+from gammacl import _layout, reference  # noqa: F401  (_layout binds gammacl.kernels)
 from gammacl.clip import ClipLoss, clip_loss, infonce_loss
 from gammacl.dispatch import BACKENDS, resolve_backend
 from gammacl.gamma import GammaClipLoss, LogRateState, SogCLRLoss, gamma_step_loss

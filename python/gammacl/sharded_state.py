@@ -1,4 +1,6 @@
-"""state_sharding="owner": the per-sample rate state split over ranks by owner.
+"""state_sharding="owner": the per-sample rate state split over ranks by owner; and the one door
+of GammaClipLoss / SogCLRLoss to the scale-out modes (also grad_comm="local"'s step functions,
+from gammacl._local_grad).
 
 Rank r of W keeps the entries of the data-set indices k with k mod W == r, at slot k div W: a
 LogRateState of ceil((num_samples - r) / W) <= ceil(num_samples / W) entries per direction,
@@ -22,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gammacl import _validate as V
+from gammacl._local_grad import neg_lse_local, neg_one_pass_local  # noqa: F401 (gamma's hooks)
 from gammacl.distributed import GRAD_COMMS, World, check_grad_comm
 
 STATE_SHARDINGS = ("replicated", "owner")
@@ -85,12 +89,24 @@ def mode_code(loss) -> int:
     return GRAD_COMMS.index(loss.grad_comm) + 2 * STATE_SHARDINGS.index(loss.state_sharding)
 
 
-def shard_for(loss, num_samples: int) -> tuple[OwnerShard | None, int]:
-    """(the loss's OwnerShard, its rate states' size): (None, num_samples) when replicated."""
+def shard_for(loss) -> OwnerShard | None:
+    """The loss's OwnerShard (state_sharding="owner"; its world resolved now), else None."""
     if loss.state_sharding != "owner":
-        return None, num_samples
-    shard = OwnerShard(loss._world(), type(loss).__name__)
-    return shard, shard.size(num_samples)
+        return None
+    return OwnerShard(loss._world(), type(loss).__name__)
+
+
+def rate_states(loss, state_cls, num_samples: int):
+    """(image, text) rate states of a loss: None for rate="batch"; state_cls(size, ema) of the
+    whole data set, or of this rank's shard, tagged with its place (`shard_place`, read by
+    `update`)."""
+    if loss.rate == "batch":
+        return None, None
+    size = loss.shard.size(num_samples) if loss.shard is not None else num_samples
+    states = state_cls(size, loss.ema), state_cls(size, loss.ema)
+    for s in states:
+        s.shard_place = loss.shard.place if loss.shard is not None else None
+    return states
 
 
 class OwnerShard(nn.Module):
@@ -115,29 +131,31 @@ class OwnerShard(nn.Module):
     def set_extra_state(self, state: dict) -> None:
         check_shard(state.get("shard"), self.place, self.what)
 
-    def world(self, world: World) -> World:
-        if (world.rank, world.size) != self.place:
-            raise ValueError(
-                f"state_sharding='owner': this loss holds the shard of rank {self.place[0]} of "
-                f"{self.place[1]} (fixed at construction), but runs as rank {world.rank} of "
-                f"{world.size}"
-            )
-        return world
 
-
-def update(shard: OwnerShard | None, states, all_index, all_lz, world: World) -> torch.Tensor:
+def update(states, all_index, all_lz, world: World) -> torch.Tensor:
     """Updated log-rates [2, N] of every position of the (gathered) batch: the replicated rule
-    on the whole state, or `owner_update` on this rank's shard."""
-    if shard is None:
+    on the whole state, or `owner_update` on this rank's shard (states tagged by rate_states)."""
+    place = getattr(states[0], "shard_place", None)
+    if place is None:
         return torch.stack([s.update(all_index, lz, check=False) for s, lz in zip(states, all_lz)])
-    return owner_update(states, all_index, all_lz, shard.world(world))
+    if (world.rank, world.size) != place:
+        raise ValueError(
+            f"state_sharding='owner': this loss holds the shard of rank {place[0]} of "
+            f"{place[1]} (fixed at construction), but runs as rank {world.rank} of {world.size}"
+        )
+    return owner_update(states, all_index, all_lz, world)
 
 
 def update_state(loss, index, log_zhat_image, log_zhat_text) -> None:
-    """GammaClipLoss.update_state: every given entry, or (owner) those this rank owns."""
+    """GammaClipLoss.update_state: every argument checked (index range against num_samples)
+    before either direction is written (a raise changes nothing); then every given entry, or
+    (owner) those this rank owns."""
+    index = loss._rates.check(index, None, loss.image_rate.log_rate.device, False).index
+    V.check_log_zhat("log_zhat_image", log_zhat_image, index)
+    V.check_log_zhat("log_zhat_text", log_zhat_text, index)
     lz = (log_zhat_image, log_zhat_text)
     if loss.shard is not None:
         own, index = owned(index, World(*loss.shard.place))
         lz = tuple(x[own] for x in lz)
-    loss.image_rate.update(index, lz[0])
+    loss.image_rate.update(index, lz[0], check=False)
     loss.text_rate.update(index, lz[1], check=False)
