@@ -269,12 +269,11 @@ def large_d_bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos
             enable_fp_fusion=False,  # exponent from the rounded logit (tiles._exp_nat)
         )
         ds += ds_part[: grid[0]].sum()
-        if sigma is not None:  # A_c rows scaled by sigma_min / sigma_i for the dB GEMM
+        if sigma is not None:  # W' = diag(sigma) W: A's rows pre-scaled, dA's rows unscaled
             sc = sigma[i0 : i0 + rows]
-            x_s = (x.float() * (sigma_min / sc)[:, None]).to(x.dtype)
-            chunk_gemms(w[:rows], b, x_s, da[i0 : i0 + rows], db, i0)
+            x = (x.float() * (sigma_min / sc)[:, None]).to(x.dtype)
+        chunk_gemms(w[:rows], b, x, da[i0 : i0 + rows], db, i0)
+        if sigma is not None:
             da[i0 : i0 + rows].div_(sc[:, None])
-        else:
-            chunk_gemms(w[:rows], b, x, da[i0 : i0 + rows], db, i0)
     if sigma is not None:
         db.div_(sigma_min)
