@@ -11,7 +11,9 @@ gets finite features: its non-finite guard keeps the rate state clean and is tes
 Oracle: the N x M logits l = s * A @ B^T formed in float64 from the (rounded) inputs, then
 F.cross_entropy (CLIP / InfoNCE, open_clip's formula), -logsigmoid(z * (l + bias)) (SigLIP) or
 the gamma M-step expression of docs/math.md (exp(l_ij + alpha_i) over negatives, exponent capped
-at `clamp` in value for the one-pass path), differentiated by autograd.
+at `clamp` in value for the one-pass path; GammaClipLoss / SogCLRLoss: the value is the module's
+estimate of G from the rates used, the gradient the M-step surrogate's), differentiated by
+autograd.
 
 Tolerance rule (tests/tolerances.py): the finite / non-finite pattern of the value and of every
 gradient must equal the oracle's. On the finite entries: fp64 inputs within rtol 1e-9 (+ atol
@@ -21,7 +23,7 @@ error": the materialised formula in the accumulation dtype from the same rounded
 form's floor: r = l_max + log k is rounded to ulp(|l|), so with ties at |l| ~ 1e3..1e4 every
 softmax weight carries a relative error ~ulp(|l|) that a shifted materialised softmax avoids.
 
-The default run draws a few cases per loss (~15 s); `-m slow` draws many more (~1 min), and
+The default run draws one case per loss and backend; `-m slow` draws 13 more, and
 `-m emu` runs the default cases on the CUDA backend's source under the emulator.
 """
 
@@ -174,8 +176,13 @@ def _run(kind, c, a, b, s, extra, backend):
             a, b, s, log_w, log_r, one_pass=one, clamp=c["clamp"], backend=backend
         )
     index = torch.arange(a.shape[0])
-    if backend is None:  # first step, update "before": the rates are this batch's log Zhat
-        return _gamma_oracle(a, b, s, log_w, _log_zhat_oracle(a, b, s), None)
+    if backend is None:  # first step, update "before": the rates are this batch's log Zhat;
+        # the module's value is its estimate of G, 1/2 sum_d mean log R_d - mean_i l_ii, and its
+        # gradient the M-step surrogate's
+        log_r = _log_zhat_oracle(a, b, s)
+        surrogate = _gamma_oracle(a, b, s, log_w, log_r, None)
+        estimate = 0.5 * log_r.mean(1).sum() - torch.diagonal(s * a @ b.t()).mean()
+        return (surrogate - surrogate.detach()) + estimate.detach()
     if kind == "SogCLR":
         return gammacl.SogCLRLoss(a.shape[0], backend=backend)(a, b, s, index)
     mod = gammacl.GammaClipLoss(
@@ -266,8 +273,8 @@ def _check_case(kind, seed, backend):
         _compare(x, y, z, dt, max_logit, f"{what} {name}")
 
 
-DEFAULT_SEEDS = range(2)
-SLOW_SEEDS = range(2, 14)
+DEFAULT_SEEDS = range(1)
+SLOW_SEEDS = range(1, 14)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
