@@ -19,7 +19,7 @@
 #include <limits>
 
 #include "checks.h"
-#include "common.h"
+#include "kernel_api.h"
 
 namespace gammacl {
 

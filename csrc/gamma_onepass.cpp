@@ -32,7 +32,7 @@
 #include <vector>
 
 #include "checks.h"
-#include "common.h"
+#include "kernel_api.h"
 
 namespace {
 

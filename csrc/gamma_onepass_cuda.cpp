@@ -21,8 +21,8 @@
 #include <limits>
 #include <tuple>
 
-#include "common.h"
 #include "cuda_binding.h"
+#include "kernel_api.h"
 
 namespace gammacl {
 namespace {

@@ -29,8 +29,8 @@
 // compile-checks this file alone (tests/test_cuda_compile.py).
 #include <cstdint>
 
-#include "common.h"
 #include "cuda_epilogue.cuh"
+#include "kernel_api.h"
 
 namespace gammacl::cuda {
 namespace {

@@ -23,7 +23,7 @@
 #include <tuple>
 
 #include "checks.h"
-#include "common.h"
+#include "kernel_api.h"
 
 namespace {
 

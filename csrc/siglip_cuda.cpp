@@ -15,8 +15,8 @@
 #include <algorithm>
 #include <tuple>
 
-#include "common.h"
 #include "cuda_binding.h"
+#include "kernel_api.h"
 
 namespace gammacl {
 namespace {

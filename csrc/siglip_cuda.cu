@@ -1,5 +1,5 @@
 // siglip, CUDA kernels: the element-wise epilogue of one row chunk of S (contract:
-// python/gammacl/ops/siglip.py; launcher declared in common.h, torch side in siglip_cuda.cpp).
+// python/gammacl/ops/siglip.py; launcher declared in kernel_api.h, torch side in siglip_cuda.cpp).
 //
 // Per entry (l = scale * S + bias, y = -z l, z = +1 only on the positive (i, i + offset)):
 //   e = 2^{-|y| log2 e}              one ex2.approx (MUFU) in fp32, exp2 in fp64
@@ -16,8 +16,8 @@
 // compile-checks this file alone (tests/test_cuda_compile.py).
 #include <cstdint>
 
-#include "common.h"
 #include "cuda_epilogue.cuh"
+#include "kernel_api.h"
 
 namespace gammacl::cuda {
 namespace {

@@ -35,7 +35,7 @@
 #include <vector>
 
 #include "checks.h"
-#include "common.h"
+#include "kernel_api.h"
 
 namespace gammacl {
 namespace {

@@ -27,8 +27,8 @@
 #include <limits>
 #include <tuple>
 
-#include "common.h"
 #include "cuda_binding.h"
+#include "kernel_api.h"
 
 namespace gammacl {
 namespace {

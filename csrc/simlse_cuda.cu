@@ -31,8 +31,8 @@
 #include <cmath>
 #include <cstdint>
 
-#include "common.h"
 #include "cuda_epilogue.cuh"
+#include "kernel_api.h"
 
 namespace gammacl::cuda {
 namespace {

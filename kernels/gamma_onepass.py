@@ -65,6 +65,7 @@ from gammacl.kernels.simlse import _COL_PART_MAX_BYTES
 from gammacl.kernels.simlse_tiled import tile_config as _simlse_tile_config
 from gammacl.kernels.tiles import (
     _NEG_INF,
+    RowChunks,
     _dot_nn,
     _exp_nat,
     _load_rows,
@@ -75,8 +76,7 @@ from gammacl.kernels.tiles import (
     _tile_ids,
     _tile_lse_nat,
     _valid,
-    chunk_rows,
-    gemm,
+    chunk_gemms,
     merge_lse,
     use_large_d,
 )
@@ -484,7 +484,8 @@ def _large_d_fwd(a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offset,
     per_row = (n * a.element_size() if grad else 0) + 2 * isz * (
         triton.cdiv(n, bn) + triton.cdiv(n, bm)
     )
-    r = chunk_rows(m, per_row, bm)
+    chunks = RowChunks.fit(m, per_row, bm)
+    r = chunks.size
     n_rt, n_ct = triton.cdiv(n, bn), triton.cdiv(r, bm)
     row_part = torch.empty((n_rt, r), dtype=acc, device=dev)
     row_tpart = torch.empty((n_rt, r), dtype=acc, device=dev)
@@ -494,13 +495,11 @@ def _large_d_fwd(a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offset,
     row_lse = torch.empty(m, dtype=acc, device=dev)
     row_term = torch.empty(m, dtype=acc, device=dev)
     col_lse = torch.empty(n, dtype=acc, device=dev)
-    col_c = torch.empty(n, dtype=acc, device=dev)
     col_term = torch.zeros(n, dtype=acc, device=dev)
     da = torch.empty(m if grad else 0, d, dtype=acc, device=dev)
     db = torch.zeros(n if grad else 0, d, dtype=acc, device=dev)
     (wr_hi, wr_lo), (wc_hi, wc_lo), (c_hi, c_lo) = map(_split_fp32, (w_row, w_col, clamp))
-    for i0 in range(0, m, r):
-        rows = min(r, m - i0)
+    for i0, rows in chunks:
         x = a[i0 : i0 + rows]
         grid = (triton.cdiv(rows, bm) * triton.cdiv(n, bn),)
         _gamma_onepass_tile_kernel[grid](
@@ -538,15 +537,9 @@ def _large_d_fwd(a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offset,
         merge_lse(row_part[:, :rows], row_lse[i0 : i0 + rows])
         torch.sum(row_tpart[:, :rows], dim=0, out=row_term[i0 : i0 + rows])
         col_term += col_tpart[:used].sum(dim=0)
-        if i0 == 0:
-            merge_lse(col_part[:used], col_lse)
-        else:
-            merge_lse(col_part[:used], col_c)
-            torch.logaddexp(col_lse, col_c, out=col_lse)
+        merge_lse(col_part[:used], col_lse, into=i0 > 0)
         if grad:
-            wc = w[:rows]
-            gemm(wc, b, da[i0 : i0 + rows], accumulate=False)  # dA_c = W @ B
-            gemm(wc.t(), x, db, accumulate=i0 > 0)  # dB (+)= W^T @ A_c
+            chunk_gemms(w[:rows], b, x, da[i0 : i0 + rows], db, i0)
     return row_lse, col_lse, row_term, col_term, da, db
 
 

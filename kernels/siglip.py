@@ -22,7 +22,8 @@ Two structures, chosen by D (_use_chunked: D > 128 for 16-bit inputs, D > 64 for
    transposed problem (b, a, -offset) -- l^T_ji = l_ij and the positive (j, j - offset) is the
    same entry, so W^T_ji = W_ij and its dA is db_raw -- 8MND FLOPs, bitwise reproducible.
 
-2. Large D, chunked (the large-D structure): per chunk of R rows (R from _CHUNK_BYTES),
+2. Large D, chunked (the large-D structure): per chunk of R rows (tiles.RowChunks: R from
+   GAMMACL_TRITON_CHUNK_MIB),
        `_siglip_weights_kernel`, grid (R/BM, N/BN): one GEMM tile of S per program (K loop over
        D), W stored in the operand dtype to an [R, N] buffer, the tile's loss / wsum row sums
        to [R, N/BN] partials (summed afterwards in a fixed order: no atomics)   2RND FLOPs
@@ -48,12 +49,13 @@ import triton.language as tl
 
 from gammacl.dispatch import interpreter_on
 from gammacl.kernels.tiles import (
+    RowChunks,
     _dot_nn,
     _exp_nat,
     _load_rows,
     _log_nat,
     _scores_chunked,
-    gemm,
+    chunk_gemms,
 )
 from gammacl.kernels.tiles import acc_dtype as _acc_dtype
 from gammacl.kernels.tiles import device_guard as _device_guard
@@ -63,7 +65,6 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FP16_W_SCALE = 2.0**14  # W * 2^14 in fp16 (module docstring)
 # one-pass (flash-style) kernel up to this D, the chunked GEMM structure above it
 _ONEPASS_MAX_D = {torch.float16: 128, torch.bfloat16: 128, torch.float32: 64, torch.float64: 64}
-_CHUNK_BYTES = 256 * 2**20  # [R, N] W buffer + partials of the chunked path
 
 
 @triton.jit
@@ -350,18 +351,17 @@ def _launch_onepass(a, b, scale, bias, offset: int, grad: bool, cols: bool):
     return row_loss, row_wsum, da, (db if cols else None)
 
 
-def _chunk_rows(m: int, n: int, dtype: torch.dtype) -> int:
-    """Rows per chunk: the [R, N] W buffer (operand dtype) + 2 [R, N/BN] partials within
-    _CHUNK_BYTES; a multiple of BLOCK_M when more than one."""
-    bm = _tile_config(dtype)["BLOCK_M"]
-    per_row = n * dtype.itemsize + 2 * triton.cdiv(n, _tile_config(dtype)["BLOCK_N"]) * 8
-    rows = max(1, _CHUNK_BYTES // per_row)
-    if rows > bm:
-        rows -= rows % bm
-    return min(m, rows)
+def _chunks(m: int, n: int, dtype: torch.dtype, size: int | None = None) -> RowChunks:
+    """Row chunks of the chunked path: the [R, N] W buffer (operand dtype) + 2 [R, N/BN] partials
+    under the one Triton budget (tiles.RowChunks.fit); `size` fixes R (aot_launches)."""
+    cfg = _tile_config(dtype)
+    if size is not None:
+        return RowChunks(m, size)
+    per_row = n * dtype.itemsize + 2 * triton.cdiv(n, cfg["BLOCK_N"]) * 8
+    return RowChunks.fit(m, per_row, cfg["BLOCK_M"])
 
 
-def _launch_chunked(a, b, scale, bias, offset: int, grad: bool):
+def _launch_chunked(a, b, scale, bias, offset: int, grad: bool, size: int | None = None):
     """The chunked structure (module docstring 2): (row_loss, row_wsum, da_raw, db_raw)."""
     m, d = a.shape
     n = b.shape[0]
@@ -372,7 +372,8 @@ def _launch_chunked(a, b, scale, bias, offset: int, grad: bool):
     fl = _flags(a.dtype)
     ws = _w_scale(a.dtype)
     p2 = max(16, triton.next_power_of_2(max(d, 1)))
-    step = _chunk_rows(m, n, a.dtype)
+    chunks = _chunks(m, n, a.dtype, size)
+    step = chunks.size
     n_ct = triton.cdiv(n, bn)
     wbuf = torch.empty((step if grad else 0, n), dtype=a.dtype, device=dev)
     part = torch.empty((2, step, n_ct), dtype=acc, device=dev)
@@ -381,8 +382,7 @@ def _launch_chunked(a, b, scale, bias, offset: int, grad: bool):
     da = torch.empty(m if grad else 0, d, dtype=acc, device=dev)
     db = torch.empty(n if grad else 0, d, dtype=acc, device=dev)
     with _device_guard(dev):
-        for i0 in range(0, m, step):
-            rows = min(step, m - i0)
+        for i0, rows in chunks:
             a_c = a[i0 : i0 + rows]
             _siglip_weights_kernel[(triton.cdiv(rows, bm), n_ct)](
                 X=a_c,
@@ -413,9 +413,7 @@ def _launch_chunked(a, b, scale, bias, offset: int, grad: bool):
             row_loss[i0 : i0 + rows] = part[0, :rows].sum(1)
             row_wsum[i0 : i0 + rows] = part[1, :rows].sum(1)
             if grad:
-                w = wbuf[:rows]
-                gemm(w, b, da[i0 : i0 + rows], accumulate=False)  # W @ b
-                gemm(w.t(), a_c, db, accumulate=i0 > 0)  # W^T @ a_c
+                chunk_gemms(wbuf[:rows], b, a_c, da[i0 : i0 + rows], db, i0)
     if grad and ws != 1.0:  # undo the fp16 weight scaling (a power of two: exact)
         da.mul_(1.0 / ws)
         db.mul_(1.0 / ws)
@@ -455,7 +453,6 @@ def aot_launches(dtype: torch.dtype, d: int) -> None:
     """Calls every launcher of this file on small CPU tensors of `dtype` and feature dimension d
     in every flag combination (one-pass: GRAD x COLS; chunked: GRAD, and the GEMM's ACCUMULATE
     both ways through two chunks), for the AOT compile check (python -m gammacl.aot)."""
-    global _CHUNK_BYTES
     acc = _acc_dtype(dtype)
     g = torch.Generator().manual_seed(0)
     a = torch.randn(5, d, generator=g).to(dtype)
@@ -465,9 +462,5 @@ def aot_launches(dtype: torch.dtype, d: int) -> None:
         if not _use_chunked(dtype, d):  # the one-pass kernel only where the launcher picks it
             for cols in (False, True):
                 _launch_onepass(a, b, s, bias, 1, grad, cols)
-        saved = _CHUNK_BYTES
-        try:
-            _CHUNK_BYTES = 1  # one row per chunk: the dB GEMM runs with and without ACCUMULATE
-            _launch_chunked(a, b, s, bias, 1, grad)
-        finally:
-            _CHUNK_BYTES = saved
+        # one row per chunk: the dB GEMM runs with and without ACCUMULATE
+        _launch_chunked(a, b, s, bias, 1, grad, size=1)

@@ -28,13 +28,13 @@ import triton.language as tl
 from gammacl.dispatch import interpreter_on
 from gammacl.kernels.tiles import (
     _NEG_INF,
+    RowChunks,
     _exp_nat,
     _scores_chunked,
     _tile_ids,
     _tile_lse_nat,
     _valid,
-    chunk_rows,
-    gemm,
+    chunk_gemms,
     merge_lse,
 )
 from gammacl.kernels.tiles import flags as _flags
@@ -191,12 +191,11 @@ def large_d_fwd(a, b, scale, offset, exclude_pos, cols, row, col) -> None:
     acc = row.dtype
     isz = row.element_size()
     per_row = isz * (triton.cdiv(n, bn) + (triton.cdiv(n, bm) if cols else 0))
-    r = chunk_rows(m, per_row, bm)
+    chunks = RowChunks.fit(m, per_row, bm)
+    r = chunks.size
     row_part = torch.empty((triton.cdiv(n, bn), r), dtype=acc, device=a.device)
     col_part = torch.empty((triton.cdiv(r, bm), n) if cols else (0, 0), dtype=acc, device=a.device)
-    col_c = torch.empty(n if cols else 0, dtype=acc, device=a.device)
-    for i0 in range(0, m, r):
-        rows = min(r, m - i0)
+    for i0, rows in chunks:
         x = a[i0 : i0 + rows]
         grid = (triton.cdiv(rows, bm) * triton.cdiv(n, bn),)
         _simlse_fwd_tile_kernel[grid](
@@ -221,12 +220,7 @@ def large_d_fwd(a, b, scale, offset, exclude_pos, cols, row, col) -> None:
         )
         merge_lse(row_part[:, :rows], row[i0 : i0 + rows])
         if cols:
-            tiles_used = triton.cdiv(rows, bm)
-            if i0 == 0:
-                merge_lse(col_part[:tiles_used], col)
-            else:
-                merge_lse(col_part[:tiles_used], col_c)
-                torch.logaddexp(col, col_c, out=col)
+            merge_lse(col_part[: triton.cdiv(rows, bm)], col, into=i0 > 0)
 
 
 def large_d_bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols, sigma,
@@ -241,12 +235,12 @@ def large_d_bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos
     n = b.shape[0]
     cfg = w_tile_config(a.dtype)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    r = chunk_rows(m, n * a.element_size(), bm)
+    chunks = RowChunks.fit(m, n * a.element_size(), bm)
+    r = chunks.size
     w = torch.empty((r, n), dtype=a.dtype, device=a.device)
     ds_part = torch.empty(triton.cdiv(r, bm) * triton.cdiv(n, bn), dtype=ds.dtype, device=a.device)
     sigma_min = sigma.amin() if sigma is not None else None
-    for i0 in range(0, m, r):
-        rows = min(r, m - i0)
+    for i0, rows in chunks:
         x = a[i0 : i0 + rows]
         grid = (triton.cdiv(rows, bm) * triton.cdiv(n, bn),)
         _simlse_bwd_w_kernel[grid](
@@ -275,12 +269,11 @@ def large_d_bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos
             enable_fp_fusion=False,  # exponent from the rounded logit (tiles._exp_nat)
         )
         ds += ds_part[: grid[0]].sum()
-        wc = w[:rows]
-        gemm(wc, b, da[i0 : i0 + rows], accumulate=False)  # dA_c = W @ B
-        if sigma is not None:
+        if sigma is not None:  # W' = diag(sigma) W: A's rows pre-scaled, dA's rows unscaled
             sc = sigma[i0 : i0 + rows]
-            da[i0 : i0 + rows].div_(sc[:, None])
             x = (x.float() * (sigma_min / sc)[:, None]).to(x.dtype)
-        gemm(wc.t(), x, db, accumulate=i0 > 0)  # dB (+)= W^T @ A_c
+        chunk_gemms(w[:rows], b, x, da[i0 : i0 + rows], db, i0)
+        if sigma is not None:
+            da[i0 : i0 + rows].div_(sc[:, None])
     if sigma is not None:
         db.div_(sigma_min)

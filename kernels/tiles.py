@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from gammacl._validate import acc_dtype  # the one definition (kernels import it from here)
 from gammacl.dispatch import interpreter_on
 
 _LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * log2 e)
@@ -193,8 +196,14 @@ def _simlse_col_merge_kernel(
     tl.store(COL_LSE + offs_n, out, mask=col_ok)
 
 
-def merge_lse(part: torch.Tensor, out: torch.Tensor) -> None:
-    """out[j] = LSE_p part[p, j] (the merge kernel over the rows of a [P, n] partials buffer)."""
+def merge_lse(part: torch.Tensor, out: torch.Tensor, into: bool = False) -> None:
+    """out[j] = LSE_p part[p, j] (the merge kernel over the rows of a [P, n] partials buffer);
+    `into`: out[j] = logaddexp(out[j], LSE_p part[p, j]) (a later row chunk's partials)."""
+    if into:
+        new = torch.empty_like(out)
+        merge_lse(part, new)
+        torch.logaddexp(out, new, out=out)
+        return
     n = part.shape[1]
     block_r, block_n = (32, 64) if interpreter_on() else (16, 256)
     _simlse_col_merge_kernel[(triton.cdiv(n, block_n),)](
@@ -320,10 +329,6 @@ def gemm(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, accumulate: bool) 
 # ----------------------------------------------------------------------------------------------
 # launch helpers
 # ----------------------------------------------------------------------------------------------
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def flags(dtype: torch.dtype) -> dict:
     """ACC / BASE2 / UPCAST / PRECISION constexprs for inputs of `dtype`."""
     acc = acc_dtype(dtype)
@@ -359,6 +364,33 @@ def use_large_d(dtype: torch.dtype, d: int) -> bool:
     if dtype in (torch.float16, torch.bfloat16):
         return d > 128
     return dtype == torch.float32 and d > 64
+
+
+@dataclass(frozen=True)
+class RowChunks:
+    """The chunk driver of the large-D launchers (simlse_tiled, gamma_onepass, siglip): rows
+    [0, m) of the left operand in chunks of `size` rows, iterated as (i0, rows). Each chunk's
+    [size, N] buffers (W, partials) are allocated once and reused; a chunk's entry (i, j) is the
+    full problem's (i0 + i, j), so an excluded diagonal offset becomes offset + i0."""
+
+    m: int
+    size: int
+
+    @classmethod
+    def fit(cls, m: int, bytes_per_row: int, multiple: int) -> RowChunks:
+        """The one row-budget rule: chunk_rows under GAMMACL_TRITON_CHUNK_MIB."""
+        return cls(m, chunk_rows(m, bytes_per_row, multiple))
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for i0 in range(0, self.m, self.size):
+            yield i0, min(self.size, self.m - i0)
+
+
+def chunk_gemms(w: torch.Tensor, b: torch.Tensor, a_c: torch.Tensor, da_c, db, i0: int) -> None:
+    """A chunk's two gradient GEMMs from its weights W [rows, N]: dA_c = W @ B and
+    dB (+)= W^T @ A_c (the first chunk stores, later ones accumulate in the GEMM epilogue)."""
+    gemm(w, b, da_c, accumulate=False)
+    gemm(w.t(), a_c, db, accumulate=i0 > 0)
 
 
 def chunk_rows(m: int, bytes_per_row: int, multiple: int) -> int:

@@ -146,3 +146,24 @@ def test_reference_backend_means_the_same_everywhere(form):
     other = gammacl.ClipLoss(backend="reference")(a, b, 3.0)
     assert torch.equal(out, other)
     torch.testing.assert_close(out, gammacl.reference.clip_loss(a, b, 3.0), rtol=1e-12, atol=0)
+
+
+def test_every_backend_name_list_derives_from_the_records():
+    """One record per backend (gammacl.dispatch.RECORDS): the public list, every op's table, the
+    measurement CLI and the tests' CPU backends name the same backends."""
+    from conftest import cpu_backends
+
+    from gammacl import dispatch
+    from gammacl.measure.cli import OUR_BACKENDS
+    from gammacl.ops import _backends
+
+    names = tuple(r.name for r in dispatch.RECORDS)
+    assert dispatch.BACKENDS == ("auto", *names)
+    assert _backends.NAMES == names == OUR_BACKENDS
+    for op in ("simlse", "gamma_onepass", "siglip"):
+        table = importlib.import_module(f"gammacl.ops.{op}")
+        tables = [v for v in vars(table).values() if isinstance(v, _backends.Backends)]
+        assert len(tables) == 1 and set(tables[0]) == set(names), op
+    assert {p.values[0] for p in cpu_backends()} <= set(names)
+    for r in dispatch.RECORDS:  # where it runs, its source, and a figure behind any auto rank
+        assert r.runs_on and r.source and (r.figure or not r.auto), r.name

@@ -4,11 +4,11 @@ threads, barriers and warp shuffles emulated, and cuBLAS replaced by a checker o
 argument rules (tests/cuda_emu/cuda_emu_torch.h).
 
 This file covers what the backend-parametrised suites (backend id "cuda-emu" in test_simlse,
-test_clip, test_gamma*, test_modality, test_integration, test_compile_losses) do not: many row
-chunks (a tiny GAMMACL_CUDA_CHUNK_MIB: first / middle / last column merges, dB accumulation),
-several 64 x 256 tiles per chunk, the 16-byte vector and the scalar epilogue paths (N % 4), row
-strides > D (cuBLAS leading dimensions), every dtype (bf16 weight buffers, the fp16 power-of-two
-weight scale, the fp16 -> fp32 one-pass path), and the bindings' argument checks.
+test_clip, test_gamma*, test_modality, test_opcheck_compile_autocast, test_compile_losses) do not:
+many row chunks (a tiny GAMMACL_CUDA_CHUNK_MIB: first / middle / last column merges, dB
+accumulation), several 64 x 256 tiles per chunk, the 16-byte vector and the scalar epilogue paths
+(N % 4), row strides > D (cuBLAS leading dimensions), every dtype (bf16 weight buffers, the fp16
+power-of-two weight scale, the fp16 -> fp32 one-pass path), and the bindings' argument checks.
 
 What it cannot show: GPU timing, inter-block races (blocks run one after another), int64 paths at
 N*N > 2^31 (too large to emulate), real cuBLAS numerics (TF32). Those are tests/test_gpu.py's

@@ -488,7 +488,7 @@ def _check_gamma(rank, world, report):
     report("gamma fail-fast", fail_fast)
 
 
-def _worker(rank: int, world: int, port: int, out) -> None:
+def _worker(rank: int, world: int, port: int, out, checks=None) -> None:
     warnings.simplefilter("ignore")  # torch.distributed.nn deprecation noise in the oracle
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
@@ -510,9 +510,8 @@ def _worker(rank: int, world: int, port: int, out) -> None:
             out.put((rank, name, "FAIL", traceback.format_exc()))
 
     try:
-        _check_clip(rank, world, report)
-        _check_fail_fast(rank, world, report)
-        _check_gamma(rank, world, report)
+        for check in checks or (_check_clip, _check_fail_fast, _check_gamma):
+            check(rank, world, report)
     finally:
         out.put((rank, "__done__", "ok", None))
         dist.destroy_process_group()
@@ -522,12 +521,16 @@ def _worker(rank: int, world: int, port: int, out) -> None:
 # parent side
 
 
-def _run_world(world: int) -> dict:
+def _run_world(world: int, checks=None) -> dict:
+    """Runs `checks` (default: this module's) on `world` spawned ranks (`_worker`) and collects
+    their reports {check: {rank: (status, payload)}}."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
+    extra = (checks,) if checks is not None else ()
     procs = [
-        ctx.Process(target=_worker, args=(r, world, port, q), daemon=True) for r in range(world)
+        ctx.Process(target=_worker, args=(r, world, port, q, *extra), daemon=True)
+        for r in range(world)
     ]
     for p in procs:
         p.start()

@@ -277,8 +277,9 @@ def test_triton_chunked_structure_many_chunks(dtype, monkeypatch):
         pytest.skip("triton needs TRITON_INTERPRET=1 on CPU")
     k = importlib.import_module("gammacl.kernels.siglip")
     monkeypatch.setitem(k._ONEPASS_MAX_D, dtype, 0)
-    monkeypatch.setattr(k, "_CHUNK_BYTES", 32 * (37 * dtype.itemsize + 2 * 2 * 8))
-    assert k._chunk_rows(70, 37, dtype) == 32
+    per_row = 37 * dtype.itemsize + 2 * 2 * 8  # W row + two partials over 2 column tiles
+    monkeypatch.setenv("GAMMACL_TRITON_CHUNK_MIB", str(32 * per_row / 2**20))
+    assert k._chunks(70, 37, dtype).size == 32
     a, b = _feats(70, 37, 40, dtype)
     s, bias = _sb(dtype)
     out = k.siglip_fwd(a, b, s, bias, 3, True)

@@ -33,8 +33,9 @@ import torch
 from torch import nn
 
 from gammacl import _validate as V
+from gammacl._local_grad import local_pair_lse
 from gammacl.dispatch import resolve_backend
-from gammacl.distributed import InWorld, World
+from gammacl.distributed import GRAD_COMMS, InWorld, World, check_grad_comm
 from gammacl.ops.simlse import simlse
 
 
@@ -197,23 +198,36 @@ def clip_step(
     local_loss: bool = False,
     gather_with_grad: bool = False,
     backend: str = "auto",
+    grad_comm: str = "reduce",
 ) -> torch.Tensor:
     """The CLIP loss of this rank (module docstring), a 0-d fp32 tensor (fp64 for fp64 inputs).
     Validation happens here once; on several ranks it is agreed before any feature collective,
-    so a bad input on one rank is the same error on all ranks, not a hang."""
+    so a bad input on one rank is the same error on all ranks, not a hang. grad_comm="local"
+    (with gather_with_grad=True): the same loss and feature gradients with no feature-gradient
+    collective (clip_local)."""
+
+    def check():
+        check_grad_comm(grad_comm, gather_with_grad)
+        return V.check_paired_step(image_features, text_features, logit_scale, backend)
+
     scale, name = world.agree(
         "gammacl ClipLoss (distributed)",
-        lambda: V.check_paired_step(image_features, text_features, logit_scale, backend),
+        check,
         [("image_features", image_features), ("text_features", text_features)],
         flags=[
             ("rank", world.rank),
             ("world_size", world.size),
             ("local_loss", bool(local_loss)),
             ("gather_with_grad", bool(gather_with_grad)),
+            ("grad_comm", GRAD_COMMS.index(grad_comm) if grad_comm in GRAD_COMMS else -1),
         ],
     )
     if world.size == 1:
         return clip_pairs(image_features, text_features, scale, backend=name).mean()
+    if grad_comm == "local":
+        return clip_local(
+            image_features, text_features, scale, world=world, local_loss=local_loss, backend=name
+        )
     n = image_features.shape[0]
     all_image = world.gather(image_features, with_grad=gather_with_grad)
     all_text = world.gather(text_features, with_grad=gather_with_grad)
@@ -229,6 +243,37 @@ def clip_step(
     return clip_pairs(all_image, all_text, scale, backend=name).mean()
 
 
+def clip_local(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    world: World,
+    local_loss: bool,
+    backend: str,
+) -> torch.Tensor:
+    """ClipLoss with grad_comm="local" on world.size > 1 ranks: the loss "reduce" gives (rank r's
+    rows with local_loss, else the global loss L) and the feature gradient of gather_with_grad
+    (W dL/d own rows), with no feature-gradient collective."""
+    off = world.rank * image.shape[0]
+    all_image = world.gather(image, with_grad=False)
+    all_text = world.gather(text, with_grad=False)
+    ri, rt, lse_all = local_pair_lse(
+        image, text, all_image, all_text, scale, world, offset=off, exclude_pos=False,
+        backend=backend,
+    )  # fmt: skip
+    pos = _pos_logits(image, text, scale)  # both sides of every positive are local
+    per = _nan_if_not_finite(0.5 * (ri + rt) - pos)
+    own = per.mean()
+    if local_loss:
+        return own
+    # the global loss L as this rank's value; the gradient stays this rank's share (sum_q loss_q)
+    with torch.no_grad():
+        pos_all = _pos_logits(all_image, all_text, scale.detach())
+        full = _nan_if_not_finite(0.5 * lse_all.sum(dim=0) - pos_all).mean()
+    return own + (full - own).detach()
+
+
 class ClipLoss(InWorld, nn.Module):
     """Drop-in replacement for ``open_clip.loss.ClipLoss``.
 
@@ -240,6 +285,11 @@ class ClipLoss(InWorld, nn.Module):
     With ``world_size > 1`` the features are gathered across ranks with open_clip's semantics
     (module docstring); ``rank=None`` / ``world_size=None`` take them from the default
     process group (a single process when torch.distributed is not initialised).
+    ``grad_comm="local"`` (needs ``gather_with_grad=True``): the features are gathered without
+    autograd plus each anchor's LSE, and each rank computes its own features' gradient (as
+    anchors and as every rank's negatives): the same loss and feature gradients, no N x D
+    collective in backward (docs/distributed.md; logit_scale's gradient is a per-rank share
+    with the same sum over ranks).
     """
 
     def __init__(
@@ -252,9 +302,11 @@ class ClipLoss(InWorld, nn.Module):
         use_horovod: bool = False,
         *,
         backend: str = "auto",
+        grad_comm: str = "reduce",
     ) -> None:
         super().__init__()
         V.check_backend(backend)
+        check_grad_comm(grad_comm, gather_with_grad)
         if use_horovod:
             raise ValueError("use_horovod=True is not supported; use torch.distributed")
         self.local_loss = local_loss
@@ -264,6 +316,7 @@ class ClipLoss(InWorld, nn.Module):
         self.world_size = world_size
         self.use_horovod = use_horovod
         self.backend = backend
+        self.grad_comm = grad_comm
         self.prev_num_logits = 0
         self.labels: dict = {}
 
@@ -318,6 +371,7 @@ class ClipLoss(InWorld, nn.Module):
             local_loss=self.local_loss,
             gather_with_grad=self.gather_with_grad,
             backend=self.backend,
+            grad_comm=self.grad_comm,
         )
         if bias is not None:
             loss = loss + 0.0 * bias

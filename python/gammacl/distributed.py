@@ -16,13 +16,16 @@ the same step serves both cases.
                                             slice's gradient (open_clip's gather_with_grad)
     World.reinsert(gathered, local)         the local slot replaced by the local tensor (keeps
                                             its graph; open_clip's gather without grad)
+    World.all_reduce_sum(x)                 the sum over ranks, in place
     World.broadcast(x)                      rank 0's tensor on every rank
+    CommCounter()                           counts every collective's bytes (a dispatch mode)
 
 Agreement check: before any feature collective, one all-gather of a few int64 metadata per rank
 (shapes, dtypes, devices, declared rank/world size, flags, "local validation passed"). Any
 disagreement -- uneven batches from drop_last=False, different D or dtype, one rank's invalid
 input, a wrong rank= -- raises the same ValueError on every rank instead of a hang. Cost: one
-W*K int64 all-gather and one host sync per call (skipped while torch.compile traces).
+W*K int64 all-gather and one host sync per call (skipped while torch.compile traces; only on
+the first call of each loss with set_agreement_check("first")).
 
 No ring exchange: the all-gather moves the same (W-1) n D elements per rank a ring would, in one
 collective; a ring only pays off when overlapped with compute, which was not measured here.
@@ -30,6 +33,7 @@ collective; a ring only pays off when overlapped with compute, which was not mea
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from numbers import Integral
@@ -54,6 +58,47 @@ _DTYPES = (
 )
 _DEVICE_TYPES = ("cpu", "cuda")
 _NDIM_SLOTS = 3  # dims recorded per tensor (enough to name any shape the losses accept)
+GRAD_COMMS = ("reduce", "local")
+AGREEMENT_CHECKS = ("always", "first", "off")
+_agreement = {"mode": os.environ.get("GAMMACL_AGREEMENT_CHECK", "always"), "seen": set()}
+
+
+def set_agreement_check(mode: str) -> None:
+    """When World.check runs its metadata all-gather: "always" (default; every call), "first"
+    (the first call of each loss kind in this process, then never: no collective and no host
+    sync per step) or "off". With "first" / "off" a later disagreement (an uneven last batch, a
+    bad input on one rank) is no longer one clear error on every rank: the feature collective
+    fails or hangs until the process group's timeout. Every rank must use the same mode. Also
+    from the environment: GAMMACL_AGREEMENT_CHECK. Cost measured in docs/distributed.md."""
+    if mode not in AGREEMENT_CHECKS:
+        raise ValueError(f"agreement check mode must be one of {AGREEMENT_CHECKS}, got {mode!r}")
+    _agreement["mode"] = mode
+    _agreement["seen"] = set()
+
+
+def _agree_now(what: str) -> bool:
+    mode = _agreement["mode"]
+    if mode == "first":
+        first = what not in _agreement["seen"]
+        _agreement["seen"].add(what)
+        return first
+    return mode != "off"
+
+
+def check_grad_comm(grad_comm: object, gather_with_grad: bool = True) -> str:
+    """grad_comm: "reduce" (the gathered features' gradient is reduced to their owners, an N x D
+    collective in backward) or "local" (each rank computes its own rows' gradient from gathered
+    statistics: gammacl._local_grad). "local" replaces gather_with_grad=True's collective, so it
+    needs gather_with_grad=True."""
+    if grad_comm not in GRAD_COMMS:
+        raise ValueError(f"grad_comm must be one of {GRAD_COMMS}, got {grad_comm!r}")
+    if grad_comm == "local" and not gather_with_grad:
+        raise ValueError(
+            "grad_comm='local' gives the gather_with_grad=True gradient without its collective; "
+            "with gather_with_grad=False there is no feature-gradient collective to replace "
+            "(pass gather_with_grad=True, or grad_comm='reduce')"
+        )
+    return grad_comm
 
 
 def _dist():
@@ -312,7 +357,7 @@ class World:
         """Raises this rank's validation error, after every rank agreed on the metadata (a
         collective when size > 1; nothing to agree on in a single process or while
         torch.compile traces, where the inputs are trusted)."""
-        if self.size > 1 and not torch.compiler.is_compiling():
+        if self.size > 1 and not torch.compiler.is_compiling() and _agree_now(what):
             check_agreement(what, args, flags=flags, local_error=local_error, group=self.group)
         if local_error is not None:
             raise local_error
@@ -347,6 +392,12 @@ class World:
             return local
         return _reinsert(gathered, local, self.rank)
 
+    def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of x, in place, on every rank."""
+        if self.size > 1:
+            _dist().all_reduce(x, group=self.group)
+        return x
+
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:
         """Rank 0's x on every rank (x must have the same shape and dtype everywhere)."""
         if self.size == 1:
@@ -356,6 +407,63 @@ class World:
         x = x.contiguous()
         dist.broadcast(x, src=src, group=self.group)
         return x
+
+
+# ---------------------------------------------------------------------------------------------
+# communication accounting
+
+_COMM_NAMESPACES = ("c10d", "_c10d_functional", "c10d_functional")
+_NOT_COMM = ("wait_tensor", "_wrap_tensor_autograd")
+
+
+def _tensors(x) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _tensors(v)]
+    return []
+
+
+class CommCounter:
+    """Records every collective this process runs while active, forward and backward alike
+    (autograd collectives included): a TorchDispatchMode on the c10d / functional-collective
+    ops. Each record is (phase, op, bytes), bytes = the collective's largest buffer (the
+    gathered output of an all-gather, the input of a reduce-scatter, the tensor of an
+    all-reduce / broadcast). `phase` is the label set by the caller (e.g. "forward",
+    "backward"). Bench and test instrument only: every op of the process goes through it."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, str, int]] = []
+        self.phase = "forward"
+        self._mode = None
+
+    def __enter__(self) -> CommCounter:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                name = func.name().split("::")[-1].split(".")[0]
+                if func.namespace in _COMM_NAMESPACES and name not in _NOT_COMM:
+                    ts = _tensors(list(args) + list((kwargs or {}).values())) + _tensors(out)
+                    size = max((t.numel() * t.element_size() for t in ts), default=0)
+                    counter.records.append((counter.phase, name, int(size)))
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+
+    def total(self, phase: str | None = None) -> int:
+        return sum(b for p, _, b in self.records if phase is None or p == phase)
+
+    def largest(self, phase: str | None = None) -> int:
+        return max((b for p, _, b in self.records if phase is None or p == phase), default=0)
 
 
 def _dist_up() -> bool:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from gammacl import _validate as V
+from gammacl import sharded_state as SS  # the scale-out hooks (docs/distributed.md)
 from gammacl._random import _draw_op, _GeneratorAttr, draw_log_weights  # noqa: F401
 from gammacl._trainstate import estimate_valued_step
 from gammacl.clip import _pos_logits
@@ -206,7 +207,7 @@ class RatePair:
         else:
             every, all_lz = idx, log_zhat
         img, txt = self._on(log_zhat.device)
-        new = torch.stack([img.update(every, all_lz[0]), txt.update(every, all_lz[1])])
+        new = SS.update((img, txt), every.index, all_lz, world)  # replicated, or owner's shards
         n = index.shape[0]
         return new[:, world.rank * n : (world.rank + 1) * n]
 
@@ -395,6 +396,7 @@ class GammaClipLoss(InWorld, _GeneratorAttr, nn.Module):
             (save it from any rank), rank 0's draws are broadcast. True: always; False: never
             (each rank keeps its own state and sees only its own batch).
         process_group: the torch.distributed group for distributed use (default: the world).
+        grad_comm, state_sharding: scale-out modes, SogCLRLoss too (docs/distributed.md).
     forward(image_features, text_features, logit_scale, index, output_dict=False) returns the
     0-d loss (fp32; fp64 for fp64 features) or {"contrastive_loss": loss}; `index` [B] holds each
     pair's data-set index (int64; may be None for rate="batch"). Value: global_loss_estimate (G
@@ -415,6 +417,8 @@ class GammaClipLoss(InWorld, _GeneratorAttr, nn.Module):
         clamp: float | None = None,
         distributed: bool | None = None,
         process_group=None,
+        grad_comm: str = "reduce",
+        state_sharding: str = "replicated",
     ) -> None:
         super().__init__()
         V.check_choice("distributed", distributed, (None, True, False))
@@ -423,6 +427,7 @@ class GammaClipLoss(InWorld, _GeneratorAttr, nn.Module):
         V.check_choice("rate", rate, RATES)
         ema = V.check_real("ema (weight of the new batch estimate)", ema, high=1.0)
         V.check_choice("update", update, UPDATES)
+        self.grad_comm, self.state_sharding = SS.modes(grad_comm, state_sharding, rate, update)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(
                 f"generator must be a torch.Generator or None, got {type(generator).__name__}"
@@ -440,8 +445,8 @@ class GammaClipLoss(InWorld, _GeneratorAttr, nn.Module):
         self.distributed = distributed
         self.process_group = process_group
         self._mean_estep = False  # SogCLR: u = 1/R instead of a draw
-        self.image_rate = LogRateState(num_samples, self.ema) if rate != "batch" else None
-        self.text_rate = LogRateState(num_samples, self.ema) if rate != "batch" else None
+        self.shard = SS.shard_for(self)  # state_sharding="owner": this rank's place, else None
+        self.image_rate, self.text_rate = SS.rate_states(self, LogRateState, num_samples)
         self._fixed_set = False
         self.last_path: str | None = None  # "two_pass", "one_pass" or "lse+one_pass"
         self.global_loss_estimate: torch.Tensor | None = None
@@ -459,12 +464,7 @@ class GammaClipLoss(InWorld, _GeneratorAttr, nn.Module):
         directions; what forward does after (or before) use."""
         if self.rate != "ema":
             raise RuntimeError(f"update_state needs rate='ema', this loss has rate={self.rate!r}")
-        # every argument is checked before either direction is written (a raise changes nothing)
-        index = self.image_rate._index(index, check=True)
-        V.check_log_zhat("log_zhat_image", log_zhat_image, index)
-        V.check_log_zhat("log_zhat_text", log_zhat_text, index)
-        self.image_rate.update(index, log_zhat_image, check=False)
-        self.text_rate.update(index, log_zhat_text, check=False)
+        SS.update_state(self, index, log_zhat_image, log_zhat_text)  # checked, then written
 
     def set_log_rates(self, image_log_rate: torch.Tensor, text_log_rate: torch.Tensor) -> None:
         """rate="fixed": the log-rates log R of every sample, per direction, [num_samples]."""
@@ -536,6 +536,7 @@ class GammaClipLoss(InWorld, _GeneratorAttr, nn.Module):
                 ("rate", _RATE_CODES[self.rate]),
                 ("update", int(self.update == "after")),
                 ("mean_estep", int(self._mean_estep)),
+                ("grad_comm/state_sharding", SS.mode_code(self)),
             ],
         )
 
@@ -575,15 +576,16 @@ class GammaClipLoss(InWorld, _GeneratorAttr, nn.Module):
         log_m = math.log(total - 1)
         log_w = self._log_weights(total, image_features, world)[:, off : off + n]
         acc = log_w.dtype
-        all_image = world.gather(image_features, with_grad=True)
-        all_text = world.gather(text_features, with_grad=True)
+        local = self.grad_comm == "local" and world.size > 1  # no feature-gradient collective
+        all_image = world.gather(image_features, with_grad=not local)
+        all_text = world.gather(text_features, with_grad=not local)
         valid = _valid_estimates(image_features, text_features, all_image, all_text, off, scale)
         if idx.bad is not None:  # compiled, out-of-range index: store nothing
             valid = valid & ~idx.bad
         pos = _pos_logits(image_features, text_features, scale)
 
         if not self._one_pass():  # LSE pass (simlse fwd) -> rates -> gradient pass (simlse bwd)
-            row, col = _neg_lse(
+            row, col = (SS.neg_lse_local if local else _neg_lse)(
                 image_features, text_features, all_image, all_text, scale, off, world, name
             )
             log_zhat = _log_zhat(row, col, valid, log_m)
@@ -609,7 +611,7 @@ class GammaClipLoss(InWorld, _GeneratorAttr, nn.Module):
                 log_zhat = _log_zhat(r0, c0, valid, log_m)
                 log_r = torch.where(seen, stored, log_zhat)
                 path = "lse+one_pass"
-            neg, row, col = _neg_one_pass(
+            neg, row, col = (SS.neg_one_pass_local if local else _neg_one_pass)(
                 image_features,
                 text_features,
                 all_image,
@@ -675,6 +677,7 @@ class SogCLRLoss(GammaClipLoss):
         clamp: float | None = None,
         distributed: bool | None = None,
         process_group=None,
+        **scale_out: str,
     ) -> None:
         super().__init__(
             num_samples,
@@ -686,6 +689,7 @@ class SogCLRLoss(GammaClipLoss):
             clamp=clamp,
             distributed=distributed,
             process_group=process_group,
+            **scale_out,
         )
         self._mean_estep = True
 

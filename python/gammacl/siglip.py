@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from gammacl import _validate as V
-from gammacl.distributed import InWorld, World
+from gammacl._local_grad import siglip_local
+from gammacl.distributed import GRAD_COMMS, InWorld, World, check_grad_comm
 from gammacl.ops.siglip import siglip
 
 DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
@@ -44,15 +45,19 @@ def siglip_step(
     *,
     world: World,
     backend: str = "auto",
+    grad_comm: str = "reduce",
 ) -> torch.Tensor:
     """The SigLIP loss of this rank, for one process and torch.distributed alike: rank r's n local
     images against every rank's texts (an all-gather with gradient; the identity in a world of
     one), positives on its own diagonal block (offset r n), divided by n -- open_clip's loss for
     every dist_impl. The mean over ranks is the loss L of the global batch; feature gradients on
     rank r are W dL/d(its rows), and dscale / dbias average over ranks (DDP) to L's. Inputs are
-    validated once here and, on several ranks, agreed before any feature collective."""
+    validated once here and, on several ranks, agreed before any feature collective.
+    grad_comm="local": the same loss and every gradient, the texts gathered without autograd
+    (gammacl._local_grad.siglip_local)."""
 
     def check():
+        check_grad_comm(grad_comm)
         scale, name = V.check_paired_step(image_features, text_features, logit_scale, backend)
         return scale, V.as_scale("logit_bias", logit_bias, image_features), name
 
@@ -60,8 +65,14 @@ def siglip_step(
         "gammacl SigLipLoss (distributed)",
         check,
         [("image_features", image_features), ("text_features", text_features)],
-        flags=[("rank", world.rank), ("world_size", world.size)],
+        flags=[
+            ("rank", world.rank),
+            ("world_size", world.size),
+            ("grad_comm", GRAD_COMMS.index(grad_comm) if grad_comm in GRAD_COMMS else -1),
+        ],
     )
+    if grad_comm == "local" and world.size > 1:
+        return siglip_local(image_features, text_features, scale, bias, world=world, backend=name)
     all_text = world.gather(text_features, with_grad=True)
     off = world.rank * image_features.shape[0]
     return siglip(image_features, all_text, scale, bias, offset=off, backend=name)
@@ -80,6 +91,9 @@ class SigLipLoss(InWorld, nn.Module):
     one fused sweep of the n x (W n) problem (siglip_step).
     ``rank=None`` / ``world_size=None`` take them from the default process group.
     ``cache_labels`` is accepted for compatibility (no labels matrix exists to cache).
+    ``grad_comm="local"``: the texts are gathered without autograd and each rank computes its
+    own texts' gradient as every rank's columns (an extra n x (W n) sweep, no N x D collective in
+    backward; docs/distributed.md); loss and every gradient equal "reduce" rank by rank.
     """
 
     def __init__(
@@ -90,9 +104,11 @@ class SigLipLoss(InWorld, nn.Module):
         dist_impl: str | None = None,
         *,
         backend: str = "auto",
+        grad_comm: str = "reduce",
     ) -> None:
         super().__init__()
         V.check_backend(backend)
+        self.grad_comm = check_grad_comm(grad_comm)
         dist_impl = dist_impl or "bidir"
         if dist_impl not in DIST_IMPLS:
             raise ValueError(f"dist_impl must be one of {DIST_IMPLS} or None, got {dist_impl!r}")
@@ -134,5 +150,6 @@ class SigLipLoss(InWorld, nn.Module):
             logit_bias,
             world=self._world(),
             backend=self.backend,
+            grad_comm=self.grad_comm,
         )
         return {"contrastive_loss": loss} if output_dict else loss

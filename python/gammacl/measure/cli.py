@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import torch
 
+from gammacl.dispatch import BACKENDS
+
 MIB = float(2**20)
 MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {
@@ -24,7 +26,7 @@ DTYPES = {
     "fp64": torch.float64,
     "float64": torch.float64,
 }
-OUR_BACKENDS = ("torch", "cpp", "triton", "cuda", "reference")
+OUR_BACKENDS = BACKENDS[1:]  # every backend record (gammacl.dispatch.RECORDS) but "auto"
 PEERS = (
     "naive",
     "naive_compiled",

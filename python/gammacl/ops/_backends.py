@@ -1,8 +1,9 @@
 """The dispatch seam of an op: one table, backend name -> implementation, loaded on first use.
 
-Every ops/<op>.py builds one `Backends` table with the same five names (reference, torch, cpp,
-cuda, triton) following the contract written at the top of that file; the losses resolve the
-backend name once at their public boundary (gammacl.dispatch) and the op looks it up here.
+Every ops/<op>.py builds one `Backends` table with the names of the backend records
+(gammacl.dispatch.RECORDS: torch, cpp, triton, cuda, reference) following the contract written
+at the top of that file; the losses resolve the backend name once at their public boundary
+(gammacl.dispatch) and the op looks it up here.
 "cpp" and "cuda" call the compiled op of the same name through gammacl._ext.op, which picks the
 library from the tensors' device (a registered stand-in for "cuda" on other device types:
 gammacl._ext.register_cuda_provider); "triton" imports gammacl.kernels.<module> on first use.
@@ -15,7 +16,9 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-NAMES = ("reference", "torch", "cpp", "cuda", "triton")
+from gammacl.dispatch import BY_NAME
+
+NAMES = tuple(BY_NAME)  # the backend records (gammacl.dispatch.RECORDS)
 
 
 class Backends(dict):

@@ -1,6 +1,7 @@
-// Shared declarations for gammacl's C++ (*.cpp), CUDA-kernel (*.cu) and CUDA-binding (*_cuda.cpp)
-// translation units. No torch and no CUDA header here: the .cu files include it
-// and are compile-checked by nvcc alone (tests/test_cuda_compile.py).
+// The torch-free kernel API of gammacl's C++ (*.cpp), CUDA-kernel (*.cu) and CUDA-binding
+// (*_cuda.cpp) translation units: the row-chunk budget and the raw-pointer kernel launchers. No
+// torch and no CUDA header here: the .cu files include it and are compile-checked by nvcc alone
+// (tests/test_cuda_compile.py).
 #pragma once
 
 #include <cstddef>
