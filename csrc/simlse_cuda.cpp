@@ -43,9 +43,13 @@ int64_t bytes_per_row(int64_t n, int64_t acc_size, int64_t w_size, bool fwd) {
 
 std::tuple<at::Tensor, at::Tensor> simlse_fwd_cuda(const at::Tensor& a_in, const at::Tensor& b_in,
                                                    const at::Tensor& scale, int64_t offset,
-                                                   bool exclude_pos, bool cols) {
+                                                   bool exclude_pos, bool cols,
+                                                   const std::optional<at::Tensor>& col_scale) {
   const char* op = "gammacl::simlse_fwd (cuda)";
-  const Problem pr = check_problem(op, a_in, b_in, scale, kKernelDevice);
+  bool vec = false;
+  const Problem pr =
+      check_simlse_problem(op, a_in, b_in, scale, col_scale, cols, kKernelDevice, &vec);
+  TORCH_CHECK(!vec, op, ": vector scales are not implemented on this backend yet");
   const auto acc = pr.acc;
   const int64_t M = pr.M, N = pr.N, D = pr.D;
   const c10::cuda::CUDAGuard guard(a_in.device());
@@ -89,9 +93,13 @@ std::tuple<at::Tensor, at::Tensor> simlse_fwd_cuda(const at::Tensor& a_in, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cuda(
     const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& scale,
     const at::Tensor& row_lse, const at::Tensor& col_lse, const at::Tensor& g_row,
-    const at::Tensor& g_col, int64_t offset, bool exclude_pos, bool cols) {
+    const at::Tensor& g_col, int64_t offset, bool exclude_pos, bool cols,
+    const std::optional<at::Tensor>& col_scale) {
   const char* op = "gammacl::simlse_bwd (cuda)";
-  const Problem pr = check_problem(op, a_in, b_in, scale, kKernelDevice);
+  bool vec = false;
+  const Problem pr =
+      check_simlse_problem(op, a_in, b_in, scale, col_scale, cols, kKernelDevice, &vec);
+  TORCH_CHECK(!vec, op, ": vector scales are not implemented on this backend yet");
   const auto acc = pr.acc;
   const int64_t M = pr.M, N = pr.N, D = pr.D;
   check_simlse_bwd_stats(op, pr, a_in, row_lse, col_lse, g_row, g_col, cols);

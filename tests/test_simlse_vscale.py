@@ -21,7 +21,7 @@ from gammacl.ops.simlse import _simlse_backward_op, simlse
 simlse_mod = importlib.import_module("gammacl.ops.simlse")  # gammacl.ops.simlse is also the op
 
 # the backends with the vector-scale path (issue 24 item 2 lands them one by one)
-VEC = ("torch",)
+VEC = ("torch", "cpp")
 BACKENDS = [p for p in cpu_backends() if p.values[0] in VEC]
 NAMES = ("row", "col", "da", "db", "drs", "dcs")
 
@@ -272,3 +272,24 @@ def test_vscale_argument_checks():
         simlse(a, b, rs, col_scale=cs.double())
     row, col = simlse(a, b, rs, cols=False)  # no column LSE: no column scale needed
     assert row.shape == (4,) and col.shape == (0,)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_vscale_cpp_thread_counts(threads, tiny_chunks):
+    """The cpp backend's row blocks (one per thread, each with its own column partials of the
+    LSE and of sum_i p^c_ij s_ij, merged at the end) at 1, 2 and 3 threads, several chunks."""
+    if "cpp" not in [p.values[0] for p in BACKENDS]:
+        pytest.skip("C++ extension unavailable")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        m, n, d = 67, 29, 5
+        a, b, rs, cs = _inputs(m, n, d, torch.float64)
+        g_row, g_col = torch.randn(m, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+        args = (a, b, rs, cs, g_row, g_col, True)
+        got = _fwd_bwd(_op("cpp", -1, True, True), *args)
+        want = _fwd_bwd(_ref(-1, True, True, True), *args)
+        for name, x, y in zip(NAMES, got, want, strict=True):
+            assert_close_fp64(x, y, f"{name} threads={threads}")
+    finally:
+        torch.set_num_threads(before)
