@@ -21,7 +21,7 @@ from gammacl.ops.simlse import _simlse_backward_op, simlse
 simlse_mod = importlib.import_module("gammacl.ops.simlse")  # gammacl.ops.simlse is also the op
 
 # the backends with the vector-scale path (issue 24 item 2 lands them one by one)
-VEC = ("torch", "cpp", "triton")
+VEC = ("torch", "cpp", "triton", "cuda")
 BACKENDS = [p for p in cpu_backends() if p.values[0] in VEC]
 NAMES = ("row", "col", "da", "db", "drs", "dcs")
 
