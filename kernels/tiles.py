@@ -148,7 +148,6 @@ def _tile_lse_nat(s, AXIS: tl.constexpr, BASE2: tl.constexpr):
 
 
 @triton.jit
-@triton.jit
 def _vec_weights(
     s_raw,
     sx,
