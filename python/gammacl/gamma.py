@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from numbers import Real
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,6 +32,7 @@ from gammacl.dispatch import BACKENDS, resolve_traced
 from gammacl.distributed import World
 from gammacl.ops.gamma_onepass import DEFAULT_CLAMP, gamma_onepass
 from gammacl.ops.simlse import simlse
+from gammacl.temperature import TemperatureMixin, individual_step, rgcl_output
 
 RATES = ("ema", "batch", "fixed")
 UPDATES = ("before", "after")
@@ -285,6 +287,7 @@ def gamma_step(
             ("rate", _RATE_CODES[loss.rate]),
             ("update", int(loss.update == "after")),
             ("mean_estep", int(loss._mean_estep)),
+            *loss.temperature_flags(),
         ],
         local_error=err,
     )
@@ -356,6 +359,9 @@ def gamma_step(
     if bad is not None:  # compiled: an out-of-range index poisons the loss and every grad
         poison = torch.where(bad, float("nan"), 1.0).to(out.dtype)
         out, estimate = out * poison, estimate * poison
+    if loss.temperature == "rgcl":  # q_i = sum_j w_ij = e^{alpha_i + row_i} (gammacl.temperature)
+        q = torch.exp((log_w - log_r).detach() - log_m + torch.stack([row, col]).detach())
+        out = rgcl_output(out, estimate, scale, pos, q, loss.rho)
     loss.global_loss_estimate = estimate.detach()
     loss.last_path = path
     return out
@@ -408,42 +414,31 @@ def gamma_step_loss(
 
 
 def default_clamp(rate: str, ema: float, update: str) -> float:
-    """The exponent cap a GammaClipLoss / SogCLRLoss gets when `clamp` is not given: log(1/ema)
-    for the one-pass mode on EMA rates (update="after", rate="ema", ema < 1), else DEFAULT_CLAMP
-    (30, a numerical guard only). "before" guarantees u_i Zhat_i <= G_i / (a ema); the one-pass
-    mode uses a rate one revisit old, which is unbounded, and on real data at batch 8 its weights
-    collapsed then spiked (docs/experiments.md). Capping each e^(l_ij + alpha_i) at 1/ema moved
-    its 40-epoch global loss from -2.53 to -4.12 (SogCLR; "before": -4.18, InfoNCE -3.91)."""
+    """The exponent cap when `clamp` is not given: log(1/ema) for the one-pass mode on EMA rates
+    (update="after", rate="ema", ema < 1; the bound "before" guarantees, u_i Zhat_i <= 1/ema; the
+    stale rate is unbounded: docs/experiments.md), else DEFAULT_CLAMP (30, a numerical guard)."""
     if update == "after" and rate == "ema" and 0.0 < ema < 1.0:
         return min(DEFAULT_CLAMP, math.log(1.0 / ema))
     return DEFAULT_CLAMP
 
 
-class GammaClipLoss(_GeneratorAttr, nn.Module):
+class GammaClipLoss(_GeneratorAttr, TemperatureMixin, nn.Module):
     """Gamma-weighted decomposable symmetric contrastive loss with per-sample rate state
     (stochastic EM; the objective and estimator: module docstring; every choice: docs/gamma.md).
 
     Args:
         num_samples: data-set size n; `index` values lie in [0, n).
-        shape: Gamma shape a > 0 (a = 1: Exponential, Paper A's draw; a -> inf: SogCLR). Draws
-            are normalised to mean 1, so their variance is 1/a. Default 10 (docs/experiments.md:
-            on real data at batch 8 and 40 epochs, a = 1 reached a worse global loss than
-            minibatch InfoNCE at every ema, a = 10 and 100 a better one, close to SogCLR; on the
-            synthetic toy the draw's variance changes no bias and only adds noise).
+        shape: Gamma shape a > 0 (a = 1: Exponential, Paper A's draw; a -> inf: SogCLR); draws
+            have mean 1 and variance 1/a. Default 10. What holds at small batch is the moving-
+            average rate (SogCLR); the draw only adds variance (docs/experiments.md, docs/gamma.md).
         rate: "ema" (per-sample moving average, default), "batch" (no state) or "fixed"
             (set_log_rates).
         ema: weight of the new batch estimate in the moving average, 0 < ema <= 1. Default 0.5
-            (docs/experiments.md: on real data at batch 8 a small ema (0.02, 0.1) trains worse than
-            minibatch InfoNCE because the rate is stale; 0.5 reached a lower global loss than
-            InfoNCE and than 0.1, and keeps part of the bias correction of the synthetic toy,
-            where 0.9 keeps none).
-        update: "before" (update, then use; bounded weights; two passes) or "after" (use the
-            stored rate, then update; one fused pass, exponents capped at `clamp`). The stored
-            rate is one revisit (an epoch) stale; uncapped (clamp 30) "after" trained far worse
-            on real data at batch 8-32 (docs/experiments.md: the weights collapse, then spike),
-            hence its default cap log(1/ema) (`default_clamp`), with which it trained nearly as
-            well as "before" at batch 8 over 40 epochs; at batch 16-64 it was still unreliable
-            (some seeds collapse): prefer "before" there.
+            (docs/experiments.md: 0.02-0.1 are too stale at batch 8, 0.9 keeps no correction).
+        update: "before" (update, then use; bounded weights; two passes) or "after" (the stored,
+            one-epoch-stale rate, then update; one fused pass, exponents capped at `clamp`,
+            default log(1/ema)). One-pass trains worse than minibatch InfoNCE from batch 16 in
+            every seed (docs/experiments.md): use "before" there.
         generator: torch.Generator for the draws (reproducible runs); its state is saved in
             state_dict() so a checkpoint resumes the same draws.
         backend: "auto", "torch", "cpp", "triton", "cuda" or "reference".
@@ -456,6 +451,10 @@ class GammaClipLoss(_GeneratorAttr, nn.Module):
             (save it from any rank), rank 0's draws are broadcast. True: always; False: never
             (each rank keeps its own state and sees only its own batch).
         process_group: the torch.distributed group for distributed use (default: the world).
+        **temperature: keywords of the learnable temperature and the inner-rate schedule
+            (gammacl.temperature.TemperatureMixin.init_temperature): temperature ("input",
+            "rgcl", "individual"), rho, tau_init, tau_min, tau_max, tau_lr, tau_momentum,
+            ema_schedule ("constant", "cosine"), ema_decay_epochs; set_epoch(epoch).
     forward(image_features, text_features, logit_scale, index, output_dict=False) returns the
     0-d loss (fp32; fp64 for fp64 features) or {"contrastive_loss": loss}; `index` [B] holds each
     pair's data-set index (int64; may be None for rate="batch").
@@ -474,6 +473,7 @@ class GammaClipLoss(_GeneratorAttr, nn.Module):
         clamp: float | None = None,
         distributed: bool | None = None,
         process_group=None,
+        **temperature: Any,
     ) -> None:
         super().__init__()
         if distributed not in (None, True, False):
@@ -528,6 +528,7 @@ class GammaClipLoss(_GeneratorAttr, nn.Module):
         self._fixed_set = False
         self.last_path: str | None = None  # "two_pass", "one_pass" or "lse+one_pass"
         self.global_loss_estimate: torch.Tensor | None = None
+        self.init_temperature(**temperature)
 
     def extra_repr(self) -> str:
         return (
@@ -564,12 +565,14 @@ class GammaClipLoss(_GeneratorAttr, nn.Module):
 
     def get_extra_state(self) -> dict:
         gen = self.generator.get_state() if self.generator is not None else None
-        return {"generator_state": gen, "fixed_set": self._fixed_set}
+        return {"generator_state": gen, "fixed_set": self._fixed_set, "epoch": self.epoch}
 
     def set_extra_state(self, state: dict) -> None:
         if state.get("generator_state") is not None and self.generator is not None:
             self.generator.set_state(state["generator_state"])
         self._fixed_set = bool(state.get("fixed_set", self._fixed_set))
+        if state.get("epoch") is not None:
+            self.set_epoch(state["epoch"])
 
     # -- one step ------------------------------------------------------------------------------
     def _check_index(self, index, b: int, device: torch.device, want_seen: bool):
@@ -637,24 +640,21 @@ class GammaClipLoss(_GeneratorAttr, nn.Module):
         self,
         image_features: torch.Tensor,
         text_features: torch.Tensor,
-        logit_scale: float | torch.Tensor,
+        logit_scale: float | torch.Tensor | None,
         index: torch.Tensor | None,
         output_dict: bool = False,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
-        loss = gamma_step(self, image_features, text_features, logit_scale, index, self._world())
+        step = individual_step if self.temperature == "individual" else gamma_step
+        loss = step(self, image_features, text_features, logit_scale, index, self._world())
         return {"contrastive_loss": loss} if output_dict else loss
 
 
 class SogCLRLoss(GammaClipLoss):
     """SogCLR (Yuan et al., ICML 2022; docs/math.md §S) for the objective G of gammacl.gamma: the
     mean E-step of GammaClipLoss, u_i = 1/R_i, with the same per-sample moving-average state.
-
-    SogCLR's own code multiplies the loss by the temperature tau = 1/logit_scale (a learning
-    rate rescaling) and, in some versions, sums rather than averages the two directions; this
-    class follows G exactly. update="before" (default) is SogCLR's order; update="after" runs the
-    fused one-pass path (GammaClipLoss; see its `update` note). Default ema = 0.5, as
-    GammaClipLoss (docs/experiments.md). Everything else (state_dict, update_state, index
-    checks, the non-finite guard) is GammaClipLoss's.
+    SogCLR's code scales the loss by tau = 1/logit_scale: temperature="rgcl" (FastCLIP-v3) does,
+    and learns tau; `**temperature` takes GammaClipLoss's temperature and schedule keywords.
+    Everything else (update, state_dict, index checks, non-finite guard) is GammaClipLoss's.
     """
 
     def __init__(
@@ -667,6 +667,7 @@ class SogCLRLoss(GammaClipLoss):
         clamp: float | None = None,
         distributed: bool | None = None,
         process_group=None,
+        **temperature: Any,
     ) -> None:
         super().__init__(
             num_samples,
@@ -678,6 +679,7 @@ class SogCLRLoss(GammaClipLoss):
             clamp=clamp,
             distributed=distributed,
             process_group=process_group,
+            **temperature,
         )
         self._mean_estep = True
 
