@@ -263,3 +263,144 @@ def test_set_epoch_validation_and_unknown_keyword():
         loss.set_epoch(-1)
     with pytest.raises(TypeError, match="tau_initial"):
         GammaClipLoss(10, tau_initial=0.1)
+
+
+# ------------------------------------------------------------------------------------------------
+# individual: per-sample temperatures (iSogCLR), at ema = 1
+# ------------------------------------------------------------------------------------------------
+def _individual_formula(img, txt, tau, mom, rho, lr, beta, lo, hi):
+    """value, d/dimg, d/dtxt of F = 1/2 mean_i tau_i (log u_i + rho) + 1/2 mean_j tau'_j (log u'_j
+    + rho) at the old temperatures tau [2, B] (R = Zhat), and the new (tau, momentum):
+    g_i = log u_i - E_p[h_i] / tau_i + rho, p the softmax over anchor i's negatives."""
+    b = img.shape[0]
+    eye = torch.eye(b, dtype=torch.bool)
+    a, c = (x.clone().requires_grad_() for x in (img, txt))
+    cos = a @ c.T
+    l_r, l_c = cos / tau[0][:, None], cos / tau[1][None, :]
+    lse = torch.stack(
+        [
+            l_r.masked_fill(eye, float("-inf")).logsumexp(1),
+            l_c.masked_fill(eye, float("-inf")).logsumexp(0),
+        ]
+    ) - math.log(b - 1)
+    log_u = lse - torch.stack([l_r.diagonal(), l_c.diagonal()])
+    value = 0.5 * (tau * (log_u + rho)).mean(dim=1).sum()
+    ga, gc = torch.autograd.grad(value, (a, c))
+    cosd = cos.detach()
+    h_r = cosd - cosd.diagonal()[:, None]  # h_ij = s_ij - s_ii (image anchor i)
+    h_c = cosd - cosd.diagonal()[None, :]  # text anchor j: s_ij - s_jj
+    p_r = torch.softmax(l_r.detach().masked_fill(eye, float("-inf")), 1)
+    p_c = torch.softmax(l_c.detach().masked_fill(eye, float("-inf")), 0)
+    e_h = torch.stack([(p_r * h_r).sum(1), (p_c * h_c).sum(0)])
+    g = log_u.detach() - e_h / tau + rho
+    m = (1 - beta) * mom + beta * g
+    return value.detach(), ga, gc, (tau - lr * m).clamp(lo, hi), m
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("b", [6, 21])
+def test_individual_two_steps_match_formula_at_ema_one(backend, b):
+    n, rho, lr, beta, lo, hi = 3 * b, 0.8, 0.05, 0.7, 0.05, 0.3
+    img, txt = _pairs(b, 5, seed=b + 1)
+    loss = SogCLRLoss(
+        n,
+        ema=1.0,
+        backend=backend,
+        temperature="individual",
+        rho=rho,
+        tau_lr=lr,
+        tau_momentum=beta,
+        tau_init=0.1,
+        tau_min=lo,
+        tau_max=hi,
+    )
+    idx = torch.arange(b) * 3 + 1
+    g = torch.Generator().manual_seed(b)
+    with torch.no_grad():  # temperatures that differ by row (and one at each bound)
+        loss.image_tau[idx] = 0.06 + 0.2 * torch.rand(b, generator=g)
+        loss.text_tau[idx] = 0.06 + 0.2 * torch.rand(b, generator=g)
+        loss.image_tau[idx[0]], loss.text_tau[idx[1]] = lo, hi
+    for step, (x, y) in enumerate(((img, txt), (txt.flip(0), img))):
+        tau = torch.stack([loss.image_tau[idx], loss.text_tau[idx]]).double()
+        mom = torch.stack([loss.image_tau_momentum[idx], loss.text_tau_momentum[idx]]).double()
+        want = _individual_formula(x, y, tau, mom, rho, lr, beta, lo, hi)
+        value, g_img, g_txt, _ = _step(loss, x, y, None, idx)
+        for what, u, v in zip(("value", "d/dimage", "d/dtext"), (value, g_img, g_txt), want):
+            _close(u, v, f"{backend} step {step} {what}")
+        _close(torch.stack([loss.image_tau[idx], loss.text_tau[idx]]), want[3], f"step {step} tau")
+        new_m = torch.stack([loss.image_tau_momentum[idx], loss.text_tau_momentum[idx]])
+        _close(new_m, want[4], f"step {step} momentum")
+        assert loss.image_tau.dtype == torch.float32
+    untouched = torch.ones(n, dtype=torch.bool)
+    untouched[idx] = False
+    assert bool((loss.image_tau[untouched] == 0.1).all())
+    assert bool((loss.text_tau_momentum[untouched] == 0).all())
+    sd = loss.state_dict()
+    assert {"image_tau", "text_tau", "image_tau_momentum", "text_tau_momentum"} <= set(sd)
+
+
+def test_individual_first_visit_equals_libauc_then_stale_rate_formula(capsys):
+    """First visit (gamma = 1): our whole iSogCLR step (tau, momentum) equals LibAUC 2.0.1's
+    individual_learnable one. Second visit (ema < 1): g_i = log u_i + rho - sum_j w_ij (l_ij -
+    l_ii) with the moving-average weights w_ij = e^{l_ij} / ((B - 1) R_i) (LibAUC's grad_tau);
+    LibAUC's own second step differs by design once tau moved: its stored u carries
+    e^{-s_ii / tau_old}, ours log R at tau_old only (docs/gamma.md)."""
+    contrastive = pytest.importorskip(
+        "libauc.losses.contrastive", reason="libauc 2.0.1 not installed"
+    )
+    b, rho, lr, beta, ema = 8, 0.6, 0.02, 0.9, 0.5
+    img, txt = (x.float() for x in _pairs(b, 5, seed=9))
+    idx = torch.arange(b)
+    kw = {"tau_min": 0.01, "tau_max": 1.0, "rho": rho}
+    theirs = contrastive.GCLoss_v2(
+        N=b, tau=0.2, gamma=ema, temperature_scheme="individual_learnable", eta=lr, beta=beta, **kw
+    )
+    ours = SogCLRLoss(
+        b,
+        ema=ema,
+        backend="torch",
+        temperature="individual",
+        tau_init=0.2,
+        tau_lr=lr,
+        tau_momentum=beta,
+        **kw,
+    )
+    theirs(img.clone().requires_grad_(), txt.clone().requires_grad_(), idx)
+    ours(img, txt, None, idx)
+    for mine, their in (
+        (ours.image_tau, theirs.learnable_tau_img),
+        (ours.text_tau, theirs.learnable_tau_txt),
+        (ours.image_tau_momentum, theirs.grad_tau_img),
+        (ours.text_tau_momentum, theirs.grad_tau_txt),
+    ):
+        torch.testing.assert_close(mine, their[:, 0], rtol=1e-5, atol=1e-6)
+    # second visit, other features: the stale-rate formula in float64
+    x, y = txt.double(), img.double()
+    tau = torch.stack([ours.image_tau, ours.text_tau]).double()
+    mom = torch.stack([ours.image_tau_momentum, ours.text_tau_momentum]).double()
+    log_r_old = torch.stack([ours.image_rate.log_rate, ours.text_rate.log_rate]).double()
+    ours(txt, img, None, idx)
+    cos = x @ y.T
+    l_r, l_c = cos / tau[0][:, None], cos / tau[1][None, :]
+    log_r = torch.logaddexp(
+        log_r_old + math.log1p(-ema),
+        torch.stack([_neg_lse(l_r)[0], _neg_lse(l_c)[1]]) + math.log(ema),
+    )
+    off = ~torch.eye(b, dtype=torch.bool)
+    w_r = torch.exp(l_r - log_r[0][:, None]) * off / (b - 1)
+    w_c = torch.exp(l_c - log_r[1][None, :]) * off / (b - 1)
+    pos = torch.stack([l_r.diagonal(), l_c.diagonal()])
+    e_w = torch.stack(
+        [(w_r * (l_r - pos[0][:, None])).sum(1), (w_c * (l_c - pos[1][None, :])).sum(0)]
+    )
+    g = log_r - pos + rho - e_w
+    m = (1 - beta) * mom + beta * g
+    _close(torch.stack([ours.image_tau_momentum, ours.text_tau_momentum]), m, "momentum")
+    _close(torch.stack([ours.image_tau, ours.text_tau]), (tau - lr * m).clamp(0.01, 1.0), "tau")
+
+
+def test_individual_needs_logit_scale_none():
+    loss = SogCLRLoss(10, temperature="individual", backend="torch")
+    img, txt = _pairs(4, 3)
+    with pytest.raises(ValueError, match="pass logit_scale=None, got float"):
+        loss(img, txt, 10.0, torch.arange(4))
