@@ -404,3 +404,34 @@ def test_individual_needs_logit_scale_none():
     img, txt = _pairs(4, 3)
     with pytest.raises(ValueError, match="pass logit_scale=None, got float"):
         loss(img, txt, 10.0, torch.arange(4))
+
+
+# ------------------------------------------------------------------------------------------------
+# the integrations call set_epoch each epoch
+# ------------------------------------------------------------------------------------------------
+def test_open_clip_index_loader_sets_the_epoch():
+    from gammacl.integrations import open_clip as oc
+
+    loss = oc.OpenClipSogCLRLoss(8, ema=0.2, ema_schedule="cosine", ema_decay_epochs=2)
+    data = torch.utils.data.TensorDataset(torch.arange(8))
+    loader = oc.with_index(torch.utils.data.DataLoader(data, batch_size=4), loss)
+    emas = []
+    for _ in range(3):
+        for _batch in loader:
+            emas.append(loss.ema)
+    assert emas == pytest.approx([1.0, 1.0, 0.6, 0.6, 0.2, 0.2])  # cosine over 2 epochs
+    loader.batch_sampler.set_epoch(7)  # a resumed trainer's epoch
+    next(iter(loader))
+    assert loss.epoch == 7
+
+
+def test_sentence_transformers_callback_sets_the_epoch():
+    st = pytest.importorskip("gammacl.integrations.sentence_transformers")
+    pytest.importorskip("transformers.trainer_callback", reason="transformers not installed")
+    loss = st.SogCLRMultipleNegativesRankingLoss(
+        torch.nn.Identity(), num_samples=8, ema=0.2, ema_schedule="constant"
+    )
+    cb = loss.checkpoint_callback()
+    for epoch, want in ((0.0, 1.0), (1.0, 0.2), (2.0, 0.2)):
+        cb.on_epoch_begin(None, type("S", (), {"epoch": epoch})(), None)
+        assert loss.gamma.ema == want and loss.gamma.epoch == int(epoch)

@@ -302,7 +302,8 @@ class GammaMultipleNegativesRankingLoss(_EmbeddingLoss):
 
     def checkpoint_callback(self):
         """A transformers TrainerCallback saving the state into each checkpoint-N folder
-        (on_save) and restoring it when training resumes at step N (on_train_begin)."""
+        (on_save), restoring it when training resumes at step N (on_train_begin), and calling
+        the loss's set_epoch(epoch) at each epoch's start (the inner-rate schedule)."""
         return _state_callback(self)
 
     def get_config_dict(self) -> dict[str, Any]:
@@ -334,6 +335,9 @@ def _state_callback(loss: GammaMultipleNegativesRankingLoss):
         def on_save(self, args, state, control, **kwargs):
             if state.is_world_process_zero:
                 loss.save_state(self._dir(args, state))
+
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            loss.gamma.set_epoch(int(state.epoch or 0))  # epochs completed (a float)
 
         def on_train_begin(self, args, state, control, **kwargs):
             if state.global_step == 0:
