@@ -59,7 +59,7 @@ import triton.language as tl
 
 from gammacl.dispatch import interpreter_on
 from gammacl.kernels.simlse import _COL_PART_MAX_BYTES
-from gammacl.kernels.simlse import _tile_config as _simlse_tile_config
+from gammacl.kernels.simlse_tiled import tile_config as _simlse_tile_config
 from gammacl.kernels.tiles import (
     _LN2,
     _LOG2E,

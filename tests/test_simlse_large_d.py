@@ -1,6 +1,6 @@
-"""The large-D (GEMM-structured) Triton paths of simlse and gamma_onepass (kernels/simlse.py,
-kernels/gamma_onepass.py, kernels/tiles.py) against the float64 reference, under
-TRITON_INTERPRET=1 on CPU (conftest) or on a GPU.
+"""The large-D (GEMM-structured) Triton paths of simlse and gamma_onepass
+(kernels/simlse_tiled.py, kernels/gamma_onepass.py, kernels/tiles.py) against the float64
+reference, under TRITON_INTERPRET=1 on CPU (conftest) or on a GPU.
 
 The path is chosen by the public launchers from D and dtype (tiles.use_large_d: D > 128 for
 16-bit, D > 64 for fp32). Under the interpreter the tiles are 32 x 32 with a K step of 32, so
@@ -34,6 +34,7 @@ pytestmark = [
 ]
 
 K = pytest.importorskip("gammacl.kernels.simlse")
+KT = pytest.importorskip("gammacl.kernels.simlse_tiled")
 G = pytest.importorskip("gammacl.kernels.gamma_onepass")
 T = pytest.importorskip("gammacl.kernels.tiles")
 
@@ -65,8 +66,8 @@ def count_paths(monkeypatch):
 
         monkeypatch.setattr(mod, name, f)
 
-    wrap(K, "_large_d_fwd", "simlse_fwd")
-    wrap(K, "_large_d_bwd", "simlse_bwd")
+    wrap(KT, "large_d_fwd", "simlse_fwd")
+    wrap(KT, "large_d_bwd", "simlse_bwd")
     wrap(G, "_large_d_fwd", "onepass")
     return calls
 
