@@ -437,8 +437,8 @@ class GammaClipLoss(_GeneratorAttr, TemperatureMixin, nn.Module):
             (docs/experiments.md: 0.02-0.1 are too stale at batch 8, 0.9 keeps no correction).
         update: "before" (update, then use; bounded weights; two passes) or "after" (the stored,
             one-epoch-stale rate, then update; one fused pass, exponents capped at `clamp`,
-            default log(1/ema)). One-pass trains worse than minibatch InfoNCE from batch 16 in
-            every seed (docs/experiments.md): use "before" there.
+            default log(1/ema)). From batch 16 one-pass trains worse than minibatch InfoNCE
+            (B=16: 4 of 5 seeds; B >= 32: all; docs/experiments.md): use "before" there.
         generator: torch.Generator for the draws (reproducible runs); its state is saved in
             state_dict() so a checkpoint resumes the same draws.
         backend: "auto", "torch", "cpp", "triton", "cuda" or "reference".
