@@ -4,6 +4,10 @@ vs full-batch InfoNCE (issue 16), and Paper B's regularisers on top of InfoNCE.
     python -m gammacl.experiments.retrieval [--quick] [--out DIR] [--seeds 5] [--epochs 40]
     python -m gammacl.experiments.retrieval --sweep [--out DIR]     # ema x shape at batch 8
     python -m gammacl.experiments.retrieval --onepass [--out DIR]   # why update="after" lags
+    python -m gammacl.experiments.retrieval --grid --validation 300 --seed-offset 100  # issue 24
+    python -m gammacl.experiments.retrieval --temperature --rho R --rho-individual R --tau-lr E
+(--grid: rho / tau_lr of the learnable temperatures on pairs carved from the training pairs;
+--temperature: the learnable-temperature table with the chosen values; docs/experiments.md.)
 
 Data: scikit-learn's digits (1797 8x8 images, shipped inside the package, no download). The two
 "modalities" are the left and right halves of each image (4 columns = 32 pixels each, /16).
