@@ -13,7 +13,7 @@ final when computed: no normaliser pass, no recompute.
 One kernel (`_gamma_onepass_fwd_kernel`): program p owns rows [p*BM, (p+1)*BM) and streams all
 column tiles. Per tile:
     S = a_blk @ b_tile^T          (tl.dot over D in BLOCK_D chunks, fp32 accumulation)  2*BM*BN*D
-    online row LSE (running max m, sum l, rescaled by exp2(m_old - m_new)), row_term
+    online row LSE (running max m, sum l, rescaled by exp(m_old - m_new)), row_term
     column partial LSE of this row block, cm_j + log sum_i e^{l_ij - cm_j}, stored to a
     [ceil(M/BM), N] buffer (acc dtype) and LSE-merged afterwards by
     kernels.simlse._simlse_col_merge_kernel (log space: any logit range; when the buffer would
@@ -37,7 +37,10 @@ outputs and whose dA is dB. Every sum then runs in a fixed order (bitwise reprod
 
 Numerics: excluded / out-of-range entries are -inf before any exp (weight exactly 0); a running
 max of -inf is replaced by 0 as the shift, so an all-excluded row has LSE -inf and term 0.
-fp32 uses exp2 with log2(e) folded into scale, alpha and clamp; fp64 uses exp / log.
+Every shift, LSE and exponent is formed in natural units from one rounded logit l = scale*S
+(tiles._exp_nat: exp2(x log2 e) of the exact difference on the fp32 path; exp / log for fp64), and
+the kernels are compiled with enable_fp_fusion=False, as simlse's: alpha = -LSE gives exactly
+e^0 = 1 at a row's maximum (tests/test_large_logits.py; log2 e folded into the scale: 1e-3).
 fp16 operands: W (~0.5/B^2 at batch B, below fp16's normal range) is scaled per tile by an
 exact power of two putting max|W| near 2^14 before the fp16 cast, and the dot products are
 scaled back exactly; NaN propagates, inf saturates at 65504. bf16 / fp32 hold W unscaled.
@@ -61,18 +64,16 @@ from gammacl.dispatch import interpreter_on
 from gammacl.kernels.simlse import _COL_PART_MAX_BYTES
 from gammacl.kernels.simlse_tiled import tile_config as _simlse_tile_config
 from gammacl.kernels.tiles import (
-    _LN2,
-    _LOG2E,
     _NEG_INF,
     _dot_nn,
-    _exp,
+    _exp_nat,
     _load_rows,
-    _log,
-    _online_lse,
+    _log_nat,
+    _online_lse_nat,
     _scores_chunked,
     _simlse_col_merge_kernel,
     _tile_ids,
-    _tile_lse,
+    _tile_lse_nat,
     _valid,
     chunk_rows,
     gemm,
@@ -84,6 +85,12 @@ from gammacl.kernels.tiles import device_guard as _device_guard
 from gammacl.kernels.tiles import flags as _flags
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@triton.jit
+def _exp_capped(x, cap, BASE2: tl.constexpr):
+    """e^{min(x, cap)} of natural-unit x; NaN propagates (a NaN batch stays visible)."""
+    return _exp_nat(tl.minimum(x, cap, propagate_nan=tl.PropagateNan.ALL), BASE2)
 
 
 @triton.jit(do_not_specialize=["offset"])
@@ -140,10 +147,6 @@ def _gamma_onepass_fwd_kernel(
     w_row = tl.cast(w_row_hi, ACC) + tl.cast(w_row_lo, ACC)
     w_col = tl.cast(w_col_hi, ACC) + tl.cast(w_col_lo, ACC)
     cap = tl.cast(cap_hi, ACC) + tl.cast(cap_lo, ACC)
-    if BASE2:  # every exponent in log2 units: e^x = 2^{x log2 e}
-        scale = scale * _LOG2E
-        alpha_r = alpha_r * _LOG2E
-        cap = cap * _LOG2E
     m_i = tl.full((BLOCK_M,), _NEG_INF, dtype=ACC)  # running row max
     l_i = tl.zeros((BLOCK_M,), dtype=ACC)  # running sum of exp(l - m_i)
     t_i = tl.zeros((BLOCK_M,), dtype=ACC)  # row_term
@@ -169,16 +172,14 @@ def _gamma_onepass_fwd_kernel(
         )
         s = tl.where(_valid(offs_m, offs_n, M, N, offset, True), s * scale, _NEG_INF)
         # online row LSE; a shift of -inf (nothing valid yet) is replaced by 0
-        m_i, l_i = _online_lse(m_i, l_i, s, BASE2)
+        m_i, l_i = _online_lse_nat(m_i, l_i, s, BASE2)
         if COLS:  # column partial of this row block: LSE_i l_ij = cm_j + log sum_i e^{l_ij - cm_j}
-            part = _tile_lse(s, 0, BASE2)
+            part = _tile_lse_nat(s, 0, BASE2)
             tl.store(COL_PART + pid * stride_part + offs_n, part, mask=col_ok)
         # weights: e^{min(l + alpha, clamp)} (NaN propagates so a NaN batch stays visible)
         alpha_c = tl.load(ALPHA_C + offs_n, mask=col_ok, other=_NEG_INF).to(ACC)
-        if BASE2:
-            alpha_c = alpha_c * _LOG2E
-        er = _exp(tl.minimum(s + alpha_r[:, None], cap, propagate_nan=tl.PropagateNan.ALL), BASE2)
-        ec = _exp(tl.minimum(s + alpha_c[None, :], cap, propagate_nan=tl.PropagateNan.ALL), BASE2)
+        er = _exp_capped(s + alpha_r[:, None], cap, BASE2)
+        ec = _exp_capped(s + alpha_c[None, :], cap, BASE2)
         t_i += tl.sum(er, axis=1)
         if COLS:
             tl.atomic_add(COL_TERM + offs_n, tl.sum(ec, axis=0), mask=col_ok)
@@ -227,10 +228,8 @@ def _gamma_onepass_fwd_kernel(
                         mask=col_ok[:, None] & k_ok[None, :],
                     )
             tl.debug_barrier()  # dA stores visible to every thread before the next tile's loads
-    row = tl.where(l_i > 0, m_i + _log(tl.where(l_i > 0, l_i, 1.0), BASE2), _NEG_INF)
+    row = tl.where(l_i > 0, m_i + _log_nat(tl.where(l_i > 0, l_i, 1.0), BASE2), _NEG_INF)
     row = tl.where(l_i != l_i, l_i, row)  # NaN sum stays NaN
-    if BASE2:
-        row = row * _LN2
     tl.store(ROW_LSE + offs_m, row, mask=row_ok)
     tl.store(ROW_TERM + offs_m, t_i, mask=row_ok)
 
@@ -353,6 +352,7 @@ def _launch(a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offset, grad
             SAT_FP16=a.dtype == torch.float16,
             **_flags(a.dtype),
             **cfg,
+            enable_fp_fusion=False,  # the shift and the exponent from one rounded logit
         )
         if not cols:
             return row_lse, row_term, da, None, None, None
@@ -438,21 +438,16 @@ def _gamma_onepass_tile_kernel(
     w_row = tl.cast(w_row_hi, ACC) + tl.cast(w_row_lo, ACC)
     w_col = tl.cast(w_col_hi, ACC) + tl.cast(w_col_lo, ACC)
     cap = tl.cast(cap_hi, ACC) + tl.cast(cap_lo, ACC)
-    if BASE2:  # every exponent in log2 units: e^x = 2^{x log2 e}
-        scale = scale * _LOG2E
-        alpha_r = alpha_r * _LOG2E
-        alpha_c = alpha_c * _LOG2E
-        cap = cap * _LOG2E
     s = _scores_chunked(
         X, Y, offs_m, offs_n, M, N, D, stride_x, stride_y, ACC, UPCAST, PRECISION,
         BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
     s = tl.where(_valid(offs_m, offs_n, M, N, offset, True), s * scale, _NEG_INF)
-    tl.store(ROW_PART + pid_n * stride_rp + offs_m, _tile_lse(s, 1, BASE2), mask=row_ok)
-    tl.store(COL_PART + pid_m * stride_cp + offs_n, _tile_lse(s, 0, BASE2), mask=col_ok)
+    tl.store(ROW_PART + pid_n * stride_rp + offs_m, _tile_lse_nat(s, 1, BASE2), mask=row_ok)
+    tl.store(COL_PART + pid_m * stride_cp + offs_n, _tile_lse_nat(s, 0, BASE2), mask=col_ok)
     # weights e^{min(l + alpha, cap)} (NaN propagates so a NaN batch stays visible)
-    er = _exp(tl.minimum(s + alpha_r[:, None], cap, propagate_nan=tl.PropagateNan.ALL), BASE2)
-    ec = _exp(tl.minimum(s + alpha_c[None, :], cap, propagate_nan=tl.PropagateNan.ALL), BASE2)
+    er = _exp_capped(s + alpha_r[:, None], cap, BASE2)
+    ec = _exp_capped(s + alpha_c[None, :], cap, BASE2)
     tl.store(ROW_TPART + pid_n * stride_rp + offs_m, tl.sum(er, axis=1), mask=row_ok)
     tl.store(COL_TPART + pid_m * stride_cp + offs_n, tl.sum(ec, axis=0), mask=col_ok)
     if GRAD:
@@ -537,6 +532,7 @@ def _large_d_fwd(a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offset,
             GRAD=bool(grad),
             **_flags(a.dtype),
             **cfg,
+            enable_fp_fusion=False,  # the shift and the exponent from one rounded logit
         )
         used = triton.cdiv(rows, bm)
         merge_lse(row_part[:, :rows], row_lse[i0 : i0 + rows])

@@ -48,10 +48,10 @@ import triton.language as tl
 
 from gammacl.dispatch import interpreter_on
 from gammacl.kernels.tiles import (
-    _LN2,
-    _LOG2E,
     _dot_nn,
+    _exp_nat,
     _load_rows,
+    _log_nat,
     _scores_chunked,
     gemm,
 )
@@ -74,15 +74,9 @@ def _siglip_terms(s, scale, bias, offs_m, offs_n, M, N, offset, BASE2: tl.conste
     l = s * scale + bias
     y = tl.where(pos, -l, l)
     ay = tl.abs(y)
-    if BASE2:
-        e = tl.exp2(-ay * _LOG2E)
-    else:
-        e = tl.exp(-ay)
+    e = _exp_nat(-ay, BASE2)
     u = 1.0 + e
-    if BASE2:
-        lg = tl.log2(u) * _LN2
-    else:
-        lg = tl.log(u)
+    lg = _log_nat(u, BASE2)
     lp = tl.where(u == 1.0, e, e * lg / tl.where(u == 1.0, 1.0, u - 1.0))
     sp = tl.where(valid, tl.maximum(y, 0.0) + lp, 0.0)
     sig = tl.where(y >= 0, 1.0, e) / u

@@ -93,8 +93,10 @@ from gammacl.kernels.tiles import (
     _exp_nat,
     _load_rows,
     _log_nat,
+    _online_lse_nat,
     _scores_chunked,
     _simlse_col_merge_kernel,
+    _tile_lse_nat,
     _valid,
     use_large_d,
 )
@@ -220,21 +222,10 @@ def _simlse_fwd_kernel(
         s = tl.where(_valid(offs_m, offs_n, M, N, offset, EXCLUDE), s * scale, _NEG_INF)
         # online row LSE: m' = max(m, max_j s), l' = l * exp(m - m') + sum_j exp(s - m');
         # a shift of -inf (nothing valid yet) is replaced by 0 so exp never sees -inf - -inf.
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_shift = tl.where(m_new == _NEG_INF, 0.0, m_new)
-        l_i = l_i * _exp_nat(m_i - m_shift, BASE2) + tl.sum(
-            _exp_nat(s - m_shift[:, None], BASE2), axis=1
-        )
-        m_i = m_new
+        m_i, l_i = _online_lse_nat(m_i, l_i, s, BASE2)
         if COLS:
             # column partial of this row block: LSE_i s_ij = cm_j + log sum_i exp(s_ij - cm_j)
-            cm = tl.max(s, axis=0)
-            cm_shift = tl.where(cm == _NEG_INF, 0.0, cm)
-            cl = tl.sum(_exp_nat(s - cm_shift[None, :], BASE2), axis=0)
-            # sum 0 -> -inf (nothing valid); a NaN sum (NaN logit) stays NaN
-            part = tl.where(
-                cl == 0, _NEG_INF, cm_shift + _log_nat(tl.where(cl == 0, 1.0, cl), BASE2)
-            )
+            part = _tile_lse_nat(s, 0, BASE2)
             tl.store(COL_PART + pid * stride_part + offs_n, part, mask=offs_n < N)
     row = tl.where(l_i == 0, _NEG_INF, m_i + _log_nat(tl.where(l_i == 0, 1.0, l_i), BASE2))
     tl.store(ROW_LSE + offs_m, row, mask=offs_m < M)

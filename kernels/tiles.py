@@ -1,9 +1,16 @@
-"""Shared Triton tile helpers of every gammacl kernel (kernels/simlse.py, kernels/gamma_onepass.py):
-base-2 exp / log, masked tile loads, tl.dot wrappers, the S = X @ Y^T K loop, the validity
-mask, the online / per-tile LSE blocks, the grouped tile order, the LSE-partial merge kernel,
-a tiled GEMM with fp32 (fp64) output for the large-D paths, and the launch flags.
+"""Shared Triton tile helpers of every gammacl kernel (kernels/simlse.py, simlse_tiled.py,
+gamma_onepass.py, siglip.py): exp / log in natural units, masked tile loads, tl.dot wrappers, the
+S = X @ Y^T K loop, the validity mask, the online / per-tile LSE blocks, the grouped tile order,
+the LSE-partial merge kernel, a tiled GEMM with fp32 (fp64) output for the large-D paths, and
+the launch flags.
 
-Maths of the LSE blocks (log2 units when BASE2: l * log2(e), exp2 / log2; natural otherwise):
+One unit system: every logit, shift and LSE is in natural units, formed from one rounded logit
+l = scale * S; BASE2 (the fp32 path) only changes how exp / log are evaluated, exp2(x log2 e) /
+log2(x) ln 2 of the exact natural-unit argument (_exp_nat, _log_nat). Folding log2 e into the
+scale instead rounds the logit twice (8e-5 .. 1e-3 relative gradient error at |l| ~ 1e3,
+tests/test_large_logits.py).
+
+Maths of the LSE blocks:
     online row LSE   m' = max(m, max_j s_ij),  l' = l * e^{m - m'} + sum_j e^{s_ij - m'}
     tile LSE         LSE_k s = mx + log sum_k e^{s_k - mx}     (mx = max_k s_k)
 A shift of -inf (nothing valid yet) is replaced by 0 so exp never sees -inf - -inf; an empty
@@ -29,24 +36,6 @@ _NEG_INF = tl.constexpr(float("-inf"))
 # ----------------------------------------------------------------------------------------------
 # elementwise, loads, products
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _exp(x, BASE2: tl.constexpr):
-    if BASE2:
-        y = tl.exp2(x)
-    else:
-        y = tl.exp(x)
-    return y
-
-
-@triton.jit
-def _log(x, BASE2: tl.constexpr):
-    if BASE2:
-        y = tl.log2(x)
-    else:
-        y = tl.log(x)
-    return y
-
-
 @triton.jit
 def _exp_nat(x, BASE2: tl.constexpr):
     """exp(x) of x = l - shift formed in natural units: exp2(x log2 e) on the fp32 path. The
@@ -135,11 +124,14 @@ def _valid(offs_m, offs_n, M, N, offset, EXCLUDE: tl.constexpr):
 # LSE blocks
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _online_lse(m_i, l_i, s, BASE2: tl.constexpr):
-    """One column tile s [BM, BN] folded into the running row LSE (m_i, l_i); returns (m', l')."""
+def _online_lse_nat(m_i, l_i, s, BASE2: tl.constexpr):
+    """One natural-unit column tile s [BM, BN] folded into the running row LSE (m_i, l_i):
+    m' = max(m, max_j s_ij), l' = l e^{m - m'} + sum_j e^{s_ij - m'}; returns (m', l')."""
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_shift = tl.where(m_new == _NEG_INF, 0.0, m_new)
-    l_new = l_i * _exp(m_i - m_shift, BASE2) + tl.sum(_exp(s - m_shift[:, None], BASE2), axis=1)
+    l_new = l_i * _exp_nat(m_i - m_shift, BASE2) + tl.sum(
+        _exp_nat(s - m_shift[:, None], BASE2), axis=1
+    )
     return m_new, l_new
 
 
@@ -153,22 +145,6 @@ def _tile_lse_nat(s, AXIS: tl.constexpr, BASE2: tl.constexpr):
     else:
         tot = tl.sum(_exp_nat(s - sh[:, None], BASE2), axis=1)
     return tl.where(tot == 0, _NEG_INF, sh + _log_nat(tl.where(tot == 0, 1.0, tot), BASE2))
-
-
-@triton.jit
-def _tile_lse(s, AXIS: tl.constexpr, BASE2: tl.constexpr):
-    """LSE of tile s along AXIS (0: per column, 1: per row), in natural-log units."""
-    mx = tl.max(s, axis=AXIS)
-    sh = tl.where(mx == _NEG_INF, 0.0, mx)
-    if AXIS == 0:
-        tot = tl.sum(_exp(s - sh[None, :], BASE2), axis=0)
-    else:
-        tot = tl.sum(_exp(s - sh[:, None], BASE2), axis=1)
-    # sum 0 -> -inf (nothing valid); a NaN sum (NaN logit) stays NaN
-    part = tl.where(tot == 0, _NEG_INF, sh + _log(tl.where(tot == 0, 1.0, tot), BASE2))
-    if BASE2:
-        part = part * _LN2
-    return part
 
 
 @triton.jit

@@ -1,6 +1,6 @@
 """gammacl: fused, memory-frugal contrastive losses for PyTorch.
 
-Public API (design.md): clip_loss, infonce_loss, ClipLoss, GammaClipLoss, SogCLRLoss,
+Public API (README.md): clip_loss, infonce_loss, ClipLoss, GammaClipLoss, SogCLRLoss,
 FeatureSeparationLoss, BrownianBridgeLoss, GeometricConsistencyLoss, siglip_loss, SigLipLoss;
 `python -m gammacl.bench`, `python -m gammacl.profile`.
 """

@@ -11,6 +11,8 @@ from numbers import Real
 
 import torch
 
+from gammacl.dispatch import BACKENDS, resolve_traced
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -92,18 +94,59 @@ def as_scale(name: str, value: object, like: torch.Tensor) -> torch.Tensor:
     return torch.full((), float(value), dtype=dtype, device=like.device)
 
 
+def check_paired_step(
+    image_features: object, text_features: object, logit_scale: object, backend: str
+) -> tuple[torch.Tensor, str]:
+    """(scale, backend name) of a paired loss step's arguments: same-batch features, the scale
+    as a 0-d acc-dtype tensor, the backend resolved for the features' device."""
+    check_pair("image_features", image_features, "text_features", text_features, same_batch=True)
+    scale = as_scale("logit_scale", logit_scale, image_features)
+    return scale, resolve_traced(backend, image_features.device)
+
+
+def check_real(
+    name: str, value: object, *, low: float = 0.0, strict: bool = True, high: float | None = None
+) -> float:
+    """A finite python number (not a bool) with value > low (>= low when not strict) and, given
+    `high`, value <= high; `name` may carry its meaning, e.g. "ema (weight of the new batch
+    estimate)"."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    v = float(value)
+    if math.isfinite(v) and (v > low if strict else v >= low) and (high is None or v <= high):
+        return v
+    if high is not None:
+        want = f"in {'(' if strict else '['}{low:g}, {high:g}]"
+    elif low == 0.0:
+        want = "a finite positive number" if strict else "a finite number >= 0"
+    else:
+        want = f"a finite number {'>' if strict else '>='} {low:g}"
+    raise ValueError(f"{name} must be {want}, got {value!r}")
+
+
+def check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: object, choices: tuple) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def check_backend(backend: object) -> str:
+    """A backend name a loss accepts (resolved per device at call time: dispatch)."""
+    return check_choice("backend", backend, BACKENDS)
+
+
 def check_reduction(reduction: object) -> str:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    return reduction  # type: ignore[return-value]
+    return check_choice("reduction", reduction, REDUCTIONS)
 
 
 def check_label_smoothing(label_smoothing: object) -> float:
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, Real):
-        raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    return float(label_smoothing)
+    return check_real("label_smoothing", label_smoothing, strict=False, high=1.0)
 
 
 def check_labels(

@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from gammacl import _validate as V
-from gammacl.dispatch import BACKENDS, resolve_backend
-from gammacl.distributed import World
+from gammacl.dispatch import resolve_backend
+from gammacl.distributed import InWorld, World
 from gammacl.ops.simlse import simlse
 
 
@@ -197,17 +197,9 @@ def clip_step(
     """The CLIP loss of this rank (module docstring), a 0-d fp32 tensor (fp64 for fp64 inputs).
     Validation happens here once; on several ranks it is agreed before any feature collective,
     so a bad input on one rank is the same error on all ranks, not a hang."""
-    err = scale = name = None
-    try:
-        V.check_pair(
-            "image_features", image_features, "text_features", text_features, same_batch=True
-        )
-        scale = V.as_scale("logit_scale", logit_scale, image_features)
-        name = resolve_backend(backend, image_features.device)
-    except (TypeError, ValueError, RuntimeError) as e:
-        err = e
-    world.check(
+    scale, name = world.agree(
         "gammacl ClipLoss (distributed)",
+        lambda: V.check_paired_step(image_features, text_features, logit_scale, backend),
         [("image_features", image_features), ("text_features", text_features)],
         flags=[
             ("rank", world.rank),
@@ -215,7 +207,6 @@ def clip_step(
             ("local_loss", bool(local_loss)),
             ("gather_with_grad", bool(gather_with_grad)),
         ],
-        local_error=err,
     )
     if world.size == 1:
         return clip_pairs(image_features, text_features, scale, backend=name).mean()
@@ -234,7 +225,7 @@ def clip_step(
     return clip_pairs(all_image, all_text, scale, backend=name).mean()
 
 
-class ClipLoss(nn.Module):
+class ClipLoss(InWorld, nn.Module):
     """Drop-in replacement for ``open_clip.loss.ClipLoss``.
 
     Same constructor and forward as open_clip; the N x N logit matrix is never formed.
@@ -259,8 +250,7 @@ class ClipLoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        V.check_backend(backend)
         if use_horovod:
             raise ValueError("use_horovod=True is not supported; use torch.distributed")
         self.local_loss = local_loss
@@ -272,12 +262,6 @@ class ClipLoss(nn.Module):
         self.backend = backend
         self.prev_num_logits = 0
         self.labels: dict = {}
-
-    def _world(self) -> World:
-        """The world from rank / world_size, the default process group's where they are None."""
-        if self.rank is None or self.world_size is None or self.world_size > 1:
-            return World.resolve(self.rank, self.world_size)
-        return World(int(self.rank), 1)
 
     # open_clip compatibility helpers (CoCaLoss / DistillClipLoss call these).
     def get_ground_truth(self, device: torch.device, num_logits: int) -> torch.Tensor:

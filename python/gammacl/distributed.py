@@ -1,13 +1,16 @@
 """Collectives, and only collectives: the world a loss step runs in.
 
-A loss step (gammacl.clip.clip_step, gammacl.gamma.gamma_step) is written once against a `World`:
+A loss step (gammacl.clip.clip_step, GammaClipLoss._step) is written once against a `World`:
 its local rows are this rank's, its columns are every rank's rows gathered in rank order. A single
 process is a world of one, where every collective is the identity and the rank offset is 0, so
 the same step serves both cases.
 
     World.resolve(rank, world_size, group)  the world from explicit values or the process group
+    World.from_args(...)                    the world a loss module's constructor arguments name
+                                            (InWorld._world: ClipLoss, SigLipLoss, GammaClipLoss)
     World.check(what, args, flags, err)     metadata agreement (below); raises the same error on
                                             every rank instead of leaving the others waiting
+    World.agree(what, check, args, flags)   a step's validation, then World.check
     World.gather(x, with_grad)              rows of every rank in rank order; with_grad: the
                                             backward sends each rank the sum over ranks of its
                                             slice's gradient (open_clip's gather_with_grad)
@@ -27,10 +30,13 @@ collective; a ring only pays off when overlapped with compute, which was not mea
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
+
+_T = TypeVar("_T")
 
 # dtype codes for the metadata collective (index + 1; 0 = not a tensor / other dtype)
 _DTYPES = (
@@ -253,6 +259,31 @@ class World:
         return World(rank, world_size, group)
 
     @staticmethod
+    def from_args(
+        rank: int | None = None,
+        world_size: int | None = None,
+        *,
+        group=None,
+        distributed: bool | None = None,
+        owner: str = "loss",
+    ) -> World:
+        """The world a loss module's constructor arguments name: open_clip's rank / world_size
+        (None: the process group's; world_size 1: a single process of that rank), gated by
+        gammacl's `distributed` switch (False: a single process; True: the process group must be
+        initialised, `owner` names the module in that error)."""
+        if distributed is False:
+            return World()
+        if rank is None or world_size is None or world_size > 1:
+            world = World.resolve(rank, world_size, group)
+        else:
+            world = World(int(rank), 1)
+        if distributed and world.size == 1 and not _dist_up():
+            raise RuntimeError(
+                f"{owner}(distributed=True) needs an initialised torch.distributed process group"
+            )
+        return world
+
+    @staticmethod
     def of_group(group=None) -> World:
         """The process group's world, or a single process when torch.distributed is not up."""
         if not is_distributed(group):
@@ -276,6 +307,26 @@ class World:
         if local_error is not None:
             raise local_error
 
+    def agree(
+        self,
+        what: str,
+        check: Callable[[], _T],
+        args: Sequence[tuple[str, object]] | Callable[[_T | None], Sequence[tuple[str, object]]],
+        *,
+        flags: Sequence[tuple[str, int]] = (),
+    ) -> _T:
+        """check()'s value: this rank's host-side validation, agreed with every rank (World.check)
+        before any feature collective, so one rank's bad input is the same error everywhere.
+        `args` may be a function of check()'s value (None when it raised), for tensors the check
+        converts."""
+        out, err = None, None
+        try:
+            out = check()
+        except (TypeError, ValueError, RuntimeError) as e:
+            err = e
+        self.check(what, args(out) if callable(args) else args, flags=flags, local_error=err)
+        return out  # type: ignore[return-value]
+
     def gather(self, x: torch.Tensor, *, with_grad: bool) -> torch.Tensor:
         if self.size == 1:
             return x if with_grad else x.detach()
@@ -295,3 +346,27 @@ class World:
         x = x.contiguous()
         dist.broadcast(x, src=src, group=self.group)
         return x
+
+
+def _dist_up() -> bool:
+    dist = _dist()
+    return dist.is_available() and dist.is_initialized()
+
+
+class InWorld:
+    """Mixin of the loss modules: `_world()`, the World of the module's constructor arguments
+    (World.from_args). A module sets the attributes it takes; the rest keep these defaults."""
+
+    rank: int | None = None
+    world_size: int | None = None
+    distributed: bool | None = None
+    process_group: object = None
+
+    def _world(self) -> World:
+        return World.from_args(
+            self.rank,
+            self.world_size,
+            group=self.process_group,
+            distributed=self.distributed,
+            owner=type(self).__name__,
+        )

@@ -13,13 +13,14 @@ when R_i = Z_i, for any batch size:
     alpha_i = log(G_i / a) - log R_i - log(B - 1)
 update="before": rate updated with this batch, then used (two sweeps, 8MND, weights <= G/(a ema));
 update="after": stored rate used, then updated (gamma_onepass: one sweep, 6MND, exponents capped).
-One step function, `gamma_step`, serves a single process and torch.distributed alike.
+One step method, `GammaClipLoss._step`, serves a single process and torch.distributed alike; it
+reads and writes the rate state through one door, `RatePair` (the index checked once).
 """
 
 from __future__ import annotations
 
 import math
-from numbers import Real
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,11 +29,11 @@ from torch import nn
 from gammacl import _validate as V
 from gammacl._random import _draw_op, _GeneratorAttr, draw_log_weights  # noqa: F401
 from gammacl.clip import _pos_logits
-from gammacl.dispatch import BACKENDS, resolve_traced
-from gammacl.distributed import World
+from gammacl.dispatch import resolve_traced
+from gammacl.distributed import InWorld, World
 from gammacl.ops.gamma_onepass import DEFAULT_CLAMP, gamma_onepass
 from gammacl.ops.simlse import simlse
-from gammacl.temperature import TemperatureMixin, individual_step, rgcl_output
+from gammacl.temperature import TemperatureMixin, rgcl_output
 
 RATES = ("ema", "batch", "fixed")
 UPDATES = ("before", "after")
@@ -64,6 +65,19 @@ def _range_error(num_samples: int, lo: int, hi: int) -> ValueError:
     )
 
 
+@dataclass(frozen=True)
+class CheckedIndex:
+    """A batch's data-set indices after their one check (RatePair.check): `index` int64 on the
+    state's device (clamped into range while compiling), `all_seen` (eager, when asked: every
+    sample visited in both directions; None when compiled: unknown on the host), `bad` (compiled:
+    0-d device bool "some index was out of range"; None in eager). LogRateState.lookup / update
+    take it as it is, without a second check."""
+
+    index: torch.Tensor | None
+    all_seen: bool | None = True
+    bad: torch.Tensor | None = None
+
+
 class LogRateState(nn.Module):
     """Per-sample log partition-function estimates log R for ONE direction (docs/math.md §K.1).
 
@@ -87,6 +101,8 @@ class LogRateState(nn.Module):
         return f"num_samples={self.num_samples}, ema={self.ema}"
 
     def _index(self, index: object, check: bool) -> torch.Tensor:
+        if isinstance(index, CheckedIndex):  # checked once, by RatePair.check
+            return index.index
         index = _check_index_tensor(index, None).to(self.log_rate.device, torch.int64)
         if check and index.numel() and not torch.compiler.is_compiling():  # compiled: trusted
             lo, hi = torch.stack([index.min(), index.max()]).tolist()  # one host sync
@@ -95,7 +111,7 @@ class LogRateState(nn.Module):
         return index
 
     def lookup(
-        self, index: torch.Tensor, *, check: bool = True
+        self, index: torch.Tensor | CheckedIndex, *, check: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(log_rate[index], visited[index])."""
         index = self._index(index, check)
@@ -103,7 +119,7 @@ class LogRateState(nn.Module):
 
     @torch.no_grad()
     def update(
-        self, index: torch.Tensor, log_zhat: torch.Tensor, *, check: bool = True
+        self, index: torch.Tensor | CheckedIndex, log_zhat: torch.Tensor, *, check: bool = True
     ) -> torch.Tensor:
         """Applies the EMA rule for positions `index` with batch estimates `log_zhat` (same
         length) and returns the updated log-rates per position (in log_zhat's dtype, computed
@@ -146,6 +162,64 @@ class LogRateState(nn.Module):
             raise ValueError("log-rates must be finite")
         self.log_rate.copy_(log_rate.detach())
         self.visited.fill_(True)
+
+
+class RatePair:
+    """The rate state of both anchor directions (image, text; None for rate="batch") of one loss,
+    and the step's one door to it: `check` validates a batch's index once (one host sync in eager
+    mode), `lookup` and `update` read and write both directions through LogRateState.lookup /
+    update with that CheckedIndex."""
+
+    def __init__(self, image: LogRateState | None, text: LogRateState | None, num_samples: int):
+        self.image, self.text, self.num_samples = image, text, num_samples
+
+    def _on(self, device: torch.device) -> tuple[LogRateState, LogRateState]:
+        if self.image.log_rate.device != device:
+            self.image.to(device)
+            self.text.to(device)
+        return self.image, self.text
+
+    def check(self, index: object, b: int, device: torch.device, want_seen: bool) -> CheckedIndex:
+        """Eager: the int64 index on `device`, range-checked and (want_seen) whether every
+        sample in it was visited in both directions, in one host sync. Compiled (no host sync):
+        clamped into range, `bad` flags an out-of-range value. None passes for a state-free
+        loss (rate="batch")."""
+        if index is None and self.image is None:
+            return CheckedIndex(None)
+        index = _check_index_tensor(index, b).to(device=device, dtype=torch.int64)
+        if torch.compiler.is_compiling():
+            bad = ((index < 0) | (index >= self.num_samples)).any()
+            return CheckedIndex(index.clamp(0, self.num_samples - 1), None, bad)
+        stats = [index.min(), index.max()]
+        if want_seen:
+            safe = index.clamp(0, self.num_samples - 1)
+            img, txt = self._on(device)
+            stats.append((img.visited[safe] & txt.visited[safe]).all().long())
+        vals = torch.stack(stats).tolist()
+        if vals[0] < 0 or vals[1] >= self.num_samples:
+            raise _range_error(self.num_samples, vals[0], vals[1])
+        return CheckedIndex(index, bool(vals[2]) if want_seen else True)
+
+    def lookup(self, idx: CheckedIndex) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log_rate, visited) [2, n] of the batch's samples (row 0 image, row 1 text)."""
+        got = [s.lookup(idx) for s in self._on(idx.index.device)]
+        return torch.stack([g[0] for g in got]), torch.stack([g[1] for g in got])
+
+    def update(self, idx: CheckedIndex, log_zhat: torch.Tensor, world: World) -> torch.Tensor:
+        """The rate update from every rank's (index, log Zhat) (identical state on every rank);
+        returns the updated log-rates of this rank's rows [2, n] (update-before-use rates)."""
+        index = idx.index
+        if world.size > 1:  # one all-gather of an [n, 3] float64 buffer (indices < 2^53 exact)
+            packed = torch.cat([index.to(torch.float64)[:, None], log_zhat.t().double()], dim=1)
+            out = world.gather(packed, with_grad=False)
+            every = CheckedIndex(out[:, 0].long())
+            all_lz = out[:, 1:].t().to(log_zhat.dtype)
+        else:
+            every, all_lz = idx, log_zhat
+        img, txt = self._on(log_zhat.device)
+        new = torch.stack([img.update(every, all_lz[0]), txt.update(every, all_lz[1])])
+        n = index.shape[0]
+        return new[:, world.rank * n : (world.rank + 1) * n]
 
 
 def _valid_estimates(image, text, all_image, all_text, off: int, scale) -> torch.Tensor:
@@ -236,137 +310,6 @@ def _neg_one_pass(
     return out[0][0] + out[1][0], out[0][1], out[1][1]
 
 
-def gamma_step(
-    loss: GammaClipLoss,
-    image_features: torch.Tensor,
-    text_features: torch.Tensor,
-    logit_scale: float | torch.Tensor,
-    index: torch.Tensor | None,
-    world: World,
-) -> torch.Tensor:
-    """One stochastic-EM step of `loss` (GammaClipLoss / SogCLRLoss) in `world`: E-step draws and
-    rate bookkeeping, then the M-step surrogate (module docstring), a 0-d tensor.
-
-    The global batch is every rank's n pairs (B = W n); this rank's anchors (image and text) meet
-    all gathered columns (with gradient), so the mean over ranks of the loss is the single-process
-    loss of the global batch (same draws: rank 0's, broadcast) and each rank's feature gradient is
-    W x that loss's gradient for its rows (open_clip's local_loss + gather_with_grad; DDP's average
-    gives the global gradient). The state is updated from every rank's (index, log Zhat), so it
-    stays identical on every rank. Eager: one host sync for the index check (range, and for
-    update="after" whether every sample was seen). Compiled: no host sync (docs/gamma.md)."""
-    err = scale = name = None
-    one_pass = loss.rate == "fixed" or (loss.rate == "ema" and loss.update == "after")
-    all_seen, bad = True, None
-    try:
-        V.check_pair(
-            "image_features", image_features, "text_features", text_features, same_batch=True
-        )
-        n = image_features.shape[0]
-        if world.size * n < 2:
-            raise ValueError(
-                f"{type(loss).__name__} needs at least 2 pairs per batch (B - 1 in-batch "
-                f"negatives per anchor), got B = {world.size * n}"
-            )
-        scale = V.as_scale("logit_scale", logit_scale, image_features)
-        name = resolve_traced(loss.backend, image_features.device)
-        if loss.rate == "fixed" and not loss._fixed_set:
-            raise RuntimeError(
-                "rate='fixed' needs set_log_rates(image_log_rate, text_log_rate) "
-                "before the first forward"
-            )
-        index, all_seen, bad = loss._check_index(
-            index, n, image_features.device, want_seen=loss.rate == "ema" and one_pass
-        )
-    except (TypeError, ValueError, RuntimeError) as e:
-        err = e
-    world.check(
-        f"gammacl {type(loss).__name__} (distributed)",
-        [("image_features", image_features), ("text_features", text_features), ("index", index)],
-        flags=[
-            ("num_samples", loss.num_samples),
-            ("rate", _RATE_CODES[loss.rate]),
-            ("update", int(loss.update == "after")),
-            ("mean_estep", int(loss._mean_estep)),
-            *loss.temperature_flags(),
-        ],
-        local_error=err,
-    )
-
-    dev = image_features.device
-    n = image_features.shape[0]
-    total, off = world.size * n, world.rank * n
-    log_m = math.log(total - 1)
-    log_w = loss._log_weights(total, image_features, world)[:, off : off + n]
-    acc = log_w.dtype
-    all_image = world.gather(image_features, with_grad=True)
-    all_text = world.gather(text_features, with_grad=True)
-    valid = _valid_estimates(image_features, text_features, all_image, all_text, off, scale)
-    if bad is not None:  # compiled, out-of-range index: store nothing
-        valid = valid & ~bad
-    pos = _pos_logits(image_features, text_features, scale)
-    states = loss._states(dev) if loss.rate != "batch" else None
-
-    if not one_pass:  # LSE pass (simlse fwd) -> rates -> gradient pass (simlse bwd)
-        row, col = _neg_lse(
-            image_features, text_features, all_image, all_text, scale, off, world, name
-        )
-        log_zhat = _log_zhat(row, col, valid, log_m)
-        log_r = log_zhat if loss.rate == "batch" else loss._update(index, log_zhat, world)
-        neg = _neg_two_pass(row, col, log_w, log_r, log_m)
-        path = "two_pass"
-    else:
-        stored = torch.stack([s.log_rate[index] for s in states]).to(acc)
-        log_zhat = seen = None
-        if loss.rate == "fixed" or all_seen:  # (all_seen is None when compiled: unknown)
-            log_r = stored
-            path = "one_pass"
-        else:  # first visits need this batch's Zhat before the weights exist
-            with torch.no_grad():
-                r0, c0 = _neg_lse(
-                    *(t.detach() for t in (image_features, text_features, all_image, all_text)),
-                    scale.detach(),
-                    off,
-                    world,
-                    name,
-                )
-            log_zhat = _log_zhat(r0, c0, valid, log_m)
-            seen = torch.stack([s.visited[index] for s in states])
-            log_r = torch.where(seen, stored, log_zhat)
-            path = "lse+one_pass"
-        neg, row, col = _neg_one_pass(
-            image_features,
-            text_features,
-            all_image,
-            all_text,
-            scale,
-            log_w,
-            log_r,
-            log_m,
-            loss.clamp,
-            off,
-            world,
-            name,
-        )
-        if loss.rate == "ema":  # update after use
-            if log_zhat is None or all_seen is None:
-                one = _log_zhat(row, col, valid, log_m)
-                # eager: every sample seen -> the one-pass statistics, else the LSE pass's;
-                # compiled: the same choice, made on the device
-                log_zhat = one if log_zhat is None else torch.where(seen.all(), one, log_zhat)
-            loss._update(index, log_zhat, world)
-    out = neg - pos.mean()
-    estimate = 0.5 * log_r.mean(dim=1).sum() - pos.mean()
-    if bad is not None:  # compiled: an out-of-range index poisons the loss and every grad
-        poison = torch.where(bad, float("nan"), 1.0).to(out.dtype)
-        out, estimate = out * poison, estimate * poison
-    if loss.temperature == "rgcl":  # q_i = sum_j w_ij = e^{alpha_i + row_i} (gammacl.temperature)
-        q = torch.exp((log_w - log_r).detach() - log_m + torch.stack([row, col]).detach())
-        out = rgcl_output(out, estimate, scale, pos, q, loss.rho)
-    loss.global_loss_estimate = estimate.detach()
-    loss.last_path = path
-    return out
-
-
 def _check_step_vector(name: str, x: object, b: int, like: torch.Tensor) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.shape != (2, b) or not x.dtype.is_floating_point:
         raise ValueError(
@@ -422,7 +365,7 @@ def default_clamp(rate: str, ema: float, update: str) -> float:
     return DEFAULT_CLAMP
 
 
-class GammaClipLoss(_GeneratorAttr, TemperatureMixin, nn.Module):
+class GammaClipLoss(InWorld, _GeneratorAttr, TemperatureMixin, nn.Module):
     """Gamma-weighted decomposable symmetric contrastive loss with per-sample rate state
     (stochastic EM; the objective and estimator: module docstring; every choice: docs/gamma.md).
 
@@ -476,50 +419,26 @@ class GammaClipLoss(_GeneratorAttr, TemperatureMixin, nn.Module):
         **temperature: Any,
     ) -> None:
         super().__init__()
-        if distributed not in (None, True, False):
-            raise ValueError(f"distributed must be None (auto), True or False, got {distributed!r}")
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-        if (
-            isinstance(shape, bool)
-            or not isinstance(shape, Real)
-            or not math.isfinite(float(shape))
-            or float(shape) <= 0
-        ):
-            raise ValueError(
-                f"shape (the Gamma shape a) must be a finite number > 0, got {shape!r}"
-            )
-        if rate not in RATES:
-            raise ValueError(f"rate must be one of {RATES}, got {rate!r}")
-        if isinstance(ema, bool) or not isinstance(ema, Real) or not 0.0 < float(ema) <= 1.0:
-            raise ValueError(
-                f"ema (weight of the new batch estimate) must be in (0, 1], got {ema!r}"
-            )
-        if update not in UPDATES:
-            raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
+        V.check_choice("distributed", distributed, (None, True, False))
+        V.check_positive_int("num_samples", num_samples)
+        shape = V.check_real("shape (the Gamma shape a)", shape)
+        V.check_choice("rate", rate, RATES)
+        ema = V.check_real("ema (weight of the new batch estimate)", ema, high=1.0)
+        V.check_choice("update", update, UPDATES)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(
                 f"generator must be a torch.Generator or None, got {type(generator).__name__}"
             )
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if clamp is None:
-            clamp = default_clamp(rate, float(ema), update)
-        if (
-            isinstance(clamp, bool)
-            or not isinstance(clamp, Real)
-            or not math.isfinite(float(clamp))
-            or float(clamp) <= 0
-        ):
-            raise ValueError(f"clamp must be a finite number > 0, got {clamp!r}")
+        V.check_backend(backend)
+        clamp = V.check_real("clamp", default_clamp(rate, ema, update) if clamp is None else clamp)
         self.num_samples = num_samples
-        self.shape = float(shape)
+        self.shape = shape
         self.rate = rate
-        self.ema = float(ema)
+        self.ema = ema
         self.update = update
         self.generator = generator
         self.backend = backend
-        self.clamp = float(clamp)
+        self.clamp = clamp
         self.distributed = distributed
         self.process_group = process_group
         self._mean_estep = False  # SogCLR: u = 1/R instead of a draw
@@ -535,13 +454,6 @@ class GammaClipLoss(_GeneratorAttr, TemperatureMixin, nn.Module):
             f"num_samples={self.num_samples}, shape={self.shape}, rate={self.rate!r}, "
             f"ema={self.ema}, update={self.update!r}, backend={self.backend!r}"
         )
-
-    # -- state ---------------------------------------------------------------------------------
-    def _states(self, device: torch.device) -> tuple[LogRateState, LogRateState]:
-        if self.image_rate.log_rate.device != device:
-            self.image_rate.to(device)
-            self.text_rate.to(device)
-        return self.image_rate, self.text_rate
 
     def update_state(
         self, index: torch.Tensor, log_zhat_image: torch.Tensor, log_zhat_text: torch.Tensor
@@ -575,26 +487,51 @@ class GammaClipLoss(_GeneratorAttr, TemperatureMixin, nn.Module):
             self.set_epoch(state["epoch"])
 
     # -- one step ------------------------------------------------------------------------------
-    def _check_index(self, index, b: int, device: torch.device, want_seen: bool):
-        """(index, all_seen, bad). Eager: the validated int64 index on `device`, whether every
-        sample in it was visited in both directions (want_seen; one host sync for both), bad =
-        None. Compiled (no host sync): the index clamped into range, all_seen = None (unknown
-        on the host), bad = 0-d device bool "some index was out of range"."""
-        if index is None and self.rate == "batch":
-            return None, True, None
-        index = _check_index_tensor(index, b).to(device=device, dtype=torch.int64)
-        if torch.compiler.is_compiling():
-            bad = ((index < 0) | (index >= self.num_samples)).any()
-            return index.clamp(0, self.num_samples - 1), None, bad
-        stats = [index.min(), index.max()]
-        if want_seen:
-            safe = index.clamp(0, self.num_samples - 1)
-            img, txt = self._states(device)
-            stats.append((img.visited[safe] & txt.visited[safe]).all().long())
-        vals = torch.stack(stats).tolist()
-        if vals[0] < 0 or vals[1] >= self.num_samples:
-            raise _range_error(self.num_samples, vals[0], vals[1])
-        return index, bool(vals[2]) if want_seen else True, None
+    @property
+    def _rates(self) -> RatePair:
+        return RatePair(self.image_rate, self.text_rate, self.num_samples)
+
+    def _one_pass(self) -> bool:
+        return self.rate == "fixed" or (self.rate == "ema" and self.update == "after")
+
+    def _agree(self, image_features, text_features, logit_scale, index, world: World):
+        """(scale, backend name, CheckedIndex): the step's arguments validated once and, on
+        several ranks, agreed before any feature collective."""
+
+        def check():
+            scale, name = V.check_paired_step(
+                image_features, text_features, logit_scale, self.backend
+            )
+            n = image_features.shape[0]
+            if world.size * n < 2:
+                raise ValueError(
+                    f"{type(self).__name__} needs at least 2 pairs per batch (B - 1 in-batch "
+                    f"negatives per anchor), got B = {world.size * n}"
+                )
+            if self.rate == "fixed" and not self._fixed_set:
+                raise RuntimeError(
+                    "rate='fixed' needs set_log_rates(image_log_rate, text_log_rate) "
+                    "before the first forward"
+                )
+            want_seen = self.rate == "ema" and self._one_pass()
+            return scale, name, self._rates.check(index, n, image_features.device, want_seen)
+
+        return world.agree(
+            f"gammacl {type(self).__name__} (distributed)",
+            check,
+            lambda out: [
+                ("image_features", image_features),
+                ("text_features", text_features),
+                ("index", index if out is None else out[2].index),
+            ],
+            flags=[
+                ("num_samples", self.num_samples),
+                ("rate", _RATE_CODES[self.rate]),
+                ("update", int(self.update == "after")),
+                ("mean_estep", int(self._mean_estep)),
+                *self.temperature_flags(),
+            ],
+        )
 
     def _log_weights(self, b: int, like: torch.Tensor, world: World) -> torch.Tensor:
         """log(G / a) [2, b] for the global batch, drawn as one process would draw it (by rank 0,
@@ -606,35 +543,98 @@ class GammaClipLoss(_GeneratorAttr, TemperatureMixin, nn.Module):
         w = _draw_op("log_gamma", self.shape, b, self._generator_key(), like.device, acc)
         return world.broadcast(w)
 
-    def _update(self, index: torch.Tensor, log_zhat: torch.Tensor, world: World) -> torch.Tensor:
-        """The rate update from every rank's (index, log Zhat) (identical state on every rank);
-        returns the updated log-rates of this rank's rows [2, n] (update-before-use rates)."""
-        if world.size > 1:  # one all-gather of an [n, 3] float64 buffer (indices < 2^53 exact)
-            packed = torch.cat([index.to(torch.float64)[:, None], log_zhat.t().double()], dim=1)
-            out = world.gather(packed, with_grad=False)
-            all_index, all_lz = out[:, 0].long(), out[:, 1:].t().to(log_zhat.dtype)
-        else:
-            all_index, all_lz = index, log_zhat
-        img, txt = self._states(log_zhat.device)
-        new = torch.stack(
-            [
-                img.update(all_index, all_lz[0], check=False),
-                txt.update(all_index, all_lz[1], check=False),
-            ]
-        )
-        n = index.shape[0]
-        return new[:, world.rank * n : (world.rank + 1) * n]
+    def _step(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: float | torch.Tensor,
+        index: torch.Tensor | None,
+        world: World,
+    ) -> torch.Tensor:
+        """One stochastic-EM step in `world`: E-step draws and rate bookkeeping, then the M-step
+        surrogate (module docstring), a 0-d tensor.
 
-    def _world(self) -> World:
-        if self.distributed is False:
-            return World()
-        world = World.of_group(self.process_group)
-        if self.distributed and world.size == 1 and not _dist_up():
-            raise RuntimeError(
-                f"{type(self).__name__}(distributed=True) needs an initialised torch.distributed "
-                "process group"
+        The global batch is every rank's n pairs (B = W n); this rank's anchors (image and text)
+        meet all gathered columns (with gradient), so the mean over ranks of the loss is the
+        single-process loss of the global batch (same draws: rank 0's, broadcast) and each rank's
+        feature gradient is W x that loss's gradient for its rows (open_clip's local_loss +
+        gather_with_grad; DDP's average gives the global gradient). The state is updated from
+        every rank's (index, log Zhat), so it stays identical on every rank. Eager: one host sync
+        for the index check (range, and for update="after" whether every sample was seen).
+        Compiled: no host sync (docs/gamma.md)."""
+        scale, name, idx = self._agree(image_features, text_features, logit_scale, index, world)
+        rates = self._rates
+        n = image_features.shape[0]
+        total, off = world.size * n, world.rank * n
+        log_m = math.log(total - 1)
+        log_w = self._log_weights(total, image_features, world)[:, off : off + n]
+        acc = log_w.dtype
+        all_image = world.gather(image_features, with_grad=True)
+        all_text = world.gather(text_features, with_grad=True)
+        valid = _valid_estimates(image_features, text_features, all_image, all_text, off, scale)
+        if idx.bad is not None:  # compiled, out-of-range index: store nothing
+            valid = valid & ~idx.bad
+        pos = _pos_logits(image_features, text_features, scale)
+
+        if not self._one_pass():  # LSE pass (simlse fwd) -> rates -> gradient pass (simlse bwd)
+            row, col = _neg_lse(
+                image_features, text_features, all_image, all_text, scale, off, world, name
             )
-        return world
+            log_zhat = _log_zhat(row, col, valid, log_m)
+            log_r = log_zhat if self.rate == "batch" else rates.update(idx, log_zhat, world)
+            neg = _neg_two_pass(row, col, log_w, log_r, log_m)
+            path = "two_pass"
+        else:
+            stored, seen = rates.lookup(idx)
+            stored = stored.to(acc)
+            log_zhat = None
+            if self.rate == "fixed" or idx.all_seen:  # (all_seen is None when compiled: unknown)
+                log_r = stored
+                path = "one_pass"
+            else:  # first visits need this batch's Zhat before the weights exist
+                with torch.no_grad():
+                    r0, c0 = _neg_lse(
+                        *(t.detach() for t in (image_features, text_features, all_image, all_text)),
+                        scale.detach(),
+                        off,
+                        world,
+                        name,
+                    )
+                log_zhat = _log_zhat(r0, c0, valid, log_m)
+                log_r = torch.where(seen, stored, log_zhat)
+                path = "lse+one_pass"
+            neg, row, col = _neg_one_pass(
+                image_features,
+                text_features,
+                all_image,
+                all_text,
+                scale,
+                log_w,
+                log_r,
+                log_m,
+                self.clamp,
+                off,
+                world,
+                name,
+            )
+            if self.rate == "ema":  # update after use
+                if log_zhat is None or idx.all_seen is None:
+                    one = _log_zhat(row, col, valid, log_m)
+                    # eager: every sample seen -> the one-pass statistics, else the LSE pass's;
+                    # compiled: the same choice, made on the device
+                    log_zhat = one if log_zhat is None else torch.where(seen.all(), one, log_zhat)
+                rates.update(idx, log_zhat, world)
+        out = neg - pos.mean()
+        estimate = 0.5 * log_r.mean(dim=1).sum() - pos.mean()
+        if idx.bad is not None:  # compiled: an out-of-range index poisons the loss and every grad
+            poison = torch.where(idx.bad, float("nan"), 1.0).to(out.dtype)
+            out, estimate = out * poison, estimate * poison
+        if self.temperature == "rgcl":  # q_i = sum_j w_ij = e^{alpha_i + row_i}: temperature.py
+            q = torch.exp((log_w - log_r).detach() - log_m + torch.stack([row, col]).detach())
+            out = rgcl_output(out, estimate, scale, pos, q, self.rho)
+        self.global_loss_estimate = estimate.detach()
+        self.last_path = path
+        return out
 
     def forward(
         self,
@@ -644,8 +644,8 @@ class GammaClipLoss(_GeneratorAttr, TemperatureMixin, nn.Module):
         index: torch.Tensor | None,
         output_dict: bool = False,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
-        step = individual_step if self.temperature == "individual" else gamma_step
-        loss = step(self, image_features, text_features, logit_scale, index, self._world())
+        step = self._step if self.temperature != "individual" else self._individual_step
+        loss = step(image_features, text_features, logit_scale, index, self._world())
         return {"contrastive_loss": loss} if output_dict else loss
 
 
@@ -688,9 +688,3 @@ class SogCLRLoss(GammaClipLoss):
             f"num_samples={self.num_samples}, ema={self.ema}, update={self.update!r}, "
             f"backend={self.backend!r}"
         )
-
-
-def _dist_up() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()

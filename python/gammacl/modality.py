@@ -45,7 +45,6 @@ from torch import nn
 from gammacl import _validate as V
 from gammacl._random import _draw_op, _GeneratorAttr
 from gammacl.clip import _pos_logits, clip_pairs, infonce_rows, no_autocast
-from gammacl.dispatch import BACKENDS
 from gammacl.dispatch import resolve_traced as _resolve_backend
 from gammacl.ops.simlse import simlse
 
@@ -65,28 +64,6 @@ def _check_group(named: list[tuple[str, torch.Tensor]]) -> None:
     V.check_features(first_name, first)
     for name, x in named[1:]:
         V.check_pair(first_name, first, name, x, same_batch=True)
-
-
-def _check_positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if not (math.isfinite(float(value)) and float(value) > 0.0):
-        raise ValueError(f"{name} must be a finite positive number, got {value}")
-    return float(value)
-
-
-def _check_weight(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if not (math.isfinite(float(value)) and float(value) >= 0.0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-    return float(value)
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value  # type: ignore[return-value]
 
 
 def _check_bridge_t(t: object, like: torch.Tensor) -> float | torch.Tensor:
@@ -263,7 +240,7 @@ def uniformity_loss(
     printed). Exact for any vectors (normalised or not); fused through simlse with one global
     normaliser, never an N x N buffer."""
     _check_group([("zi_v", zi_v), ("zi_t", zi_t)])
-    t = _check_positive("t", t)
+    t = V.check_real("t", t)
     name = _resolve_backend(backend, zi_v.device)
     rows = torch.cat([_gaussian_lse_rows(zi_v, t, name), _gaussian_lse_rows(zi_t, t, name)])
     return torch.logsumexp(rows, dim=0) - math.log(zi_v.shape[0])
@@ -282,7 +259,7 @@ def inmodal_infonce_loss(
     on; "printed": -(1/N) sum_j log(e^{s<z_j,za_j>} / sum_k e^{s<z_j,z_k>}), the denominator over
     the NON-augmented z (k = j included), as docs/math.md B.1 prints L_V2V."""
     _check_group([("z", z), ("z_aug", z_aug)])
-    inmodal = _check_choice("inmodal", inmodal, INMODAL_FORMS)
+    inmodal = V.check_choice("inmodal", inmodal, INMODAL_FORMS)
     scale = V.as_scale("logit_scale", logit_scale, z)
     name = _resolve_backend(backend, z.device)
     return _inmodal_rows(z, z_aug, scale, inmodal, name).mean()
@@ -318,8 +295,8 @@ def feature_separation_loss(
             ("zi_t_aug", zi_t_aug),
         ]
     )
-    t = _check_positive("t", t)
-    inmodal = _check_choice("inmodal", inmodal, INMODAL_FORMS)
+    t = V.check_real("t", t)
+    inmodal = V.check_choice("inmodal", inmodal, INMODAL_FORMS)
     scale = V.as_scale("logit_scale", logit_scale, zi_v)
     name = _resolve_backend(backend, z_v.device)
     ortho = orthogonality_loss(z_v, zi_v, z_t, zi_t)
@@ -376,7 +353,7 @@ def geometric_consistency_loss(
     augmented term (passing augmented features with form="cyclip" is an error)."""
     _check_group([("z_v", z_v), ("z_t", z_t)])
     has_aug = _check_aug_pair(z_v_aug, z_t_aug)
-    form = _check_choice("form", form, GC_FORMS)
+    form = V.check_choice("form", form, GC_FORMS)
     if has_aug:
         if form == "cyclip":
             raise ValueError(
@@ -384,8 +361,8 @@ def geometric_consistency_loss(
                 "L^a_GC, or drop z_v_aug / z_t_aug"
             )
         _check_group([("z_v", z_v), ("z_v_aug", z_v_aug), ("z_t_aug", z_t_aug)])
-    w_in = _check_weight("inmodal_weight", inmodal_weight)
-    w_x = _check_weight("crossmodal_weight", crossmodal_weight)
+    w_in = V.check_real("inmodal_weight", inmodal_weight, strict=False)
+    w_x = V.check_real("crossmodal_weight", crossmodal_weight, strict=False)
     return _gc_gram(z_v, z_t, z_v_aug, z_t_aug, w_in, w_x)
 
 
@@ -404,7 +381,7 @@ def modality_contrastive_loss(
     view (inmodal="cyclip" default, or "printed"; see inmodal_infonce_loss). With "cyclip" it is
     exactly CyCLIP's ((CE(I T^T) + CE(T I^T))/2 + (CE(I Ia^T) + CE(T Ta^T))/2) / 2."""
     _check_group([("z_v", z_v), ("z_t", z_t), ("z_v_aug", z_v_aug), ("z_t_aug", z_t_aug)])
-    inmodal = _check_choice("inmodal", inmodal, INMODAL_FORMS)
+    inmodal = V.check_choice("inmodal", inmodal, INMODAL_FORMS)
     scale = V.as_scale("logit_scale", logit_scale, z_v)
     name = _resolve_backend(backend, z_v.device)
     cross = clip_pairs(z_v, z_t, scale, backend=name).mean()  # (L_V2T + L_T2V) / 2
@@ -420,20 +397,14 @@ def modality_contrastive_loss(
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return backend
-
-
 class ModalityContrastiveLoss(nn.Module):
     """Paper B's base loss (see modality_contrastive_loss); output_dict gives
     {"contrastive_loss": loss} as open_clip does."""
 
     def __init__(self, *, inmodal: str = "cyclip", backend: str = "auto") -> None:
         super().__init__()
-        self.inmodal = _check_choice("inmodal", inmodal, INMODAL_FORMS)
-        self.backend = _check_backend(backend)
+        self.inmodal = V.check_choice("inmodal", inmodal, INMODAL_FORMS)
+        self.backend = V.check_backend(backend)
 
     def forward(self, z_v, z_t, z_v_aug, z_t_aug, logit_scale, output_dict: bool = False):
         loss = modality_contrastive_loss(
@@ -451,10 +422,10 @@ class FeatureSeparationLoss(nn.Module):
         self, weight: float = 1.0, *, t: float = 2.0, inmodal: str = "cyclip", backend: str = "auto"
     ) -> None:
         super().__init__()
-        self.weight = _check_weight("weight", weight)
-        self.t = _check_positive("t", t)
-        self.inmodal = _check_choice("inmodal", inmodal, INMODAL_FORMS)
-        self.backend = _check_backend(backend)
+        self.weight = V.check_real("weight", weight, strict=False)
+        self.t = V.check_real("t", t)
+        self.inmodal = V.check_choice("inmodal", inmodal, INMODAL_FORMS)
+        self.backend = V.check_backend(backend)
 
     def forward(
         self, z_v, z_t, zi_v, zi_t, zi_v_aug, zi_t_aug, logit_scale, output_dict: bool = False
@@ -488,7 +459,7 @@ class BrownianBridgeLoss(_GeneratorAttr, nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        self.weight = _check_weight("weight", weight)
+        self.weight = V.check_real("weight", weight, strict=False)
         if isinstance(t, torch.Tensor):
             raise TypeError(
                 "BrownianBridgeLoss takes t as a number or 'random'; pass a per-row "
@@ -525,10 +496,10 @@ class GeometricConsistencyLoss(nn.Module):
         crossmodal_weight: float = 1.0,
     ) -> None:
         super().__init__()
-        self.weight = _check_weight("weight", weight)
-        self.form = _check_choice("form", form, GC_FORMS)
-        self.inmodal_weight = _check_weight("inmodal_weight", inmodal_weight)
-        self.crossmodal_weight = _check_weight("crossmodal_weight", crossmodal_weight)
+        self.weight = V.check_real("weight", weight, strict=False)
+        self.form = V.check_choice("form", form, GC_FORMS)
+        self.inmodal_weight = V.check_real("inmodal_weight", inmodal_weight, strict=False)
+        self.crossmodal_weight = V.check_real("crossmodal_weight", crossmodal_weight, strict=False)
 
     def forward(self, z_v, z_t, z_v_aug=None, z_t_aug=None, output_dict: bool = False):
         loss = self.weight * geometric_consistency_loss(

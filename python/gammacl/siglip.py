@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from gammacl import _validate as V
-from gammacl.dispatch import BACKENDS, resolve_backend
-from gammacl.distributed import World
+from gammacl.distributed import InWorld, World
 from gammacl.ops.siglip import siglip
 
 DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
@@ -52,28 +51,23 @@ def siglip_step(
     every dist_impl. The mean over ranks is the loss L of the global batch; feature gradients on
     rank r are W dL/d(its rows), and dscale / dbias average over ranks (DDP) to L's. Inputs are
     validated once here and, on several ranks, agreed before any feature collective."""
-    err = scale = bias = name = None
-    try:
-        V.check_pair(
-            "image_features", image_features, "text_features", text_features, same_batch=True
-        )
-        scale = V.as_scale("logit_scale", logit_scale, image_features)
-        bias = V.as_scale("logit_bias", logit_bias, image_features)
-        name = resolve_backend(backend, image_features.device)
-    except (TypeError, ValueError, RuntimeError) as e:
-        err = e
-    world.check(
+
+    def check():
+        scale, name = V.check_paired_step(image_features, text_features, logit_scale, backend)
+        return scale, V.as_scale("logit_bias", logit_bias, image_features), name
+
+    scale, bias, name = world.agree(
         "gammacl SigLipLoss (distributed)",
+        check,
         [("image_features", image_features), ("text_features", text_features)],
         flags=[("rank", world.rank), ("world_size", world.size)],
-        local_error=err,
     )
     all_text = world.gather(text_features, with_grad=True)
     off = world.rank * image_features.shape[0]
     return siglip(image_features, all_text, scale, bias, offset=off, backend=name)
 
 
-class SigLipLoss(nn.Module):
+class SigLipLoss(InWorld, nn.Module):
     """Drop-in replacement for ``open_clip.loss.SigLipLoss``.
 
     Same constructor and forward as open_clip (``logit_bias`` is required, as there); the loss
@@ -98,8 +92,7 @@ class SigLipLoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        V.check_backend(backend)
         dist_impl = dist_impl or "bidir"
         if dist_impl not in DIST_IMPLS:
             raise ValueError(f"dist_impl must be one of {DIST_IMPLS} or None, got {dist_impl!r}")
@@ -110,12 +103,6 @@ class SigLipLoss(nn.Module):
         self.backend = backend
         self.prev_num_logits = 0
         self.labels: dict = {}
-
-    def _world(self) -> World:
-        """The world from rank / world_size, the default process group's where they are None."""
-        if self.rank is None or self.world_size is None or self.world_size > 1:
-            return World.resolve(self.rank, self.world_size)
-        return World(int(self.rank), 1)
 
     # open_clip compatibility helpers (materialised; O(N^2) memory, for subclasses only)
     def get_ground_truth(

@@ -202,6 +202,9 @@ class TemperatureMixin:
             if st is not None:
                 st.ema = ema
 
+    def _individual_step(self, image_features, text_features, logit_scale, index, world):
+        return individual_step(self, image_features, text_features, logit_scale, index, world)
+
     def temperature_flags(self) -> list[tuple[str, int]]:
         """What every rank must agree on (distributed check)."""
         return [
@@ -245,8 +248,8 @@ def individual_step(loss, image_features, text_features, logit_scale, index, wor
     the old temperatures, then the temperature step. Two LSE sweeps with vector scales (simlse),
     plus one backward sweep for E_p[s] (d row_i / d rs_i), and the gradient sweep of backward.
     Returns F = 1/2 mean_i tau_i (log u_i + rho) + (text) as the value."""
-    err = name = None
-    try:
+
+    def check():
         V.check_pair(
             "image_features", image_features, "text_features", text_features, same_batch=True
         )
@@ -261,15 +264,19 @@ def individual_step(loss, image_features, text_features, logit_scale, index, wor
                 f"pass logit_scale=None, got {type(logit_scale).__name__}"
             )
         name = resolve_traced(loss.backend, image_features.device)
-        index = loss._check_index(index, n, image_features.device, want_seen=False)[0]
-    except (TypeError, ValueError, RuntimeError) as e:
-        err = e
-    world.check(
+        return name, loss._rates.check(index, n, image_features.device, want_seen=False)
+
+    name, idx = world.agree(
         f"gammacl {type(loss).__name__} (distributed)",
-        [("image_features", image_features), ("text_features", text_features), ("index", index)],
+        check,
+        lambda out: [
+            ("image_features", image_features),
+            ("text_features", text_features),
+            ("index", index if out is None else out[1].index),
+        ],
         flags=[("num_samples", loss.num_samples), *loss.temperature_flags()],
-        local_error=err,
     )
+    index = idx.index
     n = image_features.shape[0]
     total, off = world.size * n, world.rank * n
     log_m = math.log(total - 1)
@@ -292,7 +299,7 @@ def individual_step(loss, image_features, text_features, logit_scale, index, wor
             torch.autograd.grad(lse, (rs, cs), torch.ones_like(lse), retain_graph=True)
         )
     log_zhat = lse.detach() - log_m
-    log_r = loss._update(index, log_zhat, world).to(lse.dtype)
+    log_r = loss._rates.update(idx, log_zhat, world).to(lse.dtype)
     acc = lse.dtype
     cos_pos = (image_features.to(acc) * text_features.to(acc)).sum(dim=1)
     alpha = (log_w - log_r).detach() - log_m
