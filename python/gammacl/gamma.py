@@ -381,7 +381,7 @@ class GammaClipLoss(InWorld, _GeneratorAttr, TemperatureMixin, nn.Module):
         update: "before" (update, then use; bounded weights; two passes) or "after" (the stored,
             one-epoch-stale rate, then update; one fused pass, exponents capped at `clamp`,
             default log(1/ema)). From batch 16 one-pass trains worse than minibatch InfoNCE
-            (B=16: 4 of 5 seeds; B >= 32: all; docs/experiments.md): use "before" there.
+            (global loss: 4 of 5 seeds at B=16, all at B >= 32; docs/experiments.md).
         generator: torch.Generator for the draws (reproducible runs); its state is saved in
             state_dict() so a checkpoint resumes the same draws.
         backend: "auto", "torch", "cpp", "triton", "cuda" or "reference".
