@@ -21,7 +21,7 @@ from gammacl.ops.simlse import _simlse_backward_op, simlse
 simlse_mod = importlib.import_module("gammacl.ops.simlse")  # gammacl.ops.simlse is also the op
 
 # the backends with the vector-scale path (issue 24 item 2 lands them one by one)
-VEC = ("torch",)
+VEC = ("torch", "cpp", "triton", "cuda")
 BACKENDS = [p for p in cpu_backends() if p.values[0] in VEC]
 NAMES = ("row", "col", "da", "db", "drs", "dcs")
 
@@ -72,6 +72,7 @@ def tiny_chunks(monkeypatch):
     monkeypatch.setattr(simlse_mod, "_CHUNK_BYTES", 3 * 67 * 8)  # torch: 3 rows at N <= 67
     monkeypatch.setenv("GAMMACL_CPU_CHUNK_MIB", str(3 * 67 * 8 / 2**20))
     monkeypatch.setenv("GAMMACL_CUDA_CHUNK_MIB", str(3 * 67 * 8 / 2**20))
+    monkeypatch.setenv("GAMMACL_TRITON_CHUNK_MIB", str(32 * 67 * 2 / 2**20))  # large D: 32 rows
 
 
 SHAPES = [  # m, n, d, offset
@@ -119,7 +120,33 @@ def test_vscale_low_precision(backend, dtype, tiny_chunks):
             assert_close_dtype(x, y, z, dtype, f"{name} {dtype} exclude={exclude} cols={cols}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] == "triton"])
+@pytest.mark.parametrize(("dtype", "d"), [(torch.float32, 80), (torch.bfloat16, 136)])
+def test_vscale_triton_large_d(backend, dtype, d, tiny_chunks):
+    """The GEMM-tiled path (kernels/simlse_tiled.py: D > 64 fp32, > 128 16-bit) with vector
+    scales: 40 rows in two chunks of 32, 2 x 2 tiles of 32 under the interpreter, K loop of 2-3."""
+    m, n, offset = 40, 33, -1
+    a, b, rs, cs = _inputs(m, n, d, dtype, lo=0.5, hi=60.0)
+    g_row, g_col = torch.randn(m), torch.randn(n)
+    for exclude, cols in ((False, True), (True, True), (True, False)):
+        args = (g_row, g_col, cols)
+        got = _fwd_bwd(_op(backend, offset, exclude, cols), a, b, rs, cs, *args)
+        up = (a.double(), b.double(), rs.double(), cs.double())
+        want = _fwd_bwd(_ref(offset, exclude, cols, True), *up, *args)
+        same = _fwd_bwd(_ref(offset, exclude, cols, False), a, b, rs, cs, *args)
+        for name, x, y, z in zip(NAMES, got, want, same, strict=True):
+            assert_close_dtype(x, y, z, dtype, f"{name} {dtype} exclude={exclude} cols={cols}")
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param(*p.values, marks=[*p.marks, pytest.mark.slow], id=p.id)
+        if p.values[0] == "triton"
+        else p
+        for p in BACKENDS
+    ],
+)
 def test_vscale_gradcheck(backend, tiny_chunks):
     """Finite differences of the op itself, all four inputs, both excluded and plain."""
     a, b, rs, cs = _inputs(6, 5, 3, torch.float64, lo=0.5, hi=8.0)
@@ -272,3 +299,24 @@ def test_vscale_argument_checks():
         simlse(a, b, rs, col_scale=cs.double())
     row, col = simlse(a, b, rs, cols=False)  # no column LSE: no column scale needed
     assert row.shape == (4,) and col.shape == (0,)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_vscale_cpp_thread_counts(threads, tiny_chunks):
+    """The cpp backend's row blocks (one per thread, each with its own column partials of the
+    LSE and of sum_i p^c_ij s_ij, merged at the end) at 1, 2 and 3 threads, several chunks."""
+    if "cpp" not in [p.values[0] for p in BACKENDS]:
+        pytest.skip("C++ extension unavailable")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        m, n, d = 67, 29, 5
+        a, b, rs, cs = _inputs(m, n, d, torch.float64)
+        g_row, g_col = torch.randn(m, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+        args = (a, b, rs, cs, g_row, g_col, True)
+        got = _fwd_bwd(_op("cpp", -1, True, True), *args)
+        want = _fwd_bwd(_ref(-1, True, True, True), *args)
+        for name, x, y in zip(NAMES, got, want, strict=True):
+            assert_close_fp64(x, y, f"{name} threads={threads}")
+    finally:
+        torch.set_num_threads(before)
