@@ -297,7 +297,7 @@ def _individual_formula(img, txt, tau, mom, rho, lr, beta, lo, hi):
     return value.detach(), ga, gc, (tau - lr * m).clamp(lo, hi), m
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("b", [6, 21])
 def test_individual_two_steps_match_formula_at_ema_one(backend, b):
     n, rho, lr, beta, lo, hi = 3 * b, 0.8, 0.05, 0.7, 0.05, 0.3
