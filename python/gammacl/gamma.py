@@ -632,6 +632,7 @@ class GammaClipLoss(InWorld, _GeneratorAttr, TemperatureMixin, nn.Module):
         if self.temperature == "rgcl":  # q_i = sum_j w_ij = e^{alpha_i + row_i}: temperature.py
             q = torch.exp((log_w - log_r).detach() - log_m + torch.stack([row, col]).detach())
             out = rgcl_output(out, estimate, scale, pos, q, self.rho)
+            estimate = (estimate.detach() + self.rho) / scale.detach()  # F: the value returned
         self.global_loss_estimate = estimate.detach()
         self.last_path = path
         return out

@@ -309,6 +309,6 @@ def individual_step(loss, image_features, text_features, logit_scale, index, wor
     _tau_update(loss, index, tau, log_r, l_pos, mean_s / tau, q, world)
     log_u = log_r - l_pos
     value = 0.5 * (tau * (log_u + loss.rho)).mean(dim=1).sum()
-    loss.global_loss_estimate = 0.5 * log_u.mean(dim=1).sum()
+    loss.global_loss_estimate = value  # F: the value returned
     loss.last_path = "individual"
     return out + (value - out).detach()
