@@ -67,10 +67,11 @@ int simlse_fwd_chunk(const void* s, gammacl::GcType s_type, int64_t rows, int64_
                      const void* col_scale = nullptr);
 
 // Backward weights of one row chunk, written to w (may alias s when the types match):
-//   W_ij = w_scale * (g_row[i] exp(l_ij - row_lse[i]) + [cols] g_col[j] exp(l_ij - col_lse[j]))
+//   W_ij = w_scale[i] * (g_row[i] exp(l_ij - row_lse[i]) + [cols] g_col[j] exp(l_ij - col_lse[j]))
 // (0 if excluded) with i = row0 + local row. s_type in {F32, F64, F16, BF16}; w_type = F64 iff
-// s_type is F64. w_scale: optional acc-typed device scalar (nullptr = 1), a power of two that
-// keeps fp16 weights out of fp16's subnormal range; the caller divides the GEMM results by it.
+// s_type is F64. w_scale: optional acc-typed device vector over all rows (nullptr = 1), powers of
+// two that keep each row's fp16 weights out of fp16's subnormal range; the caller divides them
+// back out of the GEMM results.
 // ds_part (acc type, >= simlse_bwd_ds_partials(rows, n) elements) receives *ds_count partial
 // sums of W_ij S_ij (the unscaled weights in the acc type: d loss / d scale without the 16-bit
 // rounding of W); their sum is this chunk's share of sum_ij W_ij S_ij.

@@ -157,27 +157,19 @@ GC_INLINE T sum_exp_cols(const T* x, int64_t n, T s, T m, T* cm, T* cl) {
 
 // In place: x_j <- gr exp(s x_j - r) [if row] + gc_j exp(s x_j - c_j) [if gc].
 template <typename T>
-GC_INLINE void weights(T* x, int64_t n, T s, bool row, T gr, T r, const T* gc, const T* c) {
-  if (row && gc) {
+GC_INLINE void weights(T* x, int64_t n, T s, T gr, T r, const T* gc, const T* c) {
+  if (gc) {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       const T l = s * x[j];
       x[j] = gr * exp_(l - r) + gc[j] * exp_(l - c[j]);
     }
-  } else if (row) {
+  } else {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       const T l = s * x[j];
       x[j] = gr * exp_(l - r);
     }
-  } else if (gc) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      const T l = s * x[j];
-      x[j] = gc[j] * exp_(l - c[j]);
-    }
-  } else {
-    std::fill(x, x + n, T(0));
   }
 }
 
@@ -265,9 +257,9 @@ GC_CLONES float sum_exp_cols_f32(const float* x, int64_t n, float s, float m, fl
                                  float* cl) {
   return sum_exp_cols(x, n, s, m, cm, cl);
 }
-GC_CLONES void weights_f32(float* x, int64_t n, float s, bool row, float gr, float r,
-                           const float* gc, const float* c) {
-  weights(x, n, s, row, gr, r, gc, c);
+GC_CLONES void weights_f32(float* x, int64_t n, float s, float gr, float r, const float* gc,
+                           const float* c) {
+  weights(x, n, s, gr, r, gc, c);
 }
 
 inline float row_max(const float* x, int64_t n, float s) { return max_scaled_f32(x, n, s); }
@@ -284,13 +276,13 @@ inline float row_sum_cols(const float* x, int64_t n, float s, float m, float* cm
 inline double row_sum_cols(const double* x, int64_t n, double s, double m, double* cm, double* cl) {
   return sum_exp_cols(x, n, s, m, cm, cl);
 }
-inline void row_weights(float* x, int64_t n, float s, bool row, float gr, float r, const float* gc,
+inline void row_weights(float* x, int64_t n, float s, float gr, float r, const float* gc,
                         const float* c) {
-  weights_f32(x, n, s, row, gr, r, gc, c);
+  weights_f32(x, n, s, gr, r, gc, c);
 }
-inline void row_weights(double* x, int64_t n, double s, bool row, double gr, double r,
-                        const double* gc, const double* c) {
-  weights(x, n, s, row, gr, r, gc, c);
+inline void row_weights(double* x, int64_t n, double s, double gr, double r, const double* gc,
+                        const double* c) {
+  weights(x, n, s, gr, r, gc, c);
 }
 
 // Column excluded from global row i, or -1 when none falls inside [0, n).
@@ -423,14 +415,15 @@ void bwd_impl(const at::Tensor& a, const at::Tensor& b, T s, const T* rl, const 
         const int64_t i = i0 + r;
         T* x = sp + r * N;
         const int64_t e = excluded_col(exclude, i, offset, N);
-        // A row whose LSE is -inf has every entry excluded; g = 0 rows contribute nothing.
-        const bool row_on = gr[i] != T(0) && rl[i] != kNegInf<T>;
+        // Every non-excluded entry is formed, g = 0 rows too: 0 * exp(NaN) stays NaN, so a
+        // non-finite feature reaches the gradients as on the torch backend (excluded entries
+        // are set to 0 and never formed, so an all-excluded row gives W = 0, not -inf - -inf).
         const T* gcp = cols ? gc : nullptr;
         const int64_t n0 = e < 0 ? N : e;
-        row_weights(x, n0, s, row_on, gr[i], rl[i], gcp, clse);
+        row_weights(x, n0, s, gr[i], rl[i], gcp, clse);
         if (e >= 0) {
           x[e] = T(0);
-          row_weights(x + e + 1, N - e - 1, s, row_on, gr[i], rl[i], gcp ? gcp + e + 1 : nullptr,
+          row_weights(x + e + 1, N - e - 1, s, gr[i], rl[i], gcp ? gcp + e + 1 : nullptr,
                       clse ? clse + e + 1 : nullptr);
         }
       }

@@ -199,15 +199,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cuda(
   const int64_t R = cuda_chunk_rows(M, bytes_per_row(N, asz, half ? 2 : 0, false));
   at::Tensor buf = at::empty({R, N}, opts);
   at::Tensor wbuf = half ? at::empty({R, N}, a.options()) : buf;
-  // fp16 W: |W_ij| <= |g_r_i| + |g_c_j| <= G, but typical entries (g ~ 1/N times a probability
-  // ~ 1/N) fall below fp16's normal range (6e-5). Scale W by sigma = 2^floor(log2(2^14 / G))
-  // (exact, on the device: no sync) and divide da, db by it at the end.
-  at::Tensor sigma, inv_sigma;
+  // fp16 W: |W_ij| <= u_i = |g_r_i| + max_j |g_c_j|, but typical entries (g ~ 1/N times a
+  // probability ~ 1/N) fall below fp16's normal range (6e-5), and one scale for all rows loses
+  // the rows whose g is 2^-24 below the largest. Row i is scaled by sigma_i = 2^(14 - ceil
+  // log2 u_i) (1 where u_i is 0 or not finite; exact, on the device: no sync); da rows are
+  // divided by sigma_i, and db = W^T A = (1 / sigma_min) W'^T A_s with A_s_i = A_i sigma_min /
+  // sigma_i (a factor <= 1; an [R, D] fp16 copy per chunk), as kernels/simlse_tiled.py.
+  at::Tensor sigma, sigma_min, a_s;
   if (in == at::kHalf) {
-    at::Tensor gmax = gr.abs().amax();
-    if (cols && N > 0) gmax = gmax + gc.abs().amax();
-    sigma = at::exp2(at::clamp(at::floor(at::log2(16384.0 / gmax)), -120.0, 120.0));
-    inv_sigma = at::reciprocal(sigma);
+    at::Tensor u = gr.abs();
+    if (cols && N > 0) u = u + gc.abs().amax();
+    const at::Tensor ok = at::isfinite(u).logical_and_(u > 0);
+    const at::Tensor e =
+        at::clamp(at::ceil(at::log2(at::where(ok, u, at::ones_like(u)))), -100.0, 100.0);
+    sigma = at::where(ok, at::exp2(14.0 - e), at::ones_like(u));
+    sigma_min = sigma.amin();
+    a_s = at::empty({R, D}, a.options());
   }
   at::Tensor ds_part = at::empty({static_cast<int64_t>(cuda::simlse_bwd_ds_partials(R, N))}, opts);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -230,13 +237,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cuda(
     gemm_rm(false, false, rows, D, N, wbuf.const_data_ptr(), N, b.const_data_ptr(), b.stride(0),
             static_cast<char*>(da.data_ptr()) + i0 * D * asz, D, false, in);
     // db (+)= W^T @ A_c
-    gemm_rm(true, false, N, D, rows, wbuf.const_data_ptr(), N, a_c, a.stride(0), db.data_ptr(), D,
+    const char* a_db = a_c;
+    int64_t ld_db = a.stride(0);
+    if (sigma.defined()) {
+      const at::Tensor sc = sigma.narrow(0, i0, rows);
+      da.narrow(0, i0, rows).div_(sc.unsqueeze(1));
+      at::Tensor as_c = a_s.narrow(0, 0, rows);
+      as_c.copy_(a.narrow(0, i0, rows).to(acc) * (sigma_min / sc).unsqueeze(1));
+      a_db = static_cast<const char*>(as_c.const_data_ptr());
+      ld_db = D;
+    }
+    gemm_rm(true, false, N, D, rows, wbuf.const_data_ptr(), N, a_db, ld_db, db.data_ptr(), D,
             i0 > 0, in);
   }
-  if (sigma.defined()) {
-    da.mul_(inv_sigma);
-    db.mul_(inv_sigma);
-  }
+  if (sigma.defined()) db.div_(sigma_min);
   return {da, db, ds};
 }
 

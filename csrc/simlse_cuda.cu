@@ -179,16 +179,15 @@ __global__ void __launch_bounds__(kThreads)
   using A = typename AccOf<T>::type;
   __shared__ A sm_ds[kWarps];
   const A sl = scale[0];
-  const A ws = w_scale ? w_scale[0] : A(1);
-  const A ninf = neg_inf<A>();
   const int64_t jstride = int64_t(gridDim.x) * kThreads * VEC;
   A ds = A(0);
   for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
     const int64_t i = row0 + r;
     const A gr = g_row[i];
+    const A ws = w_scale ? w_scale[i] : A(1);  // fp16: the row's power of two (binding)
     const A ri = row_lse[i];
-    // A row with LSE -inf has every entry excluded; g = 0 rows contribute nothing.
-    const bool row_on = gr != A(0) && ri != ninf;
+    // Every entry is formed, g = 0 rows and columns too (0 * exp(NaN) stays NaN, as on the torch
+    // backend); excluded entries are then set to 0 (an all-excluded row: -inf - -inf -> 0).
     const int64_t excl = exclude ? i + offset : int64_t(-1);
     const T* srow = s + r * ld_s;
     TW* wrow = w + r * ld_w;
@@ -200,12 +199,8 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t j = j0 + v;
         const A sv = to_acc(p.v[v]);
         const A l = mul_rn(sv, sl);  // as the forward's load_row_logits
-        A wv = row_on ? gr * ex(l - ri) : A(0);
-        if (cols) {
-          const A gc = g_col[j];
-          const A cj = col_lse[j];
-          if (gc != A(0) && cj != ninf) wv += gc * ex(l - cj);
-        }
+        A wv = gr * ex(l - ri);
+        if (cols) wv += g_col[j] * ex(l - col_lse[j]);
         wv = j == excl ? A(0) : wv;
         ds += wv * sv;
         q.v[v] = from_acc<TW>(wv * ws);

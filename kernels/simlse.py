@@ -53,14 +53,18 @@ converting the LSE to natural units and back (r * ln2 * log2 e) shifts the maxim
 exponent by ~ulp(l2): 8e-5 relative gradient error at |l| ~ 1e3 (tests/test_large_logits.py).
 The kernels are compiled with enable_fp_fusion=False for the same reason: fused into
 fma(S, scale, -m), the exponent would see the unrounded product.
-Excluded and out-of-range entries are -inf before any exp; running maxima and LSEs
+Forward: excluded and out-of-range entries are -inf before any exp; running maxima and LSEs
 that are -inf (an all-excluded row or column) are replaced by 0 as the exp shift, so the
-all-excluded row gets LSE -inf and W = 0, never NaN. fp16 only: W = g * P with g ~ 1/N (mean
-losses) would fall below fp16's range when cast for the product, so the backward scales W by
-1/gmax (gmax = max|g| rounded up to a power of two, computed on the device: no host sync) and the
-fp32 result back by gmax; bf16 has fp32's exponent range and needs no scaling. fp32 inputs use
-input_precision="ieee" (matches an fp32 reference on GPU); TF32 is an opt-in that follows
-PyTorch's own switch, torch.set_float32_matmul_precision("high" or "medium").
+all-excluded row gets LSE -inf. Backward: every valid W_ij is formed in IEEE arithmetic (g = 0
+too: a NaN / inf feature gives NaN weights, as on the torch backend) and excluded /
+out-of-range entries are then set to 0 (an all-excluded row: W = 0, never NaN). fp16 only:
+W = g * P with g ~ 1/N (mean losses) would fall below fp16's range when cast for the product,
+so the backward scales each W row by its own power of two sigma_i (fp16_row_scale: the row's
+bound at <= 2^14, on the device, no host sync) and divides the fp32 output row by it; rows whose
+g differs by 2^-24 and more all keep their gradient, and a true gradient beyond fp16's range
+comes out as inf when rounded, as on torch. bf16 has fp32's exponent range and needs no scaling.
+fp32 inputs use input_precision="ieee" (matches an fp32 reference on GPU); TF32 is an opt-in that
+follows PyTorch's own switch, torch.set_float32_matmul_precision("high" or "medium").
 
 Large D (D > 128 for 16-bit inputs, D > 64 for fp32; tiles.use_large_d): the fused kernels above
 would re-read their fp32 output rows per column tile (~18 FLOP/B of L2 traffic at D = 1024), so
@@ -288,8 +292,8 @@ def _simlse_bwd_kernel(
     """OUT[i] = sum_j W_ij Y[j] for this program's BLOCK_M rows of X, with
     W_ij = [HAS_X] G_X[i] exp(l_ij - LSE_X[i]) + [HAS_Y] G_Y[j] exp(l_ij - LSE_Y[j]),
     l_ij = scale * <X_i, Y_j>, W = 0 on excluded (j == i + offset) and out-of-range entries.
-    With G_NORM, OUT = (W * G_INV) @ Y (G_INV = 1 / max|g|, a power of two; the launcher
-    multiplies it back): fp16 W = g * P with g ~ 1/N would otherwise flush to zero.
+    With G_NORM, OUT = (diag(G_INV) W) @ Y (G_INV [M] = fp16_row_scale's sigma, powers of two;
+    the launcher divides it back out): fp16 W = g * P with g ~ 1/N would otherwise flush to zero.
     IS_VEC (vector scales, SCALE [M] over X's rows, SCALE_Y [N] over Y's): the X term reads
     l_ij = SCALE[i] S_ij and carries SCALE[i], the Y term l'_ij = SCALE_Y[j] S_ij and SCALE_Y[j]
     (W_ij = G_X[i] SCALE[i] p_ij + G_Y[j] SCALE_Y[j] p'_ij); with HAS_DS, DS_PART[i] =
@@ -308,7 +312,6 @@ def _simlse_bwd_kernel(
         scale = tl.load(SCALE).to(ACC)
     if HAS_X:
         lse_x = tl.load(LSE_X + offs_m, mask=row_ok, other=0.0)
-        lse_x = tl.where(lse_x == _NEG_INF, 0.0, lse_x)  # all-excluded row: all W_ij masked
         g_x = tl.load(G_X + offs_m, mask=row_ok, other=0.0)
     else:
         lse_x = tl.zeros((BLOCK_M,), dtype=ACC)
@@ -372,24 +375,27 @@ def _simlse_bwd_kernel(
                 ds_acc, EXCLUDE, HAS_X, HAS_Y, HAS_DS, ACC, BASE2,
             )  # fmt: skip
         else:
-            # -inf on excluded / out-of-range entries makes their softmax weights exactly 0
-            s = tl.where(_valid(offs_m, offs_n, M, N, offset, EXCLUDE), s * scale, _NEG_INF)
+            valid = _valid(offs_m, offs_n, M, N, offset, EXCLUDE)
+            s = s * scale
             w = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+            # exponents -inf on excluded / out-of-range entries (an all-excluded row's LSE is
+            # -inf: l - LSE = +inf there, never -inf - -inf); every valid entry is formed in
+            # IEEE arithmetic, g = 0 included, so a NaN / inf logit or LSE reaches OUT as NaN
             if HAS_X:  # row-softmax term: g_r_i * P_row_ij
-                w += g_x[:, None] * _exp_nat(s - lse_x[:, None], BASE2)
+                w += g_x[:, None] * _exp_nat(tl.where(valid, s - lse_x[:, None], _NEG_INF), BASE2)
             if HAS_Y:  # column-softmax term: g_c_j * P_col_ij
                 col_ok = offs_n < N
                 lse_y = tl.load(LSE_Y + offs_n, mask=col_ok, other=0.0)
-                lse_y = tl.where(lse_y == _NEG_INF, 0.0, lse_y)
                 g_y = tl.load(G_Y + offs_n, mask=col_ok, other=0.0)
-                w += g_y[None, :] * _exp_nat(s - lse_y[None, :], BASE2)
+                w += g_y[None, :] * _exp_nat(tl.where(valid, s - lse_y[None, :], _NEG_INF), BASE2)
+            w = tl.where(valid, w, 0.0)  # 0 also where g is non-finite, as torch's zeroing
         if HAS_DS and not IS_VEC:
             # dscale_raw = sum_ij W_ij <X_i, Y_j> from the fp32 W, before W is rounded to the
             # operand dtype: <X, W16 @ Y> loses ~ulp(bf16) of the summands, and dscale cancels
             # against the positive / smoothing terms (bf16, scale 1e-3, smoothing 1: 78% error)
             ds_acc += tl.sum(w * s_raw, axis=1)
         if G_NORM:
-            w = w * tl.load(G_INV).to(ACC)
+            w = w * tl.load(G_INV + offs_m, mask=row_ok, other=1.0).to(ACC)[:, None]
         # W in the operand dtype for the tensor-core product (fp32 accumulation)
         w = w.to(Y.dtype.element_ty)
         if UPCAST:
@@ -552,6 +558,24 @@ def simlse_fwd(
     return row, col
 
 
+def fp16_row_scale(
+    g_x: torch.Tensor, g_y: torch.Tensor, has_x: bool, has_y: bool, rows: int
+) -> torch.Tensor:
+    """sigma [rows] (fp32 powers of two, on the device: no host sync) for fp16 weight rows
+    W_ij = [has_x] g_x_i P_ij + [has_y] g_y_j Q_ij (P, Q <= 1): with the row bound
+    u_i = [has_x] |g_x_i| + [has_y] max_j |g_y_j| >= max_j |W_ij|, sigma_i = 2^(14 - ceil log2 u_i)
+    puts the row's largest weight at <= 2^14 (fp16 max 65504) and keeps 38 binades below it, so
+    no row is flushed because another row's g is larger (a global scale lost rows whose g was
+    2^-24 below the largest). sigma = 1 where u is 0 or not finite (W is then 0, inf or NaN, as
+    on torch); the exponent is clamped so sigma and 1 / sigma stay finite in fp32."""
+    u = g_x.abs() if has_x else g_y.new_zeros(rows)
+    if has_y and g_y.numel():
+        u = u + g_y.abs().amax()
+    ok = torch.isfinite(u) & (u > 0)
+    e = torch.ceil(torch.log2(torch.where(ok, u, 1.0))).clamp_(-100.0, 100.0)
+    return torch.where(ok, torch.exp2(14.0 - e), 1.0).to(torch.float32)
+
+
 def simlse_bwd(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -588,27 +612,20 @@ def simlse_bwd(
         return da.zero_(), db.zero_(), *zero
     flags = _flags(a.dtype)
     ds_part = None
-    # fp16 only (5-bit exponent): |W| <= max|g_r| + max|g_c| and g ~ 1/N, so W = g * P would
-    # underflow fp16 at large N; scale W by 1/gmax (gmax a power of two, on the device, no sync)
-    # and the fp32 result back by gmax. bf16 shares fp32's exponent range and needs no scaling.
+    # fp16 only (5-bit exponent): W rows scaled by powers of two sigma_i (fp16_row_scale; bf16
+    # shares fp32's exponent range and needs no scaling)
     g_norm = a.dtype == torch.float16
     cs = col_scale if vec and cols else None
-    if g_norm:  # vector scales: W carries g * scale
-        gmax = (g_row * scale if vec else g_row).abs().amax()
-        if cols:
-            gmax = torch.maximum(gmax, (g_col * cs if vec else g_col).abs().amax())
-        gmax = torch.exp2(torch.ceil(torch.log2(torch.where(gmax > 0, gmax, 1.0))))
-        g_inv = 1.0 / gmax
     with _device_guard(dev):
         if use_large_d(a.dtype, d):
             ds = torch.zeros(m + (n if cols else 0) if vec else (), dtype=acc, device=dev)
+            # vector scales: W carries g * scale
+            g_r, g_c = (g_row * scale, g_col * cs if cols else g_col) if vec else (g_row, g_col)
+            sigma = fp16_row_scale(g_r, g_c, True, cols, m) if g_norm else None
             _tiled.large_d_bwd(
-                a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols,
-                g_inv if g_norm else None, da, db, ds, col_scale=cs,
+                a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols, sigma,
+                da, db, ds, col_scale=cs,
             )  # fmt: skip
-            if g_norm:
-                da.mul_(gmax)
-                db.mul_(gmax)
             return (da, db, ds) if dscale or vec else (da, db)
         if vec:  # rows of a write drs = ds[:m], rows of b dcs = ds[m:]
             ds_vec = torch.empty(m + (n if cols else 0), dtype=acc, device=dev)
@@ -622,6 +639,12 @@ def simlse_bwd(
             rows = x.shape[0]
             grid = lambda meta, rows=rows: (triton.cdiv(rows, meta["BLOCK_M"]),)  # noqa: E731
             has_ds = dscale and not trans  # the da launch alone covers every (i, j)
+            if g_norm:  # vector scales: W carries g * scale
+                gx = g_x * s_x if vec and has_x else g_x
+                gy = g_y * s_y if vec and has_y else g_y
+                sigma = fp16_row_scale(gx, gy, has_x, has_y, rows)
+            else:
+                sigma = None
             if vec:  # each launch sums its own rows' scale gradient
                 has_ds = has_x
                 ds_part = ds_vec[m:] if trans else ds_vec[:m]
@@ -637,7 +660,7 @@ def simlse_bwd(
                 LSE_Y=lse_y if has_y else lse_x,
                 G_X=g_x if has_x else g_y,
                 G_Y=g_y if has_y else g_x,
-                G_INV=g_inv if g_norm else scale,
+                G_INV=sigma if g_norm else scale,
                 OUT=out,
                 DS_PART=ds_part if has_ds else out,
                 M=rows,
@@ -658,9 +681,8 @@ def simlse_bwd(
                 **kw,
                 enable_fp_fusion=False,  # exponent from the rounded logit (Numerics)
             )
-    if g_norm:
-        da.mul_(gmax)
-        db.mul_(gmax)
+            if g_norm:
+                out.div_(sigma[:, None])  # exact: sigma is a power of two
     if vec:
         return da, db, ds_vec
     if dscale:

@@ -16,7 +16,7 @@ work is split into GEMM-shaped kernels, each at a GEMM's FLOP/byte:
            [R, N] buffer; then dA_c = W @ B and dB += W^T @ A_c (tiles._gemm_kernel, fp32
            output, dB accumulated in the GEMM epilogue).  2RND + 4RND FLOPs per chunk; W is
            written once and read twice (3*R*N*size bytes).
-fp16: W scaled by 1/gmax (power of two, on the device) as in the fused backward.
+fp16: W rows scaled by powers of two sigma_i (simlse.fp16_row_scale), as in the fused backward.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def _simlse_bwd_w_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """W[i, j] = G_X[i] exp(l_ij - LSE_X[i]) + [HAS_Y] G_Y[j] exp(l_ij - LSE_Y[j]) (times G_INV
+    """W[i, j] = G_X[i] exp(l_ij - LSE_X[i]) + [HAS_Y] G_Y[j] exp(l_ij - LSE_Y[j]) (times G_INV[i]
     with G_NORM), 0 on excluded entries, stored in W's dtype for one [BLOCK_M, BLOCK_N] tile;
     DS_PART[program] = sum over the tile of W_ij S_ij from the acc-typed W before G_INV and the
     rounding to W's dtype (d loss / d scale; <A, W16 B> would cancel).
@@ -151,7 +151,6 @@ def _simlse_bwd_w_kernel(
         BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
     lse_x = tl.load(LSE_X + offs_m, mask=row_ok, other=0.0)
-    lse_x = tl.where(lse_x == _NEG_INF, 0.0, lse_x)  # all-excluded row: all W_ij masked
     g_x = tl.load(G_X + offs_m, mask=row_ok, other=0.0)
     if IS_VEC:
         rs = tl.load(SCALE + offs_m, mask=row_ok, other=0.0).to(ACC)[:, None]
@@ -163,18 +162,20 @@ def _simlse_bwd_w_kernel(
         if HAS_Y:
             tl.store(DS_COL_PART + pid_m * stride_dsc + offs_n, ds_col, mask=col_ok)
     else:
-        # -inf on excluded / out-of-range entries makes their softmax weights exactly 0
+        # exponents -inf on excluded / out-of-range entries (an all-excluded row's LSE is -inf:
+        # l - LSE = +inf there, never -inf - -inf) and W = 0 there; every valid entry is formed
+        # in IEEE arithmetic, g = 0 included, so NaN / inf logits or LSEs give NaN weights
         valid = _valid(offs_m, offs_n, M, N, offset, EXCLUDE)
-        s = tl.where(valid, raw * tl.load(SCALE).to(ACC), _NEG_INF)
-        w = g_x[:, None] * _exp_nat(s - lse_x[:, None], BASE2)
+        s = raw * tl.load(SCALE).to(ACC)
+        w = g_x[:, None] * _exp_nat(tl.where(valid, s - lse_x[:, None], _NEG_INF), BASE2)
         if HAS_Y:
             lse_y = tl.load(LSE_Y + offs_n, mask=col_ok, other=0.0)
-            lse_y = tl.where(lse_y == _NEG_INF, 0.0, lse_y)
             g_y = tl.load(G_Y + offs_n, mask=col_ok, other=0.0)
-            w += g_y[None, :] * _exp_nat(s - lse_y[None, :], BASE2)
-        tl.store(DS_PART + tl.program_id(0), tl.sum(tl.sum(tl.where(valid, w * raw, 0.0), 1), 0))
+            w += g_y[None, :] * _exp_nat(tl.where(valid, s - lse_y[None, :], _NEG_INF), BASE2)
+        w = tl.where(valid, w, 0.0)
+        tl.store(DS_PART + tl.program_id(0), tl.sum(tl.sum(w * raw, 1), 0))
     if G_NORM:
-        w = w * tl.load(G_INV).to(ACC)
+        w = w * tl.load(G_INV + offs_m, mask=row_ok, other=1.0).to(ACC)[:, None]
     tl.store(
         W + offs_m[:, None] * stride_w + offs_n[None, :],
         w.to(W.dtype.element_ty),
@@ -198,6 +199,18 @@ def tile_config(dtype: torch.dtype, vec: bool = False) -> dict:
         bn = 64 if vec else 128
         return dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+
+
+def w_tile_config(dtype: torch.dtype) -> dict:
+    """Config of _simlse_bwd_w_kernel. 16-bit: 64 x 128 x 64, 4 warps, 3 stages = 72 KiB shared
+    memory. The CLIP variant (HAS_Y=1) holds S, the two softmax terms and W per element: 255
+    registers at tile_config's 128 x 128 / 8 warps (1 CTA per SM, its exp epilogue and pipeline
+    fill exposed); at 64 x 128 / 4 warps 167 registers (180 with EXCLUDE) -> 3 CTAs per SM
+    (2 with EXCLUDE), HAS_Y=0 127 -> 3 (sm_90, triton 3.6.0, `python -m gammacl.aot`). Other
+    dtypes and the interpreter: tile_config."""
+    if dtype in (torch.float16, torch.bfloat16) and not interpreter_on():
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
+    return tile_config(dtype)
 
 
 def large_d_fwd(a, b, scale, offset, exclude_pos, cols, row, col, col_scale=None) -> None:
@@ -253,17 +266,21 @@ def large_d_fwd(a, b, scale, offset, exclude_pos, cols, row, col, col_scale=None
                 torch.logaddexp(col, col_c, out=col)
 
 
-def large_d_bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols, g_inv,
+def large_d_bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols, sigma,
                  da, db, ds, col_scale=None) -> None:  # fmt: skip
     """Per chunk of R rows: W [R, N] (operand dtype) by _simlse_bwd_w_kernel, then
     da[chunk] = W @ b and db (+)= W^T @ a[chunk], ds (0-d) += sum_ij W_ij S_ij from the
     kernel's per-tile partials. R from GAMMACL_TRITON_CHUNK_MIB over W.
+    fp16 (sigma [M], powers of two, simlse.fp16_row_scale): W' = diag(sigma) W, so
+    da = diag(1 / sigma) (W' @ b) exactly per row, and db = W^T a = (1 / sigma_min) W'^T (a_s)
+    with a_s_i = a_i * sigma_min / sigma_i (a factor <= 1, rounded to fp16: an [R, D] copy).
     A [M] scale (vector mode, col_scale [N] when cols): ds [M + N or M] gets cat(drs, dcs)
     from the kernel's per-tile row / column partials ([ceil(N/BN), R] and [ceil(R/BM), N])."""
     m, d = a.shape
     n = b.shape[0]
     vec = scale.dim() == 1
-    cfg = tile_config(a.dtype, vec)
+    # vector scales: tile_config's vec tiles (w_tile_config's not AOT-checked with IS_VEC)
+    cfg = tile_config(a.dtype, vec) if vec else w_tile_config(a.dtype)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     r = chunk_rows(m, n * a.element_size(), bm)
     w = torch.empty((r, n), dtype=a.dtype, device=a.device)
@@ -276,6 +293,7 @@ def large_d_bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos
     )
     if vec and cols:
         ds[m:].zero_()
+    sigma_min = sigma.amin() if sigma is not None else None
     for i0 in range(0, m, r):
         rows = min(r, m - i0)
         x = a[i0 : i0 + rows]
@@ -289,7 +307,7 @@ def large_d_bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos
             LSE_Y=col_lse if cols else row_lse,
             G_X=g_row[i0 : i0 + rows],
             G_Y=g_col if cols else g_row,
-            G_INV=g_inv if g_inv is not None else scale,
+            G_INV=sigma[i0 : i0 + rows] if sigma is not None else scale,
             W=w,
             DS_PART=ds_part,
             DS_COL_PART=dsc_part,
@@ -303,7 +321,7 @@ def large_d_bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos
             offset=offset + i0,
             EXCLUDE=exclude_pos,
             HAS_Y=cols,
-            G_NORM=g_inv is not None,
+            G_NORM=sigma is not None,
             IS_VEC=vec,
             **_flags(a.dtype),
             **cfg,
@@ -318,6 +336,12 @@ def large_d_bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos
             ds += ds_part[: grid[0]].sum()
         wc = w[:rows]
         gemm(wc, b, da[i0 : i0 + rows], accumulate=False)  # dA_c = W @ B
+        if sigma is not None:
+            sc = sigma[i0 : i0 + rows]
+            da[i0 : i0 + rows].div_(sc[:, None])
+            x = (x.float() * (sigma_min / sc)[:, None]).to(x.dtype)
         gemm(wc.t(), x, db, accumulate=i0 > 0)  # dB (+)= W^T @ A_c
     if vec and cols:
         ds[m:] *= g_col
+    if sigma is not None:
+        db.div_(sigma_min)

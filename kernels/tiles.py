@@ -178,8 +178,10 @@ def _vec_weights(
     (kernels/simlse.py) and the large-D W kernel (kernels/simlse_tiled.py)."""
     valid = _valid(offs_m, offs_n, M, N, offset, EXCLUDE)
     w = tl.zeros(s_raw.shape, dtype=ACC)
+    # exponents -inf on excluded / out-of-range entries (never -inf - -inf on an all-excluded
+    # row); valid entries in IEEE arithmetic, so a NaN / inf logit or LSE gives NaN (torch's)
     if HAS_X:
-        p = _exp_nat(tl.where(valid, s_raw * sx, _NEG_INF) - lse_x[:, None], BASE2)
+        p = _exp_nat(tl.where(valid, s_raw * sx - lse_x[:, None], _NEG_INF), BASE2)
         w += (g_x[:, None] * sx) * p
         if HAS_DS:
             ds_acc += tl.sum(p * s_raw, axis=1)
@@ -187,9 +189,8 @@ def _vec_weights(
         col_ok = offs_n < N
         sy = tl.load(SCALE_Y + offs_n, mask=col_ok, other=0.0).to(ACC)
         lse_y = tl.load(LSE_Y + offs_n, mask=col_ok, other=0.0)
-        lse_y = tl.where(lse_y == _NEG_INF, 0.0, lse_y)
         g_y = tl.load(G_Y + offs_n, mask=col_ok, other=0.0)
-        p_y = _exp_nat(tl.where(valid, s_raw * sy[None, :], _NEG_INF) - lse_y[None, :], BASE2)
+        p_y = _exp_nat(tl.where(valid, s_raw * sy[None, :] - lse_y[None, :], _NEG_INF), BASE2)
         w += (g_y * sy)[None, :] * p_y
         if DS_Y:
             ds_y = tl.sum(p_y * s_raw, axis=0)
@@ -197,6 +198,7 @@ def _vec_weights(
             ds_y = tl.zeros((s_raw.shape[1],), dtype=ACC)
     else:
         ds_y = tl.zeros((s_raw.shape[1],), dtype=ACC)
+    w = tl.where(valid, w, 0.0)  # 0 also where g is non-finite, as torch's zeroing
     return w, ds_acc, ds_y
 
 
@@ -324,12 +326,19 @@ def _gemm_kernel(
 
 
 def gemm_config(dtype: torch.dtype) -> dict:
-    """Fixed config of _gemm_kernel (GPU choices not measured). 16-bit: 128 x 128 x 64 tiles, 4
-    stages = (128*64 + 64*128)*2 B*4 = 128 KiB shared memory, 8 warps (wgmma on sm_90)."""
+    """Fixed config of _gemm_kernel (GPU timings not measured; chosen from the compiled facts,
+    `python -m gammacl.aot`, sm_90, triton 3.6.0 and 3.9). 16-bit: 64 x 128 x 64 tiles, 4 warps
+    (one warpgroup), 3 stages = (64*64 + 64*128)*2 B*3 = 72 KiB shared memory; 118-126 registers
+    (184 with ACCUM) -> 3 CTAs per SM (2 with ACCUM), wgmma async. The 128 x 128 x 64 / 8-warp
+    tile (stages 2-4) compiles with ptxas C7515 (wgmma serialised) on triton 3.6; 128 x 256 x 64
+    / 8 warps is async but spills 256 B with ACCUM at 255 registers (1 CTA per SM). Tile reuse:
+    2*64*128*64 FLOPs per (64 + 128)*64*2 B = 43 FLOP/B (128 x 128: 64), paid for by 3 resident
+    CTAs whose mainloops hide one another's epilogue (the C store, and with ACCUM the fp32 C
+    read-modify-write, 8 B per element per chunk)."""
     if interpreter_on():  # few programs (the interpreter costs per program x K trip)
         return dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
     if dtype in (torch.float16, torch.bfloat16):
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
     # fp32: 8 warps. AOT table (sm_90, triton 3.9), fp32-ieee: at 4 warps 4 B spilled without
     # ACCUM and 10 KB with ACCUM (the table's tiny launches, 4-element row strides); at 8 warps
     # 0 B and 296 B; with 16-aligned strides (real shapes) 0 B at either count (a probe).

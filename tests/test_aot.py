@@ -4,8 +4,10 @@ GPU). It runs in a subprocess without TRITON_INTERPRET (the kernels must be real
 * a deliberately broken kernel (tl.dot with K = 8, which the interpreter runs and the compiler
   rejects) is reported as an error with a non-zero exit, next to a good kernel reported ok;
 * over the AOT table: every kernel has fp16, bf16, fp32 and fp64 rows, every row compiled, and
-  the default 16-bit configs of every matmul kernel use wgmma with zero spills on sm_90. The
-  table is the JSON of CI's own AOT step when GAMMACL_AOT_JSON names it, else computed here.
+  the default 16-bit configs of every matmul kernel use wgmma with zero spills on sm_90, none
+  serialised (ptxas C7515), the CLIP W kernel at >= 2 CTAs per SM. The table is the JSON of
+  CI's own AOT steps (triton 3.9 and 3.6.0) when GAMMACL_AOT_JSON names them, else computed
+  here.
 """
 
 from __future__ import annotations
@@ -86,9 +88,9 @@ def test_a_broken_kernel_is_reported_as_an_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def table(tmp_path_factory) -> list[dict]:
-    given = os.environ.get("GAMMACL_AOT_JSON")
+    given = os.environ.get("GAMMACL_AOT_JSON")  # one table, or several joined by os.pathsep
     if given:
-        return json.loads(Path(given).read_text())
+        return [r for f in given.split(os.pathsep) for r in json.loads(Path(f).read_text())]
     tmp = tmp_path_factory.mktemp("aot")
     res = _aot("--quiet", "--json", str(tmp / "aot.json"), tmp_path=tmp)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -130,3 +132,50 @@ def test_aot_default_16bit_configs_use_wgmma_without_spills(table):
         assert r["spills"] == 0, f"{where}: {r['spill_stores']}/{r['spill_loads']} B spilled"
         if r["kernel"] not in NO_MMA:
             assert r["mma"] == "wgmma", f"{where}: {r['mma']}"
+
+
+def test_ctas_per_sm_arithmetic():
+    from gammacl.aot import ctas_per_sm
+
+    # sm_90: registers in 256-register units per warp; 65536 per SM
+    assert ctas_per_sm(128, 98304, 8) == 2  # 8 * 4096 = 32768 registers per CTA
+    assert ctas_per_sm(129, 98304, 8) == 1  # 136 * 32 = 4352 per warp: 34816 per CTA
+    assert ctas_per_sm(255, 98304, 8) == 1
+    assert ctas_per_sm(167, 73728, 4) == 3  # 168 * 32 * 4 = 21504: 3; smem 3 * 73 KiB fits
+    assert ctas_per_sm(64, 73728, 4) == 3  # shared memory: 233472 // (73728 + 1024)
+    assert ctas_per_sm(32, 2048, 4) == 16  # threads: 2048 // 128
+    assert ctas_per_sm(16, 0, 1) == 32  # the CTA cap
+    assert ctas_per_sm(64, 167936 - 1024, 4, arch=80) == 1
+
+
+def test_wgmma_serialized_read_from_the_ptxas_log():
+    from gammacl.aot import wgmma_serialized
+
+    warn = (
+        "ptxas /tmp/x.ptx, line 512; warning : Potential Performance Loss: wgmma.mma_async "
+        "instructions are serialized due to insufficient register resources for the wgmma "
+        "pipeline in the function '_gemm_kernel'"
+    )
+    assert wgmma_serialized(warn)
+    assert wgmma_serialized("ptxas warning (C7515): ...")
+    assert not wgmma_serialized("ptxas info    : Used 106 registers, used 1 barriers")
+
+
+@pytest.mark.slow
+def test_aot_default_16bit_configs_async_and_occupancy(table):
+    """Every row says whether ptxas serialised its wgmma (C7515) and how many CTAs fit an SM;
+    no default 16-bit config serialises; the CLIP W kernel (HAS_Y=1) keeps >= 2 CTAs per SM at
+    D = 1024; the accumulating dB GEMM of the chunked backward (ACCUM=1) is compiled."""
+    ok = [r for r in table if r["ok"]]
+    assert ok and all("wgmma_serialized" in r and r["ctas_per_sm"] >= 1 for r in ok)
+    default16 = [r for r in ok if r["dtype"] in ("fp16", "bf16") and not r.get("autotune")]
+    serial = [(r["kernel"], r["dtype"], r["D"], r["config"]) for r in default16
+              if r["wgmma_serialized"]]  # fmt: skip
+    assert not serial, serial
+    for dt in ("bf16", "fp16"):
+        w = [r for r in default16 if r["kernel"] == "_simlse_bwd_w_kernel" and r["dtype"] == dt
+             and r["D"] == 1024 and "EXCLUDE=0 HAS_Y=1" in r["config"]]  # fmt: skip
+        assert w and all(r["ctas_per_sm"] >= 2 for r in w), w
+    accum = [r for r in ok if r["kernel"] == "_gemm_kernel" and "ACCUM=1" in r["config"]]
+    chunked = {(r["op"], r["dtype"]) for r in accum if r.get("multi_chunk")}
+    assert {("simlse", "bf16"), ("simlse", "fp16")} <= chunked, chunked

@@ -6,6 +6,7 @@ Sweeps are tiny (N <= 128, D = 16, --min-time 0) so each run takes about a secon
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import subprocess
 import sys
@@ -304,7 +305,11 @@ def test_gamma_and_sogclr_appear_when_present(tmp_path, monkeypatch):
     assert rc == 0
     by = {(r["loss"], r["mode"]): r for r in js["rows"]}
     assert {k[0] for k in by} == {"gamma_twopass", "gamma_onepass", "sogclr"}
-    assert all(r["status"] == "ok" and r["check"] == "ok" for r in by.values())
+    assert all(r["check"] == "ok" for r in by.values())
+    # the one-pass gradient comes out of its forward: no backward row of its own
+    assert {k: r["status"] for k, r in by.items() if r["status"] != "ok"} == {
+        ("gamma_onepass", "bwd"): "in_fwd"
+    }
     assert by[("gamma_twopass", "fwd+bwd")]["flops"] == 8 * 64**2 * 16
     assert by[("sogclr", "fwd+bwd")]["flops"] == 8 * 64**2 * 16
     assert by[("gamma_onepass", "fwd+bwd")]["flops"] == 6 * 64**2 * 16
@@ -446,3 +451,84 @@ def test_siglip_panel_beside_clip_until_gammacl_has_one():
     assert plots.summary_losses(rows, sc) == ["clip", "siglip"]
     panel = plots._panel_loss(rows)
     assert not plots._in_panel(rows[1], "clip", panel) and plots._in_panel(rows[1], "siglip", panel)
+
+
+def test_unavailable_backend_rows_and_the_others_run(tmp_path, capsys):
+    """--backend torch,cuda without the cuda backend: torch rows measured, cuda rows say why."""
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine where the cuda backend is unavailable")
+    rc, js, rows = _run(
+        tmp_path, "--n", "64", *FAST, "--loss", "clip", "--backend", "torch,cuda",
+        "--impl", "gammacl", "--mode", "fwd+bwd",
+    )  # fmt: skip
+    assert rc == 0
+    st = {r["backend"]: r for r in js["rows"]}
+    assert st["torch"]["status"] == "ok" and st["torch"]["time_ms_p50"] > 0
+    assert st["cuda"]["status"] == "unavailable" and "backend cuda" in st["cuda"]["error"]
+    assert st["cuda"]["time_ms_p50"] is None and len(rows) == 2
+    assert bench.main(["--n", "64", *FAST, "--backend", "cuda", "--out", str(tmp_path)]) == 2
+
+
+def test_error_row_of_gammacl_fails_the_run(tmp_path, monkeypatch, capsys):
+    spec = next(s for s in registry.LOSSES if s.name == "clip")
+
+    def broken(backend):
+        def build(f):
+            raise TypeError("cannot create weak reference to 'torch._C.Generator' object")
+
+        return build
+
+    losses = [dataclasses.replace(s, build=broken) if s is spec else s for s in registry.LOSSES]
+    monkeypatch.setattr(registry, "LOSSES", losses)
+    rc, js, _ = _run(tmp_path, "--n", "64", *FAST, "--loss", "clip,infonce", "--backend", "torch",
+                     "--impl", "gammacl", "--mode", "fwd")  # fmt: skip
+    assert rc == 1
+    st = {r["loss"]: r["status"] for r in js["rows"]}
+    assert st == {"clip": "error", "infonce": "ok"}
+    assert "1 gammacl rows failed with an error" in capsys.readouterr().err
+
+
+def test_rows_written_as_measured(tmp_path, monkeypatch):
+    """A run killed after its first group keeps that group's rows in NAME.csv."""
+    calls = []
+    orig = timing.time_modes
+
+    def killed_second_time(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # stands in for the step's timeout
+        return orig(*a, **k)
+
+    monkeypatch.setattr(timing, "time_modes", killed_second_time)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--n", "64,96", *FAST, "--loss", "clip", "--backend", "torch",
+                    "--impl", "gammacl", "--out", str(tmp_path)])  # fmt: skip
+    with open(tmp_path / "bench.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["N"], r["mode"], r["status"]) for r in rows] == [("64", m, "ok") for m in cli.MODES]
+    assert all(float(r["time_ms_p50"]) > 0 for r in rows)
+
+
+def test_gradient_in_forward_rows_and_summary_first(tmp_path, capsys):
+    """One-pass gamma and SigLIP compute their gradient in the forward: bwd rows say so (no
+    time); CLIP's is timed. The summary comes first: gammacl vs the naive loss at the largest N."""
+    rc, js, _ = _run(tmp_path, "--n", "64", *FAST, "--loss", "clip,gamma_onepass,siglip",
+                     "--backend", "torch", "--impl", "gammacl,naive",
+                     "--mode", "bwd,fwd+bwd")  # fmt: skip
+    assert rc == 0
+    by = {(r["impl"], r["loss"], r["N"], r["mode"]): r for r in js["rows"]}
+    for loss in ("gamma_onepass", "siglip"):
+        r = by[("gammacl", loss, 64, "bwd")]
+        assert r["status"] == "in_fwd" and r["time_ms_p50"] is None
+        assert "gradient computed in the forward" in r["error"]
+        assert by[("gammacl", loss, 64, "fwd+bwd")]["status"] == "ok"
+    assert by[("gammacl", "clip", 64, "bwd")]["status"] == "ok"
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("summary (fwd+bwd; largest N measured")
+    ours, naive = by[("gammacl", "clip", 64, "fwd+bwd")], by[("naive", "clip", 64, "fwd+bwd")]
+    r = naive["time_ms_p50"] / ours["time_ms_p50"]
+    gain = f"{r:.3g}x faster" if r >= 1 else f"{1 / r:.3g}x slower"
+    assert out[1].startswith("  clip N=64 D=16 fp32: gammacl/torch ") and gain in out[1]
+    assert out[2].startswith("  gamma_onepass N=64") and "vs naive" in out[2]
+    assert out[3].startswith("  siglip N=64") and "no open_clip_siglip row" in out[3]
+    assert out[4] == ""

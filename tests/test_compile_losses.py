@@ -357,3 +357,27 @@ def test_triton_onepass_deterministic_path(backend, monkeypatch):
     )
     for i, (x, y) in enumerate(zip((neg, *grads), want_all, strict=True)):
         assert_close_fp64(x, y, f"deterministic op output {i}")
+
+
+class _NoWeakref:
+    """Stands in for torch 2.11's torch.Generator, which cannot be weak-referenced."""
+
+    __slots__ = ()
+
+
+def test_generator_registry_holds_unweakrefable_and_drops_unused():
+    """gammacl::draw's registry takes generators that cannot be weak-referenced (torch 2.11) and
+    drops each one again once only the registry refers to it; a registered generator draws the
+    same stream as the generator itself."""
+    from gammacl import _random
+
+    stand_in = _NoWeakref()
+    key = _random._generator_key(stand_in)
+    assert _random._GENERATORS[key] is stand_in
+    del stand_in
+    g = torch.Generator().manual_seed(11)
+    _random._register_generator(g)
+    assert key not in _random._GENERATORS and _random._GENERATORS[id(g)] is g
+    drawn = _random._draw_op("uniform", 1.0, 6, id(g), torch.device("cpu"), torch.float64)
+    expect = torch.rand(6, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    assert torch.equal(drawn, expect)

@@ -3,6 +3,7 @@ backend parity (two-pass and one-pass paths), gradcheck, the rate state (update 
 duplicates, non-finite guard, checkpoints), the K.4 oracles, and small-batch convergence to the
 optimum of the full-data objective."""
 
+import copy
 import io
 import math
 
@@ -191,7 +192,8 @@ def _run_against_reference(make, backend, update, shape, sogclr=False, d=4, step
             clamp=mod.clamp if update == "after" else None,
         )
         what = f"{backend} {update} a={shape} step {k}"
-        assert_close_fp64(loss, want, f"{what} loss")
+        assert_close_fp64(mod.last_surrogate, want, f"{what} surrogate")
+        assert torch.equal(loss.detach(), mod.global_loss_estimate)  # the value returned
         for name, x, y in zip("abs", grads, _grads(want, (a2, c2, s2)), strict=True):
             assert_close_fp64(x, y, f"{what} grad {name}")
         for st, (rate, vis) in zip((mod.image_rate, mod.text_rate), state, strict=True):
@@ -245,7 +247,7 @@ def test_module_float32_runs_close_to_reference():
             a2, c2, s2, index, log_w, state, ema=0.2, update="after", clamp=mod.clamp
         )
         assert loss.dtype == torch.float32
-        assert_close_dtype(loss.detach(), want.detach(), None, torch.float32, "loss")
+        assert_close_dtype(mod.last_surrogate, want.detach(), None, torch.float32, "surrogate")
         for x, y in zip(grads, _grads(want, (a2, c2, s2)), strict=True):
             assert_close_dtype(x, y, None, torch.float32, "grad")
         torch.testing.assert_close(mod.image_rate.log_rate, state[0][0], rtol=0, atol=1e-5)
@@ -271,7 +273,7 @@ def test_ema1_g1_gradient_equals_batch_infonce_without_positive(backend):
         for name, x, y in zip("abs", grads, _grads(want, (a2, c2, s2)), strict=True):
             assert_close_fp64(x, y, f"grad {name}")
         pos = 7.0 * (a * c).sum(1)
-        assert_close_fp64(loss, 1.0 - pos.mean(), "loss value")
+        assert_close_fp64(mod.last_surrogate, 1.0 - pos.mean(), "surrogate value")
         assert_close_fp64(mod.global_loss_estimate, want, "global loss estimate")
 
 
@@ -287,10 +289,9 @@ def test_frozen_model_log_rate_tends_to_log_z(update):
     for ema in (1.0, 0.05):
         mod = SogCLRLoss(n, ema=ema, update=update, backend="torch")
         g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for _ in range(400):
-                index = torch.randperm(n, generator=g)[:b]
-                mod(img[index], txt[index], t, index)
+        for _ in range(400):  # a training forward (grad enabled; no input needs a grad)
+            index = torch.randperm(n, generator=g)[:b]
+            mod(img[index], txt[index], t, index)
         errs[ema] = [
             (st.log_rate.double() - lz).abs()
             for st, lz in zip((mod.image_rate, mod.text_rate), log_z, strict=True)
@@ -418,7 +419,8 @@ def _steps(mod, img, txt, schedule):
     for k, idx in enumerate(schedule):
         index = torch.tensor(idx)
         s = torch.tensor(3.0 + k, dtype=torch.float64)
-        out.append(mod(img[index], txt[index], s, index).detach())
+        mod(img[index], txt[index], s, index)
+        out.append(mod.last_surrogate)  # depends on the draws (the returned estimate does not)
     return torch.stack(out)
 
 
@@ -485,7 +487,7 @@ def test_fixed_rates(backend):
     log_w = draw_log_weights(3.0, b, generator=torch.Generator().manual_seed(2)).double()
     a2, c2, s2 = _leaf(a, c, sc)
     want = ref.gamma_step_loss(a2, c2, s2, log_w, rates[:, index].double(), clamp=mod.clamp)
-    assert_close_fp64(loss, want, "loss")
+    assert_close_fp64(mod.last_surrogate, want, "surrogate")
     for x, y in zip(_grads(loss, (a, c, sc)), _grads(want, (a2, c2, s2)), strict=True):
         assert_close_fp64(x, y, "grad")
     assert torch.equal(mod.image_rate.log_rate, rates[0])  # never updated
@@ -511,7 +513,7 @@ def test_batch_rate(backend):
     a2, c2, s2 = _leaf(a, c, sc)
     log_r = torch.stack(ref.log_zhat(img, txt, 6.0))
     want = ref.gamma_step_loss(a2, c2, s2, log_w, log_r)
-    assert_close_fp64(out["contrastive_loss"], want, "loss")
+    assert_close_fp64(mod.last_surrogate, want, "surrogate")
     got = _grads(out["contrastive_loss"], (a, c, sc))
     for x, y in zip(got, _grads(want, (a2, c2, s2)), strict=True):
         assert_close_fp64(x, y, "grad")
@@ -546,6 +548,70 @@ def test_update_state_method():
         mod.update_state(torch.tensor([6]), lz[0, :1], lz[1, :1])
     with pytest.raises(RuntimeError, match="rate='ema'"):
         GammaClipLoss(6, rate="batch").update_state(index, lz[0], lz[1])
+
+
+@pytest.mark.parametrize(
+    "args, err, match",
+    [
+        ((torch.arange(6), torch.ones(6), torch.ones(5)), ValueError, "log_zhat_text"),
+        ((torch.arange(6), torch.ones(6), torch.ones(6, dtype=torch.long)), TypeError, "text"),
+        ((torch.arange(6), torch.ones(5), torch.ones(6)), ValueError, "log_zhat_image"),
+        ((torch.tensor([0, 6]), torch.ones(2), torch.ones(2)), ValueError, r"\[0, 5\]"),
+    ],
+    ids=["short-text", "int-text", "short-image", "range"],
+)
+def test_update_state_is_atomic(args, err, match):
+    """A call that raises writes nothing: neither direction's values, visits nor counters."""
+    mod = GammaClipLoss(6, ema=0.5)
+    mod.update_state(torch.tensor([1, 3]), torch.tensor([0.5, 0.7]), torch.tensor([0.2, 0.4]))
+    before = {k: v.clone() for k, v in mod.state_dict().items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(err, match=match):
+        mod.update_state(*args)
+    after = mod.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_set_log_rates_is_atomic():
+    mod = GammaClipLoss(4, rate="fixed")
+    with pytest.raises(ValueError, match="text_log_rate must be finite"):
+        mod.set_log_rates(torch.ones(4), torch.tensor([0.0, float("inf"), 0.0, 0.0]))
+    assert not mod.image_rate.visited.any() and not mod.image_rate.log_rate.any()
+    with pytest.raises(RuntimeError, match="set_log_rates"):
+        mod(*_pairs(2, 3), 3.0, torch.tensor([0, 1]))
+
+
+def test_checkpoint_generator_restored_into_a_module_built_without_one():
+    """The docstring's promise: a checkpoint resumes the same draws, also when the loading module
+    was constructed with generator=None (it gets a generator in the checkpoint's state)."""
+    n = 10
+    img, txt = _pairs(n, 6)
+    mod = GammaClipLoss(n, shape=0.5, generator=torch.Generator().manual_seed(3), backend="torch")
+    _steps(mod, img, txt, SCHEDULE[:2])
+    state = copy.deepcopy(mod.state_dict())  # state_dict() holds the live buffers
+    cont = _steps(mod, img, txt, SCHEDULE[2:5])
+    fresh = GammaClipLoss(n, shape=0.5, backend="torch")
+    fresh.load_state_dict(state)
+    assert isinstance(fresh.generator, torch.Generator)
+    torch.manual_seed(12345)  # the global RNG must not be what the resumed run draws from
+    assert torch.equal(_steps(fresh, img, txt, SCHEDULE[2:5]), cont)
+    # and a checkpoint without a generator leaves a generator-less module on the global RNG
+    plain = GammaClipLoss(n, backend="torch")
+    plain.load_state_dict(GammaClipLoss(n).state_dict())
+    assert plain.generator is None
+
+
+def test_meta_index_and_numpy_num_samples():
+    np = pytest.importorskip("numpy")
+    mod = GammaClipLoss(np.int64(10), backend="torch")
+    assert mod.num_samples == 10 and type(mod.num_samples) is int
+    img, txt = _pairs(4, 3)
+    with pytest.raises(ValueError, match="index is on the meta device"):
+        mod(img, txt, 3.0, torch.arange(4, device="meta"))
+    with pytest.raises(ValueError, match="index is on the meta device"):
+        mod.update_state(torch.arange(4, device="meta"), torch.ones(4), torch.ones(4))
+    assert not mod.image_rate.visited.any()
+    with pytest.raises(ValueError, match="num_samples"):
+        GammaClipLoss(np.float64(10.0))
 
 
 @pytest.mark.parametrize(

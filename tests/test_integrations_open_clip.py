@@ -179,16 +179,18 @@ def test_gamma_loss_takes_recorded_indices(tiny, sogclr):
     )
     loader = G.with_index(loader, loss)
     seen = []
-    with torch.no_grad():
-        for _epoch in range(2):
-            for images, texts, idx in loader:
-                out = tiny(images, texts)
-                got = loss(**out, output_dict=True)["contrastive_loss"]
-                want = ref(out["image_features"], out["text_features"], out["logit_scale"], idx)
-                assert_close_fp64(got.double(), want.double(), "recorded index")
-                seen.append(idx)
+    for _epoch in range(2):  # training forwards (grad enabled): the state is updated
+        for images, texts, idx in loader:
+            out = {
+                k: v.detach() if torch.is_tensor(v) else v for k, v in tiny(images, texts).items()
+            }
+            got = loss(**out, output_dict=True)["contrastive_loss"]
+            want = ref(out["image_features"], out["text_features"], out["logit_scale"], idx)
+            assert_close_fp64(got.double(), want.double(), "recorded index")
+            seen.append(idx)
     assert not loss.pending
     assert sorted(torch.cat(seen[:3]).tolist()) == list(range(12))
+    assert loss.image_rate.visited.all()
     for a, b in zip(loss.state_dict().values(), ref.state_dict().values()):
         if isinstance(a, torch.Tensor):
             assert torch.equal(a, b)
@@ -227,3 +229,32 @@ def test_apply_forwards_open_clip_settings(monkeypatch):
             world_size=world,
             backend="torch",
         )
+
+
+def test_open_clip_checkpoints_carry_the_loss_state(tmp_path):
+    """apply(loss=...): open_clip_train.main's torch.save of a training checkpoint adds the loss
+    state, its pt_load of --resume restores it into the loss; revert() undoes both."""
+    train_main = pytest.importorskip(
+        "open_clip_train.main", reason="open_clip_train not importable"
+    )
+    torch_before, load_before = train_main.torch, train_main.pt_load
+    loss = G.OpenClipSogCLRLoss(num_samples=6, backend="torch")
+    G.apply(loss=loss)
+    img, txt = torch.randn(3, 4), torch.randn(3, 4)
+    loss(img, txt, 3.0, index=torch.tensor([0, 2, 4]))
+    ck = {"epoch": 1, "name": "run", "state_dict": {}, "optimizer": {}}
+    path = tmp_path / "epoch_1.pt"
+    train_main.torch.save(ck, str(path))
+    assert set(torch.load(path, weights_only=False)) == set(ck) | {G.CHECKPOINT_KEY}
+    G.revert()
+    assert train_main.torch is torch_before and train_main.pt_load is load_before
+    fresh = G.OpenClipSogCLRLoss(num_samples=6, backend="torch")
+    G.apply(loss=fresh)
+    assert train_main.pt_load(str(path), map_location="cpu")["epoch"] == 1
+    for k, v in loss.state_dict().items():
+        if torch.is_tensor(v):
+            assert torch.equal(fresh.state_dict()[k], v), k
+    assert fresh.image_rate.visited.tolist() == [1, 0, 1, 0, 1, 0]
+    torch.save(ck, str(tmp_path / "plain.pt"))
+    with pytest.warns(UserWarning, match="holds no 'gammacl_loss'"):
+        train_main.pt_load(str(tmp_path / "plain.pt"), map_location="cpu")

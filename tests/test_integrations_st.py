@@ -6,7 +6,9 @@ reference; our fp32 loss and every parameter gradient must be within 2x the libr
 error + TOL; in float64 they must match the library tightly."""
 
 import copy
+import math
 import os
+import shutil
 import warnings
 
 import pytest
@@ -292,7 +294,7 @@ def test_gamma_loss_trains_with_sentence_transformer_trainer(tmp_path):
     ds = datasets.Dataset.from_dict({"anchor": SENTENCES[:n], "positive": SENTENCES[2 : 2 + n]})
     ds = ds.add_column("label", list(range(n)))
 
-    def run(out_dir, resume=None):
+    def run(out_dir, resume=None, eval_ds=None):
         model = make_model(tmp_path, seed=0)
         loss = G.GammaMultipleNegativesRankingLoss(
             model, num_samples=n, scale=10.0, generator=torch.Generator().manual_seed(0)
@@ -300,6 +302,7 @@ def test_gamma_loss_trains_with_sentence_transformer_trainer(tmp_path):
         args = SentenceTransformerTrainingArguments(
             output_dir=str(out_dir),
             per_device_train_batch_size=4,
+            per_device_eval_batch_size=4,  # dataloader_drop_last drops a short eval batch too
             max_steps=4,
             save_strategy="steps",
             save_steps=2,
@@ -311,20 +314,25 @@ def test_gamma_loss_trains_with_sentence_transformer_trainer(tmp_path):
             dataloader_drop_last=True,
         )
         trainer = SentenceTransformerTrainer(
-            model=model,
-            args=args,
-            train_dataset=ds,
-            loss=loss,
-            callbacks=[loss.checkpoint_callback()],
+            model=model, args=args, train_dataset=ds, eval_dataset=eval_ds, loss=loss
         )
+        loss.attach(trainer)
         trainer.train(resume_from_checkpoint=resume)
         return model, loss, trainer
 
     init = {k: v.clone() for k, v in make_model(tmp_path, seed=0).state_dict().items()}
     out = tmp_path / "run"
-    model, loss, trainer = run(out)
+    eval_ds = datasets.Dataset.from_dict(
+        {"anchor": SENTENCES[8:12], "positive": SENTENCES[:4], "label": [0, 1, 2, 3]}
+    )
+    model, loss, trainer = run(out, eval_ds=eval_ds)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    kept = {k: v.clone() for k, v in loss.gamma.state_dict().items() if torch.is_tensor(v)}
+    metrics = trainer.evaluate()  # its labels are not training indices: no state change
+    assert math.isfinite(metrics["eval_loss"])
+    for k, v in kept.items():
+        assert torch.equal(loss.gamma.state_dict()[k], v), k
     assert any(not torch.equal(v, init[k]) for k, v in model.state_dict().items())  # it trained
     state = loss.gamma.state_dict()
     assert state["image_rate.visited"].all() and state["text_rate.visited"].all()
@@ -337,8 +345,13 @@ def test_gamma_loss_trains_with_sentence_transformer_trainer(tmp_path):
     ck2 = torch.load(out / "checkpoint-2" / G.STATE_FILE, weights_only=True)
     assert not torch.equal(ck2["image_rate.log_rate"], state["image_rate.log_rate"])
 
-    # resume from checkpoint-2 (a copy elsewhere is loaded by load_state; here: the run's folder)
-    resumed_model, resumed, _ = run(out, resume=str(out / "checkpoint-2"))
+    # resume from a copy of checkpoint-2 elsewhere, into a new output folder: attach() reads the
+    # state from the folder the trainer resumes from
+    shutil.copytree(out / "checkpoint-2", tmp_path / "moved" / "checkpoint-2")
+    shutil.rmtree(out)
+    resumed_model, resumed, _ = run(
+        tmp_path / "run2", resume=str(tmp_path / "moved" / "checkpoint-2")
+    )
     res_state = resumed.gamma.state_dict()
     assert torch.equal(res_state["image_rate.visited"], state["image_rate.visited"])
     for k in ("image_rate.log_rate", "text_rate.log_rate"):
@@ -354,17 +367,125 @@ def test_state_callback_restores_state_on_resume(tmp_path, tiny):
 
     loss = G.SogCLRMultipleNegativesRankingLoss(tiny, num_samples=6, backend="torch")
     feats = _features(tiny, _columns(0, b=3))
-    with torch.no_grad():
-        loss(feats, torch.tensor([4, 0, 2]))
+    loss(feats, torch.tensor([4, 0, 2]))  # a training forward (outside training: no update)
     cb = loss.checkpoint_callback()
     args = SimpleNamespace(output_dir=str(tmp_path))
     cb.on_save(args, SimpleNamespace(global_step=3, is_world_process_zero=True), None)
     assert (tmp_path / "checkpoint-3" / G.STATE_FILE).is_file()
     fresh = G.SogCLRMultipleNegativesRankingLoss(tiny, num_samples=6, backend="torch")
-    fresh.checkpoint_callback().on_train_begin(args, SimpleNamespace(global_step=3), None)
+    with pytest.warns(UserWarning, match="need not be the checkpoint"):  # output_dir guessed
+        fresh.checkpoint_callback().on_train_begin(args, SimpleNamespace(global_step=3), None)
     for k, v in loss.gamma.state_dict().items():
         if isinstance(v, torch.Tensor):
             assert torch.equal(fresh.gamma.state_dict()[k], v), k
     assert fresh.gamma.image_rate.visited.tolist() == [1, 0, 1, 0, 1, 0]
-    with pytest.warns(UserWarning, match="not restored"):
+    with pytest.warns(UserWarning, match="not restored.*attach"):
         fresh.checkpoint_callback().on_train_begin(args, SimpleNamespace(global_step=5), None)
+
+
+def _ours_and_theirs_signature(ours, theirs):
+    import inspect
+
+    mine = inspect.signature(ours.__init__).parameters
+    lib = inspect.signature(theirs.__init__).parameters
+    return mine, lib
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_every_library_keyword_is_accepted_with_its_default(tiny, cached):
+    """Every parameter of sentence-transformers' (Cached)MultipleNegativesRankingLoss is ours too,
+    in the same position, with the same default (similarity_fct: None resolves to cos_sim);
+    passing each default explicitly builds the same loss."""
+    name = "CachedMultipleNegativesRankingLoss" if cached else "MultipleNegativesRankingLoss"
+    theirs, ours = getattr(st_losses, name), getattr(G, name)
+    mine, lib = _ours_and_theirs_signature(ours, theirs)
+    assert list(mine)[: len(lib)] == list(lib)  # same names, same order
+    defaults = {}
+    for key, p in lib.items():
+        if key in ("self", "model"):
+            continue
+        if key == "similarity_fct":
+            assert mine[key].default is None and p.default is st_util.cos_sim
+        else:
+            assert mine[key].default == p.default, key
+        defaults[key] = p.default
+    assert {"hardness_mode", "hardness_strength"} <= set(defaults)
+    loss = ours(tiny, **defaults)
+    assert loss.similarity_fct is st_util.cos_sim and loss.hardness_mode is None
+    ref_cfg = theirs(tiny, **defaults).get_config_dict()
+    cfg = loss.get_config_dict()
+    assert {k: cfg[k] for k in ref_cfg} == ref_cfg
+    # a mode with strength 0 weights nothing (the library only warns); strength > 0 is refused
+    ours(tiny, hardness_mode="hard_negatives", hardness_strength=0.0)
+    with pytest.raises(ValueError, match="hardness_strength=5.0 is not fused"):
+        ours(tiny, hardness_mode="hard_negatives", hardness_strength=5.0)
+    with pytest.raises(ValueError, match="hardness_mode must be one of"):
+        ours(tiny, hardness_mode="hardest")
+    with pytest.raises(ValueError, match="non-negative"):
+        ours(tiny, hardness_strength=-1.0)
+    with pytest.raises(ValueError, match="doc_to_doc.*not fused|not fused.*doc_to_doc"):
+        ours(tiny, directions=("query_to_doc", "doc_to_doc"))
+    with pytest.raises(ValueError, match="'query_to_doc' direction is required"):
+        ours(tiny, directions=("doc_to_query",))
+    reordered = ours(tiny, directions=("doc_to_query", "query_to_doc"))
+    assert reordered.directions == ("query_to_doc", "doc_to_query")
+
+
+def _columns_of(b, n_neg):
+    cols = [[SENTENCES[i % 12] for i in range(b)], [SENTENCES[(i + 5) % 12] for i in range(b)]]
+    for k in range(n_neg):
+        cols.append([SENTENCES[(3 * i + k + 7) % 12] for i in range(b)])
+    return cols
+
+
+@pytest.mark.parametrize(
+    "mini_batch_size, directions, n_neg",
+    [
+        (4, ("query_to_doc",), 1),  # the acceptance case: 10 rows -> mini-batches of 4, 4, 2
+        pytest.param(3, ("query_to_doc", "doc_to_query"), 0, marks=SLOW),
+        pytest.param(16, ("query_to_doc",), 2, marks=SLOW),  # one mini-batch
+    ],
+)
+def test_cached_mnrl_matches_library(tiny, mini_batch_size, directions, n_neg):
+    """CachedMultipleNegativesRankingLoss: loss and every parameter gradient equal to
+    sentence-transformers' CachedMultipleNegativesRankingLoss (float64 reference, fp32 against
+    the library's own fp32 error)."""
+    kw = dict(scale=15.0, mini_batch_size=mini_batch_size, directions=directions)
+    _compare(
+        tiny,
+        lambda m: st_losses.CachedMultipleNegativesRankingLoss(m, **kw),
+        lambda m: G.CachedMultipleNegativesRankingLoss(m, **kw, backend="torch"),
+        _columns_of(10, n_neg),
+    )
+
+
+def test_cached_gamma_equals_uncached_and_updates_state_once(tiny):
+    """CachedGammaMultipleNegativesRankingLoss at mini_batch_size 4 (3 mini-batches of a batch of
+    10) returns the loss of GammaMultipleNegativesRankingLoss with the same draws, gives the same
+    parameter gradients and leaves the same state (one update per batch)."""
+    cols = _columns_of(10, 0)
+    index = torch.tensor([3, 17, 5, 0, 11, 9, 2, 14, 8, 6])
+    out = {}
+    for cached in (False, True):
+        model = copy.deepcopy(tiny).double()
+        kw = dict(scale=10.0, generator=torch.Generator().manual_seed(5), backend="torch")
+        if cached:
+            fn = G.CachedGammaMultipleNegativesRankingLoss(model, 20, mini_batch_size=4, **kw)
+        else:
+            fn = G.GammaMultipleNegativesRankingLoss(model, 20, **kw)
+        loss, grads = _loss_and_grads(fn, model, _features(model, cols), index)
+        out[cached] = loss, grads, fn.gamma.state_dict()
+    assert_close_fp64(out[True][0], out[False][0], "loss")
+    for k, g in out[False][1].items():
+        if g is not None:
+            assert_close_fp64(out[True][1][k], g, k)
+    for k, v in out[False][2].items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(out[True][2][k], v), k
+    assert int(out[True][2]["image_rate.visited"].sum()) == 10
+
+
+def test_one_pair_batch_error_names_drop_last(tiny):
+    loss = G.SogCLRMultipleNegativesRankingLoss(tiny, num_samples=4, backend="torch")
+    with pytest.raises(ValueError, match="dataloader_drop_last=True"):
+        loss(_features(tiny, [SENTENCES[:1], SENTENCES[1:2]]), torch.tensor([2]))

@@ -134,13 +134,76 @@ def test_apply_patches_forward_and_reverts(tiny, monkeypatch):
             return_loss=True,
             return_dict=False,
         )
-        assert_close_fp64(tup[0], ref.loss, "tuple loss")
+        _check_tuple_layout(tup, ref.to_tuple())  # transformers' layout, logits built
         # without return_loss the original forward runs unchanged
         out = model(**{**inputs, "pixel_values": inputs["pixel_values"].double()})
         assert out.loss is None and out.logits_per_image is not None
     finally:
         handle.revert()
     assert CLIPModel.forward is original and not G.is_patched()
+
+
+def _double(inputs):
+    return {**inputs, "pixel_values": inputs["pixel_values"].double()}
+
+
+def _check_tuple_layout(tup, ref):
+    """transformers' tuple: (loss, logits_per_image, logits_per_text, text_embeds, image_embeds,
+    text output tuple, vision output tuple), element by element."""
+    assert len(tup) == len(ref) == 7
+    for k, (a, b) in enumerate(zip(tup, ref)):
+        if isinstance(b, tuple):
+            assert len(a) == len(b), k
+            for x, y in zip(a, b):
+                assert_close_fp64(x, y, f"tuple[{k}]")
+        else:
+            assert_close_fp64(a, b, f"tuple[{k}]")
+
+
+@pytest.fixture(scope="module")
+def tiny_siglip():
+    from transformers import SiglipConfig, SiglipModel
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    cfg = SiglipConfig(
+        text_config=dict(vocab_size=40, max_position_embeddings=12, **common),
+        vision_config=dict(image_size=8, patch_size=4, **common),
+    )
+    model = SiglipModel(cfg)
+    with torch.no_grad():  # a generic point: scale e^1.3, bias -2.5
+        model.logit_scale.fill_(1.3)
+        model.logit_bias.fill_(-2.5)
+    return model
+
+
+def test_siglip_patch_matches_transformers_sigmoid_loss(tiny_siglip):
+    """SiglipModel patched: gammacl.siglip_loss equals transformers' own sigmoid loss (value and
+    every parameter gradient, logit_scale and logit_bias included); tuple output keeps the
+    layout; other classes are refused before anything is patched."""
+    from transformers import CLIPTextModel, SiglipModel
+
+    original = SiglipModel.forward
+    inputs = _inputs()
+
+    def theirs(m, x):
+        pix = x["pixel_values"].to(next(m.parameters()).dtype)
+        return original(m.train(), **{**x, "pixel_values": pix}, return_loss=True)
+
+    handle = G.apply_gammacl_to_clip((SiglipModel,), backend="torch")
+    try:
+        assert SiglipModel.forward is not original
+        ref = _check(tiny_siglip, lambda m, x: _hf(m.train(), x), lambda m, x: theirs(m, x).loss)
+        m64 = copy.deepcopy(tiny_siglip).double().train()
+        tup = m64(**_double(inputs), return_loss=True, return_dict=False)
+        _check_tuple_layout(tup, original(m64, **_double(inputs), return_loss=True).to_tuple())
+        assert_close_fp64(tup[0], ref, "tuple loss")
+    finally:
+        handle.revert()
+    assert SiglipModel.forward is original
+    with pytest.raises(ValueError, match="cannot patch CLIPTextModel.*SiglipModel"):
+        G.apply_gammacl_to_clip((transformers.CLIPModel, CLIPTextModel))
+    assert not G.is_patched()  # refused before patching CLIPModel
 
 
 @pytest.mark.slow

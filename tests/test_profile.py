@@ -5,6 +5,7 @@ bisection), the NVML UUID matching, and, on a GPU only, a known allocation read 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from gammacl import profile
-from gammacl.measure import inputs, memory
+from gammacl.measure import inputs, memory, select
 from gammacl.measure import nvml as nv
 
 # the GPU memory columns: null on CPU (never a misleading 0)
@@ -133,6 +134,9 @@ def test_injected_oom_and_largest_n_search(tmp_path):
     # the sweep went on: naive is unaffected and reaches the cap
     n = summ["naive/clip/torch"]
     assert n["max_n_fits"] == 1024 and n["search_capped"] is True
+    # "largest N" in words: a measured limit vs the search cap only
+    assert s["largest_n"] == f"{s['max_n_fits']} (measured limit: fails at {s['first_fail_n']})"
+    assert n["largest_n"] == "fits up to the search cap (1024); limit not reached"
 
 
 def test_cpu_budget_precheck_skips_large_points(tmp_path):
@@ -231,3 +235,41 @@ def test_memory_deltas_clamped_at_zero():
     assert memory.delta_mib(2**20, 0, 2**21) == 0.0  # grads not visible in RSS: 0, not -1 MiB
     assert memory.delta_mib(3 * 2**20, 2**20) == 2.0
     assert memory.delta_mib(None, 0) is None
+
+
+def test_summary_first_unavailable_backend_and_error_exit(tmp_path, capsys, monkeypatch):
+    """The summary is printed first (gammacl's largest N against the naive loss's, the cap told
+    from a measured limit); --backend torch,cuda without cuda records a cuda row 'unavailable'
+    and runs torch; a gammacl row with status=error makes the exit code 1."""
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine where the cuda backend is unavailable")
+    rc, js = _run(tmp_path, "--n", "64", "--d", "16", "--no-plot", "--loss", "clip",
+                  "--backend", "torch,cuda", "--impl", "gammacl,naive", "--n-max", "256",
+                  "--inject-oom", "naive:200")  # fmt: skip
+    assert rc == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "summary (largest N that fits; against the naive materialised loss):"
+    naive = next(s for s in js["summary"] if s["impl"] == "naive")
+    lim = f"naive {naive['max_n_fits']} (measured limit: fails at {naive['first_fail_n']})"
+    assert out[1] == (
+        "  gammacl/clip/torch D=16 fp32: fits up to the search cap (256); limit not reached; "
+        f"{lim}; >= {256 / naive['max_n_fits']:.3g}x the naive N"
+    )
+    assert out[2].startswith("  gammacl/clip/cuda D=16 fp32: unavailable (backend cuda is")
+    cuda = [r for r in js["rows"] if r["backend"] == "cuda"]
+    assert len(cuda) == 1 and cuda[0]["status"] == "unavailable" and cuda[0]["fits"] is False
+
+    def broken(f):
+        raise RuntimeError("boom")
+
+    from gammacl.measure import registry
+
+    orig = registry.our_impls
+    monkeypatch.setattr(
+        select,
+        "our_impls",
+        lambda *a, **k: [dataclasses.replace(i, build=broken) for i in orig(*a, **k)],
+    )
+    rc, js = _run(tmp_path, "--n", "64", *TINY, "--impl", "gammacl", "--no-search")
+    assert rc == 1 and js["rows"][0]["status"] == "error"
+    assert "gammacl rows failed with an error" in capsys.readouterr().err

@@ -320,3 +320,27 @@ def test_vscale_cpp_thread_counts(threads, tiny_chunks):
             assert_close_fp64(x, y, f"{name} threads={threads}")
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("cols", [True, False])
+def test_vscale_compiled_op_opcheck(cols):
+    """The compiled gammacl::simlse_fwd / simlse_bwd with vector scales (schema Tensor?
+    col_scale, the fake kernels of gammacl._ext: a [M + N or M] third output)."""
+    from gammacl import _ext
+
+    ok, why = _ext.available(cuda=False)
+    if not ok:
+        pytest.skip(f"C++ extension unavailable: {why}")
+    ops = _ext.load()
+    a, b, rs, cs = _inputs(9, 7, 5, torch.float32, hi=10.0)
+    cs = cs if cols else None
+    torch.library.opcheck(ops.simlse_fwd.default, (a, b, rs, 1, True, cols, cs))
+    row, col = ops.simlse_fwd(a, b, rs, 1, True, cols, cs)
+    g_row, g_col = torch.randn(9), torch.randn(7 if cols else 0)
+    args = (a, b, rs, row, col, g_row, g_col, 1, True, cols, cs)
+    torch.library.opcheck(ops.simlse_bwd.default, args)
+    assert ops.simlse_bwd(*args)[2].shape == (9 + (7 if cols else 0),)
+    with pytest.raises(RuntimeError, match=r"col_scale must have shape \[7\]"):
+        ops.simlse_fwd(a, b, rs, 0, False, True, torch.ones(6))
+    with pytest.raises(RuntimeError, match="col_scale needs a vector scale"):
+        ops.simlse_fwd(a, b, torch.tensor(1.0), 0, False, True, torch.ones(7))

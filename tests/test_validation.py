@@ -162,3 +162,25 @@ def test_meta_device_features_named(backend, which):
         gammacl.infonce_loss(img, txt, 2.0, backend=backend)
     with pytest.raises(ValueError, match=rf"{first} is on the meta device"):
         gammacl.ClipLoss(backend=backend)(img, txt, torch.tensor(2.0, device=img.device))
+
+
+@pytest.mark.parametrize(
+    "rank, world_size, exc, pattern",
+    [
+        (3, 2, ValueError, "rank=3, world_size=2"),
+        (1, 2, RuntimeError, "rank=1, world_size=2.*process group"),
+        (0, 0, ValueError, "world_size=0"),
+        (1.5, 2, TypeError, "rank must be an int"),
+    ],
+)
+def test_cliploss_rank_errors_name_the_rank(rank, world_size, exc, pattern):
+    img = torch.randn(3, 4)
+    with pytest.raises(exc, match=pattern):
+        gammacl.ClipLoss(rank=rank, world_size=world_size)(img, img, 2.0)
+
+
+def test_numpy_ints_accepted_as_ranks():
+    np = pytest.importorskip("numpy")
+    img = torch.randn(3, 4)
+    loss = gammacl.ClipLoss(rank=None, world_size=np.int64(1))(img, img, 2.0)
+    assert torch.equal(loss, gammacl.ClipLoss()(img, img, 2.0))

@@ -5,7 +5,7 @@ FeatureSeparationLoss, BrownianBridgeLoss, GeometricConsistencyLoss, siglip_loss
 `python -m gammacl.bench`, `python -m gammacl.profile`.
 """
 
-from gammacl import reference
+from gammacl import _layout, reference  # noqa: F401  (_layout binds gammacl.kernels)
 from gammacl.clip import ClipLoss, clip_loss, infonce_loss
 from gammacl.dispatch import BACKENDS, resolve_backend
 from gammacl.gamma import GammaClipLoss, LogRateState, SogCLRLoss, gamma_step_loss

@@ -26,15 +26,19 @@ torch.compile and torch.library.opcheck can trace them with symbolic shapes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from gammacl._progress import BuildProgress
 
 _LOCK = threading.RLock()
 _STATE: dict[bool, tuple[bool, str]] = {}
@@ -100,23 +104,49 @@ def _arch_flags() -> list[str]:
     return flags
 
 
-def _cublas_ldflags() -> list[str]:
-    """Link flags for cuBLAS (cublasGemmEx on torch's handle): the toolkit's libcublas.so, else
-    the versioned library of the nvidia-cublas wheel CUDA builds of torch depend on."""
+def _wheel_cuda_dirs() -> tuple[list[Path], list[Path]]:
+    """(include dirs, library dirs) of the nvidia-* wheels CUDA builds of torch depend on: CUDA
+    13's one folder (nvidia/cu13/include, nvidia/cu13/lib: libcublas.so.13, cusparse.h, ...) and
+    CUDA 12's one folder per library (nvidia/cublas/include, nvidia/cublas/lib, ...)."""
+    try:
+        import nvidia  # type: ignore[import-not-found]
+    except ImportError:
+        return [], []
+    incs, libs = [], []
+    for root in map(Path, nvidia.__path__):
+        for pkg in sorted(root.iterdir()):
+            if (pkg / "include").is_dir():
+                incs.append(pkg / "include")
+            if (pkg / "lib").is_dir():
+                libs.append(pkg / "lib")
+    return incs, libs
+
+
+def _toolkit_has(sub: str, name: str) -> bool:
     from torch.utils import cpp_extension
 
     home = cpp_extension.CUDA_HOME
-    if home and any((Path(home) / sub / "libcublas.so").exists() for sub in ("lib64", "lib")):
-        return ["-lcublas"]
-    try:
-        import nvidia.cublas  # type: ignore[import-not-found]
+    return bool(home) and any((Path(home) / d / name).exists() for d in sub.split(","))
 
-        for root in nvidia.cublas.__path__:
-            libs = sorted((Path(root) / "lib").glob("libcublas.so.*"))
-            if libs:
-                return [f"-L{libs[0].parent}", f"-l:{libs[0].name}"]
-    except ImportError:
-        pass
+
+def _cuda_include_paths() -> list[str]:
+    """The wheels' header folders when the toolkit at CUDA_HOME lacks the library headers that
+    torch's ATen/cuda headers include (cusparse.h, cublas_v2.h: an nvcc-only toolkit)."""
+    if _toolkit_has("include", "cusparse.h") and _toolkit_has("include", "cublas_v2.h"):
+        return []
+    return [str(p) for p in _wheel_cuda_dirs()[0]]
+
+
+def _cublas_ldflags() -> list[str]:
+    """Link flags for cuBLAS (cublasGemmEx on torch's handle): the toolkit's libcublas.so, else
+    the versioned library of the nvidia wheels (CUDA 13: nvidia/cu13/lib/libcublas.so.13; CUDA 12:
+    nvidia/cublas/lib/libcublas.so.12)."""
+    if _toolkit_has("lib64,lib", "libcublas.so"):
+        return ["-lcublas"]
+    for lib_dir in _wheel_cuda_dirs()[1]:
+        libs = sorted(lib_dir.glob("libcublas.so.*"))
+        if libs:
+            return [f"-L{lib_dir}", f"-l:{libs[0].name}"]
     return ["-lcublas"]
 
 
@@ -159,7 +189,6 @@ def _build(cuda: bool) -> str:
     from torch.utils import cpp_extension
 
     out = build_dir(cuda)
-    out.mkdir(parents=True, exist_ok=True)
     kw: dict = {}
     # -ffp-contract=off: no fused multiply-add across statements. A logit l = s * x feeds both
     # the row max m and the exponent l - m; contracted into fma(s, x, -m) the exponent uses the
@@ -173,28 +202,102 @@ def _build(cuda: bool) -> str:
         kw["extra_cuda_cflags"] = ["-O3", "-lineinfo", *_arch_flags()]
         cflags = ["-O3"]
         ldflags = _cublas_ldflags()
-    if _needs_compile(cuda):
-        print(
-            f"building gammacl C++{'/CUDA' if cuda else ''} extension (first use, ~1 min) "
-            f"in {out} ...",
-            file=sys.stderr,
-            flush=True,
+        # after the toolkit's own headers (-idirafter): the wheels only fill in what it lacks
+        for inc in _cuda_include_paths():
+            cflags += ["-idirafter", inc]
+    n = len(sources(cuda))
+    progress = BuildProgress("C++/CUDA" if cuda else "C++", out, n, cuda)
+    with progress if _needs_compile(cuda) else contextlib.nullcontext():
+        path = cpp_extension.load(
+            name=_name(cuda),
+            sources=[str(p) for p in sources(cuda)],
+            extra_cflags=cflags,
+            extra_ldflags=ldflags,
+            # platform/: the real <gammacl_cuda_device.h> / <gammacl_cuda_torch.h> (tests/cuda_emu
+            # has the CPU emulator's versions of the two and puts its own directory there instead)
+            extra_include_paths=[str(csrc_dir()), str(csrc_dir() / "platform")],
+            build_directory=str(out),
+            with_cuda=cuda,
+            is_python_module=False,
+            verbose=False,
+            **kw,
         )
-    path = cpp_extension.load(
-        name=_name(cuda),
-        sources=[str(p) for p in sources(cuda)],
-        extra_cflags=cflags,
-        extra_ldflags=ldflags,
-        # platform/: the real <gammacl_cuda_device.h> / <gammacl_cuda_torch.h> (tests/cuda_emu
-        # has the CPU emulator's versions of the two and puts its own directory there instead)
-        extra_include_paths=[str(csrc_dir()), str(csrc_dir() / "platform")],
-        build_directory=str(out),
-        with_cuda=cuda,
-        is_python_module=False,
-        verbose=False,
-        **kw,
-    )
     return str(path)
+
+
+# torch.utils.cpp_extension's FileBaton in the build directory: a build killed mid-compile leaves
+# it behind and every later load() waits on it forever.
+_TORCH_LOCK = "lock"
+# gammacl's own lock beside it: an flock, released by the kernel when its holder dies, so whoever
+# holds it knows no other gammacl build runs and any FileBaton left is stale.
+_FLOCK = "gammacl-build.flock"
+# A CUDA build's attempt record: written before compiling, removed on success, so it remains
+# after a failure or a kill; later processes (pytest, sanitizers, bench, profile of one GPU
+# session) read it instead of compiling again (GAMMACL_EXT_RETRY=1 or build_ext retries).
+FAILED_MARK = "gammacl-build-failed.txt"
+
+
+@contextlib.contextmanager
+def _build_lock(out: Path):
+    """Exclusive flock on out/_FLOCK for the build; then removes a stale torch FileBaton."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's FileBaton alone
+        yield
+        return
+    with open(out / _FLOCK, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            (out / _TORCH_LOCK).unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _fingerprint(cuda: bool) -> str:
+    """What a retry must differ in: the sources' newest mtime, the archs and the toolkit."""
+    d = csrc_dir()
+    deps = sources(cuda) + sorted(d.glob("*.h")) + sorted(d.glob("*.cuh"))
+    newest = max((p.stat().st_mtime_ns for p in deps), default=0)
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    return f"sources={newest} arch={arch!r} cuda_home={os.environ.get('CUDA_HOME', '')!r}"
+
+
+def _earlier_failure(out: Path, cuda: bool) -> str | None:
+    """The recorded reason when an earlier CUDA build with the same fingerprint failed or was
+    killed, unless GAMMACL_EXT_RETRY=1."""
+    mark = out / FAILED_MARK
+    if not cuda or os.environ.get("GAMMACL_EXT_RETRY", "0") not in ("", "0") or not mark.exists():
+        return None
+    first, _, reason = mark.read_text().partition("\n")
+    return reason.strip() or "no reason recorded" if first == _fingerprint(cuda) else None
+
+
+def _build_once(cuda: bool) -> str:
+    """_build under the build lock; a CUDA build is attempted once per fingerprint (see
+    FAILED_MARK), so the steps of a session do not each spend their budget on it."""
+    out = build_dir(cuda)
+    out.mkdir(parents=True, exist_ok=True)
+    with _build_lock(out):
+        earlier = _earlier_failure(out, cuda)
+        if earlier is not None:
+            raise RuntimeError(
+                f"an earlier CUDA build in {out} failed and is not retried: {earlier} (fix the "
+                "cause, then `python -m gammacl.build_ext --cuda` or GAMMACL_EXT_RETRY=1)"
+            )
+        mark = out / FAILED_MARK
+        if cuda:
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+            mark.write_text(f"{_fingerprint(cuda)}\nkilled during the build started {started} UTC")
+        try:
+            path = _build(cuda)
+        except BaseException as exc:
+            if cuda:
+                mark.write_text(f"{_fingerprint(cuda)}\n{_short(exc, 600)}")
+            (out / _TORCH_LOCK).unlink(missing_ok=True)
+            raise
+        mark.unlink(missing_ok=True)
+        return path
 
 
 def _register_fakes() -> None:
@@ -262,7 +365,7 @@ def _try_load(cuda: bool) -> tuple[bool, str]:
         if not ok:
             return False, f"the CPU library (which defines the op schemas) is unavailable: {why}"
     try:
-        _BUILT[cuda] = _build(cuda)
+        _BUILT[cuda] = _build_once(cuda)
         if not cuda:
             _register_fakes()
     except Exception as exc:  # compiler errors, missing headers, ABI problems: report, never raise

@@ -4,7 +4,7 @@ it draws from, so eager and torch.compile'd runs consume the same random stream.
 from __future__ import annotations
 
 import math
-import weakref
+import sys
 
 import torch
 
@@ -31,11 +31,27 @@ def draw_log_weights(
 # id of a generator registered below; -1 = the device's default generator) and draws from that
 # very generator at run time, in eager and compiled runs alike. Tagged nondeterministic_seeded,
 # so it is never CSE'd, dead-code-eliminated while used, or recomputed in the backward.
-_GENERATORS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+#
+# The registry holds its generators strongly: torch.Generator cannot be weak-referenced before
+# torch 2.12 ("cannot create weak reference to 'torch._C.Generator' object" on 2.11, the GPU
+# machines' torch). A generator is dropped again once nothing but the registry refers to it
+# (checked on every registration), so the registry stays as small as a weak one and an id is
+# never reused while its entry is alive.
+_GENERATORS: dict[int, torch.Generator] = {}
+# sys.getrefcount of a value held only by the registry: the dict's reference and getrefcount's
+# own argument.
+_ONLY_REGISTRY_REFS = 2
+
+
+def _prune() -> None:
+    for key in list(_GENERATORS):
+        if sys.getrefcount(_GENERATORS[key]) <= _ONLY_REGISTRY_REFS:
+            del _GENERATORS[key]
 
 
 def _register_generator(generator: torch.Generator | None) -> None:
     if generator is not None:
+        _prune()
         _GENERATORS[id(generator)] = generator
 
 

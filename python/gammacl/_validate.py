@@ -7,7 +7,7 @@ looks at user-supplied label values once (one host sync, only when the caller pa
 from __future__ import annotations
 
 import math
-from numbers import Real
+from numbers import Integral, Real
 
 import torch
 
@@ -125,9 +125,10 @@ def check_real(
 
 
 def check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """Any integral number (int, numpy / torch integer scalars), returned as an int."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or int(value) < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+    return int(value)
 
 
 def check_choice(name: str, value: object, choices: tuple) -> str:
@@ -174,3 +175,25 @@ def check_labels(
     if permutation and not stats[2]:
         raise ValueError(f"labels must be a permutation of 0..{cols - 1} for the symmetric loss")
     return labels.long()
+
+
+def check_log_zhat(name: str, log_zhat: object, index: torch.Tensor) -> None:
+    """A floating-point tensor shaped like `index` (per-position batch log Zhat)."""
+    if not isinstance(log_zhat, torch.Tensor) or log_zhat.shape != index.shape:
+        raise ValueError(
+            f"{name} must be a tensor of shape {tuple(index.shape)}, got "
+            f"{getattr(log_zhat, 'shape', type(log_zhat))}"
+        )
+    if not log_zhat.dtype.is_floating_point:
+        raise TypeError(f"{name} must be floating point, got {log_zhat.dtype}")
+
+
+def check_log_rates(name: str, log_rate: object, n: int) -> None:
+    """Per-sample log-rates: a finite tensor of shape [n] (one host sync for the finite check)."""
+    if not isinstance(log_rate, torch.Tensor) or log_rate.shape != (n,):
+        raise ValueError(
+            f"{name} must be a tensor of shape ({n},), got "
+            f"{getattr(log_rate, 'shape', type(log_rate))}"
+        )
+    if not bool(torch.isfinite(log_rate).all()):
+        raise ValueError(f"{name} must be finite")

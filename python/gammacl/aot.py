@@ -15,11 +15,19 @@ gammacl.kernels that defines `aot_launches(dtype, d)` (calls its launchers in ev
 combination). `--autotune` re-imports the kernel modules with GAMMACL_AUTOTUNE=1 and records
 every config of each triton.autotune list that its early prune keeps (rows carry "autotune").
 
+Each op is also recorded a second time with ROWS_MULTI rows and a tiny chunk budget
+(GAMMACL_TRITON_CHUNK_MIB), so the chunked large-D launchers make several chunks and the
+accumulating dB GEMM (_gemm_kernel ACCUM=1) is compiled too (rows carry "multi_chunk").
+
 Identical compiles (same kernel, signature, int specialisation, constexprs, options) run once.
 Each row reports ok or the compiler's error, registers and spill stores / loads (ptxas -v),
-shared memory (the compiled metadata), and the MMA instruction in the PTX (wgmma / mma.sync /
-none). Exit status 1 when any compile fails. Works with triton 3.6 and 3.9 (the same private
-entry points the JIT uses: create_function_from_signature, JITFunction._pack_args, compile).
+shared memory (the compiled metadata), the MMA instruction in the PTX (wgmma / mma.sync /
+none), `wgmma_serialized` (ptxas warning C7515, "wgmma.mma_async instructions are serialized":
+each wgmma waits for the previous one, far below tensor-core rate) and `ctas_per_sm` (resident
+CTAs per SM from registers, shared memory and warps: `ctas_per_sm`). Exit status 1 when any
+compile fails or when a default (not autotune) 16-bit config serialises its wgmma. Works with
+triton 3.6 and 3.9 (the same private entry points the JIT uses: create_function_from_signature,
+JITFunction._pack_args, compile).
 """
 
 from __future__ import annotations
@@ -51,6 +59,36 @@ DTYPES = {
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 D_VALUES = (64, 256, 1024)  # small-D (one register chunk) and large-D (chunked) paths
 ROWS = 64  # M = N of the recorded launches (a multiple of 16, as in training batches)
+# the multi-chunk pass: M = N = ROWS_MULTI under a chunk budget that gives the smallest chunk (one
+# row tile: 128 rows for 16-bit, 64 for fp32), i.e. 2 to 4 chunks
+ROWS_MULTI = 256
+MULTI_CHUNK_MIB = "1e-9"
+
+# Per-SM limits: registers, shared memory (bytes), threads, CTAs, and the shared memory the
+# driver reserves per CTA (CUDA occupancy calculator values for CC 8.0 / 9.0).
+SM_LIMITS = {
+    80: dict(regs=65536, smem=167936, threads=2048, ctas=32, smem_reserved=1024),
+    90: dict(regs=65536, smem=233472, threads=2048, ctas=32, smem_reserved=1024),
+}
+_C7515 = re.compile(r"C7515|wgmma\.mma_async instructions are serialized")
+
+
+def ctas_per_sm(registers: int, shared_bytes: int, num_warps: int, arch: int = 90) -> int:
+    """Resident CTAs per SM: registers are allocated per warp in units of 256 (regs/thread
+    rounded up to 8), so min(regs / (warps * ceil(32 regs / 256) * 256), smem / (smem + 1 KiB
+    reserved), 2048 threads / (32 warps), 32). E.g. sm_90, 8 warps: 128 regs -> 65536 / (8 *
+    4096) = 2; 129-255 regs -> 1."""
+    lim = SM_LIMITS[arch]
+    per_warp = -(-registers * 32 // 256) * 256
+    by_regs = lim["regs"] // per_warp // num_warps
+    by_smem = lim["smem"] // (shared_bytes + lim["smem_reserved"])
+    by_threads = lim["threads"] // (32 * num_warps)
+    return max(0, min(by_regs, by_smem, by_threads, lim["ctas"]))
+
+
+def wgmma_serialized(ptxas_log: str) -> bool:
+    """Whether ptxas warned C7515 (wgmma.mma_async instructions are serialized)."""
+    return bool(_C7515.search(ptxas_log))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,6 +182,7 @@ class Launch:
     dtype: str
     d: int
     autotune: bool = False
+    multi_chunk: bool = False
     key: str = ""
     config: str = ""
     packed: tuple = field(default=(), repr=False)
@@ -187,22 +226,44 @@ def _reload_kernels(ops: dict, autotune: bool) -> dict:
     }
 
 
+@contextlib.contextmanager
+def _multi_chunk(on: bool):
+    """ROWS = ROWS_MULTI and the smallest chunk budget while on (the table's launchers read
+    ROWS; the chunked launchers read GAMMACL_TRITON_CHUNK_MIB at call time)."""
+    global ROWS
+    if not on:
+        yield
+        return
+    saved = ROWS, os.environ.get("GAMMACL_TRITON_CHUNK_MIB")
+    ROWS, os.environ["GAMMACL_TRITON_CHUNK_MIB"] = ROWS_MULTI, MULTI_CHUNK_MIB
+    try:
+        yield
+    finally:
+        ROWS = saved[0]
+        if saved[1] is None:
+            os.environ.pop("GAMMACL_TRITON_CHUNK_MIB", None)
+        else:
+            os.environ["GAMMACL_TRITON_CHUNK_MIB"] = saved[1]
+
+
 def record(ops: dict, dtypes: list[str], ds: tuple[int, ...], autotune: bool) -> list[Launch]:
-    """Every launch the launchers make, per op, dtype and D (fp32 also with tf32 opted in)."""
+    """Every launch the launchers make, per op, dtype and D (fp32 also with tf32 opted in), at
+    ROWS rows and again in several chunks (multi_chunk)."""
     out: list[Launch] = []
     prec = torch.get_float32_matmul_precision()
     for op, launches in ops.items():
         for dn in dtypes:
             for d in ds:
                 for p in ("highest", "high") if dn == "fp32" else (prec,):
-                    sink: list = []
-                    torch.set_float32_matmul_precision(p)
-                    try:
-                        with _recording(sink, autotune):
-                            launches(DTYPES[dn], d)
-                    finally:
-                        torch.set_float32_matmul_precision(prec)
-                    out += [Launch(op, f, a, k, dn, d, autotune) for f, a, k in sink]
+                    for multi in (False, True):
+                        sink: list = []
+                        torch.set_float32_matmul_precision(p)
+                        try:
+                            with _recording(sink, autotune), _multi_chunk(multi):
+                                launches(DTYPES[dn], d)
+                        finally:
+                            torch.set_float32_matmul_precision(prec)
+                        out += [Launch(op, f, a, k, dn, d, autotune, multi) for f, a, k in sink]
     return out
 
 
@@ -274,15 +335,21 @@ def _compile_one(i: int, arch: int) -> dict:
     ptx = k.asm.get("ptx", "")
     mma = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "none"
     st, ld = (int(spill[-1][0]), int(spill[-1][1])) if spill else (None, None)
+    reg = int(regs[-1]) if regs else None
+    smem = getattr(k.metadata, "shared", None)
+    warps = getattr(k.metadata, "num_warps", None) or options.get("num_warps")
     return dict(
         ok=True,
         error="",
-        registers=int(regs[-1]) if regs else None,
+        registers=reg,
         spill_stores=st,
         spill_loads=ld,
         spills=None if st is None else st + ld,
-        shared_bytes=getattr(k.metadata, "shared", None),
+        shared_bytes=smem,
+        num_warps=warps,
         mma=mma,
+        wgmma_serialized=wgmma_serialized(text),
+        ctas_per_sm=None if reg is None or smem is None else ctas_per_sm(reg, smem, warps, arch),
         seconds=time.perf_counter() - t0,
     )
 
@@ -317,7 +384,7 @@ def compile_all(launches: list[Launch], arch: int, jobs: int) -> list[dict]:
         results = [_compile_one(i, arch) for i in order]
     by_key = {launches[i].key: r for i, r in zip(order, results)}
     rows, seen = [], set()
-    for la in launches:
+    for la in sorted(launches, key=lambda la: la.multi_chunk):  # single-chunk rows first
         ident = (la.op, la.dtype, la.d, la.key)
         if ident in seen:
             continue
@@ -333,6 +400,8 @@ def compile_all(launches: list[Launch], arch: int, jobs: int) -> list[dict]:
         row.update(by_key[la.key])
         if la.autotune:
             row["autotune"] = True
+        if la.multi_chunk:
+            row["multi_chunk"] = True
         rows.append(row)
     return sorted(rows, key=lambda r: (r["op"], r["kernel"], r["dtype"], r["D"], r["config"]))
 
@@ -345,12 +414,25 @@ def _fmt(v) -> str:
 
 
 def print_table(rows: list[dict], file=sys.stdout) -> None:
-    head = ("kernel", "dtype", "D", "status", "regs", "spill st/ld", "smem", "mma", "config")
+    head = (
+        "kernel",
+        "dtype",
+        "D",
+        "status",
+        "regs",
+        "spill st/ld",
+        "smem",
+        "mma",
+        "serialized",
+        "CTAs/SM",
+        "config",
+    )
     print(" | ".join(head), file=file)
     for r in rows:
         status = "ok" if r["ok"] else "ERROR " + r["error"].splitlines()[-1][:160]
         spill = f"{_fmt(r.get('spill_stores'))}/{_fmt(r.get('spill_loads'))}"
         kern = r["kernel"] + (" [autotune]" if r.get("autotune") else "")
+        kern += " [multi-chunk]" if r.get("multi_chunk") else ""
         cells = (
             kern,
             r["dtype"],
@@ -360,6 +442,8 @@ def print_table(rows: list[dict], file=sys.stdout) -> None:
             spill,
             _fmt(r.get("shared_bytes")),
             r.get("mma", "-"),
+            "C7515" if r.get("wgmma_serialized") else "no" if r["ok"] else "-",
+            _fmt(r.get("ctas_per_sm")),
             r["config"],
         )
         print(" | ".join(map(str, cells)), file=file)
@@ -420,12 +504,17 @@ def main(argv: list[str] | None = None) -> int:
         print_table(rows)
     bad = [r for r in rows if not r["ok"]]
     spilling = [r for r in rows if r.get("spills")]
+    serial = [r for r in rows if r.get("wgmma_serialized")]
+    serial_default = [r for r in serial if r["dtype"] in ("bf16", "fp16") and not r.get("autotune")]
     n_comp = len({(r["kernel"], r["config"], r["dtype"]) for r in rows})
     print(
         f"gammacl.aot: triton {triton.__version__} sm_{args.arch}: {len(rows)} rows "
         f"({n_comp} distinct kernel configs), {len(rows) - len(bad)} ok, {len(bad)} errors, "
-        f"{len(spilling)} spill; {time.perf_counter() - t0:.0f} s"
+        f"{len(spilling)} spill, {len(serial)} serialised wgmma (C7515; "
+        f"{len(serial_default)} in default 16-bit configs); {time.perf_counter() - t0:.0f} s"
     )
+    for r in serial_default:
+        print(f"  SERIALISED wgmma (C7515) {r['kernel']} {r['dtype']} D={r['D']} {r['config']}")
     for r in bad:
         print(
             f"  ERROR {r['kernel']} {r['dtype']} D={r['D']} {r['config']}\n    "
@@ -434,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump([dict(r, triton=triton.__version__) for r in rows], f, indent=1)
-    return 1 if bad else 0
+    return 1 if bad or serial_default else 0
 
 
 def _interpreted() -> bool:

@@ -6,8 +6,12 @@ time and peak memory vs N per loss, gammacl beside every installed peer) and OUT
 (time and TFLOP/s per loss x D x dtype x mode). Every row keeps the spread of its calls
 (min / p20 / p50 / p80 / max); rows that cannot be read at face value are flagged. Every
 implementation's loss value is checked against the float64 reference at the first shape it runs
-(column `check`); a MISMATCH is printed loudly and makes the exit code 1. OOM is a row
-(status=OOM), not a crash. See bench/README.md for the columns.
+(column `check`); a MISMATCH is printed loudly and makes the exit code 1, and so does any
+gammacl row with status=error. OOM is a row (status=OOM), not a crash; a requested backend that
+cannot run here gives rows with status=unavailable while the others run; a loss whose gradient
+comes out of its forward (one-pass gamma, SigLIP) has bwd rows with status=in_fwd and no time.
+Rows go to NAME.csv as they are measured (a killed run keeps them). A few summary lines (time
+and memory against the naive loss at the largest N) are printed first. See bench/README.md.
 
     python -m gammacl.bench --quick --out results
     python -m gammacl.bench --n 4096,16384 --d 512 --dtype bf16 --loss clip --backend triton,torch
@@ -23,7 +27,18 @@ from typing import Any
 
 import torch
 
-from gammacl.measure import cli, inputs, memory, meta, nvml, plots, registry, select, timing
+from gammacl.measure import (
+    cli,
+    inputs,
+    memory,
+    meta,
+    nvml,
+    plots,
+    registry,
+    select,
+    summary,
+    timing,
+)
 from gammacl.measure.registry import Impl
 
 COLUMNS = (
@@ -56,6 +71,10 @@ COLUMNS = (
     "check",
     "check_abs_diff",
     "device",
+)
+GRAD_IN_FWD = (
+    "gradient computed in the forward (one-pass kernel): no backward time of its own; the fwd "
+    "row with grad-requiring inputs and fwd+bwd hold its cost"
 )
 # CUDA under TRITON_INTERPRET=1: refused (cli.run_cli)
 _INTERPRETER_REFUSAL = (
@@ -204,6 +223,7 @@ class Runner:
         self.inject = cli.InjectOOM(args.inject_oom)
         self.checks: dict[str, dict[str, Any]] = {}
         self.rows: list[dict[str, Any]] = []
+        self.sink = meta.RowSink(Path(args.out), args.name, COLUMNS)
         self.done, self.total, self.t0 = 0, 0, time.perf_counter()
 
     def _progress(self, row: dict[str, Any]) -> None:
@@ -229,6 +249,7 @@ class Runner:
         if chk is not None:
             row["check"], row["check_abs_diff"] = chk["check"], chk["abs_diff"]
         self.rows.append(row)
+        self.sink.add(row)
         self._progress(row)
 
     def _check(self, impl: Impl, feats: inputs.Features, step: inputs.Step) -> None:
@@ -249,12 +270,20 @@ class Runner:
         interleaved on CPU), then the peak memory of one call per mode."""
         dev, feats, step, fns = self.device, None, None, {}
         rows = {m: _row_base(impl, n, d, dtype, m, dev) for m in self.modes}
+        if impl.unavailable:
+            for mode in self.modes:
+                rows[mode].update(status="unavailable", error=impl.unavailable)
+                self._finish(rows[mode], impl.label)
+            return
+        timed = [m for m in self.modes if not (impl.grad_in_fwd and m == "bwd")]
+        for mode in set(self.modes) - set(timed):
+            rows[mode].update(status="in_fwd", error=GRAD_IN_FWD)
         try:
             feats = inputs.Features(n, d, dtype, dev, self.args.seed, self.args.scale)
             step = impl.build(feats)
             self.inject.check(impl.label, n)
             self._check(impl, feats, step)
-            for mode in self.modes:
+            for mode in timed:
                 try:
                     fns[mode] = step.prepare(mode)
                 except Exception as exc:
@@ -267,7 +296,8 @@ class Runner:
             fns = {}
             timing.free_memory(dev)
             for mode in self.modes:
-                rows[mode].update(status=status, error=err)
+                if mode in timed:
+                    rows[mode].update(status=status, error=err)
                 self._finish(rows[mode], impl.label)
             return
         inputs_mib = feats.grads_bytes() / cli.MIB
@@ -407,6 +437,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
         {**r, "spread": None if r["time_spread"] is None else f"{100 * r['time_spread']:.0f}%"}
         for r in runner.rows
     ]
+    print("\n".join(summary.bench_summary(runner.rows, mem_cols[-1][0])) + "\n")
     print(
         meta.format_table(
             table,
@@ -450,7 +481,14 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
             f"{c['reference']} -- not a like-for-like comparison",
             file=sys.stderr,
         )
-    return 1 if bad else 0
+    errors = [r for r in runner.rows if r["impl"] == "gammacl" and r["status"] == "error"]
+    if errors:
+        print(
+            f"!!! {len(errors)} gammacl rows failed with an error, e.g. "
+            f"{errors[0]['loss']}/{errors[0]['backend']} N={errors[0]['N']}: {errors[0]['error']}",
+            file=sys.stderr,
+        )
+    return 1 if bad or errors else 0
 
 
 def _plots(rows, impls, out: Path, name: str, info: dict, device: torch.device) -> list[Path]:

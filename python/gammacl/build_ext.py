@@ -11,6 +11,7 @@ Exit status 0 when everything asked for was built and loaded, 1 otherwise (the r
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--cuda", action="store_true", help="also build the CUDA library")
     args = parser.parse_args(argv)
+    # an explicit build retries a CUDA build that failed earlier (_ext.FAILED_MARK)
+    os.environ.setdefault("GAMMACL_EXT_RETRY", "1")
 
     from gammacl import _ext
 

@@ -40,8 +40,12 @@ from gammacl.ops.simlse import simlse
 
 def _nan_if_not_finite(per: torch.Tensor) -> torch.Tensor:
     """inf - inf gives NaN in the materialised loss but our LSE form can return +-inf for
-    non-finite inputs; map those to NaN so a non-finite input never yields a number."""
-    return torch.where(torch.isfinite(per), per, torch.full_like(per, float("nan")))
+    non-finite inputs; map those to NaN so a non-finite input never yields a number.
+    per + (per - per) is per where finite and NaN elsewhere, and passes the upstream gradient
+    through unchanged (g + g - g, exact): a torch.where would give the non-finite entries a
+    zero gradient, and a non-finite feature must reach the feature gradients as NaN, as in a
+    materialised cross-entropy (docs/numerics.md)."""
+    return per + (per - per)
 
 
 def _reduce(per: torch.Tensor, reduction: str) -> torch.Tensor:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from numbers import Integral
 from typing import TypeVar
 
 import torch
@@ -76,10 +77,19 @@ def resolve_world(rank: int | None, world_size: int | None, group=None) -> tuple
         world_size = dist.get_world_size(group) if up else 1
     if rank is None:
         rank = dist.get_rank(group) if up else 0
+    for name, v in (("rank", rank), ("world_size", world_size)):
+        if isinstance(v, bool) or not isinstance(v, Integral):
+            raise TypeError(f"{name} must be an int or None, got {v!r}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(
+            f"rank must lie in [0, world_size) and world_size >= 1, got rank={rank}, "
+            f"world_size={world_size}"
+        )
     if world_size > 1 and not up:
         raise RuntimeError(
-            f"world_size={world_size} needs an initialised torch.distributed process group "
-            "(call torch.distributed.init_process_group first), or pass world_size=1"
+            f"rank={rank}, world_size={world_size} needs an initialised torch.distributed "
+            "process group (call torch.distributed.init_process_group first), or pass "
+            "rank=0, world_size=1"
         )
     return int(rank), int(world_size)
 
@@ -273,7 +283,7 @@ class World:
         initialised, `owner` names the module in that error)."""
         if distributed is False:
             return World()
-        if rank is None or world_size is None or world_size > 1:
+        if rank is None or world_size is None or world_size != 1:  # resolve_world validates
             world = World.resolve(rank, world_size, group)
         else:
             world = World(int(rank), 1)

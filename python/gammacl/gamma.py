@@ -28,6 +28,7 @@ from torch import nn
 
 from gammacl import _validate as V
 from gammacl._random import _draw_op, _GeneratorAttr, draw_log_weights  # noqa: F401
+from gammacl._trainstate import estimate_valued_step
 from gammacl.clip import _pos_logits
 from gammacl.dispatch import resolve_traced
 from gammacl.distributed import InWorld, World
@@ -46,6 +47,8 @@ def _check_index_tensor(index: object, batch: int | None) -> torch.Tensor:
         raise TypeError(
             f"index must be an int64 tensor of data-set indices, got {type(index).__name__}"
         )
+    if index.device.type == "meta" and not torch.compiler.is_compiling():
+        raise ValueError("index is on the meta device (no values); pass the data-set indices")
     if index.dtype == torch.bool or index.dtype.is_floating_point or index.dtype.is_complex:
         raise TypeError(
             f"index must be an integer (int64) tensor of data-set indices, got dtype {index.dtype}"
@@ -125,14 +128,8 @@ class LogRateState(nn.Module):
         length) and returns the updated log-rates per position (in log_zhat's dtype, computed
         from the state as it was before this call: the "update before use" rates)."""
         index = self._index(index, check)
-        if not isinstance(log_zhat, torch.Tensor) or log_zhat.shape != index.shape:
-            raise ValueError(
-                f"log_zhat must be a tensor of shape {tuple(index.shape)}, got "
-                f"{getattr(log_zhat, 'shape', type(log_zhat))}"
-            )
+        V.check_log_zhat("log_zhat", log_zhat, index)
         lz = log_zhat.detach().to(self.log_rate.device)
-        if not lz.dtype.is_floating_point:
-            raise TypeError(f"log_zhat must be floating point, got {lz.dtype}")
         keep = math.log1p(-self.ema) if self.ema < 1.0 else float("-inf")
         old, seen = self.log_rate[index].to(lz.dtype), self.visited[index]
         new = torch.where(seen, torch.logaddexp(old + keep, lz + math.log(self.ema)), lz)
@@ -153,13 +150,7 @@ class LogRateState(nn.Module):
     @torch.no_grad()
     def set_log_rates(self, log_rate: torch.Tensor) -> None:
         """Sets every sample's log-rate (rate="fixed"); must be finite, shape [num_samples]."""
-        if not isinstance(log_rate, torch.Tensor) or log_rate.shape != (self.num_samples,):
-            raise ValueError(
-                f"log-rates must be a tensor of shape ({self.num_samples},), got "
-                f"{getattr(log_rate, 'shape', type(log_rate))}"
-            )
-        if not bool(torch.isfinite(log_rate).all()):
-            raise ValueError("log-rates must be finite")
+        V.check_log_rates("log-rates", log_rate, self.num_samples)
         self.log_rate.copy_(log_rate.detach())
         self.visited.fill_(True)
 
@@ -383,7 +374,8 @@ class GammaClipLoss(InWorld, _GeneratorAttr, TemperatureMixin, nn.Module):
             default log(1/ema)). From batch 16 one-pass trains worse than minibatch InfoNCE
             (global loss: 4 of 5 seeds at B=16, all at B >= 32; docs/experiments.md).
         generator: torch.Generator for the draws (reproducible runs); its state is saved in
-            state_dict() so a checkpoint resumes the same draws.
+            state_dict() so a checkpoint resumes the same draws (a module built without a
+            generator gets one, on the saved device, when it loads a checkpoint that has one).
         backend: "auto", "torch", "cpp", "triton", "cuda" or "reference".
         clamp: exponent cap of the one-pass path; None (default): `default_clamp(rate, ema,
             update)`, i.e. log(1/ema) for update="after" with EMA rates, else 30.
@@ -400,7 +392,9 @@ class GammaClipLoss(InWorld, _GeneratorAttr, TemperatureMixin, nn.Module):
             ema_schedule ("constant", "cosine"), ema_decay_epochs; set_epoch(epoch).
     forward(image_features, text_features, logit_scale, index, output_dict=False) returns the
     0-d loss (fp32; fp64 for fp64 features) or {"contrastive_loss": loss}; `index` [B] holds each
-    pair's data-set index (int64; may be None for rate="batch").
+    pair's data-set index (int64; may be None for rate="batch"). Value: global_loss_estimate (G
+    at this batch with the rates used: what a trainer logs); gradient: the surrogate's. The state
+    changes only while training (gammacl._trainstate), or by update_state().
     """
 
     def __init__(
@@ -420,7 +414,7 @@ class GammaClipLoss(InWorld, _GeneratorAttr, TemperatureMixin, nn.Module):
     ) -> None:
         super().__init__()
         V.check_choice("distributed", distributed, (None, True, False))
-        V.check_positive_int("num_samples", num_samples)
+        num_samples = V.check_positive_int("num_samples", num_samples)
         shape = V.check_real("shape (the Gamma shape a)", shape)
         V.check_choice("rate", rate, RATES)
         ema = V.check_real("ema (weight of the new batch estimate)", ema, high=1.0)
@@ -462,7 +456,11 @@ class GammaClipLoss(InWorld, _GeneratorAttr, TemperatureMixin, nn.Module):
         directions; what forward does after (or before) use."""
         if self.rate != "ema":
             raise RuntimeError(f"update_state needs rate='ema', this loss has rate={self.rate!r}")
-        self.image_rate.update(index, log_zhat_image)
+        # every argument is checked before either direction is written (a raise changes nothing)
+        index = self.image_rate._index(index, check=True)
+        V.check_log_zhat("log_zhat_image", log_zhat_image, index)
+        V.check_log_zhat("log_zhat_text", log_zhat_text, index)
+        self.image_rate.update(index, log_zhat_image, check=False)
         self.text_rate.update(index, log_zhat_text, check=False)
 
     def set_log_rates(self, image_log_rate: torch.Tensor, text_log_rate: torch.Tensor) -> None:
@@ -471,17 +469,26 @@ class GammaClipLoss(InWorld, _GeneratorAttr, TemperatureMixin, nn.Module):
             raise RuntimeError(
                 f"set_log_rates needs rate='fixed', this loss has rate={self.rate!r}"
             )
+        V.check_log_rates("image_log_rate", image_log_rate, self.num_samples)  # both checked
+        V.check_log_rates("text_log_rate", text_log_rate, self.num_samples)  # before any write
         self.image_rate.set_log_rates(image_log_rate)
         self.text_rate.set_log_rates(text_log_rate)
         self._fixed_set = True
 
     def get_extra_state(self) -> dict:
-        gen = self.generator.get_state() if self.generator is not None else None
-        return {"generator_state": gen, "fixed_set": self._fixed_set, "epoch": self.epoch}
+        gen = self.generator
+        dev, gen_state = (None, None) if gen is None else (str(gen.device), gen.get_state())
+        out = {"generator_state": gen_state, "generator_device": dev, "epoch": self.epoch}
+        return out | {"fixed_set": self._fixed_set}
 
     def set_extra_state(self, state: dict) -> None:
-        if state.get("generator_state") is not None and self.generator is not None:
-            self.generator.set_state(state["generator_state"])
+        gen_state = state.get("generator_state")
+        if gen_state is not None:
+            if self.generator is None:
+                # the checkpoint's draws came from its own generator: a module built without one
+                # gets a generator on the saved device, so the resumed run draws the same stream
+                self.generator = torch.Generator(state.get("generator_device") or "cpu")
+            self.generator.set_state(gen_state)
         self._fixed_set = bool(state.get("fixed_set", self._fixed_set))
         if state.get("epoch") is not None:
             self.set_epoch(state["epoch"])
@@ -645,8 +652,10 @@ class GammaClipLoss(InWorld, _GeneratorAttr, TemperatureMixin, nn.Module):
         index: torch.Tensor | None,
         output_dict: bool = False,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
-        step = self._step if self.temperature != "individual" else self._individual_step
-        loss = step(image_features, text_features, logit_scale, index, self._world())
+        step = type(self)._step if self.temperature != "individual" else type(self)._individual_step
+        loss = estimate_valued_step(
+            self, step, image_features, text_features, logit_scale, index, self._world()
+        )
         return {"contrastive_loss": loss} if output_dict else loss
 
 

@@ -11,7 +11,11 @@ step) is reported instead. The analytic expectation sits beside each measured fi
 largest N that fits is found by doubling then bisection (OOM caught; on CPU "fits" means the RSS
 delta stays under --budget-mib, and a point whose analytic expectation exceeds the budget is not
 run). Writes OUT/NAME.csv, OUT/NAME.json and OUT/NAME.png (log-log peak memory vs N, with the
-device capacity or CPU budget as a line).
+device capacity or CPU budget as a line). Rows go to NAME.csv as they are measured (a killed run
+keeps them); the summary printed first says, per implementation, whether "largest N" is a
+measured limit or only the search cap. A requested backend that cannot run here gives a row
+with status=unavailable while the others run; any gammacl row with status=error makes the exit
+code 1.
 
     python -m gammacl.profile --quick --out results
     python -m gammacl.profile --loss clip --backend triton --d 512 --dtype bf16 --snapshot
@@ -28,7 +32,7 @@ from typing import Any
 
 import torch
 
-from gammacl.measure import cli, inputs, memory, meta, plots, select, timing
+from gammacl.measure import cli, inputs, memory, meta, plots, select, summary, timing
 from gammacl.measure.nvml import NvmlView, open_nvml
 from gammacl.measure.registry import Impl
 
@@ -179,6 +183,7 @@ class Profiler:
         self.args, self.device, self.nvml = args, device, nvml
         self.inject = cli.InjectOOM(args.inject_oom)
         self.rows: list[dict[str, Any]] = []
+        self.sink = meta.RowSink(Path(args.out), args.name, COLUMNS)
         self.capacity = memory.device_capacity(device)
         self.limit_mib = self.capacity / cli.MIB if self.capacity else args.budget_mib
         self.t0 = time.perf_counter()
@@ -218,6 +223,9 @@ class Profiler:
         )
         if self.nvml.ok:
             row["nvml_sample_ms"] = a.sample_ms
+        if impl.unavailable:
+            row.update(status="unavailable", fits=False, error=impl.unavailable)
+            return self._done(row)
         # on a (shared) CPU host never allocate far past the budget: skip a point whose
         # analytic expectation exceeds PRECHECK x budget; in between, measure and decide
         if (
@@ -290,6 +298,7 @@ class Profiler:
 
     def _done(self, row: dict[str, Any]) -> dict[str, Any]:
         self.rows.append(row)
+        self.sink.add(row)
         mem = row["torch_delta_mib"] if self.device.type == "cuda" else row["rss_delta_mib"]
         what = f"{mem:.1f} MiB" if mem is not None else "-"
         if row["expected_extra_mib"] is not None:
@@ -325,6 +334,7 @@ def _summary(impl: Impl, rows: list[dict], res: tuple, capped: bool, limit: str)
         "max_n_fits": lo,
         "first_fail_n": hi,
         "search_capped": capped,
+        "unavailable": impl.unavailable,
         "limit": limit,
         "fail_reason": None if fail is None else f"{fail['status']}: {fail['error']}",
         "measured_mib_at_max": None
@@ -412,13 +422,15 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
                 notes.append(f"{impl.label} skipped for {cli.dtype_name(dt)}: unsupported dtype")
                 continue
             for d in args.d:
-                prof.warm(impl, d, dt)
-                sweep = [prof.probe(impl, n, d, dt, "sweep") for n in ns]
+                if not impl.unavailable:
+                    prof.warm(impl, d, dt)
+                points = ns[:1] if impl.unavailable else ns  # one row saying why
+                sweep = [prof.probe(impl, n, d, dt, "sweep") for n in points]
                 fits = [r["N"] for r in sweep if r["fits"]]
                 fails = [r["N"] for r in sweep if not r["fits"]]
                 known_ok = max((n for n in fits if not fails or n < min(fails)), default=None)
                 known_fail = min(fails, default=None)
-                if args.no_search:
+                if args.no_search or impl.unavailable:
                     res, capped = (known_ok, known_fail, False), False
                 else:
 
@@ -441,6 +453,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
                 ]
                 s = _summary(impl, rows, res, capped, limit)
                 s.update(D=d, dtype=cli.dtype_name(dt))
+                s["largest_n"] = summary.largest_n_text(s, cap=max(args.n_max, ns[-1]))
                 summaries.append(s)
                 if args.snapshot and device.type == "cuda" and res[0]:
                     path = (
@@ -492,6 +505,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
         else [("rss_peak_mib", "RSS MiB"), ("rss_delta_mib", "RSS delta MiB")]
     )
     cols += [("expected_extra_mib", "analytic MiB")]
+    print("\n".join(summary.profile_summary(summaries, cap=max(args.n_max, ns[-1]))) + "\n")
     print(meta.format_table(prof.rows, cols))
     print()
     print(
@@ -501,9 +515,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
                 ("label", "implementation"),
                 ("D", "D"),
                 ("dtype", "dtype"),
-                ("max_n_fits", "largest N fits"),
-                ("first_fail_n", "first fail"),
-                ("search_capped", "capped"),
+                ("largest_n", "largest N fits"),
                 ("measured_mib_at_max", "MiB at max"),
                 ("expected_mib_at_max", "analytic"),
                 ("fail_reason", "why it stopped"),
@@ -535,7 +547,15 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
             written.append(png)
     written += snapshots
     print("wrote " + ", ".join(str(p) for p in written) + f" in {wall:.1f} s")
-    return 0
+    errors = [r for r in prof.rows if r["impl"] == "gammacl" and r["status"] == "error"]
+    if errors:
+        e = errors[0]
+        print(
+            f"!!! {len(errors)} gammacl rows failed with an error, e.g. {e['label']} "
+            f"N={e['N']}: {e['error']}",
+            file=sys.stderr,
+        )
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

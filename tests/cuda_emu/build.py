@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from gammacl import _ext
+
 EMU = Path(__file__).resolve().parent
 REPO = EMU.parent.parent
 CSRC = REPO / "csrc"
@@ -73,17 +75,18 @@ def load(asan: bool = False):
     ]
     if asan:
         flags += ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
-    cpp_extension.load(
-        name="gammacl_cuda_emu_asan" if asan else "gammacl_cuda_emu",
-        sources=[*wrappers, str(EMU / "emu_runtime.cpp")],
-        extra_cflags=flags,
-        extra_ldflags=["-fsanitize=address"] if asan else [],
-        extra_include_paths=[str(CSRC), str(EMU)],
-        build_directory=str(out),
-        is_python_module=False,
-        with_cuda=False,
-        verbose=False,
-    )
+    with _ext._build_lock(out):  # a build killed mid-compile leaves no lock to hang on
+        cpp_extension.load(
+            name="gammacl_cuda_emu_asan" if asan else "gammacl_cuda_emu",
+            sources=[*wrappers, str(EMU / "emu_runtime.cpp")],
+            extra_cflags=flags,
+            extra_ldflags=["-fsanitize=address"] if asan else [],
+            extra_include_paths=[str(CSRC), str(EMU)],
+            build_directory=str(out),
+            is_python_module=False,
+            with_cuda=False,
+            verbose=False,
+        )
     return torch.ops.gammacl_cuda_emu
 
 
@@ -93,14 +96,15 @@ def load_selftest():
 
     out = build_dir().parent / (build_dir().name + "-selftest")
     out.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(
-        name="gammacl_emu_selftest",
-        sources=[str(EMU / "selftest.cpp")],
-        extra_cflags=["-O1", "-Wno-unknown-pragmas"],
-        extra_include_paths=[str(EMU)],
-        build_directory=str(out),
-        is_python_module=False,
-        with_cuda=False,
-        verbose=False,
-    )
+    with _ext._build_lock(out):
+        cpp_extension.load(
+            name="gammacl_emu_selftest",
+            sources=[str(EMU / "selftest.cpp")],
+            extra_cflags=["-O1", "-Wno-unknown-pragmas"],
+            extra_include_paths=[str(EMU)],
+            build_directory=str(out),
+            is_python_module=False,
+            with_cuda=False,
+            verbose=False,
+        )
     return torch.ops.gammacl_emu_selftest

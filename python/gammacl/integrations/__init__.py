@@ -4,10 +4,12 @@ Each submodule imports its library only when used (optional extras):
 
 - ``gammacl.integrations.sentence_transformers``: ``MultipleNegativesRankingLoss`` (and the
   symmetric variant) with sentence-transformers' constructor and call, computed without the B x B
-  score matrix; ``GammaMultipleNegativesRankingLoss`` / ``SogCLRMultipleNegativesRankingLoss``.
+  score matrix; ``GammaMultipleNegativesRankingLoss`` / ``SogCLRMultipleNegativesRankingLoss``;
+  ``CachedMultipleNegativesRankingLoss`` (GradCache) and its Gamma / SogCLR variants.
   ``pip install gammacl[sentence-transformers]``.
 - ``gammacl.integrations.transformers``: ``clip_loss_from_inputs(model, ...)`` for Hugging Face
-  ``CLIPModel`` (and CLIPModel-like models) and ``apply_gammacl_to_clip()`` / ``revert``.
+  ``CLIPModel`` (and CLIPModel-like models) and ``apply_gammacl_to_clip()`` / ``revert`` (CLIPModel
+  and SiglipModel, with the sigmoid loss).
   ``pip install gammacl[transformers]``.
 - ``gammacl.integrations.open_clip``: ``apply()`` / ``revert()`` route open_clip's ``ClipLoss``
   through gammacl; ``OpenClipGammaLoss`` for the gamma / SogCLR losses in open_clip's trainer.

@@ -36,11 +36,18 @@ trainer runs it::
 Needs a map-style dataset (CsvDataset, not webdataset shards) and ``--accum-freq 1``
 (the accumulation path calls the loss on concatenated batches); an index can also be passed
 directly: ``loss(**model_out, index=idx)``.
+
+The loss state travels in open_clip's own checkpoints: with such a loss, apply() makes
+open_clip_train.main's ``torch.save`` of a training checkpoint (the dict with "epoch" and
+"state_dict" that becomes epoch_N.pt / epoch_latest.pt) add ``loss.state_dict()`` under
+"gammacl_loss", and its ``pt_load`` of ``--resume`` load it back into the loss (a warning when the
+checkpoint has none). revert() undoes both.
 """
 
 from __future__ import annotations
 
 import collections
+import warnings
 from typing import Any
 
 import torch
@@ -50,6 +57,7 @@ from gammacl.integrations import require
 
 _EXTRA = "open-clip"
 _STATE: dict = {}  # what apply() replaced: {"forward": f, "create_loss": {module: f}}
+CHECKPOINT_KEY = "gammacl_loss"
 
 
 def _gammacl_forward(
@@ -110,16 +118,55 @@ def apply(loss: torch.nn.Module | None = None, *, backend: str = "auto") -> Hand
             _STATE["create_loss"][mod] = mod.create_loss
             mod.create_loss = lambda args, _loss=loss: _loss
         if isinstance(loss, _OpenClipCall):
-            _patch_get_data(loss)
+            _patch_train_main(loss)
     return Handle()
 
 
-def _patch_get_data(loss: _OpenClipCall) -> None:
-    """open_clip_train.main.get_data -> the same, with the train DataLoader under with_index."""
+class _SavingTorch:
+    """open_clip_train.main's `torch` under apply(loss=...): torch, except that saving a training
+    checkpoint (a dict with "epoch" and "state_dict") adds the loss state under CHECKPOINT_KEY."""
+
+    def __init__(self, torch_module, loss: torch.nn.Module) -> None:
+        self._torch, self._loss = torch_module, loss
+
+    def __getattr__(self, name: str):
+        return getattr(self._torch, name)
+
+    def save(self, obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and "epoch" in obj and "state_dict" in obj:
+            obj = {**obj, CHECKPOINT_KEY: self._loss.state_dict()}
+        return self._torch.save(obj, f, *args, **kwargs)
+
+
+def _patch_checkpoints(train_main, loss: torch.nn.Module) -> None:
+    """train_main.torch.save / train_main.pt_load carry the loss state (module docstring)."""
+    original_load = train_main.pt_load
+
+    def pt_load(file_path, *args, **kwargs):
+        ck = original_load(file_path, *args, **kwargs)
+        if isinstance(ck, dict) and CHECKPOINT_KEY in ck:
+            loss.load_state_dict(ck[CHECKPOINT_KEY])
+        elif isinstance(ck, dict) and "epoch" in ck:
+            warnings.warn(
+                f"resuming from {file_path}, which holds no {CHECKPOINT_KEY!r} entry: the "
+                f"{type(loss).__name__} state starts fresh",
+                stacklevel=2,
+            )
+        return ck
+
+    _STATE["checkpoints"] = (train_main, train_main.torch, original_load)
+    train_main.torch = _SavingTorch(train_main.torch, loss)
+    train_main.pt_load = pt_load
+
+
+def _patch_train_main(loss: _OpenClipCall) -> None:
+    """open_clip_train.main: get_data puts the train DataLoader under with_index; checkpoints
+    carry the loss state."""
     try:
         import open_clip_train.main as train_main
     except ImportError:
         return
+    _patch_checkpoints(train_main, loss)
     original = train_main.get_data
 
     def get_data(*args, **kwargs):
@@ -142,6 +189,9 @@ def revert() -> None:
     if "get_data" in _STATE:
         mod, fn = _STATE["get_data"]
         mod.get_data = fn
+    if "checkpoints" in _STATE:
+        mod, torch_module, load = _STATE["checkpoints"]
+        mod.torch, mod.pt_load = torch_module, load
     _STATE.clear()
 
 
@@ -260,6 +310,7 @@ def with_index(dataloader, loss: _OpenClipCall):
 
 
 __all__ = [
+    "CHECKPOINT_KEY",
     "Handle",
     "IndexRecordingBatchSampler",
     "OpenClipGammaLoss",

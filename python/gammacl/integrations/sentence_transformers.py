@@ -19,6 +19,13 @@ dot_score:
 symmetric per-direction loss without hard negatives is one gammacl.clip_loss sweep; every other case
 is one infonce sweep per direction, O(B (1 + k) D) memory.
 
+``CachedMultipleNegativesRankingLoss`` (and its Gamma / SogCLR variants) is the library's GradCache
+loss with the same constructor: the columns are embedded in mini-batches of ``mini_batch_size``
+without grad, the fused loss and its gradient w.r.t. the embeddings are computed over the whole
+batch (O(B (1 + k) D) memory: no chunking of the score matrix is needed), then every mini-batch is
+embedded again with grad and the cached embedding gradients are back-propagated (the library's own
+``CachedLossMixin``, so RNG replay, token budgets and DDP behave as in sentence-transformers 6).
+
 gather_across_devices=True gathers anchors and candidates with sentence-transformers' own
 ``util.all_gather_with_grad`` and uses its labels (rank * B + i): the same loss and gradients as
 the library's.
@@ -32,8 +39,12 @@ it once::
 The per-sample state lives in buffers of the loss (``loss.gamma``); the trainer does not save a
 loss, so pass ``callbacks=[loss.checkpoint_callback()]`` to SentenceTransformerTrainer: it writes
 ``gammacl_loss_state.pt`` into every ``checkpoint-N`` folder and reloads it on
-``trainer.train(resume_from_checkpoint=...)`` (or call ``loss.save_state(dir)`` /
-``loss.load_state(dir)`` yourself).
+``trainer.train(resume_from_checkpoint=...)``; ``loss.attach(trainer)`` adds that callback and reads
+the state from the very checkpoint ``trainer.train(resume_from_checkpoint=path or True)`` resumes
+from (or call ``loss.save_state(dir)`` / ``loss.load_state(dir)`` yourself). The state is updated
+only while training (the sentence model in training mode and grad enabled), so
+``trainer.evaluate()`` leaves it alone; the loss value is the global-objective estimate
+(gammacl.gamma), which the trainer logs.
 """
 
 from __future__ import annotations
@@ -53,6 +64,8 @@ _EXTRA = "sentence-transformers"
 STATE_FILE = "gammacl_loss_state.pt"
 SUPPORTED_SIMILARITIES = ("cos_sim", "dot_score")
 _DIRECTIONS = (("query_to_doc",), ("query_to_doc", "doc_to_query"))
+_ALL_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+HARDNESS_MODES = (None, "in_batch_negatives", "hard_negatives", "all_negatives")
 
 
 def _st_util():
@@ -99,6 +112,49 @@ def embed(model: nn.Module, sentence_features: Iterable[dict]) -> list[torch.Ten
     return embed_columns(model, sentence_features)
 
 
+def _check_directions(directions: Iterable[str], partition_mode: str) -> tuple[str, ...]:
+    """The library's checks (same messages), then the directions gammacl fuses, in its order."""
+    directions = tuple(directions)
+    if not directions:
+        raise ValueError("At least one direction must be specified.")
+    if bad := set(directions) - set(_ALL_DIRECTIONS):
+        raise ValueError(f"Invalid directions: {bad}. Valid: {set(_ALL_DIRECTIONS)}")
+    if "query_to_doc" not in directions:
+        raise ValueError("'query_to_doc' direction is required (contains the positive pair).")
+    if partition_mode not in ("joint", "per_direction"):
+        raise ValueError(
+            f"partition_mode must be 'joint' or 'per_direction', got {partition_mode!r}"
+        )
+    if partition_mode == "per_direction" and set(directions) & {"query_to_query", "doc_to_doc"}:
+        raise ValueError(
+            "partition_mode='per_direction' requires every direction's candidate pool to include "
+            "the positive pair; 'query_to_query' and 'doc_to_doc' never do. Use "
+            "partition_mode='joint' instead."
+        )
+    for fused in _DIRECTIONS:
+        if set(directions) == set(fused):
+            return fused
+    raise ValueError(
+        f"directions={directions} is not fused by gammacl (query_to_query / doc_to_doc exclude "
+        f"self-similarities); supported: {_DIRECTIONS[0]} and {_DIRECTIONS[1]}. Use "
+        "sentence-transformers' own loss for the others."
+    )
+
+
+def _check_hardness(mode: str | None, strength: float) -> tuple[str | None, float]:
+    if mode not in HARDNESS_MODES:
+        raise ValueError(f"hardness_mode must be one of {set(HARDNESS_MODES)}, got {mode!r}")
+    if strength < 0.0:
+        raise ValueError("hardness_strength must be non-negative.")
+    if mode is not None and strength > 0.0:
+        raise ValueError(
+            f"hardness_mode={mode!r} with hardness_strength={strength} is not fused by gammacl "
+            "(it adds hardness_strength * stop_grad(sim) to chosen negative logits); use "
+            "sentence-transformers' own loss, or hardness_strength=0.0 (no weighting)."
+        )
+    return mode, float(strength)
+
+
 class _EmbeddingLoss(nn.Module):
     """Shared by the losses here: the model, the scale and the similarity prep."""
 
@@ -128,11 +184,14 @@ class MultipleNegativesRankingLoss(_EmbeddingLoss):
     """sentence-transformers' MultipleNegativesRankingLoss (in-batch negatives + hard-negative
     columns, one direction or symmetric), computed by gammacl without the B x B(1+k) matrix.
 
-    Args as the library's: model, scale (= 1 / temperature), similarity_fct (cos_sim or
-    dot_score only), gather_across_devices, directions (("query_to_doc",) or ("query_to_doc",
-    "doc_to_query")), partition_mode ("joint" or "per_direction"); keyword-only backend
-    (gammacl backend, default "auto"). The library's hardness_mode options and the
-    query_to_query / doc_to_doc directions are not fused (ValueError)."""
+    Every keyword of sentence-transformers 6.2's, same defaults: model, scale (= 1 /
+    temperature), similarity_fct (cos_sim or dot_score only), gather_across_devices, directions
+    (("query_to_doc",) or ("query_to_doc", "doc_to_query"), any order), partition_mode ("joint" or
+    "per_direction"), hardness_mode (None or any of the library's modes with
+    hardness_strength=0.0, which weights nothing), hardness_strength; keyword-only backend (gammacl
+    backend, default "auto"). Values outside the library's raise its ValueError; values it accepts
+    that gammacl does not fuse (the query_to_query / doc_to_doc directions, hardness_strength > 0)
+    raise a ValueError saying so."""
 
     def __init__(
         self,
@@ -142,23 +201,18 @@ class MultipleNegativesRankingLoss(_EmbeddingLoss):
         gather_across_devices: bool = False,
         directions: tuple[str, ...] = ("query_to_doc",),
         partition_mode: str = "joint",
+        hardness_mode: str | None = None,
+        hardness_strength: float = 0.0,
         *,
         backend: str = "auto",
     ) -> None:
         super().__init__(model, scale, similarity_fct, backend)
-        directions = tuple(directions)
-        if directions not in _DIRECTIONS:
-            raise ValueError(
-                f"directions={directions} is not fused by gammacl; supported: {_DIRECTIONS[0]} "
-                f"and {_DIRECTIONS[1]}"
-            )
-        if partition_mode not in ("joint", "per_direction"):
-            raise ValueError(
-                f"partition_mode must be 'joint' or 'per_direction', got {partition_mode!r}"
-            )
-        self.gather_across_devices = bool(gather_across_devices)
-        self.directions = directions
+        self.directions = _check_directions(directions, partition_mode)
         self.partition_mode = partition_mode
+        self.hardness_mode, self.hardness_strength = _check_hardness(
+            hardness_mode, hardness_strength
+        )
+        self.gather_across_devices = bool(gather_across_devices)
 
     def compute_loss_from_embeddings(self, embeddings: list[torch.Tensor], labels=None):
         """embeddings[0]: anchors [B, D]; embeddings[1]: positives; embeddings[2:]: hard
@@ -218,6 +272,8 @@ class MultipleNegativesRankingLoss(_EmbeddingLoss):
             "gather_across_devices": self.gather_across_devices,
             "directions": self.directions,
             "partition_mode": self.partition_mode,
+            "hardness_mode": self.hardness_mode,
+            "hardness_strength": self.hardness_strength,
             "backend": self.backend,
         }
 
@@ -255,7 +311,9 @@ class GammaMultipleNegativesRankingLoss(_EmbeddingLoss):
     (``dataset.add_column("label", list(range(len(dataset))))``); `num_samples` = len(dataset).
     The state is ``self.gamma`` (a GammaClipLoss; buffers). Keyword arguments after
     similarity_fct go to GammaClipLoss (shape, rate, ema, update, generator, backend, clamp,
-    distributed, process_group). Every forward updates the state (see gammacl.gamma)."""
+    distributed, process_group). A forward updates the state only while training: this loss and
+    the sentence model in training mode (the trainer flips the model) and grad enabled; the value
+    returned is the global-objective estimate, the gradient the surrogate's (gammacl.gamma)."""
 
     _impl = gammacl.GammaClipLoss
 
@@ -284,6 +342,14 @@ class GammaMultipleNegativesRankingLoss(_EmbeddingLoss):
                 f"(got labels={labels!r})"
             )
         anchors, positives = embeddings
+        if anchors.shape[0] < 2 and not _multi_process(self.gamma):
+            raise ValueError(
+                f"{type(self).__name__} got a batch of {anchors.shape[0]} pair: it needs at least "
+                "2 pairs per batch (B - 1 in-batch negatives per anchor). The last batch of an "
+                "epoch holds len(dataset) % batch_size pairs: set dataloader_drop_last=True in "
+                "SentenceTransformerTrainingArguments."
+            )
+        self.gamma.train(self.training and getattr(self.model, "training", True))
         return self.gamma(self._prep(anchors), self._prep(positives), self.scale, labels)
 
     # -- the per-sample state in checkpoints ---------------------------------------------------
@@ -302,9 +368,40 @@ class GammaMultipleNegativesRankingLoss(_EmbeddingLoss):
 
     def checkpoint_callback(self):
         """A transformers TrainerCallback saving the state into each checkpoint-N folder
-        (on_save), restoring it when training resumes at step N (on_train_begin), and calling
-        the loss's set_epoch(epoch) at each epoch's start (the inner-rate schedule)."""
+        (on_save) and calls the loss's set_epoch(epoch) at each epoch's start (the inner-rate
+        schedule). Alone, it restores the state at resume from output_dir/checkpoint-N (the
+        trainer does not tell callbacks which folder it resumes from); attach(trainer) reads it
+        from the checkpoint the trainer resumes from."""
         return _state_callback(self)
+
+    def attach(self, trainer):
+        """Adds checkpoint_callback() to `trainer` (once) and wraps this trainer's train() so that
+        ``trainer.train(resume_from_checkpoint=path)`` (True: the last checkpoint of output_dir,
+        as the trainer resolves it) loads the state from that checkpoint before training.
+        Returns the trainer."""
+        cb = next((c for c in trainer.callback_handler.callbacks if _is_state_cb(c, self)), None)
+        if cb is None:
+            cb = self.checkpoint_callback()
+            trainer.add_callback(cb)
+        train = trainer.train
+
+        def train_resuming(resume_from_checkpoint=None, *args, **kwargs):
+            path = resume_from_checkpoint
+            if path is True:
+                utils = require("transformers.trainer_utils", _EXTRA)
+                path = utils.get_last_checkpoint(trainer.args.output_dir)
+            if isinstance(path, str | os.PathLike):
+                if not os.path.isfile(os.path.join(os.fspath(path), STATE_FILE)):
+                    raise FileNotFoundError(
+                        f"resuming from {path}, which has no {STATE_FILE}: the gamma state "
+                        "cannot be restored (was it saved with loss.checkpoint_callback()?)"
+                    )
+                self.load_state(path)
+                cb.restored = True
+            return train(resume_from_checkpoint, *args, **kwargs)
+
+        trainer.train = train_resuming
+        return trainer
 
     def get_config_dict(self) -> dict[str, Any]:
         return {
@@ -322,12 +419,27 @@ class SogCLRMultipleNegativesRankingLoss(GammaMultipleNegativesRankingLoss):
     _impl = gammacl.SogCLRLoss
 
 
+def _multi_process(loss: nn.Module) -> bool:
+    import torch.distributed as dist
+
+    up = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return up and loss.distributed is not False
+
+
+def _is_state_cb(cb, loss) -> bool:
+    return getattr(cb, "loss", None) is loss
+
+
 def _state_callback(loss: GammaMultipleNegativesRankingLoss):
     trainer_callback = require("transformers.trainer_callback", "sentence-transformers")
     prefix = require("transformers.trainer_utils", "sentence-transformers").PREFIX_CHECKPOINT_DIR
 
     class GammaLossStateCallback(trainer_callback.TrainerCallback):
         """Saves / restores a gammacl loss's per-sample state with the trainer's checkpoints."""
+
+        def __init__(self) -> None:
+            self.loss = loss
+            self.restored = False  # set by loss.attach(trainer) once it loaded the state
 
         def _dir(self, args, state) -> str:
             return os.path.join(args.output_dir, f"{prefix}-{state.global_step}")
@@ -340,23 +452,160 @@ def _state_callback(loss: GammaMultipleNegativesRankingLoss):
             loss.gamma.set_epoch(int(state.epoch or 0))  # epochs completed (a float)
 
         def on_train_begin(self, args, state, control, **kwargs):
-            if state.global_step == 0:
+            restored, self.restored = self.restored, False
+            if state.global_step == 0 or restored:
                 return
             folder = self._dir(args, state)
             if os.path.isfile(os.path.join(folder, STATE_FILE)):
                 loss.load_state(folder)
+                warnings.warn(
+                    f"resuming at step {state.global_step}: the gamma state was read from "
+                    f"{folder}, which need not be the checkpoint the trainer resumed from; "
+                    "loss.attach(trainer) reads the one it resumes from",
+                    stacklevel=2,
+                )
             else:
                 warnings.warn(
                     f"resuming at step {state.global_step} but {folder} has no {STATE_FILE}; "
-                    "the gamma state was not restored (call loss.load_state(checkpoint_dir) "
-                    "before trainer.train() when the checkpoint lies elsewhere)",
+                    "the gamma state was not restored (loss.attach(trainer) reads it from the "
+                    "checkpoint the trainer resumes from; or call loss.load_state(checkpoint_dir))",
                     stacklevel=2,
                 )
 
     return GammaLossStateCallback()
 
 
+# -- GradCache losses, defined on first access on sentence-transformers' CachedLossMixin --
+_CACHED_NAMES = (
+    "CachedMultipleNegativesRankingLoss",
+    "CachedGammaMultipleNegativesRankingLoss",
+    "CachedSogCLRMultipleNegativesRankingLoss",
+)
+
+
+def _cached_init(loss, model, mini_batch_size, mini_batch_num_tokens, show_progress_bar) -> None:
+    gradcache = require("sentence_transformers.base.losses.gradcache", _EXTRA)
+    if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int):
+        raise TypeError(f"mini_batch_size must be an int, got {mini_batch_size!r}")
+    if mini_batch_size < 1:
+        raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}")
+    if mini_batch_num_tokens is not None and mini_batch_num_tokens <= 0:
+        raise ValueError("mini_batch_num_tokens must be a positive integer or None.")
+    if gradcache.has_static_embedding_input(model):
+        raise ValueError(
+            f"{type(loss).__name__} is not compatible with a StaticEmbedding model, whose inputs "
+            "cannot be split into mini-batches; use the non-cached loss instead."
+        )
+    loss.mini_batch_size = mini_batch_size
+    loss.mini_batch_num_tokens = mini_batch_num_tokens
+    loss.show_progress_bar = bool(show_progress_bar)
+
+
+def _define_cached() -> None:
+    gradcache = require("sentence_transformers.base.losses.gradcache", _EXTRA)
+
+    class _GradCache(gradcache.CachedLossMixin):
+        """forward = the library's GradCache pass; calculate_loss = the fused loss of the whole
+        batch from the cached embeddings (and its backward to them)."""
+
+        def forward(self, sentence_features: Iterable[dict], labels=None) -> torch.Tensor:
+            sentence_features = list(sentence_features)
+            if len(sentence_features) < 2:
+                raise ValueError(f"Expected at least 2 inputs, got {len(sentence_features)}")
+            return self.forward_cached(sentence_features, labels)
+
+        def calculate_loss(self, reps, labels=None, *, with_backward: bool = False):
+            loss = self.compute_loss_from_embeddings([torch.cat(r) for r in reps], labels)
+            if with_backward:
+                loss.backward()
+                loss = loss.detach()
+            return loss
+
+        def get_config_dict(self) -> dict[str, Any]:
+            return {
+                **super().get_config_dict(),
+                "mini_batch_size": self.mini_batch_size,
+                "mini_batch_num_tokens": self.mini_batch_num_tokens,
+            }
+
+    class CachedMultipleNegativesRankingLoss(_GradCache, MultipleNegativesRankingLoss):
+        """sentence-transformers' CachedMultipleNegativesRankingLoss (GradCache) on gammacl's
+        fused MultipleNegativesRankingLoss: the library's constructor (every keyword, same
+        order and defaults; values as MultipleNegativesRankingLoss accepts them) plus
+        keyword-only backend. Same loss and parameter gradients as the library's at any
+        mini_batch_size (module docstring)."""
+
+        def __init__(
+            self,
+            model: nn.Module,
+            scale: float = 20.0,
+            similarity_fct: Callable | None = None,
+            mini_batch_size: int = 32,
+            mini_batch_num_tokens: int | None = None,
+            gather_across_devices: bool = False,
+            directions: tuple[str, ...] = ("query_to_doc",),
+            partition_mode: str = "joint",
+            show_progress_bar: bool = False,
+            hardness_mode: str | None = None,
+            hardness_strength: float = 0.0,
+            *,
+            backend: str = "auto",
+        ) -> None:
+            super().__init__(
+                model,
+                scale,
+                similarity_fct,
+                gather_across_devices,
+                directions,
+                partition_mode,
+                hardness_mode,
+                hardness_strength,
+                backend=backend,
+            )
+            _cached_init(self, model, mini_batch_size, mini_batch_num_tokens, show_progress_bar)
+
+    class CachedGammaMultipleNegativesRankingLoss(_GradCache, GammaMultipleNegativesRankingLoss):
+        """GammaMultipleNegativesRankingLoss under GradCache: (model, num_samples, scale,
+        similarity_fct, mini_batch_size, mini_batch_num_tokens, show_progress_bar, **the
+        GammaClipLoss keywords). The state is updated once per batch (in the loss pass)."""
+
+        def __init__(
+            self,
+            model: nn.Module,
+            num_samples: int,
+            scale: float = 20.0,
+            similarity_fct: Callable | None = None,
+            mini_batch_size: int = 32,
+            mini_batch_num_tokens: int | None = None,
+            show_progress_bar: bool = False,
+            **loss_kwargs: Any,
+        ) -> None:
+            super().__init__(model, num_samples, scale, similarity_fct, **loss_kwargs)
+            _cached_init(self, model, mini_batch_size, mini_batch_num_tokens, show_progress_bar)
+
+    class CachedSogCLRMultipleNegativesRankingLoss(CachedGammaMultipleNegativesRankingLoss):
+        """SogCLRMultipleNegativesRankingLoss under GradCache (see the Gamma variant)."""
+
+        _impl = gammacl.SogCLRLoss
+
+    for cls in (
+        CachedMultipleNegativesRankingLoss,
+        CachedGammaMultipleNegativesRankingLoss,
+        CachedSogCLRMultipleNegativesRankingLoss,
+    ):
+        cls.__qualname__ = cls.__name__
+        globals()[cls.__name__] = cls
+
+
+def __getattr__(name: str):
+    if name in _CACHED_NAMES:  # needs sentence-transformers >= 6 (its gradcache module)
+        _define_cached()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    *_CACHED_NAMES,
     "GammaMultipleNegativesRankingLoss",
     "MultipleNegativesRankingLoss",
     "MultipleNegativesSymmetricRankingLoss",

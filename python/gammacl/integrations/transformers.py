@@ -16,11 +16,20 @@ or, the Liger way, patch the class once and keep calling the model as before::
 
 The patched forward returns the same CLIPOutput. Its logits are still built when they are asked
 for; ``skip_logits=None`` (default) skips them (None in the output) when the model is training
-and return_loss is set, as Liger-Kernel's fused cross-entropy does; True / False force it.
+and return_loss is set, as Liger-Kernel's fused cross-entropy does; True / False force it. With
+``return_dict=False`` (argument or config) it returns transformers' tuple layout: (loss,
+logits_per_image, logits_per_text, text_embeds, image_embeds, text output tuple, vision output
+tuple), the logits built unless skip_logits=True (then None in their places).
+
+``SiglipModel`` (sigmoid loss) is patched with gammacl.siglip_loss: transformers' loss
+-1/N sum_ij log sigmoid(z_ij (exp(logit_scale) <t_i, v_j> + logit_bias)), z = +1 on the diagonal
+and -1 elsewhere, is open_clip's SigLipLoss on the normalised features. Any other class is refused
+(a CLIP-like class with another loss would silently get the wrong one).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -40,6 +49,31 @@ def _pooled(out: Any) -> torch.Tensor:
 def _normalise(x: torch.Tensor) -> torch.Tensor:
     # modeling_clip._get_vector_norm: x / sqrt(sum(x^2))
     return x / torch.pow(torch.sum(torch.pow(x, 2), dim=-1, keepdim=True), 0.5)
+
+
+def _supported() -> dict[type, str]:
+    """{transformers class: loss kind} of the classes apply_gammacl_to_clip patches."""
+    tf = require("transformers", _EXTRA)
+    return {tf.CLIPModel: "clip", tf.SiglipModel: "siglip"}
+
+
+def _kind(cls: type) -> str:
+    for base, kind in _supported().items():
+        if isinstance(cls, type) and issubclass(cls, base):
+            return kind
+    name = getattr(cls, "__name__", repr(cls))
+    hint = " (SigLIP 2 models take other vision inputs)" if "siglip" in name.lower() else ""
+    raise ValueError(
+        f"apply_gammacl_to_clip cannot patch {name}{hint}: supported are transformers.CLIPModel "
+        "(softmax CLIP loss, gammacl.clip_loss) and transformers.SiglipModel (sigmoid loss, "
+        "gammacl.siglip_loss), and their subclasses"
+    )
+
+
+def _as_tuple(out: Any) -> tuple:
+    """transformers' tuple layout of a CLIP/SigLIP output, keeping a None in its place."""
+    values = (getattr(out, f.name) for f in dataclasses.fields(out))
+    return tuple(v.to_tuple() if hasattr(v, "to_tuple") else v for v in values)
 
 
 def clip_features(
@@ -107,8 +141,11 @@ class PatchHandle:
 _PATCHED: dict = {}  # class -> original forward
 
 
-def _make_forward(original, skip_logits: bool | None, backend: str):
-    output_cls = require("transformers.models.clip.modeling_clip", _EXTRA).CLIPOutput
+def _make_forward(original, kind: str, skip_logits: bool | None, backend: str):
+    if kind == "siglip":
+        output_cls = require("transformers.models.siglip.modeling_siglip", _EXTRA).SiglipOutput
+    else:
+        output_cls = require("transformers.models.clip.modeling_clip", _EXTRA).CLIPOutput
 
     def forward(
         self,
@@ -132,6 +169,8 @@ def _make_forward(original, skip_logits: bool | None, backend: str):
                 **kwargs,
             )
         return_dict = kwargs.pop("return_dict", None)
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
         image_embeds, text_embeds, vision, text = clip_features(
             self,
             input_ids,
@@ -142,11 +181,15 @@ def _make_forward(original, skip_logits: bool | None, backend: str):
             **kwargs,
         )
         scale = self.logit_scale.exp().to(text_embeds.device)
-        loss = gammacl.clip_loss(text_embeds, image_embeds, scale, backend=backend)
-        skip = self.training if skip_logits is None else skip_logits
+        bias = self.logit_bias.to(text_embeds.device) if kind == "siglip" else 0.0
+        if kind == "siglip":
+            loss = gammacl.siglip_loss(image_embeds, text_embeds, scale, bias, backend=backend)
+        else:
+            loss = gammacl.clip_loss(text_embeds, image_embeds, scale, backend=backend)
+        skip = skip_logits if skip_logits is not None else (self.training and return_dict)
         logits_per_text = logits_per_image = None
         if not skip:
-            logits_per_text = torch.matmul(text_embeds, image_embeds.t()) * scale
+            logits_per_text = torch.matmul(text_embeds, image_embeds.t()) * scale + bias
             logits_per_image = logits_per_text.t()
         out = output_cls(
             loss=loss,
@@ -157,9 +200,7 @@ def _make_forward(original, skip_logits: bool | None, backend: str):
             text_model_output=None if isinstance(text, torch.Tensor) else text,
             vision_model_output=None if isinstance(vision, torch.Tensor) else vision,
         )
-        if return_dict is False:
-            return out.to_tuple()
-        return out
+        return out if return_dict else _as_tuple(out)
 
     forward._gammacl_original = original
     forward.__doc__ = original.__doc__
@@ -173,18 +214,21 @@ def apply_gammacl_to_clip(
     skip_logits: bool | None = None,
     backend: str = "auto",
 ) -> PatchHandle:
-    """Patches ``forward`` of transformers' CLIPModel (or the given CLIPModel-like classes) so
-    ``return_loss=True`` computes the loss with gammacl from the normalised features. Affects
-    every instance, existing and new. Returns a handle whose revert() restores the originals;
-    applying twice is a no-op for classes already patched."""
+    """Patches ``forward`` of transformers' CLIPModel (or the given classes: CLIPModel,
+    SiglipModel or subclasses; anything else raises ValueError before any class is patched) so
+    ``return_loss=True`` computes the loss with gammacl from the normalised features (CLIP:
+    clip_loss; SigLIP: siglip_loss). Affects every instance, existing and new. Returns a handle
+    whose revert() restores the originals; applying twice is a no-op for classes already
+    patched."""
     if model_classes is None:
         model_classes = (require("transformers", _EXTRA).CLIPModel,)
+    kinds = {cls: _kind(cls) for cls in model_classes}
     originals = {}
-    for cls in model_classes:
+    for cls, kind in kinds.items():
         if cls in _PATCHED:
             continue
         original = cls.forward
-        cls.forward = _make_forward(original, skip_logits, backend)
+        cls.forward = _make_forward(original, kind, skip_logits, backend)
         _PATCHED[cls] = original
         originals[cls] = original
     return PatchHandle(originals)

@@ -147,6 +147,23 @@ def _json_value(v: Any) -> Any:
     return v
 
 
+class RowSink:
+    """OUT/NAME.csv written row by row as each is measured (header first, flushed per row), so a
+    run killed by a timeout keeps every row it measured; write_outputs rewrites the file whole
+    at the end (with the flags set after the sweep) beside NAME.json."""
+
+    def __init__(self, out_dir: Path, name: str, columns: Sequence[str]) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.columns = list(columns)
+        self.path = out_dir / f"{name}.csv"
+        with open(self.path, "w", newline="") as fh:
+            csv.writer(fh).writerow(self.columns)
+
+    def add(self, row: dict) -> None:
+        with open(self.path, "a", newline="") as fh:
+            csv.writer(fh).writerow([_fmt_csv(row.get(c)) for c in self.columns])
+
+
 def write_outputs(
     out_dir: Path, name: str, columns: Sequence[str], rows: list[dict], payload: dict[str, Any]
 ) -> tuple[Path, Path]:

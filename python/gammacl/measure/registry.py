@@ -45,6 +45,10 @@ class Impl:
     note: str = ""
     scaling: str = fl.N2D
     quick_all_backends: bool = True
+    # the gradient comes out of the forward (one-pass kernels): no backward of its own to time
+    grad_in_fwd: bool = False
+    # why the requested backend cannot run here (its rows say so; the others still run)
+    unavailable: str | None = None
 
     @property
     def label(self) -> str:
@@ -175,6 +179,7 @@ class Loss:
     available: Callable[[], bool] = lambda: True
     quick_all_backends: bool = True
     takes_backend: bool = True
+    grad_in_fwd: bool = False
 
 
 def _has(name: str) -> Callable[[], bool]:
@@ -192,11 +197,11 @@ LOSSES: list[Loss] = [
          available=_has("GammaClipLoss")),
     Loss("gamma_onepass", stateful("GammaClipLoss", update="after"),
          stateful_reference("GammaClipLoss", update="after"), fl.flops_one_pass,
-         available=_has("GammaClipLoss")),
+         available=_has("GammaClipLoss"), grad_in_fwd=True),
     Loss("sogclr", stateful("SogCLRLoss"), stateful_reference("SogCLRLoss"), fl.flops_two_pass,
          available=_has("SogCLRLoss")),
     Loss("siglip", functional("siglip_loss"), functional_reference("siglip_loss"),
-         fl.flops_one_pass, memory=lambda be: fl.EXPECTED_BY_BACKEND[be]),
+         fl.flops_one_pass, memory=lambda be: fl.EXPECTED_BY_BACKEND[be], grad_in_fwd=True),
 ]  # fmt: skip
 
 
@@ -244,8 +249,13 @@ def our_loss_names() -> list[str]:
     ]
 
 
-def our_impls(backends: Sequence[str], notes: list[str]) -> list[Impl]:
+def our_impls(
+    backends: Sequence[str], notes: list[str], unavailable: dict[str, str] | None = None
+) -> list[Impl]:
+    """gammacl's impls on `backends`, in their order; a backend in `unavailable` (name -> why)
+    gives impls that only record why."""
     out: list[Impl] = []
+    unavailable = unavailable or {}
     for spec in [s for s in LOSSES if s.available()] + _modality_losses(notes):
         for be in backends if spec.takes_backend else ["-"]:
             out.append(
@@ -259,14 +269,24 @@ def our_impls(backends: Sequence[str], notes: list[str]) -> list[Impl]:
                     spec.reference,
                     scaling=spec.scaling,
                     quick_all_backends=spec.quick_all_backends,
+                    # the materialised reference is autograd's own backward
+                    grad_in_fwd=spec.grad_in_fwd and be != "reference",
+                    unavailable=unavailable.get(be),
                 )
             )
     return out
 
 
-def available_backends(device: torch.device, requested: str, notes: list[str]) -> list[str]:
+def available_backends(
+    device: torch.device,
+    requested: str,
+    notes: list[str],
+    unavailable: dict[str, str] | None = None,
+) -> list[str]:
     """gammacl backends usable on `device` (dispatch.resolve_backend decides); triton is never
-    timed under TRITON_INTERPRET=1 (the CPU interpreter is a test harness, not a backend)."""
+    timed under TRITON_INTERPRET=1 (the CPU interpreter is a test harness, not a backend). A
+    backend named in `requested` that cannot run here raises SystemExit, or, with `unavailable`
+    given, goes there (name -> why) while the others run; SystemExit when none can."""
     from gammacl.dispatch import interpreter_on, resolve_backend
 
     names = OUR_BACKENDS if requested == "all" else tuple(csv_list(requested))
@@ -289,8 +309,14 @@ def available_backends(device: torch.device, requested: str, notes: list[str]) -
             resolve_backend(be, device)
         except Exception as exc:
             if requested != "all":
-                raise SystemExit(f"--backend {be} is unavailable on {device}: {exc}") from None
+                if unavailable is None:
+                    raise SystemExit(f"--backend {be} is unavailable on {device}: {exc}") from None
+                unavailable[be] = f"backend {be} is unavailable on {device}: {exc}"[:300]
+                notes.append(unavailable[be] + " (its rows say 'unavailable')")
+                continue
             notes.append(f"backend {be} skipped on {device.type}: {exc}")
             continue
         out.append(be)
+    if unavailable and not out:
+        raise SystemExit("; ".join(unavailable.values()))
     return out

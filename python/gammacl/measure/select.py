@@ -32,8 +32,10 @@ def select_impls(
     losses = set(csv_list(args.loss))
     impls: list[Impl] = []
     if "all" in requested or "gammacl" in requested:
-        backends = available_backends(device, args.backend, notes)
-        impls += our_impls(backends, notes)
+        unavailable: dict[str, str] = {}
+        backends = available_backends(device, args.backend, notes, unavailable)
+        order = [b for b in csv_list(args.backend) if b in unavailable or b in backends]
+        impls += our_impls(order or backends, notes, unavailable)
     impls += peer_impls(device, requested, notes, for_profile=for_profile)
     if "all" not in losses:
         known = set(our_loss_names()) | {"siglip", "floor"}

@@ -4,7 +4,10 @@
     r_i   = log sum_j exp(l_ij)                     (row LSE, [M])
     c_j   = log sum_i exp(l_ij)                     (column LSE, [N]; only when cols=True)
 Entries (i, i + offset) are left out of both sums when exclude_pos=True (the positive pair), so
-r_i is then the log-partition over negatives only (gamma / SogCLR losses).
+r_i is then the log-partition over negatives only (gamma / SogCLR losses). Non-finite logits
+(docs/numerics.md): an LSE over a set holding NaN or +inf is NaN (a materialised softmax's
+shift), over a set of -inf only -inf; the backward forms every non-excluded W_ij in IEEE
+arithmetic, g = 0 included, so NaN reaches the gradients as in a materialised loss.
 
 Every contrastive loss in gammacl is an O(N*D) expression in (r, c) and a few row-wise dots, so
 this one op carries all the N^2 work. Its backward, given upstream g_r [M] and g_c [N]:
@@ -49,6 +52,7 @@ import torch
 
 from gammacl._validate import acc_dtype
 from gammacl.ops._backends import Backends, compiled, kernel
+from gammacl.reference.simlse import inf_lse_to_nan  # torch.logsumexp gives +inf, the others NaN
 
 # torch backend chunk: rows per chunk chosen so one chunk x N fp32 buffer stays under this budget.
 _CHUNK_BYTES = int(float(os.environ.get("GAMMACL_CHUNK_MIB", "32")) * 2**20)
@@ -84,7 +88,7 @@ def torch_fwd(a, b, scale, offset: int, exclude_pos: bool, cols: bool, col_scale
         row[i0 : i0 + step] = torch.logsumexp(s, dim=1)
         if cols:
             col = torch.logaddexp(col, torch.logsumexp(s, dim=0))
-    return row, col
+    return inf_lse_to_nan(row), inf_lse_to_nan(col)
 
 
 def torch_bwd(

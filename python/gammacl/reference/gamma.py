@@ -34,6 +34,12 @@ def _dtype(x: torch.Tensor, upcast: bool) -> torch.dtype:
     return torch.float64 if upcast else acc_dtype(x.dtype)
 
 
+def _acc_logits(a, b, logit_scale, upcast: bool) -> torch.Tensor:
+    """l in the accumulation dtype, GEMM included (fp32 for 16-bit inputs, docs/numerics.md)."""
+    dt = _dtype(a, upcast)
+    return logits(a.to(dt), b.to(dt), logit_scale, upcast=upcast)
+
+
 def _diag_mask(m: int, n: int, offset: int, device) -> torch.Tensor:
     i = torch.arange(m, device=device)
     j = i + offset
@@ -48,7 +54,7 @@ def log_zhat(image, text, logit_scale, *, upcast: bool = True):
     b = image.shape[0]
     if b < 2:
         raise ValueError("log Zhat needs at least 2 pairs (B - 1 >= 1 negatives)")
-    l = logits(image, text, logit_scale, upcast=upcast).to(_dtype(image, upcast))
+    l = _acc_logits(image, text, logit_scale, upcast)
     l = l.masked_fill(_diag_mask(b, b, 0, l.device), float("-inf"))
     return (torch.logsumexp(l, 1) - math.log(b - 1), torch.logsumexp(l, 0) - math.log(b - 1))
 
@@ -58,7 +64,7 @@ def global_contrastive_loss(
 ):
     """The objective G evaluated on these pairs (per pair for reduction="none"): the batch
     InfoNCE with the positive left out of the denominator, both directions averaged."""
-    l = logits(image, text, logit_scale, upcast=upcast).to(_dtype(image, upcast))
+    l = _acc_logits(image, text, logit_scale, upcast)
     lr, lc = log_zhat(image, text, logit_scale, upcast=upcast)
     per = -torch.diagonal(l) + 0.5 * (lr + lc)
     return per.mean() if reduction == "mean" else per.sum() if reduction == "sum" else per
@@ -91,7 +97,7 @@ def gamma_onepass(
         W_ij = w_row e^{min(l_ij + alpha_row_i, clamp)} + w_col e^{min(l_ij + alpha_col_j, clamp)},
         da_raw = W @ b,  db_raw = W^T @ a."""
     dt = _dtype(a, upcast)
-    l = logits(a, b, scale, upcast=upcast).to(dt)
+    l = _acc_logits(a, b, scale, upcast)
     l = l.masked_fill(_diag_mask(l.shape[0], l.shape[1], offset, l.device), float("-inf"))
     er = torch.exp((l + alpha_row.to(dt)[:, None]).clamp_max(clamp))
     ec = torch.exp((l + alpha_col.to(dt)[None, :]).clamp_max(clamp))
@@ -113,7 +119,7 @@ def gamma_step_loss(
     (row 0: image anchors / rows of l, row 1: text anchors / columns); both detached."""
     dt = _dtype(image, upcast)
     b = image.shape[0]
-    l = logits(image, text, logit_scale, upcast=upcast).to(dt)
+    l = _acc_logits(image, text, logit_scale, upcast)
     neg = l.masked_fill(_diag_mask(b, b, 0, l.device), float("-inf"))  # e^{-inf} = 0, grad 0
     alpha = (log_g.to(dt) - log_rate.to(dt)).detach() - math.log(b - 1)
     er = torch.exp(_capped(neg + alpha[0][:, None], clamp))

@@ -28,14 +28,10 @@ def _signs(m: int, n: int, offset: int, device, dtype) -> torch.Tensor:
 
 
 def _logits(a, b, logit_scale, logit_bias, upcast: bool):
-    """(l, dtype of l): float64 throughout with upcast; else the GEMM in the inputs' dtype and
-    everything after it in the accumulation dtype (fp32 for 16-bit inputs)."""
-    if upcast:
-        dt = torch.float64
-        s = a.to(dt) @ b.to(dt).t()
-    else:
-        dt = acc_dtype(a.dtype)
-        s = (a @ b.t()).to(dt)
+    """(l, dtype of l): float64 throughout with upcast; else the accumulation dtype throughout,
+    the GEMM included (fp32 for 16-bit inputs, as the simlse reference; docs/numerics.md)."""
+    dt = torch.float64 if upcast else acc_dtype(a.dtype)
+    s = a.to(dt) @ b.to(dt).t()
     return _value(logit_scale, a, dt) * s + _value(logit_bias, a, dt), dt
 
 
@@ -52,16 +48,15 @@ def siglip(a, b, scale, bias, offset: int = 0, *, upcast: bool = True):
     """Materialised siglip op (gammacl.ops.siglip): with y = -z * l,
         row_loss_i = sum_j softplus(y_ij),  W_ij = d softplus(y_ij) / d l_ij = -z_ij sigmoid(y_ij),
         row_wsum_i = sum_j W_ij,  da_raw = W @ b,  db_raw = W^T @ a.
-    upcast=False: the three GEMMs in the inputs' dtype (W rounded to it), the element-wise part
-    in the accumulation dtype -- PyTorch's own error in that dtype."""
+    upcast=False: everything in the accumulation dtype, the three GEMMs included (fp32 for 16-bit
+    inputs: backend="reference" is the materialised formula at fp32 precision, docs/numerics.md)."""
     l, dt = _logits(a, b, scale, bias, upcast)
     z = _signs(l.shape[0], l.shape[1], offset, l.device, dt)
     y = -z * l
     w = -z * torch.sigmoid(y)
-    gd = dt if upcast else a.dtype  # GEMM dtype
     return (
         -F.logsigmoid(-y).sum(1),  # softplus(y), exact for any y (no threshold)
         w.sum(1),
-        (w.to(gd) @ b.to(gd)).to(dt),
-        (w.t().to(gd) @ a.to(gd)).to(dt),
+        w @ b.to(dt),
+        w.t() @ a.to(dt),
     )
