@@ -452,7 +452,9 @@ def _config(kind: str, dtype: torch.dtype, d: int, vec: bool = False) -> dict:
         # few programs x loop trips (~1-2 ms each); D > 32 exercises the chunked path
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=min(p2, 32), num_warps=4, num_stages=1)
     if dtype in (torch.float16, torch.bfloat16):
-        bm, bn, warps, stages = (128, 64, 8, 3) if kind == "fwd" else (64, 64, 4, 2)
+        # bwd: 1 stage -- at 2 stages triton 3.6 serialises its wgmma (ptxas C7515) at D = 64
+        # (TRANS=1, HAS_Y=1, scalar and vector); 1 stage compiles async (python -m gammacl.aot)
+        bm, bn, warps, stages = (128, 64, 8, 3) if kind == "fwd" else (64, 64, 4, 1)
         bd = p2 if d <= 128 else 64
         if vec and kind == "bwd":  # two P tiles live at once: 4 warps spill (python -m gammacl.aot)
             warps = 8
