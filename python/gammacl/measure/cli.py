@@ -36,6 +36,7 @@ PEERS = (
     "inf_cl",
     "siglip_kernel",
     "gemm_floor",
+    "gemm_gram",
 )
 IMPL_NAMES = ("gammacl",) + PEERS
 DEFAULT_SCALE = 1.0 / 0.07  # CLIP's initial exponentiated logit scale

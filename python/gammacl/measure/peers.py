@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from gammacl.measure import flops as fl
-from gammacl.measure.inputs import Features, FloorStep, Step, leaves
+from gammacl.measure.inputs import Features, FloorStep, GramFloorStep, Step, leaves
 from gammacl.measure.registry import Impl, _ref_materialised, functional_reference
 
 _ref_clip = _ref_materialised("clip_loss")
@@ -156,5 +156,12 @@ def peer_impls(
             Impl("gemm_floor", "floor", "torch", lambda f: FloorStep(f.feat(0), f.feat(1)),
                  fl.flops_floor, check_na="n/a (not a loss)",
                  note="4 GEMMs in the input dtype" + ("" if on_gpu else " (CPU floor)"))
+        )  # fmt: skip
+    if want("gemm_gram") and not for_profile:
+        out.append(
+            Impl("gemm_gram", "floor_gram", "torch", lambda f: GramFloorStep(f.feat(0)),
+                 lambda n, d, mode: (2 * n * d * d, "2*N*D^2 (1 GEMM [D,N]@[N,D], any mode)"),
+                 check_na="n/a (not a loss)", scaling=fl.ND2,
+                 note="the Gram form's unit GEMM in the accumulation dtype")
         )  # fmt: skip
     return out
