@@ -408,8 +408,7 @@ def _config(kind: str, dtype: torch.dtype, d: int) -> dict:
     """The fixed launch config for kernel `kind` ("fwd" or "bwd"), input dtype and D.
 
     BLOCK_D >= 16 always (tl.dot needs K >= 16 on H100; D is padded with masked zeros). D up to
-    BLOCK_D is one chunk held in registers; larger D loops in BLOCK_D chunks. GPU choices are
-    not measured yet."""
+    BLOCK_D is one chunk held in registers; larger D loops in BLOCK_D chunks."""
     p2 = max(16, triton.next_power_of_2(max(d, 1)))
     if interpreter_on():
         # few programs x loop trips (~1-2 ms each); D > 32 exercises the chunked path
