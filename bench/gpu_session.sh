@@ -195,7 +195,7 @@ fi
 step M4 "triton chunk budget sweep" "for c in $SWEEP_TRITON; do GAMMACL_TRITON_CHUNK_MIB=\$c $BENCH $BIG --loss clip --backend $TRI --impl gammacl --mode fwd+bwd --name m4-chunk\$c || exit \$?; done"
 step M5 "gamma_onepass, siglip vs siglip-kernel" "$BENCH $BIG --loss gamma_onepass,siglip --backend $BACKENDS --impl gammacl,gemm_floor$PEERS --mode fwd,fwd+bwd --name m5"
 if ((DRY)); then
-  step M6 "gradients vs torch (dry: cpp, N=300)" "\"\$PY\" bench/grad_check.py --dry-run --out \"\$OUTDIR/m6-grads.csv\""
+  step M6 "gradients vs torch (dry: reference, N=300)" "\"\$PY\" bench/grad_check.py --dry-run --out \"\$OUTDIR/m6-grads.csv\""
 else
   step M6 "gradients vs torch, N=65536" "\"\$PY\" bench/grad_check.py --n 65536 --d 1024 --dtype bf16 --backend $BACKENDS --out \"\$OUTDIR/m6-grads.csv\""
 fi
