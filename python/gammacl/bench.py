@@ -42,13 +42,7 @@ from gammacl.measure import (
 from gammacl.measure.registry import Impl
 
 COLUMNS = (
-    "impl",
-    "loss",
-    "backend",
-    "N",
-    "D",
-    "dtype",
-    "mode",
+    *cli.CASE_COLUMNS,
     "status",
     "error",
     "time_ms_min",

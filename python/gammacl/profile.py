@@ -37,13 +37,7 @@ from gammacl.measure.nvml import NvmlView, open_nvml
 from gammacl.measure.registry import Impl
 
 COLUMNS = (
-    "impl",
-    "loss",
-    "backend",
-    "N",
-    "D",
-    "dtype",
-    "mode",
+    *cli.CASE_COLUMNS,
     "phase",
     "status",
     "error",

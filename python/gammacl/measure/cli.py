@@ -26,6 +26,8 @@ DTYPES = {
     "fp64": torch.float64,
     "float64": torch.float64,
 }
+# the leading columns of a bench / profile row: which case it measures
+CASE_COLUMNS = ("impl", "loss", "backend", "N", "D", "dtype", "mode")
 OUR_BACKENDS = BACKENDS[1:]  # every backend record (gammacl.dispatch.RECORDS) but "auto"
 PEERS = (
     "naive",
