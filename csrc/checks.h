@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+
 namespace gammacl {
 
 // fp32 statistics for fp16 / bf16 / fp32 inputs, fp64 for fp64.
@@ -60,6 +62,47 @@ inline Problem check_problem(const char* op, const at::Tensor& a, const at::Tens
   TORCH_CHECK(scale.numel() == 1, op, ": scale must have one element, got shape ", scale.sizes());
   check_on(op, "scale", scale, a, acc);
   return {acc, a.size(0), b.size(0), a.size(1)};
+}
+
+// simlse's scales: a one-element `scale` (one t for every logit), or vector mode (scale.dim() ==
+// 1): `scale` [M] row scales and, when cols, `col_scale` [N] column scales (ops/simlse.py). Returns
+// whether the call is in vector mode.
+inline bool check_simlse_scales(const char* op, const Problem& pr, const at::Tensor& a,
+                                const at::Tensor& scale, const std::optional<at::Tensor>& col_scale,
+                                bool cols) {
+  if (scale.dim() != 1) {
+    TORCH_CHECK(!col_scale.has_value(), op,
+                ": col_scale needs a vector scale of shape [M] (per-row scales), got scale of "
+                "shape ",
+                scale.sizes());
+    return false;
+  }
+  check_vec(op, "scale", scale, pr.M, a, pr.acc);
+  if (cols) {
+    TORCH_CHECK(col_scale.has_value(), op,
+                ": a vector scale with cols=True needs col_scale of "
+                "shape [",
+                pr.N, "]");
+    check_vec(op, "col_scale", *col_scale, pr.N, a, pr.acc);
+  }
+  return true;
+}
+
+// Problem checks of simlse (the features, then the scales as above).
+inline Problem check_simlse_problem(const char* op, const at::Tensor& a, const at::Tensor& b,
+                                    const at::Tensor& scale,
+                                    const std::optional<at::Tensor>& col_scale, bool cols,
+                                    at::DeviceType dev, bool* vec) {
+  check_features(op, a, b, dev);
+  const auto acc = acc_type(a.scalar_type());
+  const Problem pr{acc, a.size(0), b.size(0), a.size(1)};
+  if (scale.dim() == 1) {
+    *vec = check_simlse_scales(op, pr, a, scale, col_scale, cols);
+    return pr;
+  }
+  *vec = false;
+  check_simlse_scales(op, pr, a, scale, col_scale, cols);
+  return check_problem(op, a, b, scale, dev);
 }
 
 // simlse_bwd's statistics and upstream gradients: row_lse, g_row [M]; col_lse, g_col [N] (or [0]

@@ -64,7 +64,8 @@ size_t simlse_fwd_workspace_bytes(int64_t rows, int64_t n, bool f64);
 int simlse_fwd_chunk(const void* s, gammacl::GcType s_type, int64_t rows, int64_t n, int64_t ld,
                      int64_t row0, int64_t offset, bool exclude, bool cols, const void* scale,
                      void* row_lse, void* col_m, void* col_l, bool first, bool last, void* col_lse,
-                     void* work, CUstream_st* stream);
+                     void* work, CUstream_st* stream, bool vec_scale = false,
+                     const void* col_scale = nullptr);
 
 // Backward weights of one row chunk, written to w (may alias s when the types match):
 //   W_ij = w_scale[i] * (g_row[i] exp(l_ij - row_lse[i]) + [cols] g_col[j] exp(l_ij - col_lse[j]))
@@ -82,6 +83,24 @@ int simlse_bwd_weights(const void* s, gammacl::GcType s_type, void* w, gammacl::
                        const void* row_lse, const void* col_lse, const void* g_row,
                        const void* g_col, const void* w_scale, void* ds_part, int64_t* ds_count,
                        CUstream_st* stream);
+
+// Vector scales (vec_scale: `scale` is [M] row scales rs, indexed by global row; col_scale [N]
+// column scales cs, needed when cols): the forward's row LSE reads rs_i S_ij and its column LSE
+// cs_j S_ij. simlse_bwd_weights_vec writes W_ij = w_scale * (g_row[i] rs_i p_ij + [cols]
+// g_col[j] cs_j p'_ij), p_ij = exp(rs_i S_ij - row_lse[i]), p'_ij = exp(cs_j S_ij - col_lse[j])
+// (0 if excluded; S must be F32 or F64), and from the acc-typed p the partial sums
+//   drs_part[r * *drs_stride + k] (k < *drs_stride):  sum_k = sum_j p_ij S_ij of local row r
+//   dcs_part[t * n + j]        (t < *dcs_rows):      sum_t = sum_i p'_ij S_ij of this chunk
+// sized by simlse_bwd_vec_row_partials(n) per row and simlse_bwd_vec_col_partials(rows) x n.
+size_t simlse_bwd_vec_row_partials(int64_t n);
+size_t simlse_bwd_vec_col_partials(int64_t rows);
+int simlse_bwd_weights_vec(const void* s, gammacl::GcType s_type, void* w, gammacl::GcType w_type,
+                           int64_t rows, int64_t n, int64_t ld_s, int64_t ld_w, int64_t row0,
+                           int64_t offset, bool exclude, bool cols, const void* row_scale,
+                           const void* col_scale, const void* row_lse, const void* col_lse,
+                           const void* g_row, const void* g_col, const void* w_scale,
+                           void* drs_part, int64_t* drs_stride, void* dcs_part, int64_t* dcs_rows,
+                           CUstream_st* stream);
 
 // Bytes of device workspace gamma_onepass_chunk needs for a chunk of `rows` rows.
 size_t gamma_onepass_workspace_bytes(int64_t rows, int64_t n, bool f64);

@@ -5,6 +5,9 @@
 //   backward, given g_r [M], g_c [N]:
 //   W_ij = g_r_i exp(l_ij - r_i) + g_c_j exp(l_ij - c_j)  (0 on excluded entries)
 //   da_raw = W @ b,  db_raw = W^T @ a
+//   vector scales (scale [M] = rs, col_scale [N] = cs; ops/simlse.py): r_i = LSE_j rs_i s_ij,
+//   c_j = LSE_i cs_j s_ij, W_ij = g_r_i rs_i p^r_ij + g_c_j cs_j p^c_ij, and the third output is
+//   cat(drs, dcs): drs_i = g_r_i sum_j p^r_ij s_ij, dcs_j = g_c_j sum_i p^c_ij s_ij
 //
 // Rows are processed in chunks of R rows, R chosen so the R x N accumulation-dtype buffer stays
 // under GAMMACL_CPU_CHUNK_MIB (default 32 MiB). Per chunk: S = A_c @ B^T by ATen (MKL/oneDNN,
@@ -170,6 +173,82 @@ GC_INLINE void weights(T* x, int64_t n, T s, T gr, T r, const T* gc, const T* c)
   }
 }
 
+// Vector scales (ops/simlse.py): the column LSE reads l^c_j = cs_j x_j. Online column update
+// (cm, cl) <- merge((cm, cl), (cs_j x_j, 1)), as in sum_exp_cols.
+template <typename T>
+GC_INLINE void cols_online(const T* x, int64_t n, const T* cs, T* cm, T* cl) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const T l = cs[j] * x[j];
+    const T cmj = cm[j], clj = cl[j];
+    const T d = l - cmj;
+    const T e = exp_(-std::abs(d));
+    const bool up = d > T(0);
+    cl[j] = clj * (up ? e : T(1)) + (up ? T(1) : e);
+    cm[j] = up ? l : cmj;
+  }
+}
+
+// Vector scales, in place: x_j <- grs p^r_j [if row] + gccs_j p^c_j [if gccs], with
+// p^r_j = exp(rs x_j - r), p^c_j = exp(cs_j x_j - c_j) and grs = g_r rs, gccs_j = g_c_j cs_j.
+// Returns sum_j p^r_j x_j (drs / g_r) and adds p^c_j x_j to pcs_j (dcs / g_c).
+template <typename T>
+GC_INLINE T weights_vec(T* x, int64_t n, T rs, bool row, T grs, T r, const T* cs, const T* gccs,
+                        const T* c, T* pcs) {
+  T acc = 0;
+  if (row && gccs) {
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < n; ++j) {
+      const T sj = x[j];
+      const T pr = exp_(rs * sj - r), pc = exp_(cs[j] * sj - c[j]);
+      acc += pr * sj;
+      pcs[j] += pc * sj;
+      x[j] = grs * pr + gccs[j] * pc;
+    }
+  } else if (row) {
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < n; ++j) {
+      const T sj = x[j];
+      const T pr = exp_(rs * sj - r);
+      acc += pr * sj;
+      x[j] = grs * pr;
+    }
+  } else if (gccs) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const T sj = x[j];
+      const T pc = exp_(cs[j] * sj - c[j]);
+      pcs[j] += pc * sj;
+      x[j] = gccs[j] * pc;
+    }
+  } else {
+    std::fill(x, x + n, T(0));
+  }
+  return acc;
+}
+
+GC_CLONES void cols_online_f32(const float* x, int64_t n, const float* cs, float* cm, float* cl) {
+  cols_online(x, n, cs, cm, cl);
+}
+GC_CLONES float weights_vec_f32(float* x, int64_t n, float rs, bool row, float grs, float r,
+                                const float* cs, const float* gccs, const float* c, float* pcs) {
+  return weights_vec(x, n, rs, row, grs, r, cs, gccs, c, pcs);
+}
+inline void col_update(const float* x, int64_t n, const float* cs, float* cm, float* cl) {
+  cols_online_f32(x, n, cs, cm, cl);
+}
+inline void col_update(const double* x, int64_t n, const double* cs, double* cm, double* cl) {
+  cols_online(x, n, cs, cm, cl);
+}
+inline float row_weights_vec(float* x, int64_t n, float rs, bool row, float grs, float r,
+                             const float* cs, const float* gccs, const float* c, float* pcs) {
+  return weights_vec_f32(x, n, rs, row, grs, r, cs, gccs, c, pcs);
+}
+inline double row_weights_vec(double* x, int64_t n, double rs, bool row, double grs, double r,
+                              const double* cs, const double* gccs, const double* c, double* pcs) {
+  return weights_vec(x, n, rs, row, grs, r, cs, gccs, c, pcs);
+}
+
 GC_CLONES float max_scaled_f32(const float* x, int64_t n, float s) { return max_scaled(x, n, s); }
 GC_CLONES float sum_exp_f32(const float* x, int64_t n, float s, float m) {
   return sum_exp(x, n, s, m);
@@ -240,9 +319,23 @@ int64_t cpu_chunk_rows(int64_t m, int64_t n, int64_t itemsize) {
   return chunk_rows(m, n * itemsize, chunk_budget_bytes("GAMMACL_CPU_CHUNK_MIB", kCpuChunkMiB), 8);
 }
 
+// Row LSE of row i with scale rs and, when cm != nullptr, the column partials with the column
+// scales cs over j != e (vector mode: two logits per entry, two updates).
 template <typename T>
-void fwd_impl(const at::Tensor& a, const at::Tensor& b, T s, int64_t offset, bool exclude,
-              bool cols, at::Tensor& row, at::Tensor& col) {
+T row_lse_vec(const T* x, int64_t n, T rs, const T* cs, int64_t e, T* cm, T* cl) {
+  const T r = row_lse(x, n, rs, e, static_cast<T*>(nullptr), static_cast<T*>(nullptr));
+  if (cm) {
+    const int64_t n0 = e < 0 ? n : e;
+    col_update(x, n0, cs, cm, cl);
+    if (e >= 0 && e + 1 < n) col_update(x + e + 1, n - e - 1, cs + e + 1, cm + e + 1, cl + e + 1);
+  }
+  return r;
+}
+
+// rs, cs: nullptr (scalar mode, scale s) or the [M] row / [N] column scales.
+template <typename T>
+void fwd_impl(const at::Tensor& a, const at::Tensor& b, T s, const T* rs, const T* cs,
+              int64_t offset, bool exclude, bool cols, at::Tensor& row, at::Tensor& col) {
   const int64_t M = a.size(0), N = b.size(0), D = a.size(1);
   const int64_t R = cpu_chunk_rows(M, N, sizeof(T));
   at::Tensor buf = at::empty({R, N}, a.options());
@@ -268,7 +361,9 @@ void fwd_impl(const at::Tensor& a, const at::Tensor& b, T s, int64_t offset, boo
         T* bl = cols ? cl.data() + blk * N : nullptr;
         for (int64_t r = rows * blk / nblk; r < rows * (blk + 1) / nblk; ++r) {
           const int64_t i = i0 + r;
-          rowp[i] = row_lse(sp + r * N, N, s, excluded_col(exclude, i, offset, N), bm, bl);
+          const int64_t e = excluded_col(exclude, i, offset, N);
+          rowp[i] = rs ? row_lse_vec(sp + r * N, N, rs[i], cs, e, bm, bl)
+                       : row_lse(sp + r * N, N, s, e, bm, bl);
         }
       }
     });
@@ -339,11 +434,70 @@ void bwd_impl(const at::Tensor& a, const at::Tensor& b, T s, const T* rl, const 
   }
 }
 
+// Vector mode backward (ops/simlse.py): W_ij = g_r_i rs_i p^r_ij + g_c_j cs_j p^c_ij in place over
+// S, da = W @ B, db = W^T @ A, drs_i = g_r_i sum_j p^r_ij s_ij, dcs_j = g_c_j sum_i p^c_ij s_ij.
+// Each row block owns one [N] partial of sum_i p^c_ij s_ij (no races); merged at the end.
+template <typename T>
+void bwd_vec_impl(const at::Tensor& a, const at::Tensor& b, const T* rs, const T* cs, const T* rl,
+                  const T* clse, const T* gr, const T* gc, int64_t offset, bool exclude, bool cols,
+                  at::Tensor& da, at::Tensor& db, T* drs, T* dcs) {
+  const int64_t M = a.size(0), N = b.size(0);
+  const int64_t R = cpu_chunk_rows(M, N, sizeof(T));
+  at::Tensor buf = at::empty({R, N}, a.options());
+  const at::Tensor bt = b.t();
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t nblk_max = std::min(nthreads, R);
+  std::vector<T> pcs(cols ? nblk_max * N : 0, T(0)), gccs(cols ? N : 0);
+  for (int64_t j = 0; j < (cols ? N : 0); ++j) gccs[j] = gc[j] * cs[j];
+  for (int64_t i0 = 0; i0 < M; i0 += R) {
+    const int64_t rows = std::min(R, M - i0);
+    at::Tensor S = buf.narrow(0, 0, rows);
+    const at::Tensor a_c = a.narrow(0, i0, rows);
+    at::mm_out(S, a_c, bt);
+    T* sp = S.data_ptr<T>();
+    const int64_t nblk = std::min(nthreads, rows);
+    at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        T* bp = cols ? pcs.data() + blk * N : nullptr;
+        const T* gcp = cols ? gccs.data() : nullptr;
+        for (int64_t r = rows * blk / nblk; r < rows * (blk + 1) / nblk; ++r) {
+          const int64_t i = i0 + r;
+          T* x = sp + r * N;
+          const int64_t e = excluded_col(exclude, i, offset, N);
+          const bool row_on = gr[i] != T(0) && rl[i] != kNegInf<T>;
+          const T grs = gr[i] * rs[i];
+          const int64_t n0 = e < 0 ? N : e;
+          T sum = row_weights_vec(x, n0, rs[i], row_on, grs, rl[i], cs, gcp, clse, bp);
+          if (e >= 0) {
+            x[e] = T(0);
+            const int64_t k = e + 1;
+            sum += row_weights_vec(x + k, N - k, rs[i], row_on, grs, rl[i], cs ? cs + k : nullptr,
+                                   gcp ? gcp + k : nullptr, clse ? clse + k : nullptr,
+                                   bp ? bp + k : nullptr);
+          }
+          drs[i] = row_on ? gr[i] * sum : T(0);
+        }
+      }
+    });
+    at::Tensor da_c = da.narrow(0, i0, rows);
+    at::mm_out(da_c, S, b);  // da_c = W @ B
+    db.addmm_(S.t(), a_c);   // db += W^T @ A_c
+  }
+  if (!cols) return;
+  for (int64_t j = 0; j < N; ++j) {
+    T t = 0;
+    for (int64_t blk = 0; blk < nblk_max; ++blk) t += pcs[blk * N + j];
+    dcs[j] = gc[j] * t;
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> simlse_fwd_cpu(const at::Tensor& a_in, const at::Tensor& b_in,
                                                   const at::Tensor& scale, int64_t offset,
-                                                  bool exclude_pos, bool cols) {
+                                                  bool exclude_pos, bool cols,
+                                                  const std::optional<at::Tensor>& col_scale) {
   const char* op = "gammacl::simlse_fwd (cpu)";
-  const Problem pr = check_problem(op, a_in, b_in, scale, at::kCPU);
+  bool vec = false;
+  const Problem pr = check_simlse_problem(op, a_in, b_in, scale, col_scale, cols, at::kCPU, &vec);
   const auto acc = pr.acc;
   const int64_t M = pr.M, N = pr.N;
   const auto opts = a_in.options().dtype(acc);
@@ -358,7 +512,16 @@ std::tuple<at::Tensor, at::Tensor> simlse_fwd_cpu(const at::Tensor& a_in, const 
   // ~0.4 absolute error at scale 100).
   const at::Tensor a = a_in.to(acc), b = b_in.to(acc);
   AT_DISPATCH_FLOATING_TYPES(acc, "simlse_fwd_cpu", [&] {
-    fwd_impl<scalar_t>(a, b, scale.item<scalar_t>(), offset, exclude_pos, cols, row, col);
+    if (!vec) {
+      fwd_impl<scalar_t>(a, b, scale.item<scalar_t>(), nullptr, nullptr, offset, exclude_pos, cols,
+                         row, col);
+      return;
+    }
+    const at::Tensor rs = scale.contiguous();
+    const at::Tensor cs = cols ? col_scale->contiguous() : at::Tensor();
+    fwd_impl<scalar_t>(a, b, scalar_t(0), rs.const_data_ptr<scalar_t>(),
+                       cols ? cs.const_data_ptr<scalar_t>() : nullptr, offset, exclude_pos, cols,
+                       row, col);
   });
   return {row, col};
 }
@@ -366,9 +529,11 @@ std::tuple<at::Tensor, at::Tensor> simlse_fwd_cpu(const at::Tensor& a_in, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cpu(
     const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& scale,
     const at::Tensor& row_lse, const at::Tensor& col_lse, const at::Tensor& g_row,
-    const at::Tensor& g_col, int64_t offset, bool exclude_pos, bool cols) {
+    const at::Tensor& g_col, int64_t offset, bool exclude_pos, bool cols,
+    const std::optional<at::Tensor>& col_scale) {
   const char* op = "gammacl::simlse_bwd (cpu)";
-  const Problem pr = check_problem(op, a_in, b_in, scale, at::kCPU);
+  bool vec = false;
+  const Problem pr = check_simlse_problem(op, a_in, b_in, scale, col_scale, cols, at::kCPU, &vec);
   const auto acc = pr.acc;
   const int64_t M = pr.M, N = pr.N, D = pr.D;
   check_simlse_bwd_stats(op, pr, a_in, row_lse, col_lse, g_row, g_col, cols);
@@ -377,11 +542,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cpu(
   at::Tensor db = at::zeros({N, D}, opts);
   if (M == 0 || N == 0 || D == 0) {
     da.zero_();
-    return {da, db, at::zeros({}, opts)};
+    return {da, db, vec ? at::zeros({M + (cols ? N : 0)}, opts) : at::zeros({}, opts)};
   }
   const at::Tensor a = a_in.to(acc), b = b_in.to(acc);
   const at::Tensor rl = row_lse.contiguous(), gr = g_row.contiguous();
   const at::Tensor cl = col_lse.contiguous(), gc = g_col.contiguous();
+  if (vec) {  // (dA, dB, cat(drs, dcs)): the scales are inside W
+    at::Tensor ds = at::empty({M + (cols ? N : 0)}, opts);
+    const at::Tensor rs = scale.contiguous();
+    const at::Tensor cs = cols ? col_scale->contiguous() : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(acc, "simlse_bwd_cpu", [&] {
+      scalar_t* dsp = ds.data_ptr<scalar_t>();
+      bwd_vec_impl<scalar_t>(
+          a, b, rs.const_data_ptr<scalar_t>(), cols ? cs.const_data_ptr<scalar_t>() : nullptr,
+          rl.const_data_ptr<scalar_t>(), cols ? cl.const_data_ptr<scalar_t>() : nullptr,
+          gr.const_data_ptr<scalar_t>(), cols ? gc.const_data_ptr<scalar_t>() : nullptr, offset,
+          exclude_pos, cols, da, db, dsp, dsp + M);
+    });
+    return {da, db, ds};
+  }
   AT_DISPATCH_FLOATING_TYPES(acc, "simlse_bwd_cpu", [&] {
     bwd_impl<scalar_t>(
         a, b, scale.item<scalar_t>(), rl.const_data_ptr<scalar_t>(),
@@ -400,12 +579,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cpu(
 // gammacl/_ext.py. Both ops return fresh tensors (no aliasing).
 TORCH_LIBRARY_FRAGMENT(gammacl, m) {
   m.def(
-      "simlse_fwd(Tensor a, Tensor b, Tensor scale, int offset, bool exclude_pos, bool cols) "
-      "-> (Tensor, Tensor)");
+      "simlse_fwd(Tensor a, Tensor b, Tensor scale, int offset, bool exclude_pos, bool cols, "
+      "Tensor? col_scale=None) -> (Tensor, Tensor)");
   m.def(
       "simlse_bwd(Tensor a, Tensor b, Tensor scale, Tensor row_lse, Tensor col_lse, "
-      "Tensor g_row, Tensor g_col, int offset, bool exclude_pos, bool cols) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor g_row, Tensor g_col, int offset, bool exclude_pos, bool cols, "
+      "Tensor? col_scale=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(gammacl, CPU, m) {

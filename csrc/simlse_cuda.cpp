@@ -43,14 +43,18 @@ int64_t bytes_per_row(int64_t n, int64_t acc_size, int64_t w_size, bool fwd) {
 
 std::tuple<at::Tensor, at::Tensor> simlse_fwd_cuda(const at::Tensor& a_in, const at::Tensor& b_in,
                                                    const at::Tensor& scale, int64_t offset,
-                                                   bool exclude_pos, bool cols) {
+                                                   bool exclude_pos, bool cols,
+                                                   const std::optional<at::Tensor>& col_scale) {
   const char* op = "gammacl::simlse_fwd (cuda)";
-  const Problem pr = check_problem(op, a_in, b_in, scale, kKernelDevice);
+  bool vec = false;
+  const Problem pr =
+      check_simlse_problem(op, a_in, b_in, scale, col_scale, cols, kKernelDevice, &vec);
   const auto acc = pr.acc;
   const int64_t M = pr.M, N = pr.N, D = pr.D;
   const c10::cuda::CUDAGuard guard(a_in.device());
   const at::Tensor a = gemm_operand(a_in), b = gemm_operand(b_in);
   const at::Tensor sc = scale.contiguous();
+  const at::Tensor csc = vec && cols ? col_scale->contiguous() : at::Tensor();
   const auto opts = a.options().dtype(acc);
   at::Tensor row = at::empty({M}, opts);
   at::Tensor col = at::empty({cols ? N : 0}, opts);
@@ -80,21 +84,101 @@ std::tuple<at::Tensor, at::Tensor> simlse_fwd_cuda(const at::Tensor& a_in, const
     const int err = cuda::simlse_fwd_chunk(
         buf.const_data_ptr(), st, rows, N, N, i0, offset, exclude_pos, cols, sc.const_data_ptr(),
         row.data_ptr(), cols ? col_m.data_ptr() : nullptr, cols ? col_l.data_ptr() : nullptr,
-        i0 == 0, i0 + rows == M, cols ? col.data_ptr() : nullptr, work.data_ptr(), stream);
+        i0 == 0, i0 + rows == M, cols ? col.data_ptr() : nullptr, work.data_ptr(), stream, vec,
+        csc.defined() ? csc.const_data_ptr() : nullptr);
     C10_CUDA_CHECK(static_cast<cudaError_t>(err));
   }
   return {row, col};
 }
 
+// Vector scales (scale [M], col_scale [N] when cols; ops/simlse.py): per chunk S = A_c B^T, the
+// vector weight kernel writes W = g_r rs p + g_c cs p' (scales inside W) and partial sums of
+// p S (per warp per row) and p' S (per block row per column); then the two GEMMs. Returns
+// (dA, dB, cat(drs, dcs)). fp16 W: sigma from max|g_r rs| + max|g_c cs|.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cuda_vec(
+    const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& scale,
+    const std::optional<at::Tensor>& col_scale, const at::Tensor& row_lse,
+    const at::Tensor& col_lse, const at::Tensor& g_row, const at::Tensor& g_col, int64_t offset,
+    bool exclude_pos, bool cols) {
+  const auto acc = acc_type(a_in.scalar_type());
+  const int64_t M = a_in.size(0), N = b_in.size(0), D = a_in.size(1);
+  const c10::cuda::CUDAGuard guard(a_in.device());
+  const at::Tensor a = gemm_operand(a_in), b = gemm_operand(b_in);
+  const at::Tensor rs = scale.contiguous();
+  const at::Tensor cs = cols ? col_scale->contiguous() : at::Tensor();
+  const at::Tensor rl = row_lse.contiguous(), gr = g_row.contiguous();
+  const at::Tensor cl = col_lse.contiguous(), gc = g_col.contiguous();
+  const auto opts = a.options().dtype(acc);
+  at::Tensor da = at::zeros({M, D}, opts);
+  at::Tensor db = at::zeros({N, D}, opts);
+  at::Tensor ds = at::zeros({M + (cols ? N : 0)}, opts);
+  if (M == 0 || N == 0 || D == 0) return {da, db, ds};
+  const auto in = a.scalar_type();
+  const bool half = in == at::kHalf || in == at::kBFloat16;
+  const int64_t asz = at::elementSize(acc);
+  const int64_t R = cuda_chunk_rows(M, bytes_per_row(N, asz, half ? 2 : 0, false));
+  at::Tensor buf = at::empty({R, N}, opts);
+  at::Tensor wbuf = half ? at::empty({R, N}, a.options()) : buf;
+  at::Tensor sigma, inv_sigma;
+  if (in == at::kHalf) {
+    at::Tensor gmax = (gr * rs).abs().amax();
+    if (cols) gmax = gmax + (gc * cs).abs().amax();
+    sigma = at::exp2(at::clamp(at::floor(at::log2(16384.0 / gmax)), -120.0, 120.0));
+    inv_sigma = at::reciprocal(sigma);
+  }
+  at::Tensor drs_part =
+      at::empty({R, static_cast<int64_t>(cuda::simlse_bwd_vec_row_partials(N))}, opts);
+  at::Tensor dcs_part =
+      at::empty({cols ? static_cast<int64_t>(cuda::simlse_bwd_vec_col_partials(R)) : 0, N}, opts);
+  at::Tensor drs = ds.narrow(0, 0, M), dcs = ds.narrow(0, M, cols ? N : 0);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t a_row_bytes = a.stride(0) * a.element_size();
+  for (int64_t i0 = 0; i0 < M; i0 += R) {
+    const int64_t rows = std::min(R, M - i0);
+    const char* a_c = byte_ptr(a) + i0 * a_row_bytes;
+    int64_t stride = 0, crow = 0;
+    gemm_rm(false, true, rows, N, D, a_c, a.stride(0), b.const_data_ptr(), b.stride(0),
+            buf.data_ptr(), N, false, in);
+    const int err = cuda::simlse_bwd_weights_vec(
+        buf.const_data_ptr(), gc_type(acc), wbuf.data_ptr(), gc_type(wbuf.scalar_type()), rows, N,
+        N, N, i0, offset, exclude_pos, cols, rs.const_data_ptr(),
+        cols ? cs.const_data_ptr() : nullptr, rl.const_data_ptr(),
+        cols ? cl.const_data_ptr() : nullptr, gr.const_data_ptr(),
+        cols ? gc.const_data_ptr() : nullptr, sigma.defined() ? sigma.const_data_ptr() : nullptr,
+        drs_part.data_ptr(), &stride, cols ? dcs_part.data_ptr() : nullptr, &crow, stream);
+    C10_CUDA_CHECK(static_cast<cudaError_t>(err));
+    // drs_i = g_r_i sum_j p_ij S_ij;  dcs accumulates sum_i p'_ij S_ij (times g_c at the end)
+    at::Tensor parts = drs_part.view({-1}).narrow(0, 0, rows * stride).view({rows, stride});
+    drs.narrow(0, i0, rows).copy_(gr.narrow(0, i0, rows) * parts.sum(1));
+    if (cols) dcs.add_(dcs_part.narrow(0, 0, crow).sum(0));
+    gemm_rm(false, false, rows, D, N, wbuf.const_data_ptr(), N, b.const_data_ptr(), b.stride(0),
+            static_cast<char*>(da.data_ptr()) + i0 * D * asz, D, false, in);
+    gemm_rm(true, false, N, D, rows, wbuf.const_data_ptr(), N, a_c, a.stride(0), db.data_ptr(), D,
+            i0 > 0, in);
+  }
+  if (cols) dcs.mul_(gc);
+  if (sigma.defined()) {
+    da.mul_(inv_sigma);
+    db.mul_(inv_sigma);
+  }
+  return {da, db, ds};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cuda(
     const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& scale,
     const at::Tensor& row_lse, const at::Tensor& col_lse, const at::Tensor& g_row,
-    const at::Tensor& g_col, int64_t offset, bool exclude_pos, bool cols) {
+    const at::Tensor& g_col, int64_t offset, bool exclude_pos, bool cols,
+    const std::optional<at::Tensor>& col_scale) {
   const char* op = "gammacl::simlse_bwd (cuda)";
-  const Problem pr = check_problem(op, a_in, b_in, scale, kKernelDevice);
+  bool vec = false;
+  const Problem pr =
+      check_simlse_problem(op, a_in, b_in, scale, col_scale, cols, kKernelDevice, &vec);
   const auto acc = pr.acc;
   const int64_t M = pr.M, N = pr.N, D = pr.D;
   check_simlse_bwd_stats(op, pr, a_in, row_lse, col_lse, g_row, g_col, cols);
+  if (vec)
+    return simlse_bwd_cuda_vec(a_in, b_in, scale, col_scale, row_lse, col_lse, g_row, g_col, offset,
+                               exclude_pos, cols);
   const c10::cuda::CUDAGuard guard(a_in.device());
   const at::Tensor a = gemm_operand(a_in), b = gemm_operand(b_in);
   const at::Tensor sc = scale.contiguous();

@@ -22,6 +22,9 @@
 // simlse_row_merge_kernel (a warp per row) and simlse_col_merge_kernel (a thread per column, also
 // folding in the running statistics of earlier chunks) finish. No atomics: every output element
 // has exactly one writer. Traffic per chunk: S read once (4 B/entry) + partials (~3% of S).
+// Vector scales (scale [M] row scales, col_scale [N] column scales, ops/simlse.py): the forward's
+// row logits read rs_i and its column partials cs_j; the backward's simlse_bwd_weight_vec_kernel
+// writes W = g_r rs p + g_c cs p' and per-warp / per-block-row partials of the scale gradients.
 // Backward (simlse_bwd_weight_kernel): elementwise, 16-byte vector loads/stores, two exp2 per
 // entry; writes W in place (fp32/fp64) or to a bf16/fp16 buffer for the tensor-core GEMMs, and
 // one dscale partial per block (per-thread sums of W_ij S_ij, one block reduction at the end).
@@ -41,11 +44,34 @@ namespace {
 
 // grid = (n_col_tiles, min(n_row_tiles, 65535)), block = kThreads.
 // row_pm/row_ps: [rows, n_ct] partials; col_pm/col_ps: [n_rt, n] partials (acc type).
-template <typename T, int VEC>
+// Vector scales (SV): the row logits of row i read scale[row0 + i], the column logits of column j
+// col_scale[j] (l'_ij = cs_j S_ij, taken from the same S entries).
+template <int VEC, typename T, typename A>
+__device__ __forceinline__ void load_col_logits(const T* srow, int64_t col0, int lane, int64_t n,
+                                                int64_t excl, const A* __restrict__ cs,
+                                                A (&l)[kPerLane]) {
+  constexpr int U = kPerLane / VEC;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int64_t j0 = col0 + int64_t(u * 32 + lane) * VEC;
+    if (j0 < n) {
+      const Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(srow + j0);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v)
+        l[u * VEC + v] = (j0 + v == excl) ? neg_inf<A>() : mul_rn(to_acc(p.v[v]), cs[j0 + v]);
+    } else {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) l[u * VEC + v] = neg_inf<A>();
+    }
+  }
+}
+
+template <typename T, int VEC, bool SV>
 __global__ void __launch_bounds__(kThreads)
     simlse_fwd_tile_kernel(const T* __restrict__ s, int64_t rows, int64_t n, int64_t ld,
                            int64_t row0, int64_t offset, bool exclude, bool cols,
                            const typename AccOf<T>::type* __restrict__ scale,
+                           const typename AccOf<T>::type* __restrict__ col_scale,
                            typename AccOf<T>::type* __restrict__ row_pm,
                            typename AccOf<T>::type* __restrict__ row_ps,
                            typename AccOf<T>::type* __restrict__ col_pm,
@@ -59,7 +85,7 @@ __global__ void __launch_bounds__(kThreads)
   const int warp = threadIdx.x >> 5;
   const int64_t ct = blockIdx.x;
   const int64_t col0 = ct * kTileCols;
-  const A sl = scale[0];
+  const A sl = SV ? A(0) : scale[0];
 
   for (int64_t rt = blockIdx.y; rt < n_rt; rt += gridDim.y) {
     A cm[kPerLane], cs[kPerLane];
@@ -73,7 +99,7 @@ __global__ void __launch_bounds__(kThreads)
       if (r >= rows) break;  // warp-uniform
       const int64_t excl = exclude ? row0 + r + offset : int64_t(-1);
       A l[kPerLane];
-      load_row_logits<VEC>(s + r * ld, col0, lane, n, excl, sl, l);
+      load_row_logits<VEC>(s + r * ld, col0, lane, n, excl, SV ? scale[row0 + r] : sl, l);
       A m, sum;  // row partial over this tile's kTileCols columns
       warp_row_partial(l, m, sum);
       if (lane == 0) {
@@ -81,6 +107,7 @@ __global__ void __launch_bounds__(kThreads)
         row_ps[r * n_ct + ct] = sum;
       }
       if (cols) {
+        if (SV) load_col_logits<VEC>(s + r * ld, col0, lane, n, excl, col_scale, l);
 #pragma unroll
         for (int k = 0; k < kPerLane; ++k) online_push(cm[k], cs[k], l[k]);
       }
@@ -193,6 +220,77 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Vector scales: W_ij = g_r_i rs_i p_ij + g_c_j cs_j p'_ij, p_ij = e^(rs_i S_ij - r_i),
+// p'_ij = e^(cs_j S_ij - c_j) (0 if excluded), written as the scalar kernel does; the scale
+// gradients' sums from the acc-typed p: drs_part[r * gridDim.x * kWarps + blockIdx.x * kWarps +
+// warp] = the warp's share of sum_j p_ij S_ij, dcs_part[blockIdx.y * n + j] = the block row's
+// share of sum_i p'_ij S_ij (no atomics: one writer each). grid.x = cdiv(n, kThreads * VEC)
+// exactly, so a thread owns the VEC columns j0.. for all its rows (column terms held in
+// registers).
+template <typename T, typename TW, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    simlse_bwd_weight_vec_kernel(const T* s, TW* w, int64_t rows, int64_t n, int64_t ld_s,
+                                 int64_t ld_w, int64_t row0, int64_t offset, bool exclude,
+                                 bool cols, const typename AccOf<T>::type* __restrict__ rscale,
+                                 const typename AccOf<T>::type* __restrict__ cscale,
+                                 const typename AccOf<T>::type* __restrict__ row_lse,
+                                 const typename AccOf<T>::type* __restrict__ col_lse,
+                                 const typename AccOf<T>::type* __restrict__ g_row,
+                                 const typename AccOf<T>::type* __restrict__ g_col,
+                                 const typename AccOf<T>::type* __restrict__ w_scale,
+                                 typename AccOf<T>::type* __restrict__ drs_part,
+                                 typename AccOf<T>::type* __restrict__ dcs_part) {
+  using A = typename AccOf<T>::type;
+  const A ws = w_scale ? w_scale[0] : A(1);
+  const A ninf = neg_inf<A>();
+  const int64_t j0 = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * VEC;
+  const bool active = j0 < n;  // VEC > 1 only when n % VEC == 0: a pack is in or out whole
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  A csv[VEC], gcs[VEC], cl[VEC], dc[VEC];
+  bool con[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    const int64_t j = j0 + v;
+    const bool in = cols && active;
+    csv[v] = in ? cscale[j] : A(0);
+    gcs[v] = in ? g_col[j] * csv[v] : A(0);
+    cl[v] = in ? col_lse[j] : ninf;
+    con[v] = in && g_col[j] != A(0) && cl[v] != ninf;
+    dc[v] = A(0);
+  }
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    const int64_t i = row0 + r;
+    const A gr = g_row[i], ri = row_lse[i], rs = rscale[i];
+    const A grs = gr * rs;
+    // A row with LSE -inf has every entry excluded; g = 0 rows contribute nothing.
+    const bool row_on = gr != A(0) && ri != ninf;
+    const int64_t excl = exclude ? i + offset : int64_t(-1);
+    A pr_sum = A(0);
+    if (active) {
+      const Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(s + r * ld_s + j0);
+      Pack<TW, VEC> q;
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        const A sv = to_acc(p.v[v]);
+        const bool off = j0 + v == excl;
+        const A pr = (row_on && !off) ? ex(mul_rn(sv, rs) - ri) : A(0);
+        const A pc = (con[v] && !off) ? ex(mul_rn(sv, csv[v]) - cl[v]) : A(0);
+        pr_sum += pr * sv;
+        dc[v] += pc * sv;
+        q.v[v] = from_acc<TW>((grs * pr + gcs[v] * pc) * ws);
+      }
+      *reinterpret_cast<Pack<TW, VEC>*>(w + r * ld_w + j0) = q;
+    }
+    pr_sum = warp_sum(pr_sum);  // block-uniform loop: every lane takes part
+    if (lane == 0)
+      drs_part[r * (int64_t(gridDim.x) * kWarps) + blockIdx.x * kWarps + warp] = pr_sum;
+  }
+  if (cols && active) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) dcs_part[int64_t(blockIdx.y) * n + j0 + v] = dc[v];
+  }
+}
+
 // ---- launchers ----
 
 struct FwdWork {
@@ -211,8 +309,9 @@ inline FwdWork fwd_work(int64_t rows, int64_t n) {
 
 template <typename T>
 int launch_fwd(const T* s, int64_t rows, int64_t n, int64_t ld, int64_t row0, int64_t offset,
-               bool exclude, bool cols, const void* scale, void* row_lse, void* col_m, void* col_s,
-               bool first, bool last, void* col_lse, void* work, cudaStream_t stream) {
+               bool exclude, bool cols, const void* scale, bool vec_scale, const void* col_scale,
+               void* row_lse, void* col_m, void* col_s, bool first, bool last, void* col_lse,
+               void* work, cudaStream_t stream) {
   using A = typename AccOf<T>::type;
   const FwdWork f = fwd_work(rows, n);
   // Workspace layout: row_pm | row_ps | col_pm | col_ps, each 256-byte aligned.
@@ -224,18 +323,25 @@ int launch_fwd(const T* s, int64_t rows, int64_t n, int64_t ld, int64_t row0, in
   A* col_pm = reinterpret_cast<A*>(base + 2 * rb);
   A* col_ps = reinterpret_cast<A*>(base + 2 * rb + cb);
   const A* sc = static_cast<const A*>(scale);
+  const A* csc = static_cast<const A*>(col_scale);
 
   constexpr int VEC = 16 / sizeof(T);
   const dim3 grid(static_cast<unsigned>(f.n_ct), grid_cap(f.n_rt));
-  if (n % VEC == 0 && ld % VEC == 0 && aligned(s, 16)) {
-    GC_LAUNCH(grid, kThreads, stream, simlse_fwd_tile_kernel<T, VEC>)(
-        s, rows, n, ld, row0, offset, exclude, cols, sc, row_pm, row_ps, col_pm, col_ps, f.n_ct,
-        f.n_rt);
+  const bool packed = n % VEC == 0 && ld % VEC == 0 && aligned(s, 16);
+#define GC_FWD(V, SV)                                                                       \
+  GC_LAUNCH(grid, kThreads, stream, simlse_fwd_tile_kernel<T, V, SV>)(                      \
+      s, rows, n, ld, row0, offset, exclude, cols, sc, csc, row_pm, row_ps, col_pm, col_ps, \
+      f.n_ct, f.n_rt)
+  if (packed && !vec_scale) {
+    GC_FWD(VEC, false);
+  } else if (!vec_scale) {
+    GC_FWD(1, false);
+  } else if (packed) {
+    GC_FWD(VEC, true);
   } else {
-    GC_LAUNCH(grid, kThreads, stream, simlse_fwd_tile_kernel<T, 1>)(
-        s, rows, n, ld, row0, offset, exclude, cols, sc, row_pm, row_ps, col_pm, col_ps, f.n_ct,
-        f.n_rt);
+    GC_FWD(1, true);
   }
+#undef GC_FWD
   GC_LAUNCH(grid_cap(cdiv(rows, kWarps)), kThreads, stream, simlse_row_merge_kernel<A>)(
       row_pm, row_ps, rows, f.n_ct, row0, static_cast<A*>(row_lse));
   if (cols) {
@@ -276,7 +382,47 @@ int launch_bwd(const T* s, TW* w, int64_t rows, int64_t n, int64_t ld_s, int64_t
   return static_cast<int>(cudaGetLastError());
 }
 
+template <typename T, typename TW>
+int launch_bwd_vec(const T* s, TW* w, int64_t rows, int64_t n, int64_t ld_s, int64_t ld_w,
+                   int64_t row0, int64_t offset, bool exclude, bool cols, const void* row_scale,
+                   const void* col_scale, const void* row_lse, const void* col_lse,
+                   const void* g_row, const void* g_col, const void* w_scale, void* drs_part,
+                   int64_t* drs_stride, void* dcs_part, int64_t* dcs_rows, cudaStream_t stream) {
+  using A = typename AccOf<T>::type;
+  const A* rsc = static_cast<const A*>(row_scale);
+  const A* csc = static_cast<const A*>(col_scale);
+  const A* rl = static_cast<const A*>(row_lse);
+  const A* cl = static_cast<const A*>(col_lse);
+  const A* gr = static_cast<const A*>(g_row);
+  const A* gc = static_cast<const A*>(g_col);
+  const A* wsc = static_cast<const A*>(w_scale);
+  A* drs = static_cast<A*>(drs_part);
+  A* dcs = static_cast<A*>(dcs_part);
+  constexpr int VEC = 16 / sizeof(T);
+  const bool vec_ok = n % VEC == 0 && ld_s % VEC == 0 && ld_w % VEC == 0 && aligned(s, 16) &&
+                      aligned(w, VEC * sizeof(TW));
+  const int64_t per = vec_ok ? int64_t(kThreads) * VEC : int64_t(kThreads);
+  const dim3 grid(static_cast<unsigned>(cdiv(n, per)), grid_cap(rows));
+  *drs_stride = int64_t(grid.x) * kWarps;
+  *dcs_rows = grid.y;
+  if (vec_ok) {
+    GC_LAUNCH(grid, kThreads, stream, simlse_bwd_weight_vec_kernel<T, TW, VEC>)(
+        s, w, rows, n, ld_s, ld_w, row0, offset, exclude, cols, rsc, csc, rl, cl, gr, gc, wsc, drs,
+        dcs);
+  } else {
+    GC_LAUNCH(grid, kThreads, stream, simlse_bwd_weight_vec_kernel<T, TW, 1>)(
+        s, w, rows, n, ld_s, ld_w, row0, offset, exclude, cols, rsc, csc, rl, cl, gr, gc, wsc, drs,
+        dcs);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
 }  // namespace
+
+size_t simlse_bwd_vec_row_partials(int64_t n) {
+  return static_cast<size_t>(cdiv(n, kThreads)) * kWarps;
+}
+size_t simlse_bwd_vec_col_partials(int64_t rows) { return grid_cap(rows); }
 
 size_t simlse_bwd_ds_partials(int64_t rows, int64_t n) {
   return static_cast<size_t>(cdiv(n, kThreads)) * grid_cap(rows);
@@ -291,21 +437,25 @@ size_t simlse_fwd_workspace_bytes(int64_t rows, int64_t n, bool f64) {
 int simlse_fwd_chunk(const void* s, gammacl::GcType s_type, int64_t rows, int64_t n, int64_t ld,
                      int64_t row0, int64_t offset, bool exclude, bool cols, const void* scale,
                      void* row_lse, void* col_m, void* col_l, bool first, bool last, void* col_lse,
-                     void* work, CUstream_st* stream) {
+                     void* work, CUstream_st* stream, bool vec_scale, const void* col_scale) {
   if (rows <= 0 || n <= 0) return static_cast<int>(cudaSuccess);
   switch (s_type) {
     case gammacl::GcType::F32:
       return launch_fwd(static_cast<const float*>(s), rows, n, ld, row0, offset, exclude, cols,
-                        scale, row_lse, col_m, col_l, first, last, col_lse, work, stream);
+                        scale, vec_scale, col_scale, row_lse, col_m, col_l, first, last, col_lse,
+                        work, stream);
     case gammacl::GcType::F64:
       return launch_fwd(static_cast<const double*>(s), rows, n, ld, row0, offset, exclude, cols,
-                        scale, row_lse, col_m, col_l, first, last, col_lse, work, stream);
+                        scale, vec_scale, col_scale, row_lse, col_m, col_l, first, last, col_lse,
+                        work, stream);
     case gammacl::GcType::F16:
       return launch_fwd(static_cast<const __half*>(s), rows, n, ld, row0, offset, exclude, cols,
-                        scale, row_lse, col_m, col_l, first, last, col_lse, work, stream);
+                        scale, vec_scale, col_scale, row_lse, col_m, col_l, first, last, col_lse,
+                        work, stream);
     case gammacl::GcType::BF16:
       return launch_fwd(static_cast<const __nv_bfloat16*>(s), rows, n, ld, row0, offset, exclude,
-                        cols, scale, row_lse, col_m, col_l, first, last, col_lse, work, stream);
+                        cols, scale, vec_scale, col_scale, row_lse, col_m, col_l, first, last,
+                        col_lse, work, stream);
   }
   return static_cast<int>(cudaErrorInvalidValue);
 }
@@ -343,6 +493,32 @@ int simlse_bwd_weights(const void* s, gammacl::GcType s_type, void* w, gammacl::
     default:
       break;
   }
+#undef GC_BWD
+  return static_cast<int>(cudaErrorInvalidValue);
+}
+
+int simlse_bwd_weights_vec(const void* s, gammacl::GcType s_type, void* w, gammacl::GcType w_type,
+                           int64_t rows, int64_t n, int64_t ld_s, int64_t ld_w, int64_t row0,
+                           int64_t offset, bool exclude, bool cols, const void* row_scale,
+                           const void* col_scale, const void* row_lse, const void* col_lse,
+                           const void* g_row, const void* g_col, const void* w_scale,
+                           void* drs_part, int64_t* drs_stride, void* dcs_part, int64_t* dcs_rows,
+                           CUstream_st* stream) {
+  using gammacl::GcType;
+  *drs_stride = 0;
+  *dcs_rows = 0;
+  if (rows <= 0 || n <= 0) return static_cast<int>(cudaSuccess);
+#define GC_BWD(TS, TWT)                                                                       \
+  launch_bwd_vec(static_cast<const TS*>(s), static_cast<TWT*>(w), rows, n, ld_s, ld_w, row0,  \
+                 offset, exclude, cols, row_scale, col_scale, row_lse, col_lse, g_row, g_col, \
+                 w_scale, drs_part, drs_stride, dcs_part, dcs_rows, stream)
+  if (s_type == GcType::F64) {
+    return w_type == GcType::F64 ? GC_BWD(double, double) : static_cast<int>(cudaErrorInvalidValue);
+  }
+  if (s_type != GcType::F32) return static_cast<int>(cudaErrorInvalidValue);  // S is fp32 here
+  if (w_type == GcType::F32) return GC_BWD(float, float);
+  if (w_type == GcType::F16) return GC_BWD(float, __half);
+  if (w_type == GcType::BF16) return GC_BWD(float, __nv_bfloat16);
 #undef GC_BWD
   return static_cast<int>(cudaErrorInvalidValue);
 }

@@ -90,6 +90,8 @@ import triton.language as tl
 
 from gammacl.dispatch import interpreter_on
 from gammacl.kernels import simlse_tiled as _tiled
+from gammacl.kernels.simlse_checks import check_features as _check_features
+from gammacl.kernels.simlse_checks import check_vector as _check_vector
 from gammacl.kernels.tiles import (
     _NEG_INF,
     _dot_nn,
@@ -102,13 +104,13 @@ from gammacl.kernels.tiles import (
     _simlse_col_merge_kernel,
     _tile_lse_nat,
     _valid,
+    _vec_weights,
     use_large_d,
 )
 from gammacl.kernels.tiles import acc_dtype as _acc_dtype
 from gammacl.kernels.tiles import device_guard as _device_guard
 from gammacl.kernels.tiles import flags as _flags
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Column partials buffer [ceil(M/BLOCK_M), N] allowed up to this size; beyond it the forward
 # computes the column LSE with a second, transposed sweep instead.
 _COL_PART_MAX_BYTES = 256 * 2**20
@@ -170,6 +172,7 @@ def _simlse_fwd_kernel(
     X,
     Y,
     SCALE,
+    COL_SCALE,
     ROW_LSE,
     COL_PART,
     M,
@@ -181,6 +184,7 @@ def _simlse_fwd_kernel(
     offset,
     EXCLUDE: tl.constexpr,
     COLS: tl.constexpr,
+    IS_VEC: tl.constexpr,
     ACC: tl.constexpr,
     BASE2: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -191,11 +195,15 @@ def _simlse_fwd_kernel(
     SINGLE_D: tl.constexpr,
 ):
     """ROW_LSE[i] = LSE_j l_ij for this program's BLOCK_M rows of X; with COLS, also
-    COL_PART[pid, j] = LSE_{i in block} l_ij for every column j."""
+    COL_PART[pid, j] = LSE_{i in block} l'_ij for every column j. l = l' = scale * S, or with
+    IS_VEC l_ij = SCALE[i] S_ij (row scales) and l'_ij = COL_SCALE[j] S_ij (column scales)."""
     pid = tl.program_id(0).to(tl.int64)  # int64: offsets reach M*D, R*N > 2^31
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    scale = tl.load(SCALE).to(ACC)
+    if IS_VEC:
+        scale = tl.load(SCALE + offs_m, mask=offs_m < M, other=0.0).to(ACC)[:, None]
+    else:
+        scale = tl.load(SCALE).to(ACC)
     m_i = tl.full((BLOCK_M,), _NEG_INF, dtype=ACC)  # running row max
     l_i = tl.zeros((BLOCK_M,), dtype=ACC)  # running sum of exp(l - m_i)
     if SINGLE_D:
@@ -223,13 +231,19 @@ def _simlse_fwd_kernel(
                 BLOCK_N,
                 BLOCK_D,
             )
-        s = tl.where(_valid(offs_m, offs_n, M, N, offset, EXCLUDE), s * scale, _NEG_INF)
+        valid = _valid(offs_m, offs_n, M, N, offset, EXCLUDE)
+        if IS_VEC and COLS:  # the column logits cs_j S_ij, before S becomes the row logits
+            cs = tl.load(COL_SCALE + offs_n, mask=offs_n < N, other=0.0).to(ACC)
+            sc = tl.where(valid, s * cs[None, :], _NEG_INF)
+        s = tl.where(valid, s * scale, _NEG_INF)
+        if not IS_VEC:
+            sc = s
         # online row LSE: m' = max(m, max_j s), l' = l * exp(m - m') + sum_j exp(s - m');
         # a shift of -inf (nothing valid yet) is replaced by 0 so exp never sees -inf - -inf.
         m_i, l_i = _online_lse_nat(m_i, l_i, s, BASE2)
         if COLS:
             # column partial of this row block: LSE_i s_ij = cm_j + log sum_i exp(s_ij - cm_j)
-            part = _tile_lse_nat(s, 0, BASE2)
+            part = _tile_lse_nat(sc, 0, BASE2)
             tl.store(COL_PART + pid * stride_part + offs_n, part, mask=offs_n < N)
     row = tl.where(l_i == 0, _NEG_INF, m_i + _log_nat(tl.where(l_i == 0, 1.0, l_i), BASE2))
     tl.store(ROW_LSE + offs_m, row, mask=offs_m < M)
@@ -244,6 +258,7 @@ def _simlse_bwd_kernel(
     X,
     Y,
     SCALE,
+    SCALE_Y,
     LSE_X,
     LSE_Y,
     G_X,
@@ -264,6 +279,7 @@ def _simlse_bwd_kernel(
     G_NORM: tl.constexpr,
     TRANS: tl.constexpr,
     HAS_DS: tl.constexpr,
+    IS_VEC: tl.constexpr,
     ACC: tl.constexpr,
     BASE2: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -278,20 +294,32 @@ def _simlse_bwd_kernel(
     l_ij = scale * <X_i, Y_j>, W = 0 on excluded (j == i + offset) and out-of-range entries.
     With G_NORM, OUT = (diag(G_INV) W) @ Y (G_INV [M] = fp16_row_scale's sigma, powers of two;
     the launcher divides it back out): fp16 W = g * P with g ~ 1/N would otherwise flush to zero.
+    IS_VEC (vector scales, SCALE [M] over X's rows, SCALE_Y [N] over Y's): the X term reads
+    l_ij = SCALE[i] S_ij and carries SCALE[i], the Y term l'_ij = SCALE_Y[j] S_ij and SCALE_Y[j]
+    (W_ij = G_X[i] SCALE[i] p_ij + G_Y[j] SCALE_Y[j] p'_ij); with HAS_DS, DS_PART[i] =
+    G_X[i] sum_j p_ij S_ij (this launch's rows' scale gradient).
     Per column tile: 2*BM*BN*D FLOPs to recompute S and 2*BM*BN*D for W @ Y."""
     pid = tl.program_id(0).to(tl.int64)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < M
     offs_d = tl.arange(0, BLOCK_D)
-    scale = tl.load(SCALE).to(ACC)
+    if IS_VEC:  # SCALE: [rows of X], read by the X term only
+        if HAS_X:
+            scale = tl.load(SCALE + offs_m, mask=row_ok, other=0.0).to(ACC)[:, None]
+        else:
+            scale = tl.zeros((BLOCK_M, 1), dtype=ACC)
+    else:
+        scale = tl.load(SCALE).to(ACC)
     if HAS_X:
         lse_x = tl.load(LSE_X + offs_m, mask=row_ok, other=0.0)
         g_x = tl.load(G_X + offs_m, mask=row_ok, other=0.0)
+    else:
+        lse_x = tl.zeros((BLOCK_M,), dtype=ACC)
+        g_x = tl.zeros((BLOCK_M,), dtype=ACC)
     if SINGLE_D:
         x = _load_rows(X, offs_m, offs_d, stride_x, M, D)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
-    if HAS_DS:
-        ds_acc = tl.zeros((BLOCK_M,), dtype=ACC)
+    ds_acc = tl.zeros((BLOCK_M,), dtype=ACC)
     for j0 in range(0, N, BLOCK_N):
         offs_n = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         # TRANS (the db launch, X = b): S = (Y_tile @ X_blk^T)^T, the forward's operand order,
@@ -341,21 +369,27 @@ def _simlse_bwd_kernel(
                 BLOCK_D,
             )
         s_raw = s  # <X_i, Y_j> (0 out of range)
-        valid = _valid(offs_m, offs_n, M, N, offset, EXCLUDE)
-        s = s * scale
-        w = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-        # exponents -inf on excluded / out-of-range entries (an all-excluded row's LSE is -inf:
-        # l - LSE = +inf there, never -inf - -inf); every valid entry is formed in IEEE
-        # arithmetic, g = 0 included, so a NaN / inf logit or LSE reaches OUT as NaN (torch's)
-        if HAS_X:  # row-softmax term: g_r_i * P_row_ij
-            w += g_x[:, None] * _exp_nat(tl.where(valid, s - lse_x[:, None], _NEG_INF), BASE2)
-        if HAS_Y:  # column-softmax term: g_c_j * P_col_ij
-            col_ok = offs_n < N
-            lse_y = tl.load(LSE_Y + offs_n, mask=col_ok, other=0.0)
-            g_y = tl.load(G_Y + offs_n, mask=col_ok, other=0.0)
-            w += g_y[None, :] * _exp_nat(tl.where(valid, s - lse_y[None, :], _NEG_INF), BASE2)
-        w = tl.where(valid, w, 0.0)  # 0 also where g is non-finite, as torch's zeroing
-        if HAS_DS:
+        if IS_VEC:
+            w, ds_acc, _ = _vec_weights(
+                s_raw, scale, lse_x, g_x, SCALE_Y, LSE_Y, G_Y, offs_m, offs_n, M, N, offset,
+                ds_acc, EXCLUDE, HAS_X, HAS_Y, HAS_DS, ACC, BASE2,
+            )  # fmt: skip
+        else:
+            valid = _valid(offs_m, offs_n, M, N, offset, EXCLUDE)
+            s = s * scale
+            w = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+            # exponents -inf on excluded / out-of-range entries (an all-excluded row's LSE is
+            # -inf: l - LSE = +inf there, never -inf - -inf); every valid entry is formed in
+            # IEEE arithmetic, g = 0 included, so a NaN / inf logit or LSE reaches OUT as NaN
+            if HAS_X:  # row-softmax term: g_r_i * P_row_ij
+                w += g_x[:, None] * _exp_nat(tl.where(valid, s - lse_x[:, None], _NEG_INF), BASE2)
+            if HAS_Y:  # column-softmax term: g_c_j * P_col_ij
+                col_ok = offs_n < N
+                lse_y = tl.load(LSE_Y + offs_n, mask=col_ok, other=0.0)
+                g_y = tl.load(G_Y + offs_n, mask=col_ok, other=0.0)
+                w += g_y[None, :] * _exp_nat(tl.where(valid, s - lse_y[None, :], _NEG_INF), BASE2)
+            w = tl.where(valid, w, 0.0)  # 0 also where g is non-finite, as torch's zeroing
+        if HAS_DS and not IS_VEC:
             # dscale_raw = sum_ij W_ij <X_i, Y_j> from the fp32 W, before W is rounded to the
             # operand dtype: <X, W16 @ Y> loses ~ulp(bf16) of the summands, and dscale cancels
             # against the positive / smoothing terms (bf16, scale 1e-3, smoothing 1: 78% error)
@@ -384,7 +418,10 @@ def _simlse_bwd_kernel(
         o_ptr = OUT + offs_m[:, None] * stride_out + offs_d[None, :]
         tl.store(o_ptr, acc, mask=row_ok[:, None] & (offs_d[None, :] < D))
     if HAS_DS:
-        tl.store(DS_PART + pid, tl.sum(ds_acc, axis=0))
+        if IS_VEC:
+            tl.store(DS_PART + offs_m, g_x * ds_acc, mask=row_ok)
+        else:
+            tl.store(DS_PART + pid, tl.sum(ds_acc, axis=0))
 
 
 if _AUTOTUNE:
@@ -404,7 +441,7 @@ if _AUTOTUNE:
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
-def _config(kind: str, dtype: torch.dtype, d: int) -> dict:
+def _config(kind: str, dtype: torch.dtype, d: int, vec: bool = False) -> dict:
     """The fixed launch config for kernel `kind` ("fwd" or "bwd"), input dtype and D.
 
     BLOCK_D >= 16 always (tl.dot needs K >= 16 on H100; D is padded with masked zeros). D up to
@@ -416,6 +453,8 @@ def _config(kind: str, dtype: torch.dtype, d: int) -> dict:
     if dtype in (torch.float16, torch.bfloat16):
         bm, bn, warps, stages = (128, 64, 8, 3) if kind == "fwd" else (64, 64, 4, 2)
         bd = p2 if d <= 128 else 64
+        if vec and kind == "bwd":  # two P tiles live at once: 4 warps spill (python -m gammacl.aot)
+            warps = 8
     elif dtype == torch.float32:
         # "ieee" fp32 is an FMA dot (operand rows per thread in registers): 4 warps or a
         # 64-wide D chunk spill on sm_90 (up to 2 KB/thread); 8 warps x 32-wide chunks do not
@@ -428,61 +467,10 @@ def _config(kind: str, dtype: torch.dtype, d: int) -> dict:
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages)
 
 
-def _check_features(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> None:
-    for name, x in (("a", a), ("b", b)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"simlse (triton): {name} must be a torch.Tensor, got {type(x)}")
-        if x.ndim != 2:
-            raise ValueError(f"simlse (triton): {name} must be 2-D, got shape {tuple(x.shape)}")
-        if x.dtype not in _FLOAT_DTYPES:
-            raise ValueError(
-                f"simlse (triton): {name} must be float16/bfloat16/float32/float64, got {x.dtype}"
-            )
-        if x.shape[1] > 1 and x.stride(1) != 1:
-            raise ValueError(
-                f"simlse (triton): {name} must have a contiguous last dim (stride(-1) == 1), "
-                f"got strides {tuple(x.stride())}"
-            )
-        if x.device.type not in ("cuda", "cpu"):
-            raise ValueError(
-                f"simlse (triton): {name} is on {x.device}; need cuda (or cpu "
-                "under TRITON_INTERPRET=1)"
-            )
-    if a.dtype != b.dtype:
-        raise ValueError(f"simlse (triton): a and b dtypes differ: {a.dtype} vs {b.dtype}")
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(
-            f"simlse (triton): a and b feature dims differ: {tuple(a.shape)} vs {tuple(b.shape)}"
-        )
-    if a.device != b.device:
-        raise ValueError(f"simlse (triton): a on {a.device} but b on {b.device}")
-    acc = _acc_dtype(a.dtype)
-    if not isinstance(scale, torch.Tensor) or scale.ndim != 0:
-        raise ValueError(
-            f"simlse (triton): scale must be a 0-d tensor, got "
-            f"{tuple(scale.shape) if isinstance(scale, torch.Tensor) else type(scale)}"
-        )
-    if scale.dtype != acc or scale.device != a.device:
-        raise ValueError(
-            f"simlse (triton): scale must be a 0-d {acc} tensor on {a.device}, "
-            f"got {scale.dtype} on {scale.device}"
-        )
-
-
-def _check_vector(name: str, v: torch.Tensor, n: int, acc: torch.dtype, device) -> torch.Tensor:
-    if not isinstance(v, torch.Tensor) or v.shape != (n,):
-        shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v)
-        raise ValueError(f"simlse (triton): {name} must have shape ({n},), got {shape}")
-    if v.dtype != acc or v.device != device:
-        raise ValueError(
-            f"simlse (triton): {name} must be {acc} on {device}, got {v.dtype} on {v.device}"
-        )
-    return v.contiguous()
-
-
-def _row_lse(x, y, scale, offset, exclude_pos, out, col_part=None) -> None:
+def _row_lse(x, y, scale, offset, exclude_pos, out, col_part=None, col_scale=None) -> None:
     """Launches the forward sweep of x's rows against y: out[i] = LSE_j l_ij; with col_part
-    ([ceil(M/BLOCK_M), N]) also the per-row-block column partials."""
+    ([ceil(M/BLOCK_M), N]) also the per-row-block column partials. A 1-D scale: x's row scales
+    (and col_scale y's, for the column partials)."""
     m, d = x.shape
     n = y.shape[0]
     cols = col_part is not None
@@ -492,6 +480,7 @@ def _row_lse(x, y, scale, offset, exclude_pos, out, col_part=None) -> None:
         X=x,
         Y=y,
         SCALE=scale,
+        COL_SCALE=col_scale if col_scale is not None else scale,
         ROW_LSE=out,
         COL_PART=col_part if cols else out,
         M=m,
@@ -503,6 +492,7 @@ def _row_lse(x, y, scale, offset, exclude_pos, out, col_part=None) -> None:
         offset=offset,
         EXCLUDE=exclude_pos,
         COLS=cols,
+        IS_VEC=scale.ndim == 1,
         **_flags(x.dtype),
         **kw,
         enable_fp_fusion=False,  # max and exponent from the same rounded logit (Numerics)
@@ -516,9 +506,12 @@ def simlse_fwd(
     offset: int,
     exclude_pos: bool,
     cols: bool,
+    col_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row_lse [M], col_lse [N] or [0]) of l = scale * a @ b.T, excluded (i, i+offset)."""
-    _check_features(a, b, scale)
+    """(row_lse [M], col_lse [N] or [0]) of l = scale * a @ b.T, excluded (i, i+offset); with a
+    [M] scale the row LSE reads scale[i] S_ij and the column LSE col_scale[j] S_ij."""
+    vec = _check_features(a, b, scale, col_scale, cols)
+    cs = col_scale if vec and cols else None
     offset, exclude_pos, cols = int(offset), bool(exclude_pos), bool(cols)
     m, n = a.shape[0], b.shape[0]
     acc = _acc_dtype(a.dtype)
@@ -529,7 +522,7 @@ def simlse_fwd(
         return row.fill_(float("-inf")), col.fill_(float("-inf"))
     with _device_guard(dev):
         if use_large_d(a.dtype, a.shape[1]):
-            _tiled.large_d_fwd(a, b, scale, offset, exclude_pos, cols, row, col)
+            _tiled.large_d_fwd(a, b, scale, offset, exclude_pos, cols, row, col, col_scale=cs)
             return row, col
         if not cols:
             _row_lse(a, b, scale, offset, exclude_pos, row)
@@ -542,7 +535,7 @@ def simlse_fwd(
                 part = torch.full((r, n), float("-inf"), dtype=acc, device=dev)
             else:
                 part = torch.empty((r, n), dtype=acc, device=dev)
-            _row_lse(a, b, scale, offset, exclude_pos, row, col_part=part)
+            _row_lse(a, b, scale, offset, exclude_pos, row, col_part=part, col_scale=cs)
             # interpreter: 4 partial rows per trip, so tests reach the merge loop's second trip
             # with M > 4 * 64 rows (tests/test_merge_loops.py)
             block_r, block_n = (4, 64) if interpreter_on() else (16, 256)
@@ -560,7 +553,7 @@ def simlse_fwd(
         else:
             # transposed sweep: c_j = LSE_i l_ij is the row LSE of b @ a.T with offset -offset
             _row_lse(a, b, scale, offset, exclude_pos, row)
-            _row_lse(b, a, scale, -offset, exclude_pos, col)
+            _row_lse(b, a, cs if vec else scale, -offset, exclude_pos, col)
     return row, col
 
 
@@ -593,12 +586,15 @@ def simlse_bwd(
     offset: int,
     exclude_pos: bool,
     cols: bool,
+    col_scale: torch.Tensor | None = None,
     dscale: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """(da_raw, db_raw) = (W @ b, W^T @ a), W_ij = g_row_i exp(l_ij - row_lse_i)
     + [cols] g_col_j exp(l_ij - col_lse_j), 0 on excluded entries; acc dtype. With dscale,
-    also dscale_raw = sum_ij W_ij <a_i, b_j> (0-d) from the unrounded W."""
-    _check_features(a, b, scale)
+    also dscale_raw = sum_ij W_ij <a_i, b_j> (0-d) from the unrounded W.
+    Vector scales (scale [M], col_scale [N] when cols): (dA, dB, cat(drs, dcs)) with the scales
+    inside W (gammacl.ops.simlse), whatever dscale says."""
+    vec = _check_features(a, b, scale, col_scale, cols)
     offset, exclude_pos, cols = int(offset), bool(exclude_pos), bool(cols)
     m, d = a.shape
     n = b.shape[0]
@@ -618,33 +614,47 @@ def simlse_bwd(
     # fp16 only (5-bit exponent): W rows scaled by powers of two sigma_i (fp16_row_scale; bf16
     # shares fp32's exponent range and needs no scaling)
     g_norm = a.dtype == torch.float16
+    cs = col_scale if vec and cols else None
     with _device_guard(dev):
         if use_large_d(a.dtype, d):
-            ds = torch.zeros((), dtype=acc, device=dev)
-            sigma = fp16_row_scale(g_row, g_col, True, cols, m) if g_norm else None
+            ds = torch.zeros(m + (n if cols else 0) if vec else (), dtype=acc, device=dev)
+            # vector scales: W carries g * scale
+            g_r, g_c = (g_row * scale, g_col * cs if cols else g_col) if vec else (g_row, g_col)
+            sigma = fp16_row_scale(g_r, g_c, True, cols, m) if g_norm else None
             _tiled.large_d_bwd(
                 a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols, sigma,
-                da, db, ds,
+                da, db, ds, col_scale=cs,
             )  # fmt: skip
-            return (da, db, ds) if dscale else (da, db)
+            return (da, db, ds) if dscale or vec else (da, db)
+        if vec:  # rows of a write drs = ds[:m], rows of b dcs = ds[m:]
+            ds_vec = torch.empty(m + (n if cols else 0), dtype=acc, device=dev)
         # da_raw = W @ b over row blocks of a; db_raw = W^T @ a over row blocks of b, where W^T
         # has the same form with (r, g_r) <-> (c, g_c) and offset -> -offset.
-        for x, y, lse_x, lse_y, g_x, g_y, off, has_x, has_y, out, trans in (
-            (a, b, row_lse, col_lse, g_row, g_col, offset, True, cols, da, False),
-            (b, a, col_lse, row_lse, g_col, g_row, -offset, cols, True, db, True),
+        for x, y, lse_x, lse_y, g_x, g_y, s_x, s_y, off, has_x, has_y, out, trans in (
+            (a, b, row_lse, col_lse, g_row, g_col, scale, cs, offset, True, cols, da, False),
+            (b, a, col_lse, row_lse, g_col, g_row, cs, scale, -offset, cols, True, db, True),
         ):
-            kw = {} if _AUTOTUNE else _config("bwd", x.dtype, d)
+            kw = {} if _AUTOTUNE else _config("bwd", x.dtype, d, vec)
             rows = x.shape[0]
             grid = lambda meta, rows=rows: (triton.cdiv(rows, meta["BLOCK_M"]),)  # noqa: E731
             has_ds = dscale and not trans  # the da launch alone covers every (i, j)
-            sigma = fp16_row_scale(g_x, g_y, has_x, has_y, rows) if g_norm else None
-            if has_ds:  # one fp32 partial per program (autotune: smallest BLOCK_M)
+            if g_norm:  # vector scales: W carries g * scale
+                gx = g_x * s_x if vec and has_x else g_x
+                gy = g_y * s_y if vec and has_y else g_y
+                sigma = fp16_row_scale(gx, gy, has_x, has_y, rows)
+            else:
+                sigma = None
+            if vec:  # each launch sums its own rows' scale gradient
+                has_ds = has_x
+                ds_part = ds_vec[m:] if trans else ds_vec[:m]
+            elif has_ds:  # one fp32 partial per program (autotune: smallest BLOCK_M)
                 bm = _AUTOTUNE_MIN_BLOCK_M if _AUTOTUNE else kw["BLOCK_M"]
                 ds_part = torch.zeros(triton.cdiv(rows, bm), dtype=acc, device=dev)
             _simlse_bwd_kernel[grid](
                 X=x,
                 Y=y,
-                SCALE=scale,
+                SCALE=s_x if vec and has_x else scale,
+                SCALE_Y=s_y if vec and has_y else scale,
                 LSE_X=lse_x if has_x else lse_y,
                 LSE_Y=lse_y if has_y else lse_x,
                 G_X=g_x if has_x else g_y,
@@ -665,12 +675,15 @@ def simlse_bwd(
                 G_NORM=g_norm,
                 TRANS=trans,
                 HAS_DS=has_ds,
+                IS_VEC=vec,
                 **flags,
                 **kw,
                 enable_fp_fusion=False,  # exponent from the rounded logit (Numerics)
             )
             if g_norm:
                 out.div_(sigma[:, None])  # exact: sigma is a power of two
+    if vec:
+        return da, db, ds_vec
     if dscale:
         return da, db, ds_part.sum()
     return da, db

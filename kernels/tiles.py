@@ -151,6 +151,61 @@ def _tile_lse_nat(s, AXIS: tl.constexpr, BASE2: tl.constexpr):
 
 
 @triton.jit
+def _vec_weights(
+    s_raw,
+    sx,
+    lse_x,
+    g_x,
+    SCALE_Y,
+    LSE_Y,
+    G_Y,
+    offs_m,
+    offs_n,
+    M,
+    N,
+    offset,
+    ds_acc,
+    EXCLUDE: tl.constexpr,
+    HAS_X: tl.constexpr,
+    HAS_Y: tl.constexpr,
+    HAS_DS: tl.constexpr,
+    ACC: tl.constexpr,
+    BASE2: tl.constexpr,
+    DS_Y: tl.constexpr = False,
+):
+    """Vector-scale weights of one tile (ops/simlse.py): W_ij = [HAS_X] g_x_i sx_i p_ij +
+    [HAS_Y] G_Y[j] SCALE_Y[j] p'_ij, p_ij = exp(sx_i S_ij - lse_x_i), p'_ij = exp(SCALE_Y[j]
+    S_ij - LSE_Y[j]), 0 on excluded / out-of-range entries; with HAS_DS also
+    ds_acc_i += sum_j p_ij S_ij, and with DS_Y the third result is sum_i p'_ij S_ij (else 0).
+    Each logit is rounded once (the forward's product). Shared by the fused backward
+    (kernels/simlse.py) and the large-D W kernel (kernels/simlse_tiled.py)."""
+    valid = _valid(offs_m, offs_n, M, N, offset, EXCLUDE)
+    w = tl.zeros(s_raw.shape, dtype=ACC)
+    # exponents -inf on excluded / out-of-range entries (never -inf - -inf on an all-excluded
+    # row); valid entries in IEEE arithmetic, so a NaN / inf logit or LSE gives NaN (torch's)
+    if HAS_X:
+        p = _exp_nat(tl.where(valid, s_raw * sx - lse_x[:, None], _NEG_INF), BASE2)
+        w += (g_x[:, None] * sx) * p
+        if HAS_DS:
+            ds_acc += tl.sum(p * s_raw, axis=1)
+    if HAS_Y:
+        col_ok = offs_n < N
+        sy = tl.load(SCALE_Y + offs_n, mask=col_ok, other=0.0).to(ACC)
+        lse_y = tl.load(LSE_Y + offs_n, mask=col_ok, other=0.0)
+        g_y = tl.load(G_Y + offs_n, mask=col_ok, other=0.0)
+        p_y = _exp_nat(tl.where(valid, s_raw * sy[None, :] - lse_y[None, :], _NEG_INF), BASE2)
+        w += (g_y * sy)[None, :] * p_y
+        if DS_Y:
+            ds_y = tl.sum(p_y * s_raw, axis=0)
+        else:
+            ds_y = tl.zeros((s_raw.shape[1],), dtype=ACC)
+    else:
+        ds_y = tl.zeros((s_raw.shape[1],), dtype=ACC)
+    w = tl.where(valid, w, 0.0)  # 0 also where g is non-finite, as torch's zeroing
+    return w, ds_acc, ds_y
+
+
+@triton.jit
 def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of a 1-D launch in grouped order: GROUP_M row tiles sweep the column tiles
     together, so the operand tiles of consecutive programs are shared in L2."""

@@ -91,6 +91,31 @@ def test_small_run_rows_and_learning(tmp_path):
         assert len(list(csv.DictReader(f))) == len(rows)
 
 
+def test_validation_split_is_carved_from_the_training_pairs():
+    tl, tr, el, er = R.load_pairs()
+    vl, vr, hl, hr = R.load_pairs(validation=300)
+    assert vl.shape == (1047, 32) and hl.shape == (300, 32)
+    train = {tuple(x.tolist()) for x in tl}
+    assert all(tuple(x.tolist()) in train for x in hl)  # validation pairs come from training
+    assert not {tuple(x.tolist()) for x in el} & {tuple(x.tolist()) for x in hl}
+    assert not {tuple(x.tolist()) for x in vl} & {tuple(x.tolist()) for x in hl}
+
+
+def test_learnable_temperature_plan_runs_and_reports_where_tau_went():
+    plan = [m for m in R.temperature_plan([64], 1.0, 1.0, 0.01, epochs=2) if m.loss != "clip"]
+    names = [m.name for m in plan]
+    assert "sogclr ema=0.5 rgcl rho=1 no cap" in names and len(set(names)) == len(names)
+    rows = R.run_plan(plan, [0], R.load_pairs(), epochs=1, eval_every=1, backend="torch")
+    for r in rows:
+        assert math.isfinite(r["global_test_loss_s10"]) and math.isfinite(r["global_train_loss"])
+    ind = [r for r in rows if r["scale"] == "individual" and r["epoch"] == 1]
+    assert ind and 0.01 <= ind[0]["tau_p10"] <= ind[0]["tau_mean"] <= ind[0]["tau_p90"] <= 1.0
+    assert ind[0]["tau_mean"] != pytest.approx(0.1)  # the temperatures moved
+    assert ind[0]["logit_scale"] == pytest.approx(1.0 / ind[0]["tau_mean"])
+    uncapped = [r for r in rows if "no cap" in r["method"]]
+    assert uncapped and all(r["logit_scale"] > 0 for r in uncapped)
+
+
 @pytest.mark.slow
 def test_quick_cli(tmp_path):
     proc = subprocess.run(

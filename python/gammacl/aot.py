@@ -99,20 +99,24 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 
 def _simlse_launches(dtype: torch.dtype, d: int) -> None:
-    """simlse_fwd (exclude x cols) and simlse_bwd (exclude x cols: both halves of W)."""
+    """simlse_fwd (exclude x cols) and simlse_bwd (exclude x cols: both halves of W), with a
+    0-d scale and with vector scales ([M] row, [N] column: IS_VEC)."""
     from gammacl.kernels import simlse
 
     m = n = ROWS
     a, b = torch.zeros(m, d, dtype=dtype), torch.zeros(n, d, dtype=dtype)
     scale = torch.tensor(1.0, dtype=_acc(dtype))
-    for exclude in (False, True):
-        for cols in (False, True):
-            simlse.simlse_fwd(a, b, scale, 0, exclude, cols)
-            vm, vn = (
-                torch.zeros(m, dtype=_acc(dtype)),
-                torch.zeros(n if cols else 0, dtype=_acc(dtype)),
-            )
-            simlse.simlse_bwd(a, b, scale, vm, vn, vm, vn, 0, exclude, cols)
+    rs, cs = torch.ones(m, dtype=_acc(dtype)), torch.ones(n, dtype=_acc(dtype))
+    for vec in (False, True):
+        for exclude in (False, True):
+            for cols in (False, True):
+                sc, col_sc = (rs, cs if cols else None) if vec else (scale, None)
+                simlse.simlse_fwd(a, b, sc, 0, exclude, cols, col_sc)
+                vm, vn = (
+                    torch.zeros(m, dtype=_acc(dtype)),
+                    torch.zeros(n if cols else 0, dtype=_acc(dtype)),
+                )
+                simlse.simlse_bwd(a, b, sc, vm, vn, vm, vn, 0, exclude, cols, col_sc)
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,6 +35,7 @@ from gammacl.dispatch import resolve_traced
 from gammacl.distributed import InWorld, World
 from gammacl.ops.gamma_onepass import DEFAULT_CLAMP, gamma_onepass
 from gammacl.ops.simlse import simlse
+from gammacl.temperature import TemperatureMixin, rgcl_output
 
 RATES = ("ema", "batch", "fixed")
 UPDATES = ("before", "after")
@@ -347,42 +349,31 @@ def gamma_step_loss(
 
 
 def default_clamp(rate: str, ema: float, update: str) -> float:
-    """The exponent cap a GammaClipLoss / SogCLRLoss gets when `clamp` is not given: log(1/ema)
-    for the one-pass mode on EMA rates (update="after", rate="ema", ema < 1), else DEFAULT_CLAMP
-    (30, a numerical guard only). "before" guarantees u_i Zhat_i <= G_i / (a ema); the one-pass
-    mode uses a rate one revisit old, which is unbounded, and on real data at batch 8 its weights
-    collapsed then spiked (docs/experiments.md). Capping each e^(l_ij + alpha_i) at 1/ema moved
-    its 40-epoch global loss from -2.53 to -4.12 (SogCLR; "before": -4.18, InfoNCE -3.91)."""
+    """The exponent cap when `clamp` is not given: log(1/ema) for the one-pass mode on EMA rates
+    (update="after", rate="ema", ema < 1; the bound "before" guarantees, u_i Zhat_i <= 1/ema; the
+    stale rate is unbounded: docs/experiments.md), else DEFAULT_CLAMP (30, a numerical guard)."""
     if update == "after" and rate == "ema" and 0.0 < ema < 1.0:
         return min(DEFAULT_CLAMP, math.log(1.0 / ema))
     return DEFAULT_CLAMP
 
 
-class GammaClipLoss(InWorld, _GeneratorAttr, nn.Module):
+class GammaClipLoss(InWorld, _GeneratorAttr, TemperatureMixin, nn.Module):
     """Gamma-weighted decomposable symmetric contrastive loss with per-sample rate state
     (stochastic EM; the objective and estimator: module docstring; every choice: docs/gamma.md).
 
     Args:
         num_samples: data-set size n; `index` values lie in [0, n).
-        shape: Gamma shape a > 0 (a = 1: Exponential, Paper A's draw; a -> inf: SogCLR). Draws
-            are normalised to mean 1, so their variance is 1/a. Default 10 (docs/experiments.md:
-            on real data at batch 8 and 40 epochs, a = 1 reached a worse global loss than
-            minibatch InfoNCE at every ema, a = 10 and 100 a better one, close to SogCLR; on the
-            synthetic toy the draw's variance changes no bias and only adds noise).
+        shape: Gamma shape a > 0 (a = 1: Exponential, Paper A's draw; a -> inf: SogCLR); draws
+            have mean 1 and variance 1/a. Default 10. What holds at small batch is the moving-
+            average rate (SogCLR); the draw only adds variance (docs/experiments.md, docs/gamma.md).
         rate: "ema" (per-sample moving average, default), "batch" (no state) or "fixed"
             (set_log_rates).
         ema: weight of the new batch estimate in the moving average, 0 < ema <= 1. Default 0.5
-            (docs/experiments.md: on real data at batch 8 a small ema (0.02, 0.1) trains worse than
-            minibatch InfoNCE because the rate is stale; 0.5 reached a lower global loss than
-            InfoNCE and than 0.1, and keeps part of the bias correction of the synthetic toy,
-            where 0.9 keeps none).
-        update: "before" (update, then use; bounded weights; two passes) or "after" (use the
-            stored rate, then update; one fused pass, exponents capped at `clamp`). The stored
-            rate is one revisit (an epoch) stale; uncapped (clamp 30) "after" trained far worse
-            on real data at batch 8-32 (docs/experiments.md: the weights collapse, then spike),
-            hence its default cap log(1/ema) (`default_clamp`), with which it trained nearly as
-            well as "before" at batch 8 over 40 epochs; at batch 16-64 it was still unreliable
-            (some seeds collapse): prefer "before" there.
+            (docs/experiments.md: 0.02-0.1 are too stale at batch 8, 0.9 keeps no correction).
+        update: "before" (update, then use; bounded weights; two passes) or "after" (the stored,
+            one-epoch-stale rate, then update; one fused pass, exponents capped at `clamp`,
+            default log(1/ema)). From batch 16 one-pass trains worse than minibatch InfoNCE
+            (global loss: 4 of 5 seeds at B=16, all at B >= 32; docs/experiments.md).
         generator: torch.Generator for the draws (reproducible runs); its state is saved in
             state_dict() so a checkpoint resumes the same draws (a module built without a
             generator gets one, on the saved device, when it loads a checkpoint that has one).
@@ -397,6 +388,9 @@ class GammaClipLoss(InWorld, _GeneratorAttr, nn.Module):
             (each rank keeps its own state and sees only its own batch).
         process_group: the torch.distributed group for distributed use (default: the world).
         grad_comm, state_sharding: scale-out modes, SogCLRLoss too (docs/distributed.md).
+        **temperature: temperature ("input", "rgcl", "individual"), rho, tau_init, tau_min,
+            tau_max, tau_lr, tau_momentum, ema_schedule ("constant", "cosine"),
+            ema_decay_epochs (gammacl.temperature.TemperatureMixin.init_temperature).
     forward(image_features, text_features, logit_scale, index, output_dict=False) returns the
     0-d loss (fp32; fp64 for fp64 features) or {"contrastive_loss": loss}; `index` [B] holds each
     pair's data-set index (int64; may be None for rate="batch"). Value: global_loss_estimate (G
@@ -419,6 +413,7 @@ class GammaClipLoss(InWorld, _GeneratorAttr, nn.Module):
         process_group=None,
         grad_comm: str = "reduce",
         state_sharding: str = "replicated",
+        **temperature: Any,
     ) -> None:
         super().__init__()
         V.check_choice("distributed", distributed, (None, True, False))
@@ -450,6 +445,7 @@ class GammaClipLoss(InWorld, _GeneratorAttr, nn.Module):
         self._fixed_set = False
         self.last_path: str | None = None  # "two_pass", "one_pass" or "lse+one_pass"
         self.global_loss_estimate: torch.Tensor | None = None
+        self.init_temperature(**temperature)
 
     def extra_repr(self) -> str:
         return (
@@ -481,7 +477,8 @@ class GammaClipLoss(InWorld, _GeneratorAttr, nn.Module):
     def get_extra_state(self) -> dict:
         gen = self.generator
         dev, gen_state = (None, None) if gen is None else (str(gen.device), gen.get_state())
-        return {"generator_state": gen_state, "generator_device": dev, "fixed_set": self._fixed_set}
+        out = {"generator_state": gen_state, "generator_device": dev, "epoch": self.epoch}
+        return out | {"fixed_set": self._fixed_set}
 
     def set_extra_state(self, state: dict) -> None:
         gen_state = state.get("generator_state")
@@ -492,6 +489,8 @@ class GammaClipLoss(InWorld, _GeneratorAttr, nn.Module):
                 self.generator = torch.Generator(state.get("generator_device") or "cpu")
             self.generator.set_state(gen_state)
         self._fixed_set = bool(state.get("fixed_set", self._fixed_set))
+        if state.get("epoch") is not None:
+            self.set_epoch(state["epoch"])
 
     # -- one step ------------------------------------------------------------------------------
     @property
@@ -537,6 +536,7 @@ class GammaClipLoss(InWorld, _GeneratorAttr, nn.Module):
                 ("update", int(self.update == "after")),
                 ("mean_estep", int(self._mean_estep)),
                 ("grad_comm/state_sharding", SS.mode_code(self)),
+                *self.temperature_flags(),
             ],
         )
 
@@ -637,6 +637,10 @@ class GammaClipLoss(InWorld, _GeneratorAttr, nn.Module):
         if idx.bad is not None:  # compiled: an out-of-range index poisons the loss and every grad
             poison = torch.where(idx.bad, float("nan"), 1.0).to(out.dtype)
             out, estimate = out * poison, estimate * poison
+        if self.temperature == "rgcl":  # q_i = sum_j w_ij = e^{alpha_i + row_i}: temperature.py
+            q = torch.exp((log_w - log_r).detach() - log_m + torch.stack([row, col]).detach())
+            out = rgcl_output(out, estimate, scale, pos, q, self.rho)
+            estimate = (estimate.detach() + self.rho) / scale.detach()  # F: the value returned
         self.global_loss_estimate = estimate.detach()
         self.last_path = path
         return out
@@ -645,12 +649,13 @@ class GammaClipLoss(InWorld, _GeneratorAttr, nn.Module):
         self,
         image_features: torch.Tensor,
         text_features: torch.Tensor,
-        logit_scale: float | torch.Tensor,
+        logit_scale: float | torch.Tensor | None,
         index: torch.Tensor | None,
         output_dict: bool = False,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
+        step = type(self)._step if self.temperature != "individual" else type(self)._individual_step
         loss = estimate_valued_step(
-            self, type(self)._step, image_features, text_features, logit_scale, index, self._world()
+            self, step, image_features, text_features, logit_scale, index, self._world()
         )
         return {"contrastive_loss": loss} if output_dict else loss
 
@@ -658,13 +663,9 @@ class GammaClipLoss(InWorld, _GeneratorAttr, nn.Module):
 class SogCLRLoss(GammaClipLoss):
     """SogCLR (Yuan et al., ICML 2022; docs/math.md §S) for the objective G of gammacl.gamma: the
     mean E-step of GammaClipLoss, u_i = 1/R_i, with the same per-sample moving-average state.
-
-    SogCLR's own code multiplies the loss by the temperature tau = 1/logit_scale (a learning
-    rate rescaling) and, in some versions, sums rather than averages the two directions; this
-    class follows G exactly. update="before" (default) is SogCLR's order; update="after" runs the
-    fused one-pass path (GammaClipLoss; see its `update` note). Default ema = 0.5, as
-    GammaClipLoss (docs/experiments.md). Everything else (state_dict, update_state, index
-    checks, the non-finite guard) is GammaClipLoss's.
+    SogCLR's code scales the loss by tau = 1/logit_scale: temperature="rgcl" (FastCLIP-v3) does,
+    and learns tau. `**options`: GammaClipLoss's temperature, schedule and scale-out keywords;
+    the rest (update, state_dict, index checks, non-finite guard) is GammaClipLoss's too.
     """
 
     def __init__(
@@ -677,7 +678,7 @@ class SogCLRLoss(GammaClipLoss):
         clamp: float | None = None,
         distributed: bool | None = None,
         process_group=None,
-        **scale_out: str,
+        **options: Any,
     ) -> None:
         super().__init__(
             num_samples,
@@ -689,12 +690,9 @@ class SogCLRLoss(GammaClipLoss):
             clamp=clamp,
             distributed=distributed,
             process_group=process_group,
-            **scale_out,
+            **options,
         )
         self._mean_estep = True
 
     def extra_repr(self) -> str:
-        return (
-            f"num_samples={self.num_samples}, ema={self.ema}, update={self.update!r}, "
-            f"backend={self.backend!r}"
-        )
+        return super().extra_repr().replace(f"shape={self.shape}, rate='ema', ", "")

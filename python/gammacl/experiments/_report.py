@@ -13,6 +13,8 @@ METRICS = (
     "train_recall_at_1",
     "global_train_loss",
     "global_test_loss",
+    "global_train_loss_s10",
+    "global_test_loss_s10",
     "alignment",
     "uniformity",
     "logit_scale",
@@ -30,7 +32,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     for (meth, bs, sc), rs in groups.items():
         s = {"method": meth, "batch_size": bs, "scale": sc, "epoch": last, "seeds": len(rs)}
         for k in METRICS:
-            s[k + "_mean"], s[k + "_std"] = mean_std(r[k] for r in rs)
+            s[k + "_mean"], s[k + "_std"] = mean_std(r.get(k) for r in rs)
         out.append(s)
     return out
 
@@ -50,6 +52,8 @@ def format_table(rows: list[dict]) -> str:
         "train R@1",
         "G train",
         "G test",
+        "G train @10",
+        "G test @10",
         "align",
         "unif",
         "scale",
@@ -68,7 +72,7 @@ def format_table(rows: list[dict]) -> str:
 
     for (sc, meth, bs), rs in sorted(groups.items(), key=lambda kv: order(kv[0])):
         cells = [sc, meth, bs] + [
-            fmt_mean_std((r[k] for r in rs), 3 if k != "logit_scale" else 1) for k in METRICS
+            fmt_mean_std((r.get(k) for r in rs), 3 if k != "logit_scale" else 1) for k in METRICS
         ]
         lines.append(" | ".join(cells))
     return f"epoch {last}, mean±std over seeds\n" + "\n".join(lines)

@@ -75,3 +75,18 @@ def write_json(obj: object, path: str) -> None:
 def log(msg: str) -> None:
     print(msg, flush=True)
     sys.stdout.flush()
+
+
+def tau_stats(image_tau, text_tau) -> dict:
+    """Where per-sample temperatures went: mean, 10th and 90th percentile over both directions,
+    and logit_scale = 1 / mean tau (the comparable single scale)."""
+    import torch
+
+    t = torch.cat([image_tau, text_tau]).double()
+    q = torch.quantile(t, torch.tensor([0.1, 0.9], dtype=torch.float64))
+    return {
+        "tau_mean": float(t.mean()),
+        "tau_p10": float(q[0]),
+        "tau_p90": float(q[1]),
+        "logit_scale": float(1.0 / t.mean()),
+    }

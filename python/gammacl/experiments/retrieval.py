@@ -4,6 +4,10 @@ vs full-batch InfoNCE (issue 16), and Paper B's regularisers on top of InfoNCE.
     python -m gammacl.experiments.retrieval [--quick] [--out DIR] [--seeds 5] [--epochs 40]
     python -m gammacl.experiments.retrieval --sweep [--out DIR]     # ema x shape at batch 8
     python -m gammacl.experiments.retrieval --onepass [--out DIR]   # why update="after" lags
+    python -m gammacl.experiments.retrieval --grid --validation 300 --seed-offset 100  # issue 24
+    python -m gammacl.experiments.retrieval --temperature --rho R --rho-individual R --tau-lr E
+(--grid: rho / tau_lr of the learnable temperatures on pairs carved from the training pairs;
+--temperature: the learnable-temperature table with the chosen values; docs/experiments.md.)
 
 Data: scikit-learn's digits (1797 8x8 images, shipped inside the package, no download). The two
 "modalities" are the left and right halves of each image (4 columns = 32 pixels each, /16).
@@ -42,7 +46,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -50,16 +54,20 @@ import torch.nn.functional as F
 from torch import nn
 
 import gammacl
-from gammacl.experiments._report import METRICS, format_table, plot, summarise  # noqa: F401
-from gammacl.experiments._train import (
-    log,
-    train_loop,
-    write_csv,
-    write_json,
+from gammacl.experiments._plans import (  # noqa: F401
+    SCALE_CAP,
+    Method,
+    grid_plan,
+    library_default,
+    main_plan,
+    onepass_plan,
+    sweep_plan,
+    temperature_plan,
 )
+from gammacl.experiments._report import METRICS, format_table, plot, summarise  # noqa: F401
+from gammacl.experiments._train import log, tau_stats, train_loop, write_csv, write_json
 
 TAU = 0.1
-SCALE_CAP = 100.0
 HIDDEN, DIM = 128, 32
 AUG_NOISE, AUG_DROP = 0.1, 0.1
 PAPER_B_WEIGHT = 0.25
@@ -70,9 +78,11 @@ PAPER_B_WEIGHT = 0.25
 # ---------------------------------------------------------------------------------------------
 
 
-def load_pairs(test_size: int = 450, split_seed: int = 0):
+def load_pairs(test_size: int = 450, split_seed: int = 0, validation: int = 0):
     """(train_left, train_right, test_left, test_right) float32 tensors [n, 32]: left and right
-    halves of scikit-learn's digits, pixel values / 16; one fixed split."""
+    halves of scikit-learn's digits, pixel values / 16; one fixed split. validation > 0: the
+    held-out pairs are `validation` pairs carved from the TRAINING pairs (numpy seed 1), which
+    lose them; the test pairs are not touched (hyper-parameter selection)."""
     from sklearn.datasets import load_digits
 
     img = load_digits().images.astype(np.float32) / 16.0  # [1797, 8, 8]
@@ -80,6 +90,9 @@ def load_pairs(test_size: int = 450, split_seed: int = 0):
     right = img[:, :, 4:].reshape(len(img), -1)
     perm = np.random.default_rng(split_seed).permutation(len(img))
     te, tr = perm[:test_size], perm[test_size:]
+    if validation:
+        sub = np.random.default_rng(1).permutation(len(tr))
+        te, tr = tr[sub[:validation]], tr[sub[validation:]]
     t = torch.from_numpy
     return t(left[tr]), t(right[tr]), t(left[te]), t(right[te])
 
@@ -154,6 +167,8 @@ def evaluate(towers, scale: float, data) -> dict:
         "train_recall_at_1": 0.5 * (_recall(s_tr, 1) + _recall(s_tr.T, 1)),
         "global_train_loss": global_objective(a_tr, b_tr, scale),
         "global_test_loss": global_objective(a_te, b_te, scale),
+        "global_train_loss_s10": global_objective(a_tr, b_tr, 1.0 / TAU),  # one common scale
+        "global_test_loss_s10": global_objective(a_te, b_te, 1.0 / TAU),
         "train_clip_loss": float(gammacl.clip_loss(a_tr, b_tr, scale, backend="torch")),
         "alignment": float((a_te - b_te).square().sum(1).mean()),
         "uniformity": 0.5 * (uniformity(a_te) + uniformity(b_te)),
@@ -166,43 +181,6 @@ def evaluate(towers, scale: float, data) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Method:
-    """One training configuration. loss: clip, sogclr, gamma, clip+fs, clip+bb, clip+gc, or
-    oracle (rate="fixed" gamma/SogCLR one-pass with exact full-data rates refreshed every
-    `refresh` steps; the --onepass diagnosis). batch 0 = the whole training set."""
-
-    loss: str
-    batch: int
-    scale: str = "learnable"  # or "fixed"
-    ema: float | None = None
-    shape: float | None = None
-    update: str | None = None
-    clamp: float | None = None
-    refresh: int | None = None
-    drift: bool = False  # update="after" + a global drift correction of the stale rates
-    kwargs: dict = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        if self.loss == "clip":
-            return "clip (full batch)" if self.batch == 0 else "clip"
-        parts = [self.loss]
-        if self.shape is not None and self.loss in ("gamma", "oracle"):
-            parts.append(f"a={self.shape:g}")
-        if self.ema is not None:
-            parts.append(f"ema={self.ema:g}")
-        if self.update is not None:
-            parts.append(self.update)
-        if self.clamp is not None:
-            parts.append(f"clamp={self.clamp:.3g}")
-        if self.refresh is not None:
-            parts.append(f"refresh={self.refresh}")
-        if self.drift:
-            parts.append("drift-corrected")
-        return " ".join(parts)
-
-
 def _make_loss(m: Method, n: int, seed: int, backend: str):
     if m.loss == "sogclr":
         kw = {"update": m.update or "before", "backend": backend}
@@ -210,7 +188,7 @@ def _make_loss(m: Method, n: int, seed: int, backend: str):
             kw["ema"] = m.ema
         if m.clamp is not None:
             kw["clamp"] = m.clamp
-        return gammacl.SogCLRLoss(n, **kw)
+        return gammacl.SogCLRLoss(n, **kw, **m.kwargs)
     if m.loss in ("gamma", "oracle"):
         kw = {
             "update": m.update or "before",
@@ -226,7 +204,7 @@ def _make_loss(m: Method, n: int, seed: int, backend: str):
             kw["shape"] = m.shape
         if m.clamp is not None:
             kw["clamp"] = m.clamp
-        return gammacl.GammaClipLoss(n, **kw)
+        return gammacl.GammaClipLoss(n, **kw, **m.kwargs)
     return gammacl.ClipLoss(backend=backend)
 
 
@@ -280,7 +258,7 @@ def run_one(
     drift = torch.zeros(2)
 
     def scale_now() -> torch.Tensor:
-        return log_s.exp().clamp(max=SCALE_CAP)
+        return log_s.exp().clamp(max=m.cap) if m.cap else log_s.exp()
 
     def record(epoch: int) -> None:
         r = {
@@ -292,12 +270,16 @@ def run_one(
             "epoch": epoch,
         }
         r.update(evaluate(towers, float(scale_now().detach()), data))
+        if m.scale == "individual":  # where the per-sample temperatures went
+            r.update(tau_stats(loss_fn.image_tau, loss_fn.text_tau))
         rows.append(r)
 
     def step(t: int) -> None:
         k = (t - 1) % per_epoch
         if k == 0:
             order[:] = [torch.randperm(n, generator=gen)]
+            if hasattr(loss_fn, "set_epoch"):
+                loss_fn.set_epoch((t - 1) // per_epoch)
         idx = order[0][k * b : (k + 1) * b]
         xl, xr = tl[idx], tr[idx]
         s = scale_now()
@@ -311,7 +293,7 @@ def run_one(
         if m.drift:  # emulated through the public state: stale log R_k += drift c (see doc)
             loss = _drift_step(loss_fn, zl, zr, s, idx, drift)
         elif m.loss in ("sogclr", "gamma", "oracle"):
-            loss = loss_fn(zl, zr, s, idx)
+            loss = loss_fn(zl, zr, None if m.scale == "individual" else s, idx)
         else:
             loss = clip(zl, zr, s)
         if m.loss == "clip+fs":
@@ -397,77 +379,20 @@ def _weight_diag(m, loss_fn, towers, scale, tl, tr, idx, t, per_epoch) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# plans
-# ---------------------------------------------------------------------------------------------
-
-
-def library_default(cls, name: str):
-    """The default of keyword `name` of gammacl loss class `cls` (the library's, not ours)."""
-    import inspect
-
-    return inspect.signature(cls).parameters[name].default
-
-
-def main_plan(
-    batches, scales, ema_sog, ema_gamma, paper_b_batch, fixed_batches=None, shape=None
-) -> list[Method]:
-    """clip at every batch and the full set; SogCLR and the gamma loss (before / after; shape
-    `shape`, default the library's) at every small batch; for scale "fixed" only at
-    `fixed_batches` (default: all); Paper B rows (scale scales[0]) at `paper_b_batch` (0: none)."""
-    if shape is None:
-        shape = float(library_default(gammacl.GammaClipLoss, "shape"))
-    if ema_sog is None:
-        ema_sog = float(library_default(gammacl.SogCLRLoss, "ema"))
-    if ema_gamma is None:
-        ema_gamma = float(library_default(gammacl.GammaClipLoss, "ema"))
-    ms: list[Method] = []
-    for sc in scales:
-        bs = batches if sc != "fixed" or fixed_batches is None else fixed_batches
-        ms += [Method("clip", b, sc) for b in bs]
-        ms.append(Method("clip", 0, sc))
-        ms += [Method("sogclr", b, sc, ema=ema_sog, update="before") for b in bs]
-        for upd in ("before", "after"):
-            ms += [Method("gamma", b, sc, ema=ema_gamma, shape=shape, update=upd) for b in bs]
-    if paper_b_batch:
-        ms += [Method(x, paper_b_batch, scales[0]) for x in ("clip+fs", "clip+bb", "clip+gc")]
-    return ms
-
-
-def sweep_plan(batch: int, emas, shapes, scale: str) -> list[Method]:
-    ms = [Method("clip", batch, scale)]
-    for e in emas:
-        ms.append(Method("sogclr", batch, scale, ema=e, update="before"))
-        ms += [Method("gamma", batch, scale, ema=e, shape=a, update="before") for a in shapes]
-    return ms
-
-
-def onepass_plan(batch: int, ema: float, scale: str) -> list[Method]:
-    return [
-        Method("sogclr", batch, scale, ema=ema, update="before"),
-        Method("sogclr", batch, scale, ema=ema, update="after"),
-        Method("sogclr", batch, scale, ema=0.1, update="after"),
-        Method("sogclr", batch, scale, ema=ema, update="after", clamp=-math.log(ema) + 1e-3),
-        Method("oracle", batch, scale, shape=1e6, refresh=1),
-        Method("oracle", batch, scale, shape=1e6, refresh=batch and 1347 // batch),
-        Method("sogclr", batch, scale, ema=ema, update="after", drift=True),
-    ]
-
-
-# ---------------------------------------------------------------------------------------------
 # reporting
 # ---------------------------------------------------------------------------------------------
 
 
 def _run_task(task) -> tuple[list[dict], list | None, float]:
     """One (method, seed) run in a worker process: (rows, diagnostics, wall seconds)."""
-    m, seed, epochs, eval_every, backend, want_diag, threads = task
+    m, seed, epochs, eval_every, backend, want_diag, threads, validation = task
     torch.set_num_threads(threads)
     diag: list | None = [] if want_diag else None
     t1 = time.perf_counter()
     rows = run_one(
         m,
         seed,
-        _DATA or load_pairs(),
+        _DATA or load_pairs(validation=validation),
         epochs=epochs,
         eval_every=eval_every,
         backend=backend,
@@ -479,18 +404,30 @@ def _run_task(task) -> tuple[list[dict], list | None, float]:
 _DATA = None  # the data set of a worker process (loaded once per worker)
 
 
-def _init_worker() -> None:
+def _init_worker(validation: int = 0) -> None:
     global _DATA
-    _DATA = load_pairs()
+    _DATA = load_pairs(validation=validation)
 
 
 def run_plan(
-    plan, seeds, data, *, epochs, eval_every, backend, diag=None, jobs: int = 1, threads: int = 1
+    plan,
+    seeds,
+    data,
+    *,
+    epochs,
+    eval_every,
+    backend,
+    diag=None,
+    jobs: int = 1,
+    threads: int = 1,
+    validation: int = 0,
 ) -> list[dict]:
     """Every (method, seed) of the plan; `jobs` > 1 runs them in that many worker processes
     (`threads` torch threads each); rows in plan order whatever the finishing order."""
     tasks = [
-        (m, s, epochs, eval_every, backend, diag is not None, threads) for m in plan for s in seeds
+        (m, s, epochs, eval_every, backend, diag is not None, threads, validation)
+        for m in plan
+        for s in seeds
     ]
     results: list = [None] * len(tasks)
     t0 = time.perf_counter()
@@ -516,7 +453,8 @@ def run_plan(
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         ctx = mp.get_context("spawn")  # no fork of a process that holds torch's thread pools
-        with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker) as ex:
+        pool = {"mp_context": ctx, "initializer": _init_worker, "initargs": (validation,)}
+        with ProcessPoolExecutor(jobs, **pool) as ex:
             futs = {ex.submit(_run_task, t): i for i, t in enumerate(tasks)}
             for k, f in enumerate(as_completed(futs), 1):
                 i = futs[f]
@@ -571,6 +509,27 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="CI size: 2 seeds, 4 epochs, few methods")
     p.add_argument("--sweep", action="store_true", help="ema x shape sweep at the smallest batch")
     p.add_argument("--onepass", action="store_true", help="update='after' diagnosis")
+    p.add_argument(
+        "--temperature", action="store_true", help="learnable temperature table (issue 24)"
+    )
+    p.add_argument(
+        "--grid", action="store_true", help="learnable-temperature grid (use with --validation)"
+    )
+    p.add_argument(
+        "--validation",
+        type=int,
+        default=0,
+        help="evaluate on this many pairs carved from the training pairs (not the test pairs)",
+    )
+    p.add_argument("--seed-offset", type=int, default=0, help="seeds start here")
+    p.add_argument("--rhos", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0])
+    p.add_argument("--tau-lrs", type=float, nargs="+", default=[0.003, 0.03])
+    p.add_argument("--rho", type=float, default=1.0, help="rgcl rho (--temperature)")
+    p.add_argument("--rho-individual", type=float, default=1.0)
+    p.add_argument("--tau-lr", type=float, default=0.01)
+    p.add_argument(
+        "--no-individual", action="store_true", help="leave temperature='individual' out"
+    )
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--eval-every", type=int, default=4)
@@ -617,13 +576,22 @@ def main(argv: list[str] | None = None) -> dict:
         args.scales = ["fixed"]
         args.paper_b_batch = 64
         args.emas, args.shapes = [0.1, 0.9], [1.0]
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
     smallest = min(args.batches)
     diag: list | None = None
     if args.sweep:
         plan, name = sweep_plan(smallest, args.emas, args.shapes, args.scales[0]), "sweep"
     elif args.onepass:
         plan, name, diag = onepass_plan(smallest, 0.9, args.scales[0]), "onepass", []
+    elif args.grid:
+        plan = grid_plan(smallest, args.rhos, args.tau_lrs, not args.no_individual)
+        name = "grid"
+    elif args.temperature:
+        ind = not args.no_individual
+        plan = temperature_plan(
+            args.batches, args.rho, args.rho_individual, args.tau_lr, args.epochs, ind
+        )
+        name = "temperature"
     else:
         plan = main_plan(
             args.batches,
@@ -641,7 +609,7 @@ def main(argv: list[str] | None = None) -> dict:
             p.error(f"--only {unknown}: not in this plan; its methods are {names}")
         plan = [m for m in plan if m.name in args.only]
     os.makedirs(args.out, exist_ok=True)
-    data = load_pairs()
+    data = load_pairs(validation=args.validation)
     log(
         f"{name}: {len(plan)} methods x {len(seeds)} seeds, {args.epochs} epochs, train "
         f"{data[0].shape[0]} / test {data[2].shape[0]} pairs, torch threads "
@@ -658,6 +626,7 @@ def main(argv: list[str] | None = None) -> dict:
         diag=diag,
         jobs=args.jobs,
         threads=args.threads,
+        validation=args.validation,
     )
     wall = time.perf_counter() - t0
     table = format_table(rows)

@@ -250,13 +250,22 @@ class OpenClipSogCLRLoss(_OpenClipCall, gammacl.SogCLRLoss):
 
 class IndexRecordingBatchSampler:
     """Wraps a batch sampler; every batch of indices it yields is appended to `loss.pending`
-    (a fresh epoch clears what an interrupted one left)."""
+    (a fresh epoch clears what an interrupted one left). Each pass calls loss.set_epoch(e) (the
+    inner-rate schedule), e counting passes from 0, or from the last set_epoch(e) given here."""
 
     def __init__(self, batch_sampler, loss: _OpenClipCall) -> None:
         self.batch_sampler = batch_sampler
         self.loss = loss
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.batch_sampler, "set_epoch"):
+            self.batch_sampler.set_epoch(epoch)
 
     def __iter__(self):
+        self.loss.set_epoch(self.epoch)
+        self.epoch += 1
         self.loss.pending.clear()
         for batch in self.batch_sampler:
             self.loss.pending.append(torch.as_tensor(list(batch), dtype=torch.int64))

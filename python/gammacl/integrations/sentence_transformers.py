@@ -360,7 +360,8 @@ class GammaMultipleNegativesRankingLoss(_EmbeddingLoss):
 
     def checkpoint_callback(self):
         """A transformers TrainerCallback saving the state into each checkpoint-N folder
-        (on_save). Alone, it restores the state at resume from output_dir/checkpoint-N (the
+        (on_save) and calls the loss's set_epoch(epoch) at each epoch's start (the inner-rate
+        schedule). Alone, it restores the state at resume from output_dir/checkpoint-N (the
         trainer does not tell callbacks which folder it resumes from); attach(trainer) reads it
         from the checkpoint the trainer resumes from."""
         return _state_callback(self)
@@ -438,6 +439,9 @@ def _state_callback(loss: GammaMultipleNegativesRankingLoss):
         def on_save(self, args, state, control, **kwargs):
             if state.is_world_process_zero:
                 loss.save_state(self._dir(args, state))
+
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            loss.gamma.set_epoch(int(state.epoch or 0))  # epochs completed (a float)
 
         def on_train_begin(self, args, state, control, **kwargs):
             restored, self.restored = self.restored, False

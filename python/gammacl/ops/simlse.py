@@ -28,6 +28,20 @@ for their GEMMs (triton, cuda) sum it from the acc-typed W inside their kernels,
 <A, da_raw>_F. `scale` is a 0-d tensor in the accumulation dtype on the features' device;
 statistics and raw gradients are in the accumulation dtype (fp64 for fp64 inputs, else fp32);
 g_row / g_col are contiguous.
+
+Vector scales (one temperature per anchor: `scale` [M] = rs, `col_scale` [N] = cs). The row LSE
+reads l^r_ij = rs_i s_ij and the column LSE l^c_ij = cs_j s_ij, s_ij = <a_i, b_j>: two exponentials
+per entry (the scalar path already takes two shifts, r_i and c_j), one sweep.
+    r_i = LSE_j rs_i s_ij,   c_j = LSE_i cs_j s_ij
+    p^r_ij = exp(rs_i s_ij - r_i),   p^c_ij = exp(cs_j s_ij - c_j)          (0 on excluded entries)
+    W_ij = g_r_i rs_i p^r_ij + g_c_j cs_j p^c_ij          (the scales inside W, not outside)
+    dA = W @ b,   dB = W^T @ a
+    drs_i = g_r_i sum_j p^r_ij s_ij,   dcs_j = g_c_j sum_i p^c_ij s_ij
+(drs_i / g_r_i = E_{p^r_i}[s_i.], the softmax-mean similarity of anchor i.) The backends take
+the vector mode from scale.dim() == 1 and one trailing argument col_scale ([N] when cols, else
+None); their bwd then returns (dA, dB, dscale) with dscale = cat(drs [M], dcs [N or 0]), every
+term summed from the accumulation-dtype weights. Scalar calls pass no col_scale and run the code
+they ran before.
 """
 
 from __future__ import annotations
@@ -60,7 +74,9 @@ def _masked_logits(
     return s
 
 
-def torch_fwd(a, b, scale, offset: int, exclude_pos: bool, cols: bool):
+def torch_fwd(a, b, scale, offset: int, exclude_pos: bool, cols: bool, col_scale=None):
+    if scale.dim() == 1:
+        return _torch_fwd_vec(a, b, scale, col_scale, offset, exclude_pos, cols)
     acc = acc_dtype(a.dtype)
     m, n = a.shape[0], b.shape[0]
     af, bf = a.to(acc), b.to(acc)
@@ -76,8 +92,22 @@ def torch_fwd(a, b, scale, offset: int, exclude_pos: bool, cols: bool):
 
 
 def torch_bwd(
-    a, b, scale, row_lse, col_lse, g_row, g_col, offset: int, exclude_pos: bool, cols: bool
+    a,
+    b,
+    scale,
+    row_lse,
+    col_lse,
+    g_row,
+    g_col,
+    offset: int,
+    exclude_pos: bool,
+    cols: bool,
+    col_scale=None,
 ):
+    if scale.dim() == 1:
+        return _torch_bwd_vec(
+            a, b, scale, col_scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols
+        )
     acc = acc_dtype(a.dtype)
     m, n = a.shape[0], b.shape[0]
     af, bf = a.to(acc), b.to(acc)
@@ -100,15 +130,84 @@ def torch_bwd(
     return da, db, (af * da).sum()
 
 
+def _scaled(s: torch.Tensor, scale: torch.Tensor, diag: int, exclude: bool) -> torch.Tensor:
+    """scale * s (broadcast), excluded diagonal `diag` -inf: one rounding per logit, the same in
+    forward and backward (docs/math.md §3)."""
+    l = s * scale
+    if exclude:
+        l.diagonal(diag).fill_(float("-inf"))
+    return l
+
+
+def _torch_fwd_vec(a, b, rs, cs, offset: int, exclude_pos: bool, cols: bool):
+    """Vector mode: r_i = LSE_j rs_i s_ij, c_j = LSE_i cs_j s_ij (module docstring)."""
+    acc = acc_dtype(a.dtype)
+    m, n = a.shape[0], b.shape[0]
+    af, bf = a.to(acc), b.to(acc)
+    row = torch.empty(m, dtype=acc, device=a.device)
+    col = torch.full((n if cols else 0,), float("-inf"), dtype=acc, device=a.device)
+    step = _chunk_rows(m, n, 4 if acc == torch.float32 else 8)
+    for i0 in range(0, m, step):
+        i1 = min(m, i0 + step)
+        s = torch.mm(af[i0:i1], bf.t())
+        row[i0:i1] = torch.logsumexp(_scaled(s, rs[i0:i1, None], i0 + offset, exclude_pos), 1)
+        if cols:
+            lc = _scaled(s, cs[None, :], i0 + offset, exclude_pos)
+            col = torch.logaddexp(col, torch.logsumexp(lc, dim=0))
+    return row, col
+
+
+def _torch_bwd_vec(a, b, rs, cs, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols):
+    """Vector mode: (dA, dB, cat(drs, dcs)) with the scales inside W (module docstring)."""
+    acc = acc_dtype(a.dtype)
+    m, n = a.shape[0], b.shape[0]
+    af, bf = a.to(acc), b.to(acc)
+    da = torch.empty(m, a.shape[1], dtype=acc, device=a.device)
+    db = torch.zeros(n, b.shape[1], dtype=acc, device=a.device)
+    drs = torch.empty(m, dtype=acc, device=a.device)
+    dcs = torch.zeros(n if cols else 0, dtype=acc, device=a.device)
+    gc_cs = (g_col * cs)[None, :] if cols else None
+    step = _chunk_rows(m, n, 4 if acc == torch.float32 else 8)
+    for i0 in range(0, m, step):
+        i1 = min(m, i0 + step)
+        k = i0 + offset
+        s = torch.mm(af[i0:i1], bf.t())
+        # three chunk buffers: s, p^r (turned into W in place) and p^c
+        w = _scaled(s, rs[i0:i1, None], k, exclude_pos).sub_(row_lse[i0:i1, None]).exp_()
+        if exclude_pos:  # exp(-inf - (-inf)) on an all-excluded row would be nan
+            w.diagonal(k).zero_()
+        drs[i0:i1] = g_row[i0:i1] * torch.einsum("ij,ij->i", w, s)
+        w.mul_((g_row[i0:i1] * rs[i0:i1])[:, None])
+        if cols:
+            pc = _scaled(s, cs[None, :], k, exclude_pos).sub_(col_lse[None, :]).exp_()
+            if exclude_pos:
+                pc.diagonal(k).zero_()
+            dcs.add_(torch.einsum("ij,ij->j", pc, s))
+            w.add_(pc.mul_(gc_cs))
+            del pc
+        da[i0:i1] = torch.mm(w, bf)
+        db.addmm_(w.t(), af[i0:i1])
+    return da, db, torch.cat([drs, dcs * g_col]) if cols else drs
+
+
 def _reference_impls():
     from gammacl.reference.simlse import simlse as ref_fwd
     from gammacl.reference.simlse import simlse_backward as ref_bwd
 
-    def fwd(a, b, scale, offset, exclude_pos, cols):
-        return ref_fwd(a, b, scale, offset=offset, exclude_pos=exclude_pos, cols=cols, upcast=False)
+    def fwd(a, b, scale, offset, exclude_pos, cols, col_scale=None):
+        return ref_fwd(
+            a,
+            b,
+            scale,
+            offset=offset,
+            exclude_pos=exclude_pos,
+            cols=cols,
+            upcast=False,
+            col_scale=col_scale,
+        )
 
-    def bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols):
-        da, db = ref_bwd(
+    def bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols, col_scale=None):
+        out = ref_bwd(
             a,
             b,
             scale,
@@ -120,7 +219,11 @@ def _reference_impls():
             exclude_pos=exclude_pos,
             cols=cols,
             upcast=False,
+            col_scale=col_scale,
         )
+        if scale.dim() == 1:
+            return out
+        da, db = out
         return da, db, (a * da).sum()
 
     return fwd, bwd
@@ -149,6 +252,37 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _check_scales(a, b, scale, col_scale, cols: bool):
+    """Metadata checks of the scale arguments (no host sync); the col_scale the backends see
+    (None unless vector mode with cols)."""
+    acc = acc_dtype(a.dtype)
+    if scale.dim() == 0:
+        if col_scale is not None:
+            raise ValueError(
+                "simlse: col_scale needs a vector scale of shape [M] (per-row scales), got a 0-d "
+                f"scale and col_scale of shape {tuple(col_scale.shape)}"
+            )
+        return None
+    m, n = a.shape[0], b.shape[0]
+    vecs = (("scale", scale, m), ("col_scale", col_scale, n)) if cols else (("scale", scale, m),)
+    for name, v, k in vecs:
+        if v is None:
+            raise ValueError(
+                f"simlse: a vector scale with cols=True needs col_scale of shape [{n}]"
+            )
+        if tuple(v.shape) != (k,):
+            raise ValueError(
+                f"simlse: {name} must be 0-d or have shape [{k}] for a [{m}, D] x [{n}, D] op, got "
+                f"shape {tuple(v.shape)}"
+            )
+        if v.dtype != acc or v.device != a.device:
+            raise ValueError(
+                f"simlse: {name} must be {acc} on {a.device} (the accumulation dtype of "
+                f"{a.dtype} features), got {v.dtype} on {v.device}"
+            )
+    return col_scale.contiguous() if cols else None
+
+
 # The op is a torch.library custom op so torch.compile(fullgraph=True) sees one opaque node (no
 # graph break) and opcheck can test its schema, fake (meta) function and autograd registration.
 @torch.library.custom_op("gammacl::simlse", mutates_args=())
@@ -160,21 +294,29 @@ def simlse(
     exclude_pos: bool = False,
     cols: bool = True,
     backend: str = "torch",
+    col_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row_lse [M], col_lse [N] or [0]) of scale * a @ b.T (module docstring), differentiable to
-    a, b and the 0-d scale (a 0-d accumulation-dtype tensor, gammacl._validate.as_scale).
-    `backend` is a concrete name (the losses resolve it once at their public boundary); inputs
-    are validated there too. Autocast is off inside: statistics stay in the accumulation dtype."""
+    """(row_lse [M], col_lse [N] or [0]) of the scaled a @ b.T (module docstring),
+    differentiable to a, b and the scales. `scale`: 0-d (one scale t for every entry, the
+    accumulation dtype, gammacl._validate.as_scale), or [M] per-row scales rs for the row LSE;
+    then `col_scale` [N] holds the per-column scales cs of the column LSE (needed when cols,
+    ignored otherwise). Vector scales are accumulation-dtype tensors on the features' device.
+    `backend` is a concrete name (the losses resolve it once at their public boundary); the
+    features are validated there too. Autocast is off inside: statistics stay in the
+    accumulation dtype."""
     fwd, _ = _backend_impl(backend, a.device)
+    a, b = _last_dim_contiguous(a), _last_dim_contiguous(b)
     with torch.autocast(a.device.type, enabled=False):
-        return fwd(
-            _last_dim_contiguous(a), _last_dim_contiguous(b), scale, offset, exclude_pos, cols
-        )
+        if scale.dim() == 0 and col_scale is None:
+            return fwd(a, b, scale, offset, exclude_pos, cols)
+        cs = _check_scales(a, b, scale, col_scale, cols)
+        return fwd(a, b, scale.contiguous(), offset, exclude_pos, cols, cs)
 
 
 @simlse.register_fake
-def _(a, b, scale, offset=0, exclude_pos=False, cols=True, backend="torch"):
+def _(a, b, scale, offset=0, exclude_pos=False, cols=True, backend="torch", col_scale=None):
     acc = acc_dtype(a.dtype)
+    _check_scales(a, b, scale, col_scale, cols)
     return a.new_empty(a.shape[0], dtype=acc), a.new_empty(b.shape[0] if cols else 0, dtype=acc)
 
 
@@ -191,36 +333,45 @@ def _simlse_backward_op(
     exclude_pos: bool,
     cols: bool,
     backend: str,
+    col_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(da_raw, db_raw, dscale_raw = sum_ij W_ij <a_i, b_j>): the backend's bwd (module
-    docstring)."""
+    """The backend's bwd (module docstring): (da_raw, db_raw, dscale_raw = sum_ij W_ij
+    <a_i, b_j>) with a 0-d scale; (dA, dB, cat(drs, dcs)) with vector scales (col_scale given
+    when cols)."""
     _, bwd = _backend_impl(backend, a.device)
     a, b = _last_dim_contiguous(a), _last_dim_contiguous(b)
+    args = (a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols)
     with torch.autocast(a.device.type, enabled=False):
-        return bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols)
+        return bwd(*args) if scale.dim() == 0 else bwd(*args, col_scale)
 
 
 @_simlse_backward_op.register_fake
-def _(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols, backend):
+def _(
+    a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols, backend, col_scale=None
+):
     acc = acc_dtype(a.dtype)
+    ds = () if scale.dim() == 0 else (a.shape[0] + (b.shape[0] if cols else 0),)
     return (
         a.new_empty(a.shape, dtype=acc),
         b.new_empty(b.shape, dtype=acc),
-        a.new_empty((), dtype=acc),
+        a.new_empty(ds, dtype=acc),
     )
 
 
 def _setup_context(ctx, inputs, output):
     # arguments equal to their schema default may arrive stripped
     a, b, scale, *rest = inputs
-    offset, exclude_pos, cols, backend = (*rest, *(0, False, True, "torch")[len(rest) :])
+    offset, exclude_pos, cols, backend, col_scale = (
+        *rest,
+        *(0, False, True, "torch", None)[len(rest) :],
+    )
     row, col = output
-    ctx.save_for_backward(a, b, scale, row, col)
+    ctx.save_for_backward(a, b, scale, row, col, col_scale if cols else None)
     ctx.args = (offset, exclude_pos, cols, backend)
 
 
 def _backward(ctx, g_row, g_col):
-    a, b, scale, row, col = ctx.saved_tensors
+    a, b, scale, row, col, col_scale = ctx.saved_tensors
     offset, exclude_pos, cols, backend = ctx.args
     acc = row.dtype
     g_row = torch.zeros_like(row) if g_row is None else g_row.to(acc).contiguous()
@@ -228,14 +379,43 @@ def _backward(ctx, g_row, g_col):
         g_col = torch.zeros_like(col) if g_col is None else g_col.to(acc).contiguous()
     else:
         g_col = row.new_zeros(0)
-    da_raw, db_raw, ds_raw = _simlse_backward_op(
-        a, b, scale, row, col, g_row, g_col, offset, exclude_pos, cols, backend
-    )
     need_a, need_b, need_s = ctx.needs_input_grad[:3]
-    da = (da_raw * scale).to(a.dtype) if need_a else None
-    db = (db_raw * scale).to(b.dtype) if need_b else None
-    ds = ds_raw if need_s else None
-    return da, db, ds, None, None, None, None
+    if scale.dim() == 0:
+        da_raw, db_raw, ds_raw = _simlse_backward_op(
+            a, b, scale, row, col, g_row, g_col, offset, exclude_pos, cols, backend
+        )
+        da = (da_raw * scale).to(a.dtype) if need_a else None
+        db = (db_raw * scale).to(b.dtype) if need_b else None
+        ds = ds_raw if need_s else None
+        return da, db, ds, None, None, None, None, None
+    # vector scales: the backend's dA, dB carry the scales inside W (module docstring)
+    da, db, ds_raw = _simlse_backward_op(
+        a,
+        b,
+        scale.contiguous(),
+        row,
+        col,
+        g_row,
+        g_col,
+        offset,
+        exclude_pos,
+        cols,
+        backend,
+        col_scale.contiguous() if cols else None,
+    )
+    m = a.shape[0]
+    ds = ds_raw[:m] if need_s else None
+    dcs = ds_raw[m:] if cols and ctx.needs_input_grad[7] else None
+    return (
+        da.to(a.dtype) if need_a else None,
+        db.to(b.dtype) if need_b else None,
+        ds,
+        None,
+        None,
+        None,
+        None,
+        dcs,
+    )
 
 
 simlse.register_autograd(_backward, setup_context=_setup_context)
