@@ -325,31 +325,14 @@ def _register_fake(op: str, fn: Callable[..., Any]) -> None:
 
 
 def _register_fakes() -> None:
-    """Shape/dtype-only kernels for FakeTensor / torch.compile / opcheck (once per process)."""
+    """Shape/dtype-only kernels for FakeTensor / torch.compile / opcheck (once per process): the
+    ones compiled_fake recorded beside the op contracts (the ops modules are imported with
+    gammacl, before any library loads)."""
     global _FAKES_REGISTERED
     if _FAKES_REGISTERED:
         return
 
-    def acc(t: torch.Tensor) -> torch.dtype:
-        return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-    def simlse_fwd_fake(a, b, scale, offset, exclude_pos, cols, col_scale=None):
-        n = b.shape[0] if cols else 0
-        return a.new_empty((a.shape[0],), dtype=acc(a)), a.new_empty((n,), dtype=acc(a))
-
-    def simlse_bwd_fake(
-        a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols, col_scale=None
-    ):
-        da, db = a.new_empty(a.shape, dtype=acc(a)), b.new_empty(b.shape, dtype=acc(a))
-        # vector scales (scale [M]): cat(drs [M], dcs [N or 0]), gammacl.ops.simlse
-        ds = () if scale.dim() == 0 else (a.shape[0] + (b.shape[0] if cols else 0),)
-        return da, db, a.new_empty(ds, dtype=acc(a))
-
-    for op, fn in (
-        ("gammacl::simlse_fwd", simlse_fwd_fake),
-        ("gammacl::simlse_bwd", simlse_bwd_fake),
-        *_FAKES.items(),
-    ):
+    for op, fn in _FAKES.items():
         _register_fake(op, fn)
     _FAKES_REGISTERED = True
 
