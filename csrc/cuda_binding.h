@@ -23,7 +23,7 @@
 
 namespace gammacl {
 
-// GAMMACL_CUDA_CHUNK_MIB default: predicted, not measured (bench/NOTES.md, "Large-D paths"). Per
+// GAMMACL_CUDA_CHUNK_MIB default (its status: bench/NOTES.md, "Large-D paths"). Per
 // chunk of R rows the dB GEMM (beta = 1 on an fp32 N x D output) does 2R FLOPs per 8 B of output
 // read + write, R/4 FLOP/B; it is compute-bound above the ridge: R > ~1180 on an H100 (295
 // FLOP/B), > ~825 on an H200 (206). At N = 65536 (fp32 S + bf16 W, 6 B per entry) 256 MiB gives

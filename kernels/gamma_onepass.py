@@ -25,15 +25,15 @@ column tiles. Per tile:
     FLOPs: 6MND in all (3 GEMM-equivalents; the two-pass LSE + gradient path costs 8MND).
     Bytes: a read ~3x per column tile from L2, b likewise per row block; dA RMW 8*BM*D per tile
     (L2); dB atomics 4*BN*D per tile, i.e. (M/BM)*N*D fp32 atomic adds in all (one per 2*BM
-    GEMM FLOPs); O(M + N) statistics; never an M x N buffer. Whether the dB atomics keep this at
-    the GEMM floor on a GPU is not measured (a wider row panel per program would cut them).
+    GEMM FLOPs); O(M + N) statistics; never an M x N buffer. A wider row panel per program
+    (larger BM) cuts the dB atomics as 1/BM.
 Atomics make col_term and dB sums run-to-run order dependent at fp32 rounding level on
 GPU (the interpreter runs programs in order). Determinism: under
 torch.use_deterministic_algorithms(True) gamma_onepass_fwd launches the kernel twice with
 COLS=False (no atomics): once on (a, b) for the row outputs and dA, once on the transposed
 problem (b, a, alpha_col, alpha_row, w_col, w_row, -offset), whose row outputs are the column
 outputs and whose dA is dB. Every sum then runs in a fixed order (bitwise reproducible), for
-8MND FLOPs instead of 6MND (S is formed twice). Not measured on GPU.
+8MND FLOPs instead of 6MND (S is formed twice).
 
 Numerics: excluded / out-of-range entries are -inf before any exp (weight exactly 0); a running
 max of -inf is replaced by 0 as the shift, so an all-excluded row has LSE -inf and term 0.
@@ -48,7 +48,7 @@ Large D (fp32 / bf16 with tiles.use_large_d): `_gamma_onepass_tile_kernel` per [
 S writes the tile's partial LSEs and terms and its block of W to a [R, N] buffer, then
 dA_c = W @ B and dB += W^T @ A_c run as two GEMMs: 3 GEMMs (6MND) in all, no atomics (every
 sum in a fixed order, so this path is deterministic in either mode).
-Config: one fixed config per dtype (_config); GPU choices are not measured. Under the
+Config: one fixed config per dtype (_config). Under the
 interpreter (a test harness) bf16 tiles are upcast before tl.dot, as in kernels/simlse.py.
 """
 
@@ -236,7 +236,7 @@ def _gamma_onepass_fwd_kernel(
 
 def _config(dtype: torch.dtype, d: int) -> dict:
     """Fixed launch config. BLOCK_M, BLOCK_N, BLOCK_D >= 16 (tl.dot needs K >= 16 on H100: the
-    S product has K = BLOCK_D, dA has K = BLOCK_N, dB has K = BLOCK_M). Not measured on GPU."""
+    S product has K = BLOCK_D, dA has K = BLOCK_N, dB has K = BLOCK_M)."""
     p2 = max(16, triton.next_power_of_2(max(d, 1)))
     if interpreter_on():  # ~1-2 ms per program x loop trip: small tiles still give several trips
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=min(p2, 32), num_warps=4, num_stages=1)
@@ -464,7 +464,7 @@ def _tile_config(dtype: torch.dtype) -> dict:
     128 x 64 tiles, 8 warps. The epilogue (4 exponentials, 4 partial vectors and W) of a
     128 x 128 tile needs more than 255 registers at 8 warps (sm_90 AOT: 252 registers + 12 B
     spilled; 16 warps cap at 128 registers and spill 84 B); 128 x 64 compiles to 140 registers,
-    no spills, 72 KiB shared memory. Not measured on GPU."""
+    no spills, 72 KiB shared memory."""
     cfg = _simlse_tile_config(dtype)
     if not interpreter_on() and dtype in (torch.float16, torch.bfloat16):
         cfg = dict(cfg, BLOCK_N=64)

@@ -31,14 +31,14 @@ Two structures, chosen by D (_use_chunked: D > 128 for 16-bit inputs, D > 64 for
        outputs accumulated in registers, transposes by strides                    4RND FLOPs
    6MND FLOPs in all. Bytes beyond the inputs: W written once (2 B per entry for 16-bit
    inputs) and read by the two GEMMs as ordinary operand streams (compute-bound: K = N for dA,
-   K = R for dB), and dB (fp32, N x D) read-modify-written once per chunk. bench/NOTES.md has
-   the prediction at N = 65536, D = 1024 (not measured). Deterministic (no atomics).
+   K = R for dB), and dB (fp32, N x D) read-modify-written once per chunk. Deterministic (no
+   atomics).
 
 fp16 operands: W is stored as W * 2^14 (exact power of two; |W| <= 1 so it stays <= 16384, and
 the negatives' sigmoid(l) ~ 4.5e-5 at bias -10, subnormal in fp16, becomes a normal number);
 the launchers multiply the fp32 GEMM results by 2^-14 (exact). bf16 / fp32 / fp64 hold W
 unscaled. Under the interpreter (a test harness) bf16 tiles are upcast before tl.dot.
-Config: one fixed config per dtype; GPU choices are not measured.
+Config: one fixed config per dtype.
 """
 
 from __future__ import annotations
@@ -249,7 +249,7 @@ def _use_chunked(dtype: torch.dtype, d: int) -> bool:
 
 
 def _onepass_config(dtype: torch.dtype, d: int) -> dict:
-    """BLOCK_* >= 16 (tl.dot K >= 16 on H100). Not measured on GPU."""
+    """BLOCK_* >= 16 (tl.dot K >= 16 on H100)."""
     p2 = max(16, triton.next_power_of_2(max(d, 1)))
     if interpreter_on():  # few programs x loop trips, still several of each
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=min(p2, 32), num_warps=4, num_stages=1)
@@ -264,7 +264,7 @@ def _onepass_config(dtype: torch.dtype, d: int) -> dict:
 
 def _tile_config(dtype: torch.dtype) -> dict:
     """Tiles of the chunked path's weights and GEMM kernels (BLOCK_D is the weights kernel's K
-    chunk, BLOCK_K the GEMM's). Not measured on GPU."""
+    chunk, BLOCK_K the GEMM's)."""
     if interpreter_on():
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
     if dtype in (torch.float16, torch.bfloat16):

@@ -445,8 +445,7 @@ def _config(kind: str, dtype: torch.dtype, d: int, vec: bool = False) -> dict:
     """The fixed launch config for kernel `kind` ("fwd" or "bwd"), input dtype and D.
 
     BLOCK_D >= 16 always (tl.dot needs K >= 16 on H100; D is padded with masked zeros). D up to
-    BLOCK_D is one chunk held in registers; larger D loops in BLOCK_D chunks. GPU choices are
-    not measured yet."""
+    BLOCK_D is one chunk held in registers; larger D loops in BLOCK_D chunks."""
     p2 = max(16, triton.next_power_of_2(max(d, 1)))
     if interpreter_on():
         # few programs x loop trips (~1-2 ms each); D > 32 exercises the chunked path
@@ -590,13 +589,12 @@ def simlse_bwd(
     exclude_pos: bool,
     cols: bool,
     col_scale: torch.Tensor | None = None,
-    dscale: bool = False,
-) -> tuple[torch.Tensor, ...]:
-    """(da_raw, db_raw) = (W @ b, W^T @ a), W_ij = g_row_i exp(l_ij - row_lse_i)
-    + [cols] g_col_j exp(l_ij - col_lse_j), 0 on excluded entries; acc dtype. With dscale,
-    also dscale_raw = sum_ij W_ij <a_i, b_j> (0-d) from the unrounded W.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(da_raw, db_raw, dscale_raw) = (W @ b, W^T @ a, sum_ij W_ij <a_i, b_j>), W_ij =
+    g_row_i exp(l_ij - row_lse_i) + [cols] g_col_j exp(l_ij - col_lse_j), 0 on excluded
+    entries; acc dtype; dscale_raw (0-d) from the unrounded W.
     Vector scales (scale [M], col_scale [N] when cols): (dA, dB, cat(drs, dcs)) with the scales
-    inside W (gammacl.ops.simlse), whatever dscale says."""
+    inside W (gammacl.ops.simlse)."""
     vec = _check_features(a, b, scale, col_scale, cols)
     offset, exclude_pos, cols = int(offset), bool(exclude_pos), bool(cols)
     m, d = a.shape
@@ -610,8 +608,8 @@ def simlse_bwd(
     da = torch.empty(m, d, dtype=acc, device=dev)
     db = torch.empty(n, d, dtype=acc, device=dev)
     if m == 0 or n == 0:
-        zero = (torch.zeros((), dtype=acc, device=dev),) if dscale else ()
-        return da.zero_(), db.zero_(), *zero
+        ds = torch.zeros(m + (n if cols else 0) if vec else (), dtype=acc, device=dev)
+        return da.zero_(), db.zero_(), ds
     flags = _flags(a.dtype)
     ds_part = None
     # fp16 only (5-bit exponent): W rows scaled by powers of two sigma_i (fp16_row_scale; bf16
@@ -628,7 +626,7 @@ def simlse_bwd(
                 a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols, sigma,
                 da, db, ds, col_scale=cs,
             )  # fmt: skip
-            return (da, db, ds) if dscale or vec else (da, db)
+            return da, db, ds
         if vec:  # rows of a write drs = ds[:m], rows of b dcs = ds[m:]
             ds_vec = torch.empty(m + (n if cols else 0), dtype=acc, device=dev)
         # da_raw = W @ b over row blocks of a; db_raw = W^T @ a over row blocks of b, where W^T
@@ -640,7 +638,7 @@ def simlse_bwd(
             kw = {} if _AUTOTUNE else _config("bwd", x.dtype, d, vec)
             rows = x.shape[0]
             grid = lambda meta, rows=rows: (triton.cdiv(rows, meta["BLOCK_M"]),)  # noqa: E731
-            has_ds = dscale and not trans  # the da launch alone covers every (i, j)
+            has_ds = not trans  # the da launch alone covers every (i, j)
             if g_norm:  # vector scales: W carries g * scale
                 gx = g_x * s_x if vec and has_x else g_x
                 gy = g_y * s_y if vec and has_y else g_y
@@ -687,6 +685,4 @@ def simlse_bwd(
                 out.div_(sigma[:, None])  # exact: sigma is a power of two
     if vec:
         return da, db, ds_vec
-    if dscale:
-        return da, db, ds_part.sum()
-    return da, db
+    return da, db, ds_part.sum()

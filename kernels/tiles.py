@@ -335,7 +335,7 @@ def _gemm_kernel(
 
 
 def gemm_config(dtype: torch.dtype) -> dict:
-    """Fixed config of _gemm_kernel (GPU timings not measured; chosen from the compiled facts,
+    """Fixed config of _gemm_kernel (chosen from the compiled facts,
     `python -m gammacl.aot`, sm_90, triton 3.6.0 and 3.9). 16-bit: 64 x 128 x 64 tiles, 4 warps
     (one warpgroup), 3 stages = (64*64 + 64*128)*2 B*3 = 72 KiB shared memory; 118-126 registers
     (184 with ACCUM) -> 3 CTAs per SM (2 with ACCUM), wgmma async. The 128 x 128 x 64 / 8-warp

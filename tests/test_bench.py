@@ -532,3 +532,23 @@ def test_gradient_in_forward_rows_and_summary_first(tmp_path, capsys):
     assert out[2].startswith("  gamma_onepass N=64") and "vs naive" in out[2]
     assert out[3].startswith("  siglip N=64") and "no open_clip_siglip row" in out[3]
     assert out[4] == ""
+
+
+def test_geometric_consistency_forms_and_gram_yardstick(tmp_path):
+    """The registered geometric-consistency family (Gram form with the augmented pair, the
+    materialised pairwise forms) checks against the float64 pairwise reference; the gemm_gram
+    yardstick goes with it and counts one [D, N] @ [N, D] GEMM."""
+    pytest.importorskip("gammacl.modality")
+    forms = ",".join("geometric_consistency_" + f for f in ("aug", "pairwise", "pairwise_aug"))
+    rc, js, _ = _run(tmp_path, "--n", "48,64", *FAST, "--loss", forms, "--impl",
+                     "gammacl,gemm_gram", "--mode", "fwd+bwd")  # fmt: skip
+    assert rc == 0
+    by = {(r["impl"], r["loss"], r["N"]): r for r in js["rows"]}
+    assert {k[1] for k in by} == set(forms.split(",")) | {"floor_gram"}
+    for r in by.values():
+        assert r["status"] == "ok", r
+    for c in js["checks"]:
+        if c["label"].startswith("gammacl/"):
+            assert c["check"] == "ok" and c["abs_diff"] <= 1e-4 * (1 + abs(c["reference"])), c
+    assert by[("gemm_gram", "floor_gram", 64)]["flops"] == 2 * 64 * 16**2
+    assert by[("gammacl", "geometric_consistency_aug", 48)]["flops"] == 34 * 48 * 16**2

@@ -125,7 +125,8 @@ def test_triton_int64_row_offsets(triton_device):
     g_col = torch.randn(n, device=dev) / n
     gr = K.simlse_bwd(a, b, s, *out, g_row, g_col, 0, True, True)
     gr_c = K.simlse_bwd(a.contiguous(), b.contiguous(), s, *out_c, g_row, g_col, 0, True, True)
-    for nm, x, y in zip(("row", "col", "da", "db"), (*out, *gr), (*out_c, *gr_c), strict=True):
+    names = ("row", "col", "da", "db", "dscale")
+    for nm, x, y in zip(names, (*out, *gr), (*out_c, *gr_c), strict=True):
         assert torch.equal(x, y), f"{nm}: max diff {float((x - y).abs().max()):.3e}"
     assert torch.isfinite(out[0]).all() and float(gr[0].abs().max()) > 0
 

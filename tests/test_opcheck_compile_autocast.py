@@ -130,10 +130,17 @@ def test_opcheck_cpp_gamma_onepass_and_draw():
     if not ok:
         pytest.skip(f"C++ extension unavailable: {why}")
     ops = _ext.load()
-    a, b = torch.randn(6, 16, dtype=torch.float64), torch.randn(6, 16, dtype=torch.float64)
+    # M != N: the fakes beside the op contracts (ops/gamma_onepass.py, ops/siglip.py) must not
+    # swap the row and column shapes
+    a, b = torch.randn(6, 16, dtype=torch.float64), torch.randn(5, 16, dtype=torch.float64)
     s = torch.tensor(3.0, dtype=torch.float64)
-    ar, ac = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    ar, ac = torch.randn(6, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    bias = torch.tensor(-1.0, dtype=torch.float64)
     for grad in (True, False):
         torch.library.opcheck(
             ops.gamma_onepass_fwd.default, (a, b, s, ar, ac, 0.5, 0.5, 30.0, 0, grad)
         )
+        for x in (a, a.float()):
+            torch.library.opcheck(
+                ops.siglip_fwd.default, (x, b.to(x.dtype), s.to(x.dtype), bias.to(x.dtype), 0, grad)
+            )

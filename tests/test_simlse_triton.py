@@ -155,7 +155,7 @@ def test_all_excluded_row_is_minus_inf_with_zero_grad():
         s1 = s.detach().clone().requires_grad_()
         row1, col1 = simlse(a1, b1, s1, exclude_pos=True, backend="triton")
         assert float(row1.detach()) == float("-inf") and float(col1.detach()) == float("-inf")
-        da, db = K.simlse_bwd(
+        da, db, ds = K.simlse_bwd(
             a1.detach(),
             b1.detach(),
             s1.detach(),
@@ -169,6 +169,7 @@ def test_all_excluded_row_is_minus_inf_with_zero_grad():
         )
         assert float(da.abs().max()) == 0.0 and float(db.abs().max()) == 0.0
         assert not torch.isnan(da).any() and not torch.isnan(db).any()
+        assert ds.shape == () and float(ds) == 0.0
 
 
 def test_strided_rows_match_contiguous():

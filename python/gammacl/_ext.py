@@ -20,8 +20,10 @@ another device type through an op library with the same schemas (tests/cuda_emu 
 CPU emulation of csrc's CUDA code this way); `op(name, cuda)` is how the ops call a compiled
 kernel, picking the library from the tensors' device at call time.
 
-Fake (meta) kernels of the ops are registered here in Python (torch.library.register_fake), so
-torch.compile and torch.library.opcheck can trace them with symbolic shapes.
+Fake (meta) kernels of the compiled ops are written beside their op contracts
+(gammacl/ops/<op>.py) with the decorator `compiled_fake("gammacl::<name>")`; they are registered
+(torch.library.register_fake) when the CPU library loads, so torch.compile and
+torch.library.opcheck can trace them with symbolic shapes.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ _LOCK = threading.RLock()
 _STATE: dict[bool, tuple[bool, str]] = {}
 _BUILT: dict[bool, str] = {}
 _FAKES_REGISTERED = False
+_FAKES: dict[str, Callable[..., Any]] = {}  # compiled op name -> its fake (compiled_fake)
 # device type -> loader of an op library standing in for the CUDA library on that device type
 _CUDA_PROVIDERS: dict[str, Callable[[], Any]] = {}
 
@@ -300,54 +303,37 @@ def _build_once(cuda: bool) -> str:
         return path
 
 
+def compiled_fake(op: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: `fn` is the fake (shape/dtype-only) kernel of compiled op `op`, registered when
+    the CPU library loads (at once if it is loaded already)."""
+
+    def record(fn: Callable[..., Any]) -> Callable[..., Any]:
+        _FAKES[op] = fn
+        if _FAKES_REGISTERED:
+            _register_fake(op, fn)
+        return fn
+
+    return record
+
+
+def _register_fake(op: str, fn: Callable[..., Any]) -> None:
+    try:
+        torch.library.register_fake(op, fn)
+    except RuntimeError as exc:  # registered elsewhere already: keep that one
+        if "already" not in str(exc):
+            raise
+
+
 def _register_fakes() -> None:
-    """Shape/dtype-only kernels for FakeTensor / torch.compile / opcheck (once per process)."""
+    """Shape/dtype-only kernels for FakeTensor / torch.compile / opcheck (once per process): the
+    ones compiled_fake recorded beside the op contracts (the ops modules are imported with
+    gammacl, before any library loads)."""
     global _FAKES_REGISTERED
     if _FAKES_REGISTERED:
         return
 
-    def acc(t: torch.Tensor) -> torch.dtype:
-        return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-    def simlse_fwd_fake(a, b, scale, offset, exclude_pos, cols, col_scale=None):
-        n = b.shape[0] if cols else 0
-        return a.new_empty((a.shape[0],), dtype=acc(a)), a.new_empty((n,), dtype=acc(a))
-
-    def simlse_bwd_fake(
-        a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols, col_scale=None
-    ):
-        da, db = a.new_empty(a.shape, dtype=acc(a)), b.new_empty(b.shape, dtype=acc(a))
-        # vector scales (scale [M]): cat(drs [M], dcs [N or 0]), gammacl.ops.simlse
-        ds = () if scale.dim() == 0 else (a.shape[0] + (b.shape[0] if cols else 0),)
-        return da, db, a.new_empty(ds, dtype=acc(a))
-
-    def gamma_onepass_fwd_fake(
-        a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offset, grad
-    ):
-        m, n, d = a.shape[0], b.shape[0], a.shape[1]
-        v = lambda k: a.new_empty((k,), dtype=acc(a))
-        da = a.new_empty((m if grad else 0, d), dtype=acc(a))
-        db = a.new_empty((n if grad else 0, d), dtype=acc(a))
-        return v(m), v(n), v(m), v(n), da, db
-
-    def siglip_fwd_fake(a, b, scale, bias, offset, grad):
-        m, n, d = a.shape[0], b.shape[0], a.shape[1]
-        v = a.new_empty((m,), dtype=acc(a))
-        da = a.new_empty((m if grad else 0, d), dtype=acc(a))
-        db = a.new_empty((n if grad else 0, d), dtype=acc(a))
-        return v, v.new_empty((m,)), da, db
-
-    for op, fn in (
-        ("gammacl::simlse_fwd", simlse_fwd_fake),
-        ("gammacl::simlse_bwd", simlse_bwd_fake),
-        ("gammacl::gamma_onepass_fwd", gamma_onepass_fwd_fake),
-        ("gammacl::siglip_fwd", siglip_fwd_fake),
-    ):
-        try:
-            torch.library.register_fake(op, fn)
-        except RuntimeError as exc:  # registered elsewhere already: keep that one
-            if "already" not in str(exc):
-                raise
+    for op, fn in _FAKES.items():
+        _register_fake(op, fn)
     _FAKES_REGISTERED = True
 
 

@@ -42,13 +42,7 @@ from gammacl.measure import (
 from gammacl.measure.registry import Impl
 
 COLUMNS = (
-    "impl",
-    "loss",
-    "backend",
-    "N",
-    "D",
-    "dtype",
-    "mode",
+    *cli.CASE_COLUMNS,
     "status",
     "error",
     "time_ms_min",
@@ -110,12 +104,7 @@ def _defaults(args: argparse.Namespace, device: torch.device) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m gammacl.bench",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    cli.add_common_args(p, default_name="bench")
+    p = cli.parser("bench", __doc__)
     p.add_argument("--mode", default="fwd,bwd,fwd+bwd", help="comma list of fwd,bwd,fwd+bwd")
     p.add_argument(
         "--min-time",
@@ -170,15 +159,8 @@ def _row_base(
 ) -> dict[str, Any]:
     fl, formula = impl.flops(n, d, mode)
     exp, _ = impl.expected(n, d, dtype, mode)
-    row: dict[str, Any] = dict.fromkeys(COLUMNS)
+    row = cli.case_row(COLUMNS, impl, n, d, dtype, mode)
     row.update(
-        impl=impl.impl,
-        loss=impl.loss,
-        backend=impl.backend,
-        N=n,
-        D=d,
-        dtype=cli.dtype_name(dtype),
-        mode=mode,
         flops=fl,
         flop_formula=formula,
         expected_extra_mib=None if exp is None else exp / cli.MIB,

@@ -8,8 +8,8 @@ Each backend is one `Backend` record (RECORDS): where it runs, where its impleme
 from, why it refuses a device, and its `auto` rank with the figure behind it. `auto` (or the
 GAMMACL_BACKEND environment variable, read when backend="auto") takes the first usable backend
 in rank order for the tensors' device type:
-  CUDA tensors -> "triton", then "cuda", then "torch" (with one warning). The triton-vs-cuda
-                  order is not measured yet; it is a placeholder.
+  CUDA tensors -> "triton", then "cuda", then "torch" (with one warning); each record's
+                  `figure` names the evidence behind its rank (bench/NOTES.md).
   CPU tensors  -> "cpp" when the extension builds, else "torch" with one warning, whatever
                   TRITON_INTERPRET says (the interpreter runs only when asked for).
 """

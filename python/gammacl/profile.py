@@ -37,13 +37,7 @@ from gammacl.measure.nvml import NvmlView, open_nvml
 from gammacl.measure.registry import Impl
 
 COLUMNS = (
-    "impl",
-    "loss",
-    "backend",
-    "N",
-    "D",
-    "dtype",
-    "mode",
+    *cli.CASE_COLUMNS,
     "phase",
     "status",
     "error",
@@ -122,12 +116,7 @@ def search_max_n(
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m gammacl.profile",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    cli.add_common_args(p, default_name="profile")
+    p = cli.parser("profile", __doc__)
     p.set_defaults(loss="clip")
     p.add_argument("--mode", default="fwd+bwd", choices=cli.MODES)
     p.add_argument(
@@ -204,15 +193,8 @@ class Profiler:
     ) -> dict[str, Any]:
         a = self.args
         exp_b, exp_f = impl.expected(n, d, dtype, a.mode)
-        row: dict[str, Any] = {c: None for c in COLUMNS}
+        row = cli.case_row(COLUMNS, impl, n, d, dtype, a.mode)
         row.update(
-            impl=impl.impl,
-            loss=impl.loss,
-            backend=impl.backend,
-            N=n,
-            D=d,
-            dtype=cli.dtype_name(dtype),
-            mode=a.mode,
             phase=phase,
             memory_view=self._view(),
             device=self.device.type,

@@ -243,24 +243,16 @@ class MultipleNegativesRankingLoss(_EmbeddingLoss):
                 )
         candidates = torch.cat(docs, dim=0) if len(docs) > 1 else docs[0]
         reduction = "none" if symmetric and self.partition_mode == "joint" else "mean"
-        q2d = gammacl.infonce_loss(
-            self._prep(local_q),
-            self._prep(candidates),
-            self.scale,
-            labels=labels_idx,
-            reduction=reduction,
-            backend=self.backend,
-        )
+
+        def infonce(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+            return gammacl.infonce_loss(self._prep(q), self._prep(keys), self.scale,
+                                        labels=labels_idx, reduction=reduction,
+                                        backend=self.backend)  # fmt: skip
+
+        q2d = infonce(local_q, candidates)
         if not symmetric:
             return q2d
-        d2q = gammacl.infonce_loss(
-            self._prep(local_d),
-            self._prep(queries),
-            self.scale,
-            labels=labels_idx,
-            reduction=reduction,
-            backend=self.backend,
-        )
+        d2q = infonce(local_d, queries)
         if self.partition_mode == "joint":
             return torch.logaddexp(q2d, d2q).mean()
         return 0.5 * (q2d + d2q)

@@ -8,7 +8,8 @@ import argparse
 import contextlib
 import gc
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -26,7 +27,21 @@ DTYPES = {
     "fp64": torch.float64,
     "float64": torch.float64,
 }
-OUR_BACKENDS = BACKENDS[1:]  # every backend record (gammacl.dispatch.RECORDS) but "auto"
+# the leading columns of a bench / profile row: which case it measures
+CASE_COLUMNS = ("impl", "loss", "backend", "N", "D", "dtype", "mode")
+OUR_BACKENDS = BACKENDS[1:]
+
+
+def case_row(
+    columns: Sequence[str], impl: Any, n: int, d: int, dtype: torch.dtype, mode: str
+) -> dict[str, Any]:
+    """A row of `columns`, all None but the CASE_COLUMNS of impl (registry.Impl) at this case."""
+    row: dict[str, Any] = dict.fromkeys(columns)
+    row.update(impl=impl.impl, loss=impl.loss, backend=impl.backend, N=n, D=d,
+               dtype=dtype_name(dtype), mode=mode)  # fmt: skip
+    return row  # every backend record (gammacl.dispatch.RECORDS) but "auto"
+
+
 PEERS = (
     "naive",
     "naive_compiled",
@@ -36,6 +51,7 @@ PEERS = (
     "inf_cl",
     "siglip_kernel",
     "gemm_floor",
+    "gemm_gram",
 )
 IMPL_NAMES = ("gammacl",) + PEERS
 DEFAULT_SCALE = 1.0 / 0.07  # CLIP's initial exponentiated logit scale
@@ -81,6 +97,18 @@ def dtype_list(text: str) -> list[torch.dtype]:
             )
         out.append(DTYPES[t])
     return out
+
+
+def parser(tool: str, doc: str | None) -> argparse.ArgumentParser:
+    """`python -m gammacl.<tool>`'s parser: its module docstring as the help, the common options
+    (add_common_args) with output name `tool`."""
+    p = argparse.ArgumentParser(
+        prog=f"python -m gammacl.{tool}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common_args(p, default_name=tool)
+    return p
 
 
 def add_common_args(p: argparse.ArgumentParser, *, default_name: str) -> None:

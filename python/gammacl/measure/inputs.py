@@ -123,3 +123,18 @@ class FloorStep(Step):
             return bwd()
 
         return {"fwd": fwd, "bwd": bwd, "fwd+bwd": both}[mode]
+
+
+class GramFloorStep(Step):
+    """The unit GEMM of the d x d Gram form (gammacl.modality.geometric_consistency_loss):
+    G = V^T V, [D, N] @ [N, D], 2 N D^2 FLOPs, in the accumulation dtype as the Grams are
+    formed; the same single GEMM for every mode."""
+
+    def __init__(self, a: torch.Tensor) -> None:
+        acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+        self.a = a.detach().to(acc)
+        super().__init__(lambda: self.a.t() @ self.a, [])
+
+    def prepare(self, mode: str) -> Callable[[], Any]:
+        a = self.a
+        return lambda: a.t() @ a

@@ -5,12 +5,13 @@ A peer is an `Impl` built here; to add one, add a spec to `PEER_SPECS` and a cas
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from gammacl.measure import flops as fl
-from gammacl.measure.inputs import Features, FloorStep, Step, leaves
+from gammacl.measure.inputs import Features, FloorStep, GramFloorStep, Step, leaves
 from gammacl.measure.registry import Impl, _ref_materialised, functional_reference
 
 _ref_clip = _ref_materialised("clip_loss")
@@ -97,30 +98,26 @@ def peer_impls(
     def want(name: str) -> bool:
         return "all" in requested or name in requested
 
-    if want("naive"):
+    def naive(impl: str, backend: str, make: Callable[[], Callable], note: str) -> Impl:
+        """The naive loss as built by make() per shape (fn(a, b, scale))."""
 
-        def build_naive(f: Features) -> Step:
-            a, b = f.feat(0), f.feat(1)
-            return Step(lambda: naive_clip(a, b, f.scale), leaves(f, 2))
-
-        out.append(
-            Impl("naive", "clip", "torch", build_naive, fl.flops_two_pass,
-                 fl.expected_materialised, _ref_clip,
-                 note="open_clip's formula, fp32 logits, materialised")
-        )  # fmt: skip
-    if "naive_compiled" in requested or ("all" in requested and on_gpu):
-
-        def build_compiled(f: Features) -> Step:
-            torch._dynamo.reset()  # a fresh graph per shape: no recompile-limit fallback to eager
-            fn = torch.compile(naive_clip, dynamic=False)
-            a, b = f.feat(0), f.feat(1)
+        def build(f: Features) -> Step:
+            fn, a, b = make(), f.feat(0), f.feat(1)
             return Step(lambda: fn(a, b, f.scale), leaves(f, 2))
 
-        out.append(
-            Impl("naive_compiled", "clip", "inductor", build_compiled, fl.flops_two_pass,
-                 fl.expected_materialised, _ref_clip,
-                 note="torch.compile(naive), compile time excluded (warmup)")
-        )  # fmt: skip
+        return Impl(impl, "clip", backend, build, fl.flops_two_pass, fl.expected_materialised,
+                    _ref_clip, note=note)  # fmt: skip
+
+    def compiled_naive() -> Callable:
+        torch._dynamo.reset()  # a fresh graph per shape: no recompile-limit fallback to eager
+        return torch.compile(naive_clip, dynamic=False)
+
+    if want("naive"):
+        out.append(naive("naive", "torch", lambda: naive_clip,
+                         "open_clip's formula, fp32 logits, materialised"))  # fmt: skip
+    if "naive_compiled" in requested or ("all" in requested and on_gpu):
+        out.append(naive("naive_compiled", "inductor", compiled_naive,
+                         "torch.compile(naive), compile time excluded (warmup)"))  # fmt: skip
     elif "all" in requested:
         notes.append(
             "naive_compiled (torch.compile) left out on CPU: compiling per shape takes "
@@ -156,5 +153,12 @@ def peer_impls(
             Impl("gemm_floor", "floor", "torch", lambda f: FloorStep(f.feat(0), f.feat(1)),
                  fl.flops_floor, check_na="n/a (not a loss)",
                  note="4 GEMMs in the input dtype" + ("" if on_gpu else " (CPU floor)"))
+        )  # fmt: skip
+    if want("gemm_gram") and not for_profile:
+        out.append(
+            Impl("gemm_gram", "floor_gram", "torch", lambda f: GramFloorStep(f.feat(0)),
+                 lambda n, d, mode: (2 * n * d * d, "2*N*D^2 (1 GEMM [D,N]@[N,D], any mode)"),
+                 check_na="n/a (not a loss)", scaling=fl.ND2,
+                 note="the Gram form's unit GEMM in the accumulation dtype")
         )  # fmt: skip
     return out

@@ -239,7 +239,52 @@ def _modality_losses(notes: list[str]) -> list[Loss]:
         name = fname[: -len("_loss")]
         out.append(Loss(name, build, ref, flops, scaling, quick_all_backends=False,
                         takes_backend=takes_backend))  # fmt: skip
+    if hasattr(modality, "geometric_consistency_loss"):
+        out += GEOMETRIC_FORMS
     return out
+
+
+def _gc_pairwise(*z: torch.Tensor, upcast: bool = False) -> torch.Tensor:
+    from gammacl.reference import modality as ref
+
+    return ref.geometric_consistency_loss(*z, upcast=upcast)
+
+
+def _gc_step(fn: Callable[..., torch.Tensor], k: int) -> Builder:
+    """fn(z_0, ..., z_{k-1}) on k [N, D] features (k = 4: the augmented pair too)."""
+
+    def build(f: Features) -> Step:
+        z = [f.feat(i) for i in range(k)]
+        return Step(lambda: fn(*z), leaves(f, k))
+
+    return build
+
+
+def _gc_reference(k: int) -> Callable[[Features], torch.Tensor]:
+    return lambda f: _gc_step(lambda *z: _gc_pairwise(*z, upcast=True), k)(f).forward()
+
+
+def _gc_gram(*z: torch.Tensor) -> torch.Tensor:
+    from gammacl.modality import geometric_consistency_loss
+
+    return geometric_consistency_loss(*z)
+
+
+# Geometric consistency (Paper B, B.4/B.7) beside the discovered Gram form: with the augmented
+# pair (L_GC + L^a_GC, 5 d x d Grams forward, 17 N*D^2 GEMM units fwd+bwd), and the materialised
+# pairwise form of gammacl.reference in the input dtype (N x N Grams). The yardsticks are the
+# peers gemm_gram (one [D, N] @ [N, D]) and gemm_floor (N x N x D GEMMs).
+GEOMETRIC_FORMS: list[Loss] = [
+    Loss("geometric_consistency_aug", lambda be: _gc_step(_gc_gram, 4), _gc_reference(4),
+         fl.split(10, 24, "N*D^2 (d x d Grams with the augmented pair)", lambda n, d: n * d * d),
+         fl.ND2, quick_all_backends=False, takes_backend=False),
+    Loss("geometric_consistency_pairwise", lambda be: _gc_step(_gc_pairwise, 2), _gc_reference(2),
+         fl.flops_none("n/a (materialised N x N Grams)"), fl.N2D, quick_all_backends=False,
+         takes_backend=False),
+    Loss("geometric_consistency_pairwise_aug", lambda be: _gc_step(_gc_pairwise, 4),
+         _gc_reference(4), fl.flops_none("n/a (materialised N x N Grams)"), fl.N2D,
+         quick_all_backends=False, takes_backend=False),
+]  # fmt: skip
 
 
 def our_loss_names() -> list[str]:

@@ -12,6 +12,8 @@ from gammacl.measure.cli import IMPL_NAMES, csv_list
 from gammacl.measure.peers import peer_impls
 from gammacl.measure.registry import Impl, available_backends, our_impls, our_loss_names
 
+FLOORS = ("floor", "floor_gram")  # the yardstick GEMMs' loss column (peers gemm_floor, gemm_gram)
+
 
 def select_impls(
     args: argparse.Namespace,
@@ -38,12 +40,12 @@ def select_impls(
         impls += our_impls(order or backends, notes, unavailable)
     impls += peer_impls(device, requested, notes, for_profile=for_profile)
     if "all" not in losses:
-        known = set(our_loss_names()) | {"siglip", "floor"}
+        known = set(our_loss_names()) | {"siglip", *FLOORS}
         bad = losses - known
         if bad:
             raise SystemExit(f"--loss: unknown {sorted(bad)}; available: {','.join(sorted(known))}")
-        # the GEMM floor goes with every loss; the sigmoid-loss peers with gammacl's siglip
-        impls = [i for i in impls if i.loss in losses or i.loss == "floor"]
+        # the GEMM floors go with every loss; the sigmoid-loss peers with gammacl's siglip
+        impls = [i for i in impls if i.loss in losses or i.loss in FLOORS]
     elif default_losses is not None:
         impls = [i for i in impls if i.loss in default_losses]
     kept = [i for i in impls if device.type in i.devices]

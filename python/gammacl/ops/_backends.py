@@ -11,7 +11,6 @@ gammacl._ext.register_cuda_provider); "triton" imports gammacl.kernels.<module> 
 
 from __future__ import annotations
 
-import functools
 import importlib
 from collections.abc import Callable
 from typing import Any
@@ -59,15 +58,13 @@ def compiled(*names: str) -> dict[str, Callable[[], Any]]:
     return {"cpp": loader(False), "cuda": loader(True)}
 
 
-def kernel(module: str, *names: str, **bind: Any) -> Callable[[], Any]:
-    """triton= loader: gammacl.kernels.<module>.<name> for each name (keyword arguments `bind`
-    fixed on the last one), imported on first use."""
+def kernel(module: str, *names: str) -> Callable[[], Any]:
+    """triton= loader: gammacl.kernels.<module>.<name> for each name, imported on first use; each
+    follows the op's contract as it stands (no argument is bound here)."""
 
     def load() -> Any:
         mod = importlib.import_module(f"gammacl.kernels.{module}")
-        fns = [getattr(mod, n) for n in names]
-        if bind:
-            fns[-1] = functools.partial(fns[-1], **bind)
-        return fns[0] if len(fns) == 1 else tuple(fns)
+        fns = tuple(getattr(mod, n) for n in names)
+        return fns[0] if len(fns) == 1 else fns
 
     return load

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import torch
 
+from gammacl._ext import compiled_fake
 from gammacl._validate import acc_dtype
 from gammacl.dispatch import resolve_traced
 from gammacl.ops._backends import Backends, compiled, kernel
@@ -94,6 +95,15 @@ def _reference_fwd(a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offse
     if not grad:
         out = out[:4] + (out[4][:0], out[5][:0])
     return out
+
+
+@compiled_fake("gammacl::gamma_onepass_fwd")
+def _compiled_fwd_fake(a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offset, grad):
+    """Shapes of the compiled fwd (cpp / cuda) of the contract above."""
+    m, n, d = a.shape[0], b.shape[0], a.shape[1]
+    vec = lambda k: a.new_empty((k,), dtype=acc_dtype(a.dtype))  # noqa: E731
+    grads = [a.new_empty((k if grad else 0, d), dtype=acc_dtype(a.dtype)) for k in (m, n)]
+    return vec(m), vec(n), vec(m), vec(n), *grads
 
 
 # The dispatch seam of this op: backend name -> fwd of the contract above.

@@ -50,6 +50,7 @@ import os
 
 import torch
 
+from gammacl._ext import compiled_fake
 from gammacl._validate import acc_dtype
 from gammacl.ops._backends import Backends, compiled, kernel
 from gammacl.reference.simlse import inf_lse_to_nan  # torch.logsumexp gives +inf, the others NaN
@@ -229,12 +230,36 @@ def _reference_impls():
     return fwd, bwd
 
 
+@compiled_fake("gammacl::simlse_fwd")
+def _compiled_fwd_fake(a, b, scale, offset, exclude_pos, cols, col_scale=None):
+    """Shapes of the compiled fwd (cpp / cuda): (row_lse [M], col_lse [N or 0])."""
+    acc = acc_dtype(a.dtype)
+    return a.new_empty((a.shape[0],), dtype=acc), a.new_empty(
+        (b.shape[0] if cols else 0,), dtype=acc
+    )
+
+
+@compiled_fake("gammacl::simlse_bwd")
+def _compiled_bwd_fake(
+    a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols, col_scale=None
+):
+    """Shapes of the compiled bwd: (da_raw, db_raw, dscale_raw), dscale_raw 0-d, or with vector
+    scales (scale [M]) cat(drs [M], dcs [N or 0])."""
+    acc = acc_dtype(a.dtype)
+    ds = () if scale.dim() == 0 else (a.shape[0] + (b.shape[0] if cols else 0),)
+    return (
+        a.new_empty(a.shape, dtype=acc),
+        b.new_empty(b.shape, dtype=acc),
+        a.new_empty(ds, dtype=acc),
+    )
+
+
 # The dispatch seam of this op: backend name -> (fwd, bwd) of the contract above.
 _IMPLS = Backends(
     "simlse",
     reference=_reference_impls,
     torch=lambda: (torch_fwd, torch_bwd),
-    triton=kernel("simlse", "simlse_fwd", "simlse_bwd", dscale=True),
+    triton=kernel("simlse", "simlse_fwd", "simlse_bwd"),
     **compiled("simlse_fwd", "simlse_bwd"),
 )
 
@@ -349,13 +374,8 @@ def _simlse_backward_op(
 def _(
     a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols, backend, col_scale=None
 ):
-    acc = acc_dtype(a.dtype)
-    ds = () if scale.dim() == 0 else (a.shape[0] + (b.shape[0] if cols else 0),)
-    return (
-        a.new_empty(a.shape, dtype=acc),
-        b.new_empty(b.shape, dtype=acc),
-        a.new_empty(ds, dtype=acc),
-    )
+    args = (a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols, col_scale)
+    return _compiled_bwd_fake(*args)  # the same shapes on every backend
 
 
 def _setup_context(ctx, inputs, output):
