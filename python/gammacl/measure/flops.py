@@ -136,10 +136,10 @@ def expected_materialised(n: int, d: int, dtype: torch.dtype, mode: str, cols: b
 
 def expected_reference_op(n: int, d: int, dtype: torch.dtype, mode: str, cols: bool = True):
     """gammacl's `reference` backend: each op on its materialised reference (reference/simlse.py).
-    fwd holds l and one exp temporary (2 N^2); the backward rebuilds l and holds it with W, the
-    exponent's temporary and its exp (4 N^2 fp32 with column terms; calibrated on CPU RSS with the
-    mmap threshold pinned, N=1024: 16.0 MiB = 4 x 4 MiB, 8 runs at 1 and 2 threads)."""
-    k = (2 if mode == "fwd" else 4) if cols else (2 if mode == "fwd" else 3)
+    fwd holds l and one exp temporary (2 N^2); the backward rebuilds l and forms each direction's
+    weights in place, W and the column term beside l (3 N^2 fp32 with column terms; calibrated on
+    CPU RSS with the mmap threshold pinned, N=1024: 12.0 MiB = 3 x 4 MiB)."""
+    k = (2 if mode == "fwd" else 3) if cols else 2
     if mode == "bwd":
         return None, "n/a for bwd"
     return k * n * n * 4, f"{k}*N^2*4 (fp32 N x N buffers)"

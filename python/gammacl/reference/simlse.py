@@ -95,19 +95,24 @@ def simlse_backward(
     cs = col_scale if cols else None
     s, lr, lc, excluded = _logits_rc(a, b, scale, cs, offset, exclude_pos, upcast)
     dt = s.dtype
+    if not vec:  # only drs / dcs read S
+        s = None
 
-    def softmax(l, lse):  # an all-excluded row: -inf - -inf, set to 0 like every excluded entry
-        p = torch.exp(l - lse)
-        return p if excluded is None else p.masked_fill(excluded, 0.0)
-
-    pr = softmax(lr, row_lse.to(dt)[:, None])
-    w = g_row.to(dt)[:, None] * (scale.to(dt)[:, None] * pr if vec else pr)
-    ds = [g_row.to(dt) * (pr * s).sum(dim=1)] if vec else []
-    if cols:
-        pc = softmax(lc, col_lse.to(dt)[None, :])
-        w = w + g_col.to(dt)[None, :] * (cs.to(dt)[None, :] * pc if vec else pc)
+    # in place where possible: the N x M peak stays at 4 buffers (measure.memory's model)
+    def weights(l, lse, g, sc, dim):  # g * sc * e^{l - lse}; an all-excluded row (-inf - -inf) -> 0
+        p = torch.sub(l, lse).exp_()
+        if excluded is not None:
+            p.masked_fill_(excluded, 0.0)
         if vec:
-            ds.append(g_col.to(dt) * (pc * s).sum(dim=0))
+            ds.append(g.to(dt) * (p * s).sum(dim=dim))
+            p.mul_(sc)
+        return p.mul_(g.to(dt)[:, None] if dim == 1 else g.to(dt)[None, :])
+
+    ds: list[torch.Tensor] = []
+    w = weights(lr, row_lse.to(dt)[:, None], g_row, scale.to(dt)[:, None] if vec else None, 1)
+    if cols:
+        pc = col_lse.to(dt)[None, :]
+        w.add_(weights(lc, pc, g_col, cs.to(dt)[None, :] if vec else None, 0))
     if vec:
         return w @ b.to(dt), w.t() @ a.to(dt), torch.cat(ds)
     return w @ b.to(dt), w.t() @ a.to(dt)
