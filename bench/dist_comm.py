@@ -17,14 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import socket
 import sys
 import time
-from datetime import timedelta
 
 import torch
-import torch.multiprocessing as mp
 
 CASES = (  # (name, loss kind, scale-out modes)
     ("ClipLoss reduce", "clip", {"grad_comm": "reduce"}),
@@ -68,20 +64,20 @@ def _step(fn, n, dim, rank, world, samples, g, counter=None):
     torch.autograd.grad(loss, (img, txt, scale))
 
 
-def _worker(rank: int, world: int, port: int, args, out) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
+def _worker(rank: int, world: int, port: int, out, args) -> None:
+    from gammacl._gloo import gloo_rank
+
+    with gloo_rank(rank, world, port, timeout_s=120):
+        _measure(rank, world, args, out)
+        torch.distributed.barrier()
+
+
+def _measure(rank: int, world: int, args, out) -> None:
+    """Rank `rank`'s counts and timings; rank 0 puts the result on `out`."""
     import torch.distributed as dist
 
     from gammacl.distributed import CommCounter, World, set_agreement_check
 
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=120),
-    )
     samples = 4 * world * args.n
     rows = []
     for name, kind, modes in CASES:
@@ -138,23 +134,12 @@ def _worker(rank: int, world: int, port: int, args, out) -> None:
     set_agreement_check("always")
     if rank == 0:
         out.put({"world": world, "n": args.n, "dim": args.dim, "rows": rows, **times})
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(world: int, args) -> dict:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, args, q)) for r in range(world)]
-    for p in procs:
-        p.start()
+    from gammacl._gloo import spawn_ranks
+
+    procs, q = spawn_ranks(_worker, world, (args,), daemon=False)
     res = q.get(timeout=1800)
     for p in procs:
         p.join()

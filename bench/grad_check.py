@@ -9,16 +9,15 @@ measured. Exit 1 when a backend that ran exceeds the tolerance (bf16/fp16 2e-2, 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import sys
 from pathlib import Path
 
 import torch
+from _sizes import cuda_problem, parser
 
 COLUMNS = ("loss", "backend", "grad", "N", "D", "dtype", "status", "rel_l2_err", "tol", "note")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOL = {torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float32: 1e-4}
 
 
@@ -37,24 +36,16 @@ def _grads(loss: str, backend: str, a, b, s) -> list[torch.Tensor]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--n", type=int, default=65536)
-    p.add_argument("--d", type=int, default=1024)
-    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p = parser(__doc__, "grad_check.csv", "CPU, N=300 D=64 fp32, reference vs torch")
     p.add_argument("--backend", default="triton,cuda")
-    p.add_argument("--out", default="grad_check.csv")
-    p.add_argument(
-        "--dry-run", action="store_true", help="CPU, N=300 D=64 fp32, reference vs torch"
-    )
     args = p.parse_args(argv)
     if args.dry_run:
         # the materialised reference: nothing to compile (a cold C++ build can outlast the step)
         dev, n, d, dtype, backends = "cpu", 300, 64, torch.float32, ["reference"]
     else:
-        if not torch.cuda.is_available():
-            print("grad_check: no CUDA device (use --dry-run on CPU)", file=sys.stderr)
+        if (problem := cuda_problem(args, "grad_check")) is None:
             return 2
-        dev, n, d, dtype = "cuda", args.n, args.d, DTYPES[args.dtype]
+        dev, (n, d, dtype) = "cuda", problem
         backends = [x for x in args.backend.split(",") if x]
     from gammacl.dispatch import resolve_backend
 

@@ -15,7 +15,6 @@ backend and torch.mm only (the Triton rows say why they are not run).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import sys
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from _sizes import cuda_problem, parser
 
 COLUMNS = ("kind", "name", "shape", "config", "status", "time_ms", "tflops", "calls", "note")
 # candidate _gemm_kernel configs (sm_90, triton 3.6.0, bench/NOTES.md): the shipped one first
@@ -42,7 +42,6 @@ CANDIDATES = {
         BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3
     ),
 }
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class Sink:
@@ -154,21 +153,14 @@ def _cublas(x, y, out, acc) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--n", type=int, default=65536)
-    p.add_argument("--d", type=int, default=1024)
-    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--out", default="kernel_split.csv")
-    p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, torch backend")
-    args = p.parse_args(argv)
+    args = parser(__doc__, "kernel_split.csv", "CPU, tiny sizes, torch backend").parse_args(argv)
     sink = Sink(Path(args.out))
     if args.dry_run:
         dev, backend, n, d, dtype = "cpu", "torch", 256, 32, torch.float32
     else:
-        if not torch.cuda.is_available():
-            print("kernel_split: no CUDA device (use --dry-run on CPU)", file=sys.stderr)
+        if (problem := cuda_problem(args, "kernel_split")) is None:
             return 2
-        dev, backend, n, d, dtype = "cuda", "triton", args.n, args.d, DTYPES[args.dtype]
+        dev, backend, (n, d, dtype) = "cuda", "triton", problem
     profile_step(sink, n, d, dtype, dev, backend)
     from gammacl.kernels.simlse_tiled import w_tile_config
     from gammacl.kernels.tiles import chunk_rows

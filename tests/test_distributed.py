@@ -9,17 +9,15 @@ the error messages of the fail-fast checks across ranks.
 
 from __future__ import annotations
 
-import os
 import queue
-import socket
 import time
 import traceback
 import warnings
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+
+from gammacl._gloo import gloo_rank, spawn_ranks
 
 TIMEOUT_S = 150  # whole run of one world size, start-up included
 N_LOCAL, DIM = 5, 7
@@ -85,12 +83,6 @@ def oracle_clip_loss(
 
 # END ORACLE
 # ----------------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _global_batch(world: int, dtype=torch.float64, n: int = N_LOCAL, d: int = DIM):
@@ -490,17 +482,6 @@ def _check_gamma(rank, world, report):
 
 def _worker(rank: int, world: int, port: int, out, checks=None) -> None:
     warnings.simplefilter("ignore")  # torch.distributed.nn deprecation noise in the oracle
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),
-    )
 
     def report(name, fn):
         try:
@@ -509,12 +490,12 @@ def _worker(rank: int, world: int, port: int, out, checks=None) -> None:
         except BaseException:  # noqa: BLE001 - reported to the parent verbatim
             out.put((rank, name, "FAIL", traceback.format_exc()))
 
-    try:
-        for check in checks or (_check_clip, _check_fail_fast, _check_gamma):
-            check(rank, world, report)
-    finally:
-        out.put((rank, "__done__", "ok", None))
-        dist.destroy_process_group()
+    with gloo_rank(rank, world, port):
+        try:
+            for check in checks or (_check_clip, _check_fail_fast, _check_gamma):
+                check(rank, world, report)
+        finally:
+            out.put((rank, "__done__", "ok", None))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,16 +505,7 @@ def _worker(rank: int, world: int, port: int, out, checks=None) -> None:
 def _run_world(world: int, checks=None) -> dict:
     """Runs `checks` (default: this module's) on `world` spawned ranks (`_worker`) and collects
     their reports {check: {rank: (status, payload)}}."""
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _free_port()
-    extra = (checks,) if checks is not None else ()
-    procs = [
-        ctx.Process(target=_worker, args=(r, world, port, q, *extra), daemon=True)
-        for r in range(world)
-    ]
-    for p in procs:
-        p.start()
+    procs, q = spawn_ranks(_worker, world, (checks,) if checks is not None else ())
     results: dict = {}
     done = set()
     deadline = time.monotonic() + TIMEOUT_S

@@ -7,14 +7,8 @@ from __future__ import annotations
 
 import importlib
 import os
-import queue
-import socket
 import subprocess
 import sys
-import time
-import traceback
-import warnings
-from datetime import timedelta
 
 import pytest
 import torch
@@ -446,7 +440,6 @@ def test_no_nxn_allocation(backend):
 # 2-rank gloo: open_clip's distributed SigLipLoss semantics, equal to one process
 
 N_LOCAL, DIM, WORLD = 5, 7, 2
-TIMEOUT_S = 150
 
 
 def _oracle_gather(image, text, logit_scale, logit_bias, rank, world):
@@ -507,77 +500,17 @@ def _check_dist(rank, world, report):
     report("siglip fail-fast", fail_fast)
 
 
-def _worker(rank: int, world: int, port: int, out) -> None:
-    warnings.simplefilter("ignore")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),
-    )
-
-    def report(name, fn):
-        try:
-            out.put((rank, name, "ok", fn()))
-        except BaseException:  # noqa: BLE001 - reported to the parent verbatim
-            out.put((rank, name, "FAIL", traceback.format_exc()))
-
-    try:
-        _check_dist(rank, world, report)
-    finally:
-        out.put((rank, "__done__", "ok", None))
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        return sk.getsockname()[1]
-
-
 @pytest.mark.slow  # ~25 s: two spawned processes importing torch
 def test_two_rank_gloo_equals_one_process():
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available in this torch build")
-    import torch.multiprocessing as mp
+    from test_distributed import _ok, _run_world
 
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, WORLD, port, q), daemon=True) for r in range(2)]
-    for p in procs:
-        p.start()
-    results: dict = {}
-    done: set = set()
-    deadline = time.monotonic() + TIMEOUT_S
-    while len(done) < WORLD and time.monotonic() < deadline:
-        try:
-            rank, name, status, payload = q.get(timeout=1.0)
-        except queue.Empty:
-            if all(not p.is_alive() for p in procs):
-                break
-            continue
-        if name == "__done__":
-            done.add(rank)
-        else:
-            results.setdefault(name, {})[rank] = (status, payload)
-    for p in procs:
-        p.join(timeout=10.0)
-        if p.is_alive():
-            p.kill()
-    assert done == {0, 1}, f"ranks {sorted({0, 1} - done)} did not finish (hang or crash)"
-    names = [f"siglip {be} {impl}" for be in ("torch", "cpp") for impl in ("bidir", "gather")]
-    for name in [*names, "siglip fail-fast"]:
-        got = results.get(name, {})
-        assert set(got) == {0, 1}, f"{name}: reports from ranks {sorted(got)}"
-        fails = {r: p for r, (st, p) in got.items() if st != "ok"}
-        assert not fails, "\n".join(f"rank {r}:\n{p}" for r, p in fails.items())
-    msgs = [results["siglip fail-fast"][r][1] for r in (0, 1)]
+    run = (WORLD, _run_world(WORLD, (_check_dist,)))
+    for be in ("torch", "cpp"):
+        for impl in ("bidir", "gather"):
+            _ok(run, f"siglip {be} {impl}")
+    msgs = _ok(run, "siglip fail-fast")
     assert msgs[0] == msgs[1] and "text_features differs between ranks" in msgs[0], msgs
 
 

@@ -34,8 +34,9 @@ from torch import nn
 
 from gammacl import _validate as V
 from gammacl._local_grad import local_pair_lse
+from gammacl._openclip import OpenClipCompat, agree_pair
 from gammacl.dispatch import resolve_backend
-from gammacl.distributed import GRAD_COMMS, InWorld, World, check_grad_comm
+from gammacl.distributed import World, check_grad_comm
 from gammacl.ops.simlse import simlse
 
 
@@ -77,6 +78,36 @@ def no_autocast(x: torch.Tensor):
     return torch.autocast(x.device.type, enabled=False)
 
 
+def _checked(
+    rows: tuple[str, torch.Tensor],
+    cols: tuple[str, torch.Tensor],
+    logit_scale: float | torch.Tensor,
+    labels: torch.Tensor | None,
+    reduction: str,
+    label_smoothing: float,
+    backend: str,
+    *,
+    paired: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, str, float, str]:
+    """(scale, labels, reduction, label_smoothing, backend name), validated, of infonce_loss
+    (rows = queries, cols = keys) or, paired, of clip_loss (same batch; labels a permutation).
+    Without labels row i's positive is column i, so rows may not outnumber cols."""
+    (a_name, a), (b_name, b) = rows, cols
+    V.check_pair(a_name, a, b_name, b, same_batch=paired)
+    reduction = V.check_reduction(reduction)
+    eps = V.check_label_smoothing(label_smoothing)
+    scale = V.as_scale("logit_scale", logit_scale, a)
+    m, n = a.shape[0], b.shape[0]
+    if labels is not None:
+        labels = V.check_labels(labels, m, n, a.device, permutation=paired)
+    elif m > n:
+        raise ValueError(
+            f"without labels row i's positive is key i, so {a_name} ({m} rows) cannot "
+            f"outnumber {b_name} ({n} rows); pass labels"
+        )
+    return scale, labels, reduction, eps, resolve_backend(backend, a.device)
+
+
 def infonce_rows(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -112,20 +143,10 @@ def infonce_loss(
     """One-directional InfoNCE, cross_entropy(logit_scale * queries @ keys.T, labels), without
     forming the M x N matrix. labels default to arange(M) (needs M <= N). Returns fp32 (fp64 for
     fp64 inputs): a 0-d tensor, or [M] for reduction="none"."""
-    V.check_pair("queries", queries, "keys", keys, same_batch=False)
-    reduction = V.check_reduction(reduction)
-    eps = V.check_label_smoothing(label_smoothing)
-    scale = V.as_scale("logit_scale", logit_scale, queries)
-    m, n = queries.shape[0], keys.shape[0]
-    if labels is None:
-        if m > n:
-            raise ValueError(
-                f"without labels row i's positive is key i, so queries ({m} rows) cannot "
-                f"outnumber keys ({n} rows); pass labels"
-            )
-    else:
-        labels = V.check_labels(labels, m, n, queries.device)
-    name = resolve_backend(backend, queries.device)
+    scale, labels, reduction, eps, name = _checked(
+        ("queries", queries), ("keys", keys), logit_scale, labels, reduction, label_smoothing,
+        backend,
+    )  # fmt: skip
     per = infonce_rows(queries, keys, scale, labels=labels, label_smoothing=eps, backend=name)
     return _reduce(per, reduction)
 
@@ -175,14 +196,10 @@ def clip_loss(
     labels (optional) is a permutation: image i's positive text. reduction="none" returns the
     per-pair losses [N]. Returns fp32 (fp64 for fp64 inputs). Features are not normalised here.
     """
-    V.check_pair("image_features", image_features, "text_features", text_features, same_batch=True)
-    reduction = V.check_reduction(reduction)
-    eps = V.check_label_smoothing(label_smoothing)
-    scale = V.as_scale("logit_scale", logit_scale, image_features)
-    n = image_features.shape[0]
-    if labels is not None:
-        labels = V.check_labels(labels, n, n, image_features.device, permutation=True)
-    name = resolve_backend(backend, image_features.device)
+    scale, labels, reduction, eps, name = _checked(
+        ("image_features", image_features), ("text_features", text_features), logit_scale,
+        labels, reduction, label_smoothing, backend, paired=True,
+    )  # fmt: skip
     per = clip_pairs(
         image_features, text_features, scale, labels=labels, label_smoothing=eps, backend=name
     )
@@ -210,18 +227,11 @@ def clip_step(
         check_grad_comm(grad_comm, gather_with_grad)
         return V.check_paired_step(image_features, text_features, logit_scale, backend)
 
-    scale, name = world.agree(
-        "gammacl ClipLoss (distributed)",
-        check,
-        [("image_features", image_features), ("text_features", text_features)],
-        flags=[
-            ("rank", world.rank),
-            ("world_size", world.size),
-            ("local_loss", bool(local_loss)),
-            ("gather_with_grad", bool(gather_with_grad)),
-            ("grad_comm", GRAD_COMMS.index(grad_comm) if grad_comm in GRAD_COMMS else -1),
-        ],
-    )
+    flags = [("local_loss", bool(local_loss)), ("gather_with_grad", bool(gather_with_grad))]
+    scale, name = agree_pair(
+        world, "gammacl ClipLoss (distributed)", check, image_features, text_features, grad_comm,
+        flags,
+    )  # fmt: skip
     if world.size == 1:
         return clip_pairs(image_features, text_features, scale, backend=name).mean()
     if grad_comm == "local":
@@ -274,7 +284,7 @@ def clip_local(
     return own + (full - own).detach()
 
 
-class ClipLoss(InWorld, nn.Module):
+class ClipLoss(OpenClipCompat, nn.Module):
     """Drop-in replacement for ``open_clip.loss.ClipLoss``.
 
     Same constructor and forward as open_clip; the N x N logit matrix is never formed.
@@ -305,20 +315,12 @@ class ClipLoss(InWorld, nn.Module):
         grad_comm: str = "reduce",
     ) -> None:
         super().__init__()
-        V.check_backend(backend)
-        check_grad_comm(grad_comm, gather_with_grad)
+        self._init_open_clip(cache_labels, rank, world_size, backend, grad_comm, gather_with_grad)
         if use_horovod:
             raise ValueError("use_horovod=True is not supported; use torch.distributed")
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
-        self.cache_labels = cache_labels
-        self.rank = rank
-        self.world_size = world_size
         self.use_horovod = use_horovod
-        self.backend = backend
-        self.grad_comm = grad_comm
-        self.prev_num_logits = 0
-        self.labels: dict = {}
 
     # open_clip compatibility helpers (CoCaLoss / DistillClipLoss call these).
     def get_ground_truth(self, device: torch.device, num_logits: int) -> torch.Tensor:
@@ -333,20 +335,19 @@ class ClipLoss(InWorld, nn.Module):
         world_size > 1 the features are gathered as open_clip's gather_features does, so the
         logits match get_ground_truth (local rows x global columns with local_loss)."""
         world = self._world()
+        all_i, all_t = image_features, text_features
         if world.size > 1:
             all_i = world.gather(image_features, with_grad=self.gather_with_grad)
             all_t = world.gather(text_features, with_grad=self.gather_with_grad)
             if not self.gather_with_grad and not self.local_loss:
                 all_i = world.reinsert(all_i, image_features)
                 all_t = world.reinsert(all_t, text_features)
-            if self.local_loss:
-                logits_per_image = logit_scale * image_features @ all_t.T
-                logits_per_text = logit_scale * text_features @ all_i.T
-            else:
-                logits_per_image = logit_scale * all_i @ all_t.T
-                logits_per_text = logits_per_image.T
+        # local_loss: this rank's rows against every rank's columns; else the global matrix
+        rows_i = image_features if self.local_loss else all_i
+        logits_per_image = logit_scale * rows_i @ all_t.T
+        if self.local_loss and world.size > 1:
+            logits_per_text = logit_scale * text_features @ all_i.T
         else:
-            logits_per_image = logit_scale * image_features @ text_features.T
             logits_per_text = logits_per_image.T
         if logit_bias is not None:
             logits_per_image = logits_per_image + logit_bias
@@ -367,11 +368,9 @@ class ClipLoss(InWorld, nn.Module):
             image_features,
             text_features,
             logit_scale,
-            world=self._world(),
             local_loss=self.local_loss,
             gather_with_grad=self.gather_with_grad,
-            backend=self.backend,
-            grad_comm=self.grad_comm,
+            **self._step_kwargs(),
         )
         if bias is not None:
             loss = loss + 0.0 * bias

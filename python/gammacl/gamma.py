@@ -579,15 +579,14 @@ class GammaClipLoss(InWorld, _GeneratorAttr, TemperatureMixin, nn.Module):
         local = self.grad_comm == "local" and world.size > 1  # no feature-gradient collective
         all_image = world.gather(image_features, with_grad=not local)
         all_text = world.gather(text_features, with_grad=not local)
-        valid = _valid_estimates(image_features, text_features, all_image, all_text, off, scale)
+        feats = (image_features, text_features, all_image, all_text)  # local rows, every rank's
+        valid = _valid_estimates(*feats, off, scale)
         if idx.bad is not None:  # compiled, out-of-range index: store nothing
             valid = valid & ~idx.bad
         pos = _pos_logits(image_features, text_features, scale)
 
         if not self._one_pass():  # LSE pass (simlse fwd) -> rates -> gradient pass (simlse bwd)
-            row, col = (SS.neg_lse_local if local else _neg_lse)(
-                image_features, text_features, all_image, all_text, scale, off, world, name
-            )
+            row, col = (SS.neg_lse_local if local else _neg_lse)(*feats, scale, off, world, name)
             log_zhat = _log_zhat(row, col, valid, log_m)
             log_r = log_zhat if self.rate == "batch" else rates.update(idx, log_zhat, world)
             neg = _neg_two_pass(row, col, log_w, log_r, log_m)
@@ -602,28 +601,13 @@ class GammaClipLoss(InWorld, _GeneratorAttr, TemperatureMixin, nn.Module):
             else:  # first visits need this batch's Zhat before the weights exist
                 with torch.no_grad():
                     r0, c0 = _neg_lse(
-                        *(t.detach() for t in (image_features, text_features, all_image, all_text)),
-                        scale.detach(),
-                        off,
-                        world,
-                        name,
+                        *(t.detach() for t in feats), scale.detach(), off, world, name
                     )
                 log_zhat = _log_zhat(r0, c0, valid, log_m)
                 log_r = torch.where(seen, stored, log_zhat)
                 path = "lse+one_pass"
             neg, row, col = (SS.neg_one_pass_local if local else _neg_one_pass)(
-                image_features,
-                text_features,
-                all_image,
-                all_text,
-                scale,
-                log_w,
-                log_r,
-                log_m,
-                self.clamp,
-                off,
-                world,
-                name,
+                *feats, scale, log_w, log_r, log_m, self.clamp, off, world, name
             )
             if self.rate == "ema":  # update after use
                 if log_zhat is None or idx.all_seen is None:

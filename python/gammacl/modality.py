@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from numbers import Real
 
 import torch
@@ -413,10 +414,26 @@ class ModalityContrastiveLoss(nn.Module):
         return {"contrastive_loss": loss} if output_dict else loss
 
 
-class FeatureSeparationLoss(nn.Module):
+class _Weighted(nn.Module):
+    """A regulariser module: weight * loss(*inputs, **the module's OPTIONS attributes);
+    output_dict gives {KEY: that}, ready to sum with open_clip's loss dict."""
+
+    KEY: str
+    OPTIONS: tuple[str, ...] = ()
+    weight: float
+
+    def _weighted(self, loss: Callable[..., torch.Tensor], inputs: tuple, output_dict: bool):
+        out = self.weight * loss(*inputs, **{name: getattr(self, name) for name in self.OPTIONS})
+        return {self.KEY: out} if output_dict else out
+
+
+class FeatureSeparationLoss(_Weighted):
     """weight * L_Sep (see feature_separation_loss). Paper B's weights are unknown (appendix
     not found); CyCLIP-style 0.25 is a reasonable start. output_dict gives
     {"feature_separation_loss": weighted loss}, ready to sum with open_clip's loss dict."""
+
+    KEY = "feature_separation_loss"
+    OPTIONS = ("t", "inmodal", "backend")
 
     def __init__(
         self, weight: float = 1.0, *, t: float = 2.0, inmodal: str = "cyclip", backend: str = "auto"
@@ -430,26 +447,17 @@ class FeatureSeparationLoss(nn.Module):
     def forward(
         self, z_v, z_t, zi_v, zi_t, zi_v_aug, zi_t_aug, logit_scale, output_dict: bool = False
     ):
-        loss = self.weight * feature_separation_loss(
-            z_v,
-            z_t,
-            zi_v,
-            zi_t,
-            zi_v_aug,
-            zi_t_aug,
-            logit_scale,
-            t=self.t,
-            inmodal=self.inmodal,
-            backend=self.backend,
-        )
-        return {"feature_separation_loss": loss} if output_dict else loss
+        inputs = (z_v, z_t, zi_v, zi_t, zi_v_aug, zi_t_aug, logit_scale)
+        return self._weighted(feature_separation_loss, inputs, output_dict)
 
 
-class BrownianBridgeLoss(_GeneratorAttr, nn.Module):
+class BrownianBridgeLoss(_GeneratorAttr, _Weighted):
     """weight * L_Br (see brownian_bridge_loss). t: a number in [0, 1] (paper: 0.25) or
     "random": a fresh t ~ U[0, 1) per row each call, drawn with `generator` (on the features'
     device) when given. The draw is the opaque op gammacl::draw (gammacl.gamma), so a
     torch.compile'd forward draws the same t as an eager one and needs no host sync."""
+
+    KEY = "brownian_bridge_loss"
 
     def __init__(
         self,
@@ -471,21 +479,26 @@ class BrownianBridgeLoss(_GeneratorAttr, nn.Module):
         self.generator = generator
 
     def forward(self, z_v, z_t, z_v_aug, output_dict: bool = False):
+        return self._weighted(self._unweighted, (z_v, z_t, z_v_aug), output_dict)
+
+    def _unweighted(self, z_v, z_t, z_v_aug) -> torch.Tensor:
         if self.t != "random":
-            loss = self.weight * brownian_bridge_loss(z_v, z_t, z_v_aug, self.t)
-        else:  # our own draw lies in [0, 1): no range check (and no host sync)
-            _check_group([("z_v", z_v), ("z_t", z_t), ("z_v_aug", z_v_aug)])
-            n, acc = z_v.shape[0], V.acc_dtype(z_v.dtype)
-            # torch.rand(n, generator=self.generator, device=z_v.device, dtype=acc)
-            t = _draw_op("uniform", 0.0, n, self._generator_key(), z_v.device, acc)
-            loss = self.weight * _bridge(z_v, z_t, z_v_aug, t.reshape(n, 1))
-        return {"brownian_bridge_loss": loss} if output_dict else loss
+            return brownian_bridge_loss(z_v, z_t, z_v_aug, self.t)
+        # our own draw lies in [0, 1): no range check (and no host sync)
+        _check_group([("z_v", z_v), ("z_t", z_t), ("z_v_aug", z_v_aug)])
+        n, acc = z_v.shape[0], V.acc_dtype(z_v.dtype)
+        # torch.rand(n, generator=self.generator, device=z_v.device, dtype=acc)
+        t = _draw_op("uniform", 0.0, n, self._generator_key(), z_v.device, acc)
+        return _bridge(z_v, z_t, z_v_aug, t.reshape(n, 1))
 
 
-class GeometricConsistencyLoss(nn.Module):
+class GeometricConsistencyLoss(_Weighted):
     """weight * (L_GC [+ L^a_GC]) (see geometric_consistency_loss), O(N * D^2), no N x N.
     form="cyclip" with inmodal_weight = crossmodal_weight = 0.25 and weight=1 reproduces
     CyCLIP's cyclic regularisers (cylambda1 = cylambda2 = 0.25)."""
+
+    KEY = "geometric_consistency_loss"
+    OPTIONS = ("form", "inmodal_weight", "crossmodal_weight")
 
     def __init__(
         self,
@@ -502,16 +515,7 @@ class GeometricConsistencyLoss(nn.Module):
         self.crossmodal_weight = V.check_real("crossmodal_weight", crossmodal_weight, strict=False)
 
     def forward(self, z_v, z_t, z_v_aug=None, z_t_aug=None, output_dict: bool = False):
-        loss = self.weight * geometric_consistency_loss(
-            z_v,
-            z_t,
-            z_v_aug,
-            z_t_aug,
-            form=self.form,
-            inmodal_weight=self.inmodal_weight,
-            crossmodal_weight=self.crossmodal_weight,
-        )
-        return {"geometric_consistency_loss": loss} if output_dict else loss
+        return self._weighted(geometric_consistency_loss, (z_v, z_t, z_v_aug, z_t_aug), output_dict)
 
 
 __all__ = [

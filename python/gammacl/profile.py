@@ -115,25 +115,25 @@ def search_max_n(
     return lo, hi, False
 
 
+# defaults of the options left None (_defaults): --n-max per device type (with --quick, without);
+# the CPU --budget-mib, with --quick or else a share of MemAvailable under a cap
+N_MAX = {"cpu": (4096, 32768), "cuda": (262144, 2097152)}
+BUDGET_MIB_QUICK, BUDGET_MIB_CAP, BUDGET_SHARE = 256.0, 2048.0, 0.25
+
+
 def _parser() -> argparse.ArgumentParser:
     p = cli.parser("profile", __doc__)
     p.set_defaults(loss="clip")
     p.add_argument("--mode", default="fwd+bwd", choices=cli.MODES)
-    p.add_argument(
-        "--n-max",
-        type=int,
-        default=None,
-        help="cap of the largest-N search (default: CPU 8192 quick / 32768; "
-        "GPU 262144 quick / 2097152)",
-    )
     p.add_argument("--no-search", action="store_true", help="only the --n sweep")
-    p.add_argument(
-        "--budget-mib",
-        type=float,
-        default=None,
-        help="CPU only: memory budget defining 'fits' (default 256 with --quick, "
-        "else min(2048, 25%% of MemAvailable))",
-    )
+    cpu, gpu = N_MAX["cpu"], N_MAX["cuda"]
+    for flag, kind, what, quick, full in (  # resolved by _defaults
+        ("--n-max", int, "cap of the largest-N search", f"CPU {cpu[0]} / GPU {gpu[0]}",
+         f"CPU {cpu[1]} / GPU {gpu[1]}"),
+        ("--budget-mib", float, "CPU only: memory budget defining 'fits'", f"{BUDGET_MIB_QUICK:g}",
+         f"min({BUDGET_MIB_CAP:g}, {100 * BUDGET_SHARE:g}%% of MemAvailable)"),
+    ):  # fmt: skip
+        p.add_argument(flag, type=kind, default=None, help=cli.quick_default(what, quick, full))
     p.add_argument("--sample-ms", type=float, default=2.0, help="NVML sampling period")
     p.add_argument(
         "--snapshot",
@@ -161,10 +161,12 @@ def _defaults(args: argparse.Namespace, device: torch.device) -> None:
     if args.dtype is None:
         args.dtype = [torch.bfloat16] if gpu else [torch.float32]
     if args.n_max is None:
-        args.n_max = (262144 if args.quick else 2097152) if gpu else (4096 if args.quick else 32768)
+        args.n_max = N_MAX[device.type][0 if args.quick else 1]
     if not gpu and args.budget_mib is None:
         avail = memory.meminfo_mib("MemAvailable") or 8192.0
-        args.budget_mib = 256.0 if args.quick else min(2048.0, 0.25 * avail)
+        args.budget_mib = (
+            BUDGET_MIB_QUICK if args.quick else min(BUDGET_MIB_CAP, BUDGET_SHARE * avail)
+        )
 
 
 class Profiler:

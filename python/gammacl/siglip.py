@@ -13,7 +13,8 @@ from torch import nn
 
 from gammacl import _validate as V
 from gammacl._local_grad import siglip_local
-from gammacl.distributed import GRAD_COMMS, InWorld, World, check_grad_comm
+from gammacl._openclip import OpenClipCompat, agree_pair
+from gammacl.distributed import World, check_grad_comm
 from gammacl.ops.siglip import siglip
 
 DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
@@ -61,15 +62,8 @@ def siglip_step(
         scale, name = V.check_paired_step(image_features, text_features, logit_scale, backend)
         return scale, V.as_scale("logit_bias", logit_bias, image_features), name
 
-    scale, bias, name = world.agree(
-        "gammacl SigLipLoss (distributed)",
-        check,
-        [("image_features", image_features), ("text_features", text_features)],
-        flags=[
-            ("rank", world.rank),
-            ("world_size", world.size),
-            ("grad_comm", GRAD_COMMS.index(grad_comm) if grad_comm in GRAD_COMMS else -1),
-        ],
+    scale, bias, name = agree_pair(
+        world, "gammacl SigLipLoss (distributed)", check, image_features, text_features, grad_comm
     )
     if grad_comm == "local" and world.size > 1:
         return siglip_local(image_features, text_features, scale, bias, world=world, backend=name)
@@ -78,7 +72,7 @@ def siglip_step(
     return siglip(image_features, all_text, scale, bias, offset=off, backend=name)
 
 
-class SigLipLoss(InWorld, nn.Module):
+class SigLipLoss(OpenClipCompat, nn.Module):
     """Drop-in replacement for ``open_clip.loss.SigLipLoss``.
 
     Same constructor and forward as open_clip (``logit_bias`` is required, as there); the loss
@@ -107,18 +101,11 @@ class SigLipLoss(InWorld, nn.Module):
         grad_comm: str = "reduce",
     ) -> None:
         super().__init__()
-        V.check_backend(backend)
-        self.grad_comm = check_grad_comm(grad_comm)
+        self._init_open_clip(cache_labels, rank, world_size, backend, grad_comm)
         dist_impl = dist_impl or "bidir"
         if dist_impl not in DIST_IMPLS:
             raise ValueError(f"dist_impl must be one of {DIST_IMPLS} or None, got {dist_impl!r}")
-        self.cache_labels = cache_labels
-        self.rank = rank
-        self.world_size = world_size
         self.dist_impl = dist_impl
-        self.backend = backend
-        self.prev_num_logits = 0
-        self.labels: dict = {}
 
     # open_clip compatibility helpers (materialised; O(N^2) memory, for subclasses only)
     def get_ground_truth(
@@ -144,12 +131,6 @@ class SigLipLoss(InWorld, nn.Module):
         output_dict: bool = False,
     ):
         loss = siglip_step(
-            image_features,
-            text_features,
-            logit_scale,
-            logit_bias,
-            world=self._world(),
-            backend=self.backend,
-            grad_comm=self.grad_comm,
+            image_features, text_features, logit_scale, logit_bias, **self._step_kwargs()
         )
         return {"contrastive_loss": loss} if output_dict else loss

@@ -1,4 +1,5 @@
-"""The training loop and result helpers shared by gammacl's experiments (bias.py, retrieval.py).
+"""The training loop, the command-line parser and the result helpers shared by gammacl's
+experiments (bias.py, retrieval.py).
 
 `train_loop` runs `steps` optimisation steps of a caller-supplied `step(t)` (t = 1, 2, ...),
 calls `record(t)` after the steps in `record_at`, and prints a progress line every `progress_s`
@@ -8,6 +9,7 @@ under a gammacl loss) is the caller's; the loop owns the order of steps, records
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -40,6 +42,15 @@ def train_loop(
                 last = now
                 print(f"  {label}: step {t}/{steps}, {now - t0:.0f} s", flush=True)
     return time.perf_counter() - t0
+
+
+def parser(module: str, doc: str | None) -> argparse.ArgumentParser:
+    """`python -m gammacl.experiments.<module>`'s parser, its module docstring as the help."""
+    return argparse.ArgumentParser(
+        prog=f"python -m gammacl.experiments.{module}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float]:

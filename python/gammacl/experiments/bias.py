@@ -28,14 +28,15 @@ of one seeded generator per M.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
-from gammacl.experiments._train import train_loop
+from gammacl.experiments._train import parser, train_loop
 
 DISCLAIMER = (
     "NOTE: a toy derived from the paper's description (docs/math.md §A.7), not the paper's "
@@ -52,22 +53,33 @@ VARIANTS = (
 )
 
 
+@dataclass(frozen=True)
+class Toy:
+    """The toy's settings (module docstring): SGD steps, replicates, anchors n, anchors per
+    batch, lr, the generator's seed, and how many steps of the trajectory are recorded."""
+
+    steps: int = 20000
+    seeds: int = 10
+    anchors: int = 256
+    batch: int = 32
+    lr: float = 0.05
+    seed: int = 0
+    record: int = 200
+
+
+CLI_SETTINGS = ("steps", "seeds", "lr", "seed")  # the Toy fields main() takes as --flags
+
+
 def simulate(
-    negatives: int,
-    *,
-    steps: int = 20000,
-    seeds: int = 10,
-    anchors: int = 256,
-    batch: int = 32,
-    lr: float = 0.05,
-    seed: int = 0,
-    record: int = 200,
-    variants=VARIANTS,
+    negatives: int, toy: Toy | None = None, *, variants=VARIANTS, **settings: Any
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Runs every variant for `seeds` replicates with M = `negatives`. Returns (final theta
+    """Runs every variant for `seeds` replicates with M = `negatives`; `settings` (steps=...,
+    seeds=..., any Toy field) replace the fields of `toy` (default Toy()). Returns (final theta
     [V, S], recorded steps [T], theta trajectory [V, S, T])."""
-    rng = np.random.default_rng([seed, negatives])
-    v, s, m = len(variants), seeds, negatives
+    toy = replace(toy or Toy(), **settings)
+    steps, anchors, batch, lr = toy.steps, toy.anchors, toy.batch, toy.lr
+    rng = np.random.default_rng([toy.seed, negatives])
+    v, s, m = len(variants), toy.seeds, negatives
     kinds = [k for _, k, _ in variants]
     ema = np.array([e if e is not None else 1.0 for _, _, e in variants])[:, None, None]
     is_naive = np.array([k == "naive" for k in kinds])[:, None]
@@ -83,7 +95,7 @@ def simulate(
     log_r = np.zeros((v, s, anchors))
     seen = np.zeros((v, s, anchors), dtype=bool)
     rows = np.arange(s)[:, None]
-    rec_at = set(np.unique(np.geomspace(1, steps, min(record, steps)).round().astype(int)))
+    rec_at = set(np.unique(np.geomspace(1, steps, min(toy.record, steps)).round().astype(int)))
     rec_steps, traj = [], []
     theta_box = [theta]
 
@@ -122,10 +134,10 @@ def simulate(
     return theta, np.array(rec_steps), np.stack(traj, axis=-1)
 
 
-def run(*, steps: int = 20000, seeds: int = 10, negatives=(2, 8, 32), **kw) -> dict:
-    """simulate() for each M; {"negatives", "variants", "final" [len(M), V, S], "steps",
-    "traj" [len(M), V, S, T]}."""
-    out = [simulate(m, steps=steps, seeds=seeds, **kw) for m in negatives]
+def run(*, negatives=(2, 8, 32), **settings: Any) -> dict:
+    """simulate(M, **settings) for each M; {"negatives", "variants", "final" [len(M), V, S],
+    "steps", "traj" [len(M), V, S, T]}."""
+    out = [simulate(m, **settings) for m in negatives]
     return {
         "negatives": list(negatives),
         "variants": [label for label, _, _ in VARIANTS],
@@ -179,24 +191,17 @@ def plot(res: dict, path: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(
-        prog="python -m gammacl.experiments.bias",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--steps", type=int, default=20000)
-    p.add_argument("--seeds", type=int, default=10)
+    p = parser("bias", __doc__)
+    for name in CLI_SETTINGS:
+        default = getattr(Toy, name)
+        p.add_argument(f"--{name}", type=type(default), default=default)
     p.add_argument("--negatives", type=int, nargs="+", default=[2, 8, 32])
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bias_theta.png", help="plot path (PNG)")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
     print(DISCLAIMER)
     t0 = time.perf_counter()
-    res = run(
-        steps=args.steps, seeds=args.seeds, negatives=args.negatives, lr=args.lr, seed=args.seed
-    )
+    res = run(negatives=args.negatives, **{name: getattr(args, name) for name in CLI_SETTINGS})
     print(
         f"final theta (optimum theta* = 1.0), mean ± std over {args.seeds} seeds, "
         f"{args.steps} steps, {time.perf_counter() - t0:.1f} s:"

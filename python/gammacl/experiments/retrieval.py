@@ -41,7 +41,6 @@ recall@1 vs epoch at the smallest batch), and the table printed (mean ± std ove
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -65,7 +64,14 @@ from gammacl.experiments._plans import (  # noqa: F401
     temperature_plan,
 )
 from gammacl.experiments._report import METRICS, format_table, plot, summarise  # noqa: F401
-from gammacl.experiments._train import log, tau_stats, train_loop, write_csv, write_json
+from gammacl.experiments._train import (
+    log,
+    parser,
+    tau_stats,
+    train_loop,
+    write_csv,
+    write_json,
+)
 
 TAU = 0.1
 HIDDEN, DIM = 128, 32
@@ -500,11 +506,7 @@ def report(paths: list[str], out: str, name: str = "retrieval") -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(
-        prog="python -m gammacl.experiments.retrieval",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = parser("retrieval", __doc__)
     p.add_argument("--out", default="retrieval_out")
     p.add_argument("--quick", action="store_true", help="CI size: 2 seeds, 4 epochs, few methods")
     p.add_argument("--sweep", action="store_true", help="ema x shape sweep at the smallest batch")

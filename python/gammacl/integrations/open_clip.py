@@ -47,6 +47,7 @@ checkpoint has none). revert() undoes both.
 from __future__ import annotations
 
 import collections
+import inspect
 import warnings
 from typing import Any
 
@@ -60,19 +61,12 @@ _STATE: dict = {}  # what apply() replaced: {"forward": f, "create_loss": {modul
 CHECKPOINT_KEY = "gammacl_loss"
 
 
-def _gammacl_forward(
-    self,
-    image_features: torch.Tensor,
-    text_features: torch.Tensor,
-    logit_scale,
-    logit_bias=None,
-    output_dict: bool = False,
-):
-    """open_clip ClipLoss.forward computed by gammacl.ClipLoss (same settings)."""
+def _gammacl_forward(self, *args: Any, **kwargs: Any):
+    """open_clip ClipLoss.forward computed by gammacl.ClipLoss (same settings). The call is
+    passed on as it came: gammacl.ClipLoss.forward takes open_clip's arguments (its signature,
+    which this function reports)."""
     if getattr(self, "use_horovod", False):
-        return _STATE["forward"](
-            self, image_features, text_features, logit_scale, logit_bias, output_dict
-        )
+        return _STATE["forward"](self, *args, **kwargs)
     impl = gammacl.ClipLoss(
         local_loss=self.local_loss,
         gather_with_grad=self.gather_with_grad,
@@ -81,7 +75,10 @@ def _gammacl_forward(
         world_size=self.world_size,
         backend=_STATE.get("backend", "auto"),
     )
-    return impl(image_features, text_features, logit_scale, logit_bias, output_dict)
+    return impl(*args, **kwargs)
+
+
+_gammacl_forward.__signature__ = inspect.signature(gammacl.ClipLoss.forward)  # type: ignore[attr-defined]
 
 
 class Handle:

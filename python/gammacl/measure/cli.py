@@ -154,12 +154,18 @@ def add_common_args(p: argparse.ArgumentParser, *, default_name: str) -> None:
         "--threads",
         type=int,
         default=None,
-        help="CPU: torch.set_num_threads for the run (default: 1 with --quick, else torch's "
-        "default). One thread keeps small shapes stable on a shared host, where idle OpenMP "
-        "threads wait on descheduled ones",
+        help=quick_default("CPU: torch.set_num_threads for the run", 1, "torch's default")
+        + ". One thread keeps small shapes stable on a shared host, where idle OpenMP threads "
+        "wait on descheduled ones",
     )
     # test hook: rows whose label contains SUBSTR and whose N >= NMIN raise torch.OutOfMemoryError
     p.add_argument("--inject-oom", default=None, metavar="[SUBSTR:]NMIN", help=argparse.SUPPRESS)
+
+
+def quick_default(what: str, quick: object, full: object) -> str:
+    """The help of an option that defaults to None and is resolved at run time: to `quick` with
+    --quick, else to `full`."""
+    return f"{what} (default {quick} with --quick, else {full})"
 
 
 def resolve_device(arg: str) -> torch.device:
