@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import cpu_backends
 from tolerances import assert_close_dtype, assert_close_fp64
 
@@ -289,6 +290,25 @@ def test_cliploss_dropin(backend):
     plain = mod(a, b, s)
     assert_close_fp64(plain, ref, "ClipLoss without bias")
     assert mod.get_ground_truth(torch.device("cpu"), 5).tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("local_loss", [False, True])
+def test_cliploss_get_logits_single_process(local_loss):
+    """open_clip's get_logits in one process: s A B^T and its transpose (+ bias), whatever
+    local_loss says; their cross-entropy against get_ground_truth is ClipLoss's value."""
+    a, b, s = _inputs(7, 5, torch.float64, 9.5)
+    bias = torch.tensor(-1.25, dtype=torch.float64)
+    mod = gammacl.ClipLoss(local_loss=local_loss, backend="torch")
+    li, lt = mod.get_logits(a, b, s)
+    want = s * a @ b.T
+    torch.testing.assert_close(li, want, rtol=0, atol=0)
+    torch.testing.assert_close(lt, want.T, rtol=0, atol=0)
+    bi, bt = mod.get_logits(a, b, s, bias)
+    torch.testing.assert_close(bi, want + bias, rtol=0, atol=0)
+    torch.testing.assert_close(bt, want.T + bias, rtol=0, atol=0)
+    gt = mod.get_ground_truth(a.device, 7)
+    ce = (F.cross_entropy(li, gt) + F.cross_entropy(lt, gt)) / 2
+    assert_close_fp64(mod(a, b, s), ce, "ClipLoss vs its own get_logits")
 
 
 def test_accum_freq_pattern():
