@@ -71,23 +71,15 @@ std::tuple<at::Tensor, at::Tensor> simlse_fwd_cuda(const at::Tensor& a_in, const
                 a.options().dtype(at::kByte));
   at::Tensor col_m = at::empty({cols ? N : 0}, opts), col_l = at::empty({cols ? N : 0}, opts);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const GcType st = gc_type(acc);
-  for (int64_t i0 = 0; i0 < M; i0 += R) {
-    const int64_t rows = std::min(R, M - i0);
-    if (D == 0) {
-      buf.zero_();
-    } else {  // S[rows, N] = A_c @ B^T
-      gemm_rm(false, true, rows, N, D, byte_ptr(a) + i0 * a.stride(0) * a.element_size(),
-              a.stride(0), b.const_data_ptr(), b.stride(0), buf.data_ptr(), N, false,
-              a.scalar_type());
-    }
+  chunk_gemms(a, b, R, buf, buf, false, at::Tensor(), at::Tensor(), [&](const RowChunk& c) {
     const int err = cuda::simlse_fwd_chunk(
-        buf.const_data_ptr(), st, rows, N, N, i0, offset, exclude_pos, cols, sc.const_data_ptr(),
-        row.data_ptr(), cols ? col_m.data_ptr() : nullptr, cols ? col_l.data_ptr() : nullptr,
-        i0 == 0, i0 + rows == M, cols ? col.data_ptr() : nullptr, work.data_ptr(), stream, vec,
+        buf.const_data_ptr(), gc_type(acc), c.rows, N, N, c.i0, offset, exclude_pos, cols,
+        sc.const_data_ptr(), row.data_ptr(), cols ? col_m.data_ptr() : nullptr,
+        cols ? col_l.data_ptr() : nullptr, c.i0 == 0, c.i0 + c.rows == M,
+        cols ? col.data_ptr() : nullptr, work.data_ptr(), stream, vec,
         csc.defined() ? csc.const_data_ptr() : nullptr);
     C10_CUDA_CHECK(static_cast<cudaError_t>(err));
-  }
+  });
   return {row, col};
 }
 
@@ -132,30 +124,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cuda_vec(
       at::empty({cols ? static_cast<int64_t>(cuda::simlse_bwd_vec_col_partials(R)) : 0, N}, opts);
   at::Tensor drs = ds.narrow(0, 0, M), dcs = ds.narrow(0, M, cols ? N : 0);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int64_t a_row_bytes = a.stride(0) * a.element_size();
-  for (int64_t i0 = 0; i0 < M; i0 += R) {
-    const int64_t rows = std::min(R, M - i0);
-    const char* a_c = byte_ptr(a) + i0 * a_row_bytes;
+  chunk_gemms(a, b, R, buf, wbuf, true, da, db, [&](const RowChunk& c) {
     int64_t stride = 0, crow = 0;
-    gemm_rm(false, true, rows, N, D, a_c, a.stride(0), b.const_data_ptr(), b.stride(0),
-            buf.data_ptr(), N, false, in);
     const int err = cuda::simlse_bwd_weights_vec(
-        buf.const_data_ptr(), gc_type(acc), wbuf.data_ptr(), gc_type(wbuf.scalar_type()), rows, N,
-        N, N, i0, offset, exclude_pos, cols, rs.const_data_ptr(),
+        buf.const_data_ptr(), gc_type(acc), wbuf.data_ptr(), gc_type(wbuf.scalar_type()), c.rows,
+        N, N, N, c.i0, offset, exclude_pos, cols, rs.const_data_ptr(),
         cols ? cs.const_data_ptr() : nullptr, rl.const_data_ptr(),
         cols ? cl.const_data_ptr() : nullptr, gr.const_data_ptr(),
         cols ? gc.const_data_ptr() : nullptr, sigma.defined() ? sigma.const_data_ptr() : nullptr,
         drs_part.data_ptr(), &stride, cols ? dcs_part.data_ptr() : nullptr, &crow, stream);
     C10_CUDA_CHECK(static_cast<cudaError_t>(err));
     // drs_i = g_r_i sum_j p_ij S_ij;  dcs accumulates sum_i p'_ij S_ij (times g_c at the end)
-    at::Tensor parts = drs_part.view({-1}).narrow(0, 0, rows * stride).view({rows, stride});
-    drs.narrow(0, i0, rows).copy_(gr.narrow(0, i0, rows) * parts.sum(1));
+    at::Tensor parts = drs_part.view({-1}).narrow(0, 0, c.rows * stride).view({c.rows, stride});
+    drs.narrow(0, c.i0, c.rows).copy_(gr.narrow(0, c.i0, c.rows) * parts.sum(1));
     if (cols) dcs.add_(dcs_part.narrow(0, 0, crow).sum(0));
-    gemm_rm(false, false, rows, D, N, wbuf.const_data_ptr(), N, b.const_data_ptr(), b.stride(0),
-            static_cast<char*>(da.data_ptr()) + i0 * D * asz, D, false, in);
-    gemm_rm(true, false, N, D, rows, wbuf.const_data_ptr(), N, a_c, a.stride(0), db.data_ptr(), D,
-            i0 > 0, in);
-  }
+  });
   if (cols) dcs.mul_(gc);
   if (sigma.defined()) {
     da.mul_(inv_sigma);
@@ -218,39 +201,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cuda(
   }
   at::Tensor ds_part = at::empty({static_cast<int64_t>(cuda::simlse_bwd_ds_partials(R, N))}, opts);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int64_t a_row_bytes = a.stride(0) * a.element_size();
-  for (int64_t i0 = 0; i0 < M; i0 += R) {
-    const int64_t rows = std::min(R, M - i0);
-    const char* a_c = byte_ptr(a) + i0 * a_row_bytes;
+  chunk_gemms(a, b, R, buf, wbuf, true, da, db, [&](RowChunk& c) {
     int64_t n_part = 0;
-    gemm_rm(false, true, rows, N, D, a_c, a.stride(0), b.const_data_ptr(), b.stride(0),
-            buf.data_ptr(), N, false, in);
     const int err = cuda::simlse_bwd_weights(
-        buf.const_data_ptr(), gc_type(acc), wbuf.data_ptr(), gc_type(wbuf.scalar_type()), rows, N,
-        N, N, i0, offset, exclude_pos, cols, sc.const_data_ptr(), rl.const_data_ptr(),
+        buf.const_data_ptr(), gc_type(acc), wbuf.data_ptr(), gc_type(wbuf.scalar_type()), c.rows,
+        N, N, N, c.i0, offset, exclude_pos, cols, sc.const_data_ptr(), rl.const_data_ptr(),
         cols ? cl.const_data_ptr() : nullptr, gr.const_data_ptr(),
         cols ? gc.const_data_ptr() : nullptr, sigma.defined() ? sigma.const_data_ptr() : nullptr,
         ds_part.data_ptr(), &n_part, stream);
     C10_CUDA_CHECK(static_cast<cudaError_t>(err));
     ds.add_(ds_part.narrow(0, 0, n_part).sum());
-    // da[i0:i0+rows] = W @ B
-    gemm_rm(false, false, rows, D, N, wbuf.const_data_ptr(), N, b.const_data_ptr(), b.stride(0),
-            static_cast<char*>(da.data_ptr()) + i0 * D * asz, D, false, in);
-    // db (+)= W^T @ A_c
-    const char* a_db = a_c;
-    int64_t ld_db = a.stride(0);
-    if (sigma.defined()) {
-      const at::Tensor sc = sigma.narrow(0, i0, rows);
-      da.narrow(0, i0, rows).div_(sc.unsqueeze(1));
-      at::Tensor as_c = a_s.narrow(0, 0, rows);
-      as_c.copy_(a.narrow(0, i0, rows).to(acc) * (sigma_min / sc).unsqueeze(1));
-      a_db = static_cast<const char*>(as_c.const_data_ptr());
-      ld_db = D;
+    if (sigma.defined()) {  // db's operand: A_c rows times sigma_min / sigma_i
+      at::Tensor as_c = a_s.narrow(0, 0, c.rows);
+      as_c.copy_(a.narrow(0, c.i0, c.rows).to(acc) *
+                 (sigma_min / sigma.narrow(0, c.i0, c.rows)).unsqueeze(1));
+      c.a_db = static_cast<const char*>(as_c.const_data_ptr());
+      c.ld_db = D;
     }
-    gemm_rm(true, false, N, D, rows, wbuf.const_data_ptr(), N, a_db, ld_db, db.data_ptr(), D,
-            i0 > 0, in);
+  });
+  if (sigma.defined()) {  // da rows carry sigma_i, db carries sigma_min
+    da.div_(sigma.unsqueeze(1));
+    db.div_(sigma_min);
   }
-  if (sigma.defined()) db.div_(sigma_min);
   return {da, db, ds};
 }
 
