@@ -75,13 +75,12 @@ gamma_onepass_fwd_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const at:
   at::Tensor col_m = at::empty({N}, opts), col_s = at::empty({N}, opts);
   at::Tensor col_t = at::empty({N}, opts);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  chunk_gemms(a, b, R, buf, wbuf, grad, da, db, [&](const RowChunk& c) {
+  chunk_gemms(a, b, R, offset, buf, wbuf, grad, da, db, [&](const RowChunk& c) {
     const int err = cuda::gamma_onepass_chunk(
-        buf.const_data_ptr(), gc_type(acc), grad ? wbuf.data_ptr() : nullptr,
-        gc_type(wbuf.scalar_type()), c.rows, N, N, N, c.i0, offset, sc.const_data_ptr(),
-        ar.const_data_ptr(), ac.const_data_ptr(), w_row, w_col, clamp, grad, row_lse.data_ptr(),
-        row_term.data_ptr(), col_m.data_ptr(), col_s.data_ptr(), col_t.data_ptr(), c.i0 == 0,
-        c.i0 + c.rows == M, col_lse.data_ptr(), col_term.data_ptr(), work.data_ptr(), stream);
+        c.k, sc.const_data_ptr(), ar.const_data_ptr(), ac.const_data_ptr(), w_row, w_col, clamp,
+        grad, row_lse.data_ptr(), row_term.data_ptr(), col_m.data_ptr(), col_s.data_ptr(),
+        col_t.data_ptr(), c.k.row0 == 0, c.k.row0 + c.k.rows == M, col_lse.data_ptr(),
+        col_term.data_ptr(), work.data_ptr(), stream);
     C10_CUDA_CHECK(static_cast<cudaError_t>(err));
   });
   return {row_lse, col_lse, row_term, col_term, da, db};

@@ -61,11 +61,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_fwd_cuda(
       at::empty({static_cast<int64_t>(cuda::siglip_workspace_bytes(R, N, acc == at::kDouble))},
                 a.options().dtype(at::kByte));
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  chunk_gemms(a, b, R, buf, wbuf, grad, da, db, [&](const RowChunk& c) {
+  chunk_gemms(a, b, R, offset, buf, wbuf, grad, da, db, [&](const RowChunk& c) {
     const int err =
-        cuda::siglip_chunk(buf.const_data_ptr(), gc_type(acc), grad ? wbuf.data_ptr() : nullptr,
-                           gc_type(wbuf.scalar_type()), c.rows, N, N, N, c.i0, offset,
-                           sc.const_data_ptr(), bi.const_data_ptr(), w_scale, grad,
+        cuda::siglip_chunk(c.k, sc.const_data_ptr(), bi.const_data_ptr(), w_scale, grad,
                            row_loss.data_ptr(), row_wsum.data_ptr(), work.data_ptr(), stream);
     C10_CUDA_CHECK(static_cast<cudaError_t>(err));
   });

@@ -63,12 +63,11 @@ std::tuple<at::Tensor, at::Tensor> simlse_fwd_cuda(const SimlseProblem& pr, cons
                 a.options().dtype(at::kByte));
   at::Tensor col_m = at::empty({cols ? N : 0}, opts), col_l = at::empty({cols ? N : 0}, opts);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  chunk_gemms(a, b, R, buf, buf, false, at::Tensor(), at::Tensor(), [&](const RowChunk& c) {
+  chunk_gemms(a, b, R, offset, buf, buf, false, at::Tensor(), at::Tensor(), [&](const RowChunk& c) {
     const int err = cuda::simlse_fwd_chunk(
-        buf.const_data_ptr(), gc_type(acc), c.rows, N, N, c.i0, offset, exclude_pos, cols,
-        sc.const_data_ptr(), row.data_ptr(), cols ? col_m.data_ptr() : nullptr,
-        cols ? col_l.data_ptr() : nullptr, c.i0 == 0, c.i0 + c.rows == M,
-        cols ? col.data_ptr() : nullptr, work.data_ptr(), stream, pr.vec,
+        c.k, exclude_pos, cols, sc.const_data_ptr(), row.data_ptr(),
+        cols ? col_m.data_ptr() : nullptr, cols ? col_l.data_ptr() : nullptr, c.k.row0 == 0,
+        c.k.row0 + c.k.rows == M, cols ? col.data_ptr() : nullptr, work.data_ptr(), stream, pr.vec,
         csc.defined() ? csc.const_data_ptr() : nullptr);
     C10_CUDA_CHECK(static_cast<cudaError_t>(err));
   });
@@ -115,19 +114,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cuda_vec(
       at::empty({cols ? static_cast<int64_t>(cuda::simlse_bwd_vec_col_partials(R)) : 0, N}, opts);
   at::Tensor drs = ds.narrow(0, 0, M), dcs = ds.narrow(0, M, cols ? N : 0);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  chunk_gemms(a, b, R, buf, wbuf, true, da, db, [&](const RowChunk& c) {
+  chunk_gemms(a, b, R, offset, buf, wbuf, true, da, db, [&](const RowChunk& c) {
     int64_t stride = 0, crow = 0;
     const int err = cuda::simlse_bwd_weights_vec(
-        buf.const_data_ptr(), gc_type(acc), wbuf.data_ptr(), gc_type(wbuf.scalar_type()), c.rows, N,
-        N, N, c.i0, offset, exclude_pos, cols, rs.const_data_ptr(),
-        cols ? cs.const_data_ptr() : nullptr, rl.const_data_ptr(),
-        cols ? cl.const_data_ptr() : nullptr, gr.const_data_ptr(),
+        c.k, exclude_pos, cols, rs.const_data_ptr(), cols ? cs.const_data_ptr() : nullptr,
+        rl.const_data_ptr(), cols ? cl.const_data_ptr() : nullptr, gr.const_data_ptr(),
         cols ? gc.const_data_ptr() : nullptr, sigma.defined() ? sigma.const_data_ptr() : nullptr,
         drs_part.data_ptr(), &stride, cols ? dcs_part.data_ptr() : nullptr, &crow, stream);
     C10_CUDA_CHECK(static_cast<cudaError_t>(err));
     // drs_i = g_r_i sum_j p_ij S_ij;  dcs accumulates sum_i p'_ij S_ij (times g_c at the end)
-    at::Tensor parts = drs_part.view({-1}).narrow(0, 0, c.rows * stride).view({c.rows, stride});
-    drs.narrow(0, c.i0, c.rows).copy_(gr.narrow(0, c.i0, c.rows) * parts.sum(1));
+    const int64_t i0 = c.k.row0, rows = c.k.rows;
+    at::Tensor parts = drs_part.view({-1}).narrow(0, 0, rows * stride).view({rows, stride});
+    drs.narrow(0, i0, rows).copy_(gr.narrow(0, i0, rows) * parts.sum(1));
     if (cols) dcs.add_(dcs_part.narrow(0, 0, crow).sum(0));
   });
   if (cols) dcs.mul_(gc);
@@ -182,20 +180,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cuda(
   }
   at::Tensor ds_part = at::empty({static_cast<int64_t>(cuda::simlse_bwd_ds_partials(R, N))}, opts);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  chunk_gemms(a, b, R, buf, wbuf, true, da, db, [&](RowChunk& c) {
+  chunk_gemms(a, b, R, offset, buf, wbuf, true, da, db, [&](RowChunk& c) {
     int64_t n_part = 0;
     const int err = cuda::simlse_bwd_weights(
-        buf.const_data_ptr(), gc_type(acc), wbuf.data_ptr(), gc_type(wbuf.scalar_type()), c.rows, N,
-        N, N, c.i0, offset, exclude_pos, cols, sc.const_data_ptr(), rl.const_data_ptr(),
+        c.k, exclude_pos, cols, sc.const_data_ptr(), rl.const_data_ptr(),
         cols ? cl.const_data_ptr() : nullptr, gr.const_data_ptr(),
         cols ? gc.const_data_ptr() : nullptr, sigma.defined() ? sigma.const_data_ptr() : nullptr,
         ds_part.data_ptr(), &n_part, stream);
     C10_CUDA_CHECK(static_cast<cudaError_t>(err));
     ds.add_(ds_part.narrow(0, 0, n_part).sum());
     if (sigma.defined()) {  // db's operand: A_c rows times sigma_min / sigma_i
-      at::Tensor as_c = a_s.narrow(0, 0, c.rows);
-      as_c.copy_(a.narrow(0, c.i0, c.rows).to(acc) *
-                 (sigma_min / sigma.narrow(0, c.i0, c.rows)).unsqueeze(1));
+      const int64_t i0 = c.k.row0, rows = c.k.rows;
+      at::Tensor as_c = a_s.narrow(0, 0, rows);
+      as_c.copy_(a.narrow(0, i0, rows).to(acc) *
+                 (sigma_min / sigma.narrow(0, i0, rows)).unsqueeze(1));
       c.a_db = static_cast<const char*>(as_c.const_data_ptr());
       c.ld_db = D;
     }
