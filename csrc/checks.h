@@ -1,11 +1,14 @@
 // Host-side argument checks of the torch bindings (CPU: simlse.cpp, gamma_onepass.cpp; CUDA:
-// *_cuda.cpp via cuda_binding.h). Every message names the op, the argument and the values. Torch
-// headers only; inline, so every translation unit can include it.
+// *_cuda.cpp via cuda_binding.h), and simlse's entry points, shared by its backends. Every message
+// names the op, the argument and the values. Torch headers only; inline, so every translation unit
+// can include it.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <limits>
 #include <optional>
+#include <tuple>
 
 namespace gammacl {
 
@@ -88,21 +91,21 @@ inline bool check_simlse_scales(const char* op, const Problem& pr, const at::Ten
   return true;
 }
 
+struct SimlseProblem : Problem {
+  bool vec;  // vector scales (check_simlse_scales)
+};
+
 // Problem checks of simlse (the features, then the scales as above).
-inline Problem check_simlse_problem(const char* op, const at::Tensor& a, const at::Tensor& b,
-                                    const at::Tensor& scale,
-                                    const std::optional<at::Tensor>& col_scale, bool cols,
-                                    at::DeviceType dev, bool* vec) {
+inline SimlseProblem check_simlse_problem(const char* op, const at::Tensor& a, const at::Tensor& b,
+                                          const at::Tensor& scale,
+                                          const std::optional<at::Tensor>& col_scale, bool cols,
+                                          at::DeviceType dev) {
   check_features(op, a, b, dev);
   const auto acc = acc_type(a.scalar_type());
   const Problem pr{acc, a.size(0), b.size(0), a.size(1)};
-  if (scale.dim() == 1) {
-    *vec = check_simlse_scales(op, pr, a, scale, col_scale, cols);
-    return pr;
-  }
-  *vec = false;
+  if (scale.dim() == 1) return {pr, check_simlse_scales(op, pr, a, scale, col_scale, cols)};
   check_simlse_scales(op, pr, a, scale, col_scale, cols);
-  return check_problem(op, a, b, scale, dev);
+  return {check_problem(op, a, b, scale, dev), false};
 }
 
 // simlse_bwd's statistics and upstream gradients: row_lse, g_row [M]; col_lse, g_col [N] (or [0]
@@ -114,6 +117,39 @@ inline void check_simlse_bwd_stats(const char* op, const Problem& pr, const at::
   check_vec(op, "g_row", g_row, pr.M, a, pr.acc);
   check_vec(op, "col_lse", col_lse, cols ? pr.N : 0, a, pr.acc);
   check_vec(op, "g_col", g_col, cols ? pr.N : 0, a, pr.acc);
+}
+
+// simlse_fwd and simlse_bwd as every backend registers them (schemas: simlse.cpp): the checks
+// above under the op's name `Op` on the backend's device `Dev`; then an empty problem's outputs
+// (forward M or N = 0: row [M], col [N or 0] LSEs of no terms, -inf; backward M, N or D = 0: zero
+// da [M, D], db [N, D] and ds, [M + N or M] for vector scales, [] otherwise), else the backend's
+// Fwd / Bwd with the checked problem first and the schema's arguments after it.
+template <const char* Op, at::DeviceType Dev, auto Fwd>
+std::tuple<at::Tensor, at::Tensor> simlse_fwd_entry(const at::Tensor& a, const at::Tensor& b,
+                                                    const at::Tensor& scale, int64_t offset,
+                                                    bool exclude_pos, bool cols,
+                                                    const std::optional<at::Tensor>& col_scale) {
+  const SimlseProblem pr = check_simlse_problem(Op, a, b, scale, col_scale, cols, Dev);
+  if (pr.M > 0 && pr.N > 0) return Fwd(pr, a, b, scale, offset, exclude_pos, cols, col_scale);
+  const auto opts = a.options().dtype(pr.acc);
+  const double inf = std::numeric_limits<double>::infinity();
+  return {at::full({pr.M}, -inf, opts), at::full({cols ? pr.N : 0}, -inf, opts)};
+}
+
+template <const char* Op, at::DeviceType Dev, auto Bwd>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_entry(
+    const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, const at::Tensor& row_lse,
+    const at::Tensor& col_lse, const at::Tensor& g_row, const at::Tensor& g_col, int64_t offset,
+    bool exclude_pos, bool cols, const std::optional<at::Tensor>& col_scale) {
+  const SimlseProblem pr = check_simlse_problem(Op, a, b, scale, col_scale, cols, Dev);
+  check_simlse_bwd_stats(Op, pr, a, row_lse, col_lse, g_row, g_col, cols);
+  if (pr.M > 0 && pr.N > 0 && pr.D > 0) {
+    return Bwd(pr, a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols,
+               col_scale);
+  }
+  const auto opts = a.options().dtype(pr.acc);
+  const at::Tensor ds = pr.vec ? at::zeros({pr.M + (cols ? pr.N : 0)}, opts) : at::zeros({}, opts);
+  return {at::zeros({pr.M, pr.D}, opts), at::zeros({pr.N, pr.D}, opts), ds};
 }
 
 }  // namespace gammacl

@@ -105,4 +105,47 @@ inline int64_t cuda_chunk_rows(int64_t m, int64_t per_row) {
   return chunk_rows(m, per_row, chunk_budget_bytes("GAMMACL_CUDA_CHUNK_MIB", kCudaChunkMiB), 128);
 }
 
+// One row chunk of chunk_gemms: the kernels' view k of it (S = buf, W = wbuf or null without
+// grad, global rows k.row0..k.row0+k.rows-1). a_db / ld_db: the A-side operand of db (+)= W^T A_c,
+// A_c unless the epilogue puts a rescaled copy there.
+struct RowChunk {
+  cuda::ChunkView k;
+  const char* a_db;
+  int64_t ld_db;
+};
+
+// The GEMMs around an epilogue kernel, per chunk of R rows of a [M, D] against b [N, D] (GEMM
+// operands: gemm_operand; `offset` goes to the kernels):
+//   S[rows, N] = A_c @ B^T   into buf (acc dtype; zeros when D = 0)
+//   epilogue(chunk)          reads S; writes W into wbuf (buf itself, or a 16-bit [R, N] buffer)
+//   grad: da[i0:i0+rows] = W @ B,  db (+)= W^T @ A_c   (da, db: acc dtype, contiguous)
+template <typename Epilogue>
+void chunk_gemms(const at::Tensor& a, const at::Tensor& b, int64_t R, int64_t offset,
+                 const at::Tensor& buf, const at::Tensor& wbuf, bool grad, const at::Tensor& da,
+                 const at::Tensor& db, Epilogue&& epilogue) {
+  const int64_t M = a.size(0), N = b.size(0), D = a.size(1);
+  const auto in = a.scalar_type();
+  const int64_t a_row_bytes = a.stride(0) * a.element_size();
+  for (int64_t i0 = 0; i0 < M; i0 += R) {
+    const int64_t rows = std::min(R, M - i0);
+    const char* a_c = byte_ptr(a) + i0 * a_row_bytes;
+    RowChunk c{{buf.const_data_ptr(), gc_type(buf.scalar_type()), grad ? wbuf.data_ptr() : nullptr,
+                gc_type(wbuf.scalar_type()), rows, N, N, N, i0, offset},
+               a_c,
+               a.stride(0)};
+    if (D == 0) {
+      buf.zero_();
+    } else {
+      gemm_rm(false, true, rows, N, D, a_c, a.stride(0), b.const_data_ptr(), b.stride(0),
+              buf.data_ptr(), N, false, in);
+    }
+    epilogue(c);
+    if (!grad || D == 0) continue;
+    gemm_rm(false, false, rows, D, N, wbuf.const_data_ptr(), N, b.const_data_ptr(), b.stride(0),
+            static_cast<char*>(da.data_ptr()) + i0 * D * da.element_size(), D, false, in);
+    gemm_rm(true, false, N, D, rows, wbuf.const_data_ptr(), N, c.a_db, c.ld_db, db.data_ptr(), D,
+            i0 > 0, in);
+  }
+}
+
 }  // namespace gammacl

@@ -20,6 +20,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernel_api.h"
+
 namespace gammacl::cuda {
 
 constexpr int kThreads = 256;  // 8 warps per block
@@ -41,6 +43,8 @@ template <>
 struct AccOf<double> {
   using type = double;
 };
+template <typename T>
+using Acc = typename AccOf<T>::type;
 
 __device__ __forceinline__ float to_acc(float x) { return x; }
 __device__ __forceinline__ double to_acc(double x) { return x; }
@@ -160,12 +164,22 @@ __device__ __forceinline__ int tile_col(int k, int lane) {
   return ((k / VEC) * 32 + lane) * VEC + k % VEC;
 }
 
-// Logits l = mul_rn(S, scale) of one row for the lane's columns; column `excl` and
+// The scale of column j: one value for the row, or a per-column vector sc[j].
+template <typename A>
+__device__ __forceinline__ A scale_at(A sc, int64_t) {
+  return sc;
+}
+template <typename A>
+__device__ __forceinline__ A scale_at(const A* sc, int64_t j) {
+  return sc[j];
+}
+
+// Logits l_j = mul_rn(S_j, scale_at(sc, j)) of one row for the lane's columns; column `excl` and
 // columns >= n are -inf. VEC > 1 only when n % VEC == 0 (and the row is VEC-aligned), so a vector
 // is either fully inside or fully outside the row.
-template <int VEC, typename T, typename A>
+template <int VEC, typename T, typename A, typename Scale>
 __device__ __forceinline__ void load_row_logits(const T* srow, int64_t col0, int lane, int64_t n,
-                                                int64_t excl, A sl, A (&l)[kPerLane]) {
+                                                int64_t excl, Scale sc, A (&l)[kPerLane]) {
   constexpr int U = kPerLane / VEC;
 #pragma unroll
   for (int u = 0; u < U; ++u) {
@@ -174,7 +188,8 @@ __device__ __forceinline__ void load_row_logits(const T* srow, int64_t col0, int
       const Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(srow + j0);
 #pragma unroll
       for (int v = 0; v < VEC; ++v)
-        l[u * VEC + v] = (j0 + v == excl) ? neg_inf<A>() : mul_rn(to_acc(p.v[v]), sl);
+        l[u * VEC + v] =
+            (j0 + v == excl) ? neg_inf<A>() : mul_rn(to_acc(p.v[v]), scale_at(sc, j0 + v));
     } else {
 #pragma unroll
       for (int v = 0; v < VEC; ++v) l[u * VEC + v] = neg_inf<A>();
@@ -210,24 +225,31 @@ __device__ __forceinline__ void online_push(A& m, A& s, A l) {
   m = (live && up) ? l : m;
 }
 
+// A tile's column values in shared memory, one row per warp: (m, s) partials for
+// block_col_merge, m alone for block_col_sum.
+template <typename A>
+struct ColSmem {
+  A m[kWarps][kTileCols];
+  A s[kWarps][kTileCols];
+};
+
 // Merges the kWarps per-warp column partials of a tile through shared memory: thread c
 // (kThreads == kTileCols) returns column c's merged (m, s). Ends with a barrier, so the shared
 // arrays can be reused at once.
 template <int VEC, typename A>
 __device__ __forceinline__ void block_col_merge(const A (&cm)[kPerLane], const A (&cs)[kPerLane],
-                                                A (*sm_m)[kTileCols], A (*sm_s)[kTileCols], A& m,
-                                                A& s) {
+                                                ColSmem<A>& sm, A& m, A& s) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) {
-    sm_m[warp][tile_col<VEC>(k, lane)] = cm[k];
-    sm_s[warp][tile_col<VEC>(k, lane)] = cs[k];
+    sm.m[warp][tile_col<VEC>(k, lane)] = cm[k];
+    sm.s[warp][tile_col<VEC>(k, lane)] = cs[k];
   }
   __syncthreads();
   m = neg_inf<A>();
   s = A(0);
 #pragma unroll
-  for (int w = 0; w < kWarps; ++w) merge(m, s, sm_m[w][threadIdx.x], sm_s[w][threadIdx.x]);
+  for (int w = 0; w < kWarps; ++w) merge(m, s, sm.m[w][threadIdx.x], sm.s[w][threadIdx.x]);
   __syncthreads();
 }
 
@@ -258,5 +280,22 @@ inline bool aligned(const void* p, size_t bytes) {
 }
 
 inline size_t round_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
+// A launcher's untyped device pointer as the kernel's typed one.
+template <typename A>
+inline const A* typed(const void* p) {
+  return static_cast<const A*>(p);
+}
+template <typename A>
+inline A* typed(void* p) {
+  return static_cast<A*>(p);
+}
+
+// Whether S and W of c take packs of `vec` elements: n and the leading dimensions multiples of
+// vec, S 16-byte aligned, W (w_size-byte elements; 0: no W written) aligned to vec * w_size.
+inline bool packed(const ChunkView& c, int vec, size_t w_size) {
+  return c.n % vec == 0 && c.ld_s % vec == 0 && aligned(c.s, 16) &&
+         (w_size == 0 || (c.ld_w % vec == 0 && aligned(c.w, vec * w_size)));
+}
 
 }  // namespace gammacl::cuda

@@ -75,32 +75,14 @@ gamma_onepass_fwd_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const at:
   at::Tensor col_m = at::empty({N}, opts), col_s = at::empty({N}, opts);
   at::Tensor col_t = at::empty({N}, opts);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int64_t a_row_bytes = a.stride(0) * a.element_size();
-  for (int64_t i0 = 0; i0 < M; i0 += R) {
-    const int64_t rows = std::min(R, M - i0);
-    const char* a_c = byte_ptr(a) + i0 * a_row_bytes;
-    if (D == 0) {
-      buf.zero_();
-    } else {  // S[rows, N] = A_c @ B^T
-      gemm_rm(false, true, rows, N, D, a_c, a.stride(0), b.const_data_ptr(), b.stride(0),
-              buf.data_ptr(), N, false, in);
-    }
+  chunk_gemms(a, b, R, offset, buf, wbuf, grad, da, db, [&](const RowChunk& c) {
     const int err = cuda::gamma_onepass_chunk(
-        buf.const_data_ptr(), gc_type(acc), grad ? wbuf.data_ptr() : nullptr,
-        gc_type(wbuf.scalar_type()), rows, N, N, N, i0, offset, sc.const_data_ptr(),
-        ar.const_data_ptr(), ac.const_data_ptr(), w_row, w_col, clamp, grad, row_lse.data_ptr(),
-        row_term.data_ptr(), col_m.data_ptr(), col_s.data_ptr(), col_t.data_ptr(), i0 == 0,
-        i0 + rows == M, col_lse.data_ptr(), col_term.data_ptr(), work.data_ptr(), stream);
+        c.k, sc.const_data_ptr(), ar.const_data_ptr(), ac.const_data_ptr(), w_row, w_col, clamp,
+        grad, row_lse.data_ptr(), row_term.data_ptr(), col_m.data_ptr(), col_s.data_ptr(),
+        col_t.data_ptr(), c.k.row0 == 0, c.k.row0 + c.k.rows == M, col_lse.data_ptr(),
+        col_term.data_ptr(), work.data_ptr(), stream);
     C10_CUDA_CHECK(static_cast<cudaError_t>(err));
-    if (grad && D > 0) {
-      // da[i0:i0+rows] = W @ B
-      gemm_rm(false, false, rows, D, N, wbuf.const_data_ptr(), N, b.const_data_ptr(), b.stride(0),
-              static_cast<char*>(da.data_ptr()) + i0 * D * asz, D, false, in);
-      // db (+)= W^T @ A_c
-      gemm_rm(true, false, N, D, rows, wbuf.const_data_ptr(), N, a_c, a.stride(0), db.data_ptr(), D,
-              i0 > 0, in);
-    }
-  }
+  });
   return {row_lse, col_lse, row_term, col_term, da, db};
 }
 

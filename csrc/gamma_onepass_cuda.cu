@@ -45,23 +45,20 @@ __device__ __forceinline__ A cap(A x, A c) {
 // (ld_w; may alias s when TW == T: every element is read and then written by the same thread; null
 // when !grad). row_p*: [rows, n_ct] partials (LSE max, LSE sum, term); col_p*: [n_rt, n].
 template <typename T, typename TW, int VEC>
-__global__ void __launch_bounds__(kThreads) gamma_onepass_tile_kernel(
-    const T* s, TW* w, int64_t rows, int64_t n, int64_t ld_s, int64_t ld_w, int64_t row0,
-    int64_t offset, const typename AccOf<T>::type* __restrict__ scale,
-    const typename AccOf<T>::type* __restrict__ alpha_row,
-    const typename AccOf<T>::type* __restrict__ alpha_col, typename AccOf<T>::type w_row,
-    typename AccOf<T>::type w_col, typename AccOf<T>::type cl, bool grad,
-    typename AccOf<T>::type* __restrict__ row_pm, typename AccOf<T>::type* __restrict__ row_ps,
-    typename AccOf<T>::type* __restrict__ row_pt, typename AccOf<T>::type* __restrict__ col_pm,
-    typename AccOf<T>::type* __restrict__ col_ps, typename AccOf<T>::type* __restrict__ col_pt,
-    int64_t n_ct, int64_t n_rt) {
-  using A = typename AccOf<T>::type;
+__global__ void __launch_bounds__(kThreads)
+    gamma_onepass_tile_kernel(const T* s, TW* w, int64_t rows, int64_t n, int64_t ld_s,
+                              int64_t ld_w, int64_t row0, int64_t offset,
+                              const Acc<T>* __restrict__ scale,
+                              const Acc<T>* __restrict__ alpha_row,
+                              const Acc<T>* __restrict__ alpha_col, Acc<T> w_row, Acc<T> w_col,
+                              Acc<T> cl, bool grad, Acc<T>* __restrict__ row_pm,
+                              Acc<T>* __restrict__ row_ps, Acc<T>* __restrict__ row_pt,
+                              Acc<T>* __restrict__ col_pm, Acc<T>* __restrict__ col_ps,
+                              Acc<T>* __restrict__ col_pt, int64_t n_ct, int64_t n_rt) {
+  using A = Acc<T>;
   constexpr int U = kPerLane / VEC;
-  __shared__ A sm_m[kWarps][kTileCols];
-  __shared__ A sm_s[kWarps][kTileCols];
-
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
+  __shared__ ColSmem<A> sm;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t ct = blockIdx.x;
   const int64_t col0 = ct * kTileCols;
   const A sl = scale[0];
@@ -124,8 +121,8 @@ __global__ void __launch_bounds__(kThreads) gamma_onepass_tile_kernel(
       }
     }
     A m, sum;
-    block_col_merge<VEC>(cm, cs, sm_m, sm_s, m, sum);
-    const A t = block_col_sum<VEC>(ctm, sm_m);
+    block_col_merge<VEC>(cm, cs, sm, m, sum);
+    const A t = block_col_sum<VEC>(ctm, sm.m);
     const int64_t j = col0 + threadIdx.x;  // kThreads == kTileCols
     if (j < n) {
       col_pm[rt * n + j] = m;
@@ -204,12 +201,12 @@ inline Work work_layout(int64_t rows, int64_t n, size_t acc_size) {
 }
 
 template <typename T, typename TW>
-int launch(const T* s, TW* w, int64_t rows, int64_t n, int64_t ld_s, int64_t ld_w, int64_t row0,
-           int64_t offset, const void* scale, const void* alpha_row, const void* alpha_col,
+int launch(const ChunkView& c, const void* scale, const void* alpha_row, const void* alpha_col,
            double w_row, double w_col, double clamp, bool grad, void* row_lse, void* row_term,
            void* col_m, void* col_s, void* col_t, bool first, bool last, void* col_lse,
            void* col_term, void* work, cudaStream_t stream) {
-  using A = typename AccOf<T>::type;
+  using A = Acc<T>;
+  const int64_t rows = c.rows, n = c.n;
   const Work f = work_layout(rows, n, sizeof(A));
   // Workspace: row_pm | row_ps | row_pt | col_pm | col_ps | col_pt.
   char* base = static_cast<char*>(work);
@@ -219,31 +216,20 @@ int launch(const T* s, TW* w, int64_t rows, int64_t n, int64_t ld_s, int64_t ld_
     row_p[q] = reinterpret_cast<A*>(base + q * f.row_bytes);
     col_p[q] = reinterpret_cast<A*>(base + 3 * f.row_bytes + q * f.col_bytes);
   }
-  const A* sc = static_cast<const A*>(scale);
-  const A* ar = static_cast<const A*>(alpha_row);
-  const A* ac = static_cast<const A*>(alpha_col);
-  const A cl = static_cast<A>(clamp);
   const dim3 grid(static_cast<unsigned>(f.n_ct), grid_cap(f.n_rt));
   constexpr int VEC = 16 / sizeof(T);  // 16-byte loads of S; W stores VEC * sizeof(TW) bytes
-  const bool vec_ok = n % VEC == 0 && ld_s % VEC == 0 && aligned(s, 16) &&
-                      (!grad || (ld_w % VEC == 0 && aligned(w, VEC * sizeof(TW))));
-#define GC_TILE(V)                                                                                 \
-  GC_LAUNCH(grid, kThreads, stream, gamma_onepass_tile_kernel<T, TW, V>)(                          \
-      s, w, rows, n, ld_s, ld_w, row0, offset, sc, ar, ac, static_cast<A>(w_row),                  \
-      static_cast<A>(w_col), cl, grad, row_p[0], row_p[1], row_p[2], col_p[0], col_p[1], col_p[2], \
-      f.n_ct, f.n_rt)
-  if (vec_ok) {
-    GC_TILE(VEC);
-  } else {
-    GC_TILE(1);
-  }
-#undef GC_TILE
+  auto kernel = packed(c, VEC, grad ? sizeof(TW) : 0) ? gamma_onepass_tile_kernel<T, TW, VEC>
+                                                      : gamma_onepass_tile_kernel<T, TW, 1>;
+  GC_LAUNCH(grid, kThreads, stream, kernel)(
+      typed<T>(c.s), typed<TW>(c.w), rows, n, c.ld_s, c.ld_w, c.row0, c.offset, typed<A>(scale),
+      typed<A>(alpha_row), typed<A>(alpha_col), static_cast<A>(w_row), static_cast<A>(w_col),
+      static_cast<A>(clamp), grad, row_p[0], row_p[1], row_p[2], col_p[0], col_p[1], col_p[2],
+      f.n_ct, f.n_rt);
   GC_LAUNCH(grid_cap(cdiv(rows, kWarps)), kThreads, stream, gamma_onepass_row_merge_kernel<A>)(
-      row_p[0], row_p[1], row_p[2], rows, f.n_ct, row0, static_cast<A*>(row_lse),
-      static_cast<A*>(row_term));
+      row_p[0], row_p[1], row_p[2], rows, f.n_ct, c.row0, typed<A>(row_lse), typed<A>(row_term));
   GC_LAUNCH(grid_cap(cdiv(n, kThreads)), kThreads, stream, gamma_onepass_col_merge_kernel<A>)(
-      col_p[0], col_p[1], col_p[2], f.n_rt, n, static_cast<A*>(col_m), static_cast<A*>(col_s),
-      static_cast<A*>(col_t), first, last, static_cast<A*>(col_lse), static_cast<A*>(col_term));
+      col_p[0], col_p[1], col_p[2], f.n_rt, n, typed<A>(col_m), typed<A>(col_s), typed<A>(col_t),
+      first, last, typed<A>(col_lse), typed<A>(col_term));
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -254,19 +240,17 @@ size_t gamma_onepass_workspace_bytes(int64_t rows, int64_t n, bool f64) {
   return 3 * f.row_bytes + 3 * f.col_bytes;
 }
 
-int gamma_onepass_chunk(const void* s, gammacl::GcType s_type, void* w, gammacl::GcType w_type,
-                        int64_t rows, int64_t n, int64_t ld_s, int64_t ld_w, int64_t row0,
-                        int64_t offset, const void* scale, const void* alpha_row,
+int gamma_onepass_chunk(const ChunkView& c, const void* scale, const void* alpha_row,
                         const void* alpha_col, double w_row, double w_col, double clamp, bool grad,
                         void* row_lse, void* row_term, void* col_m, void* col_s, void* col_t,
                         bool first, bool last, void* col_lse, void* col_term, void* work,
                         CUstream_st* stream) {
   using gammacl::GcType;
-  if (rows <= 0 || n <= 0) return static_cast<int>(cudaSuccess);
-#define GC_DISPATCH(TS, TWT)                                                                      \
-  launch(static_cast<const TS*>(s), static_cast<TWT*>(w), rows, n, ld_s, ld_w, row0, offset,      \
-         scale, alpha_row, alpha_col, w_row, w_col, clamp, grad, row_lse, row_term, col_m, col_s, \
-         col_t, first, last, col_lse, col_term, work, stream)
+  if (c.rows <= 0 || c.n <= 0) return static_cast<int>(cudaSuccess);
+#define GC_DISPATCH(TS, TWT)                                                                    \
+  launch<TS, TWT>(c, scale, alpha_row, alpha_col, w_row, w_col, clamp, grad, row_lse, row_term, \
+                  col_m, col_s, col_t, first, last, col_lse, col_term, work, stream)
+  const GcType s_type = c.s_type, w_type = c.w_type;
   if (s_type == GcType::F32 && (!grad || w_type == GcType::F32)) return GC_DISPATCH(float, float);
   if (s_type == GcType::F32 && w_type == GcType::BF16) return GC_DISPATCH(float, __nv_bfloat16);
   if (s_type == GcType::F64 && (!grad || w_type == GcType::F64)) return GC_DISPATCH(double, double);

@@ -50,36 +50,43 @@ struct CUstream_st;
 
 namespace gammacl::cuda {
 
+// One row chunk as every launcher takes it: S (rows x n, leading dim ld_s, type s_type) holds raw
+// dot products a_i . b_j of global rows row0..row0+rows-1; W (rows x n, ld_w, type w_type) receives
+// the gradient weights (w may alias s when the types match; null, and w_type ignored, where none
+// are written); entry (row0 + i, row0 + i + offset) is the one `exclude` / the positive refers to.
+struct ChunkView {
+  const void* s;
+  gammacl::GcType s_type;
+  void* w;
+  gammacl::GcType w_type;
+  int64_t rows, n, ld_s, ld_w, row0, offset;
+};
+
 // Bytes of device workspace simlse_fwd_chunk needs for a chunk of `rows` rows (acc = f64 or f32).
 size_t simlse_fwd_workspace_bytes(int64_t rows, int64_t n, bool f64);
 
-// Forward epilogue of one row chunk: S (rows x n, leading dim ld, type s_type) holds raw dot
-// products a_i . b_j of global rows row0..row0+rows-1.
+// Forward epilogue of one row chunk (S of c; no W).
 //   row_lse[row0 + i] = log sum_j exp(l_ij)                       (written for the chunk's rows)
 //   cols: (col_m, col_l)[j] <- running column stats (max m, sum of e^(l - m)) merged with this
 //         chunk's; `first` starts them fresh (no initialisation needed), `last` writes
 //         col_lse[j] = m + ln l instead of storing them.
 // Rows with every entry excluded get -inf. Race-free: per-(row-tile, column) partials in `work`
 // are merged by one thread per column; no atomics.
-int simlse_fwd_chunk(const void* s, gammacl::GcType s_type, int64_t rows, int64_t n, int64_t ld,
-                     int64_t row0, int64_t offset, bool exclude, bool cols, const void* scale,
-                     void* row_lse, void* col_m, void* col_l, bool first, bool last, void* col_lse,
-                     void* work, CUstream_st* stream, bool vec_scale = false,
-                     const void* col_scale = nullptr);
+int simlse_fwd_chunk(const ChunkView& c, bool exclude, bool cols, const void* scale, void* row_lse,
+                     void* col_m, void* col_l, bool first, bool last, void* col_lse, void* work,
+                     CUstream_st* stream, bool vec_scale = false, const void* col_scale = nullptr);
 
-// Backward weights of one row chunk, written to w (may alias s when the types match):
+// Backward weights of one row chunk, written to W of c:
 //   W_ij = w_scale[i] * (g_row[i] exp(l_ij - row_lse[i]) + [cols] g_col[j] exp(l_ij - col_lse[j]))
-// (0 if excluded) with i = row0 + local row. s_type in {F32, F64, F16, BF16}; w_type = F64 iff
-// s_type is F64. w_scale: optional acc-typed device vector over all rows (nullptr = 1), powers of
-// two that keep each row's fp16 weights out of fp16's subnormal range; the caller divides them
-// back out of the GEMM results.
-// ds_part (acc type, >= simlse_bwd_ds_partials(rows, n) elements) receives *ds_count partial
-// sums of W_ij S_ij (the unscaled weights in the acc type: d loss / d scale without the 16-bit
-// rounding of W); their sum is this chunk's share of sum_ij W_ij S_ij.
+// (0 if excluded) with i = row0 + local row. c.s_type in {F32, F64, F16, BF16}; c.w_type = F64
+// iff c.s_type is F64. w_scale: optional acc-typed device vector over all rows (nullptr = 1),
+// powers of two that keep each row's fp16 weights out of fp16's subnormal range; the caller divides
+// them back out of the GEMM results. ds_part (acc type, >= simlse_bwd_ds_partials(rows, n)
+// elements) receives *ds_count partial sums of W_ij S_ij (the unscaled weights in the acc type: d
+// loss / d scale without the 16-bit rounding of W); their sum is this chunk's share of sum_ij W_ij
+// S_ij.
 size_t simlse_bwd_ds_partials(int64_t rows, int64_t n);
-int simlse_bwd_weights(const void* s, gammacl::GcType s_type, void* w, gammacl::GcType w_type,
-                       int64_t rows, int64_t n, int64_t ld_s, int64_t ld_w, int64_t row0,
-                       int64_t offset, bool exclude, bool cols, const void* scale,
+int simlse_bwd_weights(const ChunkView& c, bool exclude, bool cols, const void* scale,
                        const void* row_lse, const void* col_lse, const void* g_row,
                        const void* g_col, const void* w_scale, void* ds_part, int64_t* ds_count,
                        CUstream_st* stream);
@@ -94,9 +101,7 @@ int simlse_bwd_weights(const void* s, gammacl::GcType s_type, void* w, gammacl::
 // sized by simlse_bwd_vec_row_partials(n) per row and simlse_bwd_vec_col_partials(rows) x n.
 size_t simlse_bwd_vec_row_partials(int64_t n);
 size_t simlse_bwd_vec_col_partials(int64_t rows);
-int simlse_bwd_weights_vec(const void* s, gammacl::GcType s_type, void* w, gammacl::GcType w_type,
-                           int64_t rows, int64_t n, int64_t ld_s, int64_t ld_w, int64_t row0,
-                           int64_t offset, bool exclude, bool cols, const void* row_scale,
+int simlse_bwd_weights_vec(const ChunkView& c, bool exclude, bool cols, const void* row_scale,
                            const void* col_scale, const void* row_lse, const void* col_lse,
                            const void* g_row, const void* g_col, const void* w_scale,
                            void* drs_part, int64_t* drs_stride, void* dcs_part, int64_t* dcs_rows,
@@ -105,21 +110,17 @@ int simlse_bwd_weights_vec(const void* s, gammacl::GcType s_type, void* w, gamma
 // Bytes of device workspace gamma_onepass_chunk needs for a chunk of `rows` rows.
 size_t gamma_onepass_workspace_bytes(int64_t rows, int64_t n, bool f64);
 
-// One row chunk of the gamma one-pass op (contract: python/gammacl/ops/gamma_onepass.py). S (rows
-// x n, ld_s, F32 or F64) holds raw dot products of global rows row0..row0+rows-1; entry
-// (row0 + i, row0 + i + offset) is excluded. With l = scale * S:
+// One row chunk of the gamma one-pass op (contract: python/gammacl/ops/gamma_onepass.py): S of c
+// F32 or F64, the entry at c.offset excluded. With l = scale * S:
 //   row_lse[row0 + i], row_term[row0 + i] = sum_j e^{min(l_ij + alpha_row[row0 + i], clamp)}
 //   columns: running (col_m, col_s) LSE stats and col_t term sums merged with this chunk's
 //            (`first` starts them fresh; `last` writes col_lse / col_term instead of storing them)
 //   grad: W_ij = w_row e^{min(l_ij + alpha_row_i, clamp)} + w_col e^{min(l_ij + alpha_col_j,
 //   clamp)}
-//         (0 if excluded) into w (rows x n, ld_w): w_type == s_type (w may alias s) or BF16 for
-//         F32.
+//         (0 if excluded) into W of c: w_type == s_type (w may alias s) or BF16 for F32.
 // alpha_row: [row0 + rows] (indexed globally), alpha_col: [n]; acc-typed device pointers. No
 // atomics; `work` holds gamma_onepass_workspace_bytes(rows, n, s_type == F64) bytes.
-int gamma_onepass_chunk(const void* s, gammacl::GcType s_type, void* w, gammacl::GcType w_type,
-                        int64_t rows, int64_t n, int64_t ld_s, int64_t ld_w, int64_t row0,
-                        int64_t offset, const void* scale, const void* alpha_row,
+int gamma_onepass_chunk(const ChunkView& c, const void* scale, const void* alpha_row,
                         const void* alpha_col, double w_row, double w_col, double clamp, bool grad,
                         void* row_lse, void* row_term, void* col_m, void* col_s, void* col_t,
                         bool first, bool last, void* col_lse, void* col_term, void* work,
@@ -136,17 +137,14 @@ namespace gammacl::cuda {
 // Bytes of device workspace siglip_chunk needs for a chunk of `rows` rows.
 size_t siglip_workspace_bytes(int64_t rows, int64_t n, bool f64);
 
-// One row chunk of the siglip op. S (rows x n, ld_s, F32 or F64) holds raw dot products of global
-// rows row0..row0+rows-1. With l = scale * S + bias, z = +1 at (row0 + i, row0 + i + offset), -1
-// elsewhere, y = -z l:
+// One row chunk of the siglip op: S of c F32 or F64. With l = scale * S + bias, z = +1 at
+// (row0 + i, row0 + i + offset), -1 elsewhere, y = -z l:
 //   row_loss[row0 + i] = sum_j softplus(y_ij),  row_wsum[row0 + i] = sum_j W_ij,  W = -z sigmoid(y)
-//   grad: w_scale * W into w (rows x n, ld_w): w_type == s_type (w may alias s), or BF16 / F16
-//         for F32 (w_scale: a power of two; 2^14 keeps fp16 weights normal, |W| <= 1).
+//   grad: w_scale * W into W of c: w_type == s_type (w may alias s), or BF16 / F16 for F32
+//         (w_scale: a power of two; 2^14 keeps fp16 weights normal, |W| <= 1).
 // scale, bias: acc-typed device scalars. No atomics: per-(row, column-tile) partials in `work`
 // (siglip_workspace_bytes(rows, n, s_type == F64) bytes) summed in a fixed order.
-int siglip_chunk(const void* s, gammacl::GcType s_type, void* w, gammacl::GcType w_type,
-                 int64_t rows, int64_t n, int64_t ld_s, int64_t ld_w, int64_t row0, int64_t offset,
-                 const void* scale, const void* bias, double w_scale, bool grad, void* row_loss,
-                 void* row_wsum, void* work, CUstream_st* stream);
+int siglip_chunk(const ChunkView& c, const void* scale, const void* bias, double w_scale, bool grad,
+                 void* row_loss, void* row_wsum, void* work, CUstream_st* stream);
 
 }  // namespace gammacl::cuda

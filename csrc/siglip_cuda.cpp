@@ -61,31 +61,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_fwd_cuda(
       at::empty({static_cast<int64_t>(cuda::siglip_workspace_bytes(R, N, acc == at::kDouble))},
                 a.options().dtype(at::kByte));
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int64_t a_row_bytes = a.stride(0) * a.element_size();
-  for (int64_t i0 = 0; i0 < M; i0 += R) {
-    const int64_t rows = std::min(R, M - i0);
-    const char* a_c = byte_ptr(a) + i0 * a_row_bytes;
-    if (D == 0) {
-      buf.zero_();
-    } else {  // S[rows, N] = A_c @ B^T
-      gemm_rm(false, true, rows, N, D, a_c, a.stride(0), b.const_data_ptr(), b.stride(0),
-              buf.data_ptr(), N, false, in);
-    }
+  chunk_gemms(a, b, R, offset, buf, wbuf, grad, da, db, [&](const RowChunk& c) {
     const int err =
-        cuda::siglip_chunk(buf.const_data_ptr(), gc_type(acc), grad ? wbuf.data_ptr() : nullptr,
-                           gc_type(wbuf.scalar_type()), rows, N, N, N, i0, offset,
-                           sc.const_data_ptr(), bi.const_data_ptr(), w_scale, grad,
+        cuda::siglip_chunk(c.k, sc.const_data_ptr(), bi.const_data_ptr(), w_scale, grad,
                            row_loss.data_ptr(), row_wsum.data_ptr(), work.data_ptr(), stream);
     C10_CUDA_CHECK(static_cast<cudaError_t>(err));
-    if (grad && D > 0) {
-      // da[i0:i0+rows] = W @ B
-      gemm_rm(false, false, rows, D, N, wbuf.const_data_ptr(), N, b.const_data_ptr(), b.stride(0),
-              static_cast<char*>(da.data_ptr()) + i0 * D * asz, D, false, in);
-      // db (+)= W^T @ A_c
-      gemm_rm(true, false, N, D, rows, wbuf.const_data_ptr(), N, a_c, a.stride(0), db.data_ptr(), D,
-              i0 > 0, in);
-    }
-  }
+  });
   if (w_scale != 1.0) {  // undo the fp16 weight scaling (exact power of two)
     da.mul_(1.0 / w_scale);
     db.mul_(1.0 / w_scale);

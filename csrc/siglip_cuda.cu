@@ -31,14 +31,11 @@ __device__ __forceinline__ double log1p_(double x) { return log1p(x); }
 template <typename T, typename TW>
 __global__ void __launch_bounds__(kThreads)
     siglip_tile_kernel(const T* s, TW* w, int64_t rows, int64_t n, int64_t ld_s, int64_t ld_w,
-                       int64_t row0, int64_t offset,
-                       const typename AccOf<T>::type* __restrict__ scale,
-                       const typename AccOf<T>::type* __restrict__ bias,
-                       typename AccOf<T>::type w_scale, bool grad,
-                       typename AccOf<T>::type* __restrict__ part_loss,
-                       typename AccOf<T>::type* __restrict__ part_wsum, int64_t n_ct,
+                       int64_t row0, int64_t offset, const Acc<T>* __restrict__ scale,
+                       const Acc<T>* __restrict__ bias, Acc<T> w_scale, bool grad,
+                       Acc<T>* __restrict__ part_loss, Acc<T>* __restrict__ part_wsum, int64_t n_ct,
                        int64_t n_rt) {
-  using A = typename AccOf<T>::type;
+  using A = Acc<T>;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int64_t ct = blockIdx.x;
@@ -108,20 +105,20 @@ inline size_t part_bytes(int64_t rows, int64_t n, size_t acc_size) {
 }
 
 template <typename T, typename TW>
-int launch(const T* s, TW* w, int64_t rows, int64_t n, int64_t ld_s, int64_t ld_w, int64_t row0,
-           int64_t offset, const void* scale, const void* bias, double w_scale, bool grad,
+int launch(const ChunkView& c, const void* scale, const void* bias, double w_scale, bool grad,
            void* row_loss, void* row_wsum, void* work, cudaStream_t stream) {
-  using A = typename AccOf<T>::type;
+  using A = Acc<T>;
+  const int64_t rows = c.rows, n = c.n;
   const int64_t n_ct = cdiv(n, kTileCols), n_rt = cdiv(rows, kTileRows);
   const size_t pb = part_bytes(rows, n, sizeof(A));
   A* p_loss = static_cast<A*>(work);
   A* p_wsum = reinterpret_cast<A*>(static_cast<char*>(work) + pb);
   const dim3 grid(static_cast<unsigned>(n_ct), grid_cap(n_rt));
   GC_LAUNCH(grid, kThreads, stream, siglip_tile_kernel<T, TW>)(
-      s, w, rows, n, ld_s, ld_w, row0, offset, static_cast<const A*>(scale),
-      static_cast<const A*>(bias), static_cast<A>(w_scale), grad, p_loss, p_wsum, n_ct, n_rt);
+      typed<T>(c.s), typed<TW>(c.w), rows, n, c.ld_s, c.ld_w, c.row0, c.offset, typed<A>(scale),
+      typed<A>(bias), static_cast<A>(w_scale), grad, p_loss, p_wsum, n_ct, n_rt);
   GC_LAUNCH(grid_cap(cdiv(rows, kWarps)), kThreads, stream, siglip_row_merge_kernel<A>)(
-      p_loss, p_wsum, rows, n_ct, row0, static_cast<A*>(row_loss), static_cast<A*>(row_wsum));
+      p_loss, p_wsum, rows, n_ct, c.row0, typed<A>(row_loss), typed<A>(row_wsum));
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -131,15 +128,13 @@ size_t siglip_workspace_bytes(int64_t rows, int64_t n, bool f64) {
   return 2 * part_bytes(rows, n, f64 ? sizeof(double) : sizeof(float));
 }
 
-int siglip_chunk(const void* s, gammacl::GcType s_type, void* w, gammacl::GcType w_type,
-                 int64_t rows, int64_t n, int64_t ld_s, int64_t ld_w, int64_t row0, int64_t offset,
-                 const void* scale, const void* bias, double w_scale, bool grad, void* row_loss,
-                 void* row_wsum, void* work, CUstream_st* stream) {
+int siglip_chunk(const ChunkView& c, const void* scale, const void* bias, double w_scale, bool grad,
+                 void* row_loss, void* row_wsum, void* work, CUstream_st* stream) {
   using gammacl::GcType;
-  if (rows <= 0 || n <= 0) return static_cast<int>(cudaSuccess);
-#define GC_DISPATCH(TS, TWT)                                                                 \
-  launch(static_cast<const TS*>(s), static_cast<TWT*>(w), rows, n, ld_s, ld_w, row0, offset, \
-         scale, bias, w_scale, grad, row_loss, row_wsum, work, stream)
+  if (c.rows <= 0 || c.n <= 0) return static_cast<int>(cudaSuccess);
+#define GC_DISPATCH(TS, TWT) \
+  launch<TS, TWT>(c, scale, bias, w_scale, grad, row_loss, row_wsum, work, stream)
+  const GcType s_type = c.s_type, w_type = c.w_type;
   if (s_type == GcType::F32 && (!grad || w_type == GcType::F32)) return GC_DISPATCH(float, float);
   if (s_type == GcType::F32 && w_type == GcType::BF16) return GC_DISPATCH(float, __nv_bfloat16);
   if (s_type == GcType::F32 && w_type == GcType::F16) return GC_DISPATCH(float, __half);

@@ -332,27 +332,44 @@ T row_lse_vec(const T* x, int64_t n, T rs, const T* cs, int64_t e, T* cm, T* cl)
   return r;
 }
 
+// Per chunk of R rows of a [M, D] against b [N, D] (acc dtype): S[rows, N] = A_c @ B^T in a
+// buffer (zeros when D = 0), then epilogue(i0, rows, S) (grad: W over S in place), then with grad
+// da[i0:i0+rows] = W @ B and db += W^T @ A_c (db zeroed by the caller).
+template <typename Epilogue>
+void chunk_mm(const at::Tensor& a, const at::Tensor& b, int64_t R, bool grad, at::Tensor* da,
+              at::Tensor* db, Epilogue&& epilogue) {
+  const int64_t M = a.size(0), D = a.size(1);
+  at::Tensor buf = at::empty({R, b.size(0)}, a.options());
+  const at::Tensor bt = b.t();
+  for (int64_t i0 = 0; i0 < M; i0 += R) {
+    const int64_t rows = std::min(R, M - i0);
+    at::Tensor S = buf.narrow(0, 0, rows);
+    const at::Tensor a_c = a.narrow(0, i0, rows);
+    if (D == 0) {
+      S.zero_();
+    } else {
+      at::mm_out(S, a_c, bt);  // raw dots, acc dtype
+    }
+    epilogue(i0, rows, S);
+    if (!grad) continue;
+    at::Tensor da_c = da->narrow(0, i0, rows);
+    at::mm_out(da_c, S, b);  // da_c = W @ B
+    db->addmm_(S.t(), a_c);  // db += W^T @ A_c
+  }
+}
+
 // rs, cs: nullptr (scalar mode, scale s) or the [M] row / [N] column scales.
 template <typename T>
 void fwd_impl(const at::Tensor& a, const at::Tensor& b, T s, const T* rs, const T* cs,
               int64_t offset, bool exclude, bool cols, at::Tensor& row, at::Tensor& col) {
-  const int64_t M = a.size(0), N = b.size(0), D = a.size(1);
+  const int64_t M = a.size(0), N = b.size(0);
   const int64_t R = cpu_chunk_rows(M, N, sizeof(T));
-  at::Tensor buf = at::empty({R, N}, a.options());
-  const at::Tensor bt = b.t();
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t nblk_max = std::min(nthreads, R);
   // Column partials, one (max, sum) row per row block.
   std::vector<T> cm(cols ? nblk_max * N : 0, kNegInf<T>), cl(cols ? nblk_max * N : 0, T(0));
   T* rowp = row.data_ptr<T>();
-  for (int64_t i0 = 0; i0 < M; i0 += R) {
-    const int64_t rows = std::min(R, M - i0);
-    at::Tensor S = buf.narrow(0, 0, rows);
-    if (D == 0) {
-      S.zero_();
-    } else {
-      at::mm_out(S, a.narrow(0, i0, rows), bt);  // raw dots, acc dtype
-    }
+  chunk_mm(a, b, R, false, nullptr, nullptr, [&](int64_t i0, int64_t rows, const at::Tensor& S) {
     const T* sp = S.const_data_ptr<T>();
     const int64_t nblk = std::min(nthreads, rows);
     at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
@@ -367,7 +384,7 @@ void fwd_impl(const at::Tensor& a, const at::Tensor& b, T s, const T* rs, const 
         }
       }
     });
-  }
+  });
   if (!cols) return;
   T* colp = col.data_ptr<T>();
   at::parallel_for(0, N, 4096, [&](int64_t j0, int64_t j1) {
@@ -402,13 +419,7 @@ void bwd_impl(const at::Tensor& a, const at::Tensor& b, T s, const T* rl, const 
               at::Tensor& db) {
   const int64_t M = a.size(0), N = b.size(0);
   const int64_t R = cpu_chunk_rows(M, N, sizeof(T));
-  at::Tensor buf = at::empty({R, N}, a.options());
-  const at::Tensor bt = b.t();
-  for (int64_t i0 = 0; i0 < M; i0 += R) {
-    const int64_t rows = std::min(R, M - i0);
-    at::Tensor S = buf.narrow(0, 0, rows);
-    const at::Tensor a_c = a.narrow(0, i0, rows);
-    at::mm_out(S, a_c, bt);
+  chunk_mm(a, b, R, true, &da, &db, [&](int64_t i0, int64_t rows, const at::Tensor& S) {
     T* sp = S.data_ptr<T>();
     at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
@@ -428,10 +439,7 @@ void bwd_impl(const at::Tensor& a, const at::Tensor& b, T s, const T* rl, const 
         }
       }
     });
-    at::Tensor da_c = da.narrow(0, i0, rows);
-    at::mm_out(da_c, S, b);  // da_c = W @ B
-    db.addmm_(S.t(), a_c);   // db += W^T @ A_c
-  }
+  });
 }
 
 // Vector mode backward (ops/simlse.py): W_ij = g_r_i rs_i p^r_ij + g_c_j cs_j p^c_ij in place over
@@ -443,17 +451,11 @@ void bwd_vec_impl(const at::Tensor& a, const at::Tensor& b, const T* rs, const T
                   at::Tensor& da, at::Tensor& db, T* drs, T* dcs) {
   const int64_t M = a.size(0), N = b.size(0);
   const int64_t R = cpu_chunk_rows(M, N, sizeof(T));
-  at::Tensor buf = at::empty({R, N}, a.options());
-  const at::Tensor bt = b.t();
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t nblk_max = std::min(nthreads, R);
   std::vector<T> pcs(cols ? nblk_max * N : 0, T(0)), gccs(cols ? N : 0);
   for (int64_t j = 0; j < (cols ? N : 0); ++j) gccs[j] = gc[j] * cs[j];
-  for (int64_t i0 = 0; i0 < M; i0 += R) {
-    const int64_t rows = std::min(R, M - i0);
-    at::Tensor S = buf.narrow(0, 0, rows);
-    const at::Tensor a_c = a.narrow(0, i0, rows);
-    at::mm_out(S, a_c, bt);
+  chunk_mm(a, b, R, true, &da, &db, [&](int64_t i0, int64_t rows, const at::Tensor& S) {
     T* sp = S.data_ptr<T>();
     const int64_t nblk = std::min(nthreads, rows);
     at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
@@ -479,10 +481,7 @@ void bwd_vec_impl(const at::Tensor& a, const at::Tensor& b, const T* rs, const T
         }
       }
     });
-    at::Tensor da_c = da.narrow(0, i0, rows);
-    at::mm_out(da_c, S, b);  // da_c = W @ B
-    db.addmm_(S.t(), a_c);   // db += W^T @ A_c
-  }
+  });
   if (!cols) return;
   for (int64_t j = 0; j < N; ++j) {
     T t = 0;
@@ -491,28 +490,19 @@ void bwd_vec_impl(const at::Tensor& a, const at::Tensor& b, const T* rs, const T
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> simlse_fwd_cpu(const at::Tensor& a_in, const at::Tensor& b_in,
-                                                  const at::Tensor& scale, int64_t offset,
-                                                  bool exclude_pos, bool cols,
+// Non-empty problems (simlse_fwd_entry in checks.h does the checks and the empty ones).
+std::tuple<at::Tensor, at::Tensor> simlse_fwd_cpu(const SimlseProblem& pr, const at::Tensor& a_in,
+                                                  const at::Tensor& b_in, const at::Tensor& scale,
+                                                  int64_t offset, bool exclude_pos, bool cols,
                                                   const std::optional<at::Tensor>& col_scale) {
-  const char* op = "gammacl::simlse_fwd (cpu)";
-  bool vec = false;
-  const Problem pr = check_simlse_problem(op, a_in, b_in, scale, col_scale, cols, at::kCPU, &vec);
   const auto acc = pr.acc;
-  const int64_t M = pr.M, N = pr.N;
   const auto opts = a_in.options().dtype(acc);
-  at::Tensor row = at::empty({M}, opts);
-  at::Tensor col = at::empty({cols ? N : 0}, opts);
-  if (M == 0 || N == 0) {  // LSE over an empty set
-    row.fill_(-std::numeric_limits<double>::infinity());
-    col.fill_(-std::numeric_limits<double>::infinity());
-    return {row, col};
-  }
+  at::Tensor row = at::empty({pr.M}, opts), col = at::empty({cols ? pr.N : 0}, opts);
   // fp16/bf16 operands are upcast once: fp32 GEMM and fp32 logits (bf16 logits would carry
   // ~0.4 absolute error at scale 100).
   const at::Tensor a = a_in.to(acc), b = b_in.to(acc);
   AT_DISPATCH_FLOATING_TYPES(acc, "simlse_fwd_cpu", [&] {
-    if (!vec) {
+    if (!pr.vec) {
       fwd_impl<scalar_t>(a, b, scale.item<scalar_t>(), nullptr, nullptr, offset, exclude_pos, cols,
                          row, col);
       return;
@@ -527,27 +517,19 @@ std::tuple<at::Tensor, at::Tensor> simlse_fwd_cpu(const at::Tensor& a_in, const 
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cpu(
-    const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& scale,
-    const at::Tensor& row_lse, const at::Tensor& col_lse, const at::Tensor& g_row,
-    const at::Tensor& g_col, int64_t offset, bool exclude_pos, bool cols,
+    const SimlseProblem& pr, const at::Tensor& a_in, const at::Tensor& b_in,
+    const at::Tensor& scale, const at::Tensor& row_lse, const at::Tensor& col_lse,
+    const at::Tensor& g_row, const at::Tensor& g_col, int64_t offset, bool exclude_pos, bool cols,
     const std::optional<at::Tensor>& col_scale) {
-  const char* op = "gammacl::simlse_bwd (cpu)";
-  bool vec = false;
-  const Problem pr = check_simlse_problem(op, a_in, b_in, scale, col_scale, cols, at::kCPU, &vec);
   const auto acc = pr.acc;
   const int64_t M = pr.M, N = pr.N, D = pr.D;
-  check_simlse_bwd_stats(op, pr, a_in, row_lse, col_lse, g_row, g_col, cols);
   const auto opts = a_in.options().dtype(acc);
   at::Tensor da = at::empty({M, D}, opts);
-  at::Tensor db = at::zeros({N, D}, opts);
-  if (M == 0 || N == 0 || D == 0) {
-    da.zero_();
-    return {da, db, vec ? at::zeros({M + (cols ? N : 0)}, opts) : at::zeros({}, opts)};
-  }
+  at::Tensor db = at::zeros({N, D}, opts);  // accumulated by chunk_mm
   const at::Tensor a = a_in.to(acc), b = b_in.to(acc);
   const at::Tensor rl = row_lse.contiguous(), gr = g_row.contiguous();
   const at::Tensor cl = col_lse.contiguous(), gc = g_col.contiguous();
-  if (vec) {  // (dA, dB, cat(drs, dcs)): the scales are inside W
+  if (pr.vec) {  // (dA, dB, cat(drs, dcs)): the scales are inside W
     at::Tensor ds = at::empty({M + (cols ? N : 0)}, opts);
     const at::Tensor rs = scale.contiguous();
     const at::Tensor cs = cols ? col_scale->contiguous() : at::Tensor();
@@ -587,9 +569,14 @@ TORCH_LIBRARY_FRAGMENT(gammacl, m) {
       "Tensor? col_scale=None) -> (Tensor, Tensor, Tensor)");
 }
 
+namespace {
+constexpr char kFwdOp[] = "gammacl::simlse_fwd (cpu)";
+constexpr char kBwdOp[] = "gammacl::simlse_bwd (cpu)";
+}  // namespace
+
 TORCH_LIBRARY_IMPL(gammacl, CPU, m) {
-  m.impl("simlse_fwd", &simlse_fwd_cpu);
-  m.impl("simlse_bwd", &simlse_bwd_cpu);
+  m.impl("simlse_fwd", &simlse_fwd_entry<kFwdOp, at::kCPU, simlse_fwd_cpu>);
+  m.impl("simlse_bwd", &simlse_bwd_entry<kBwdOp, at::kCPU, simlse_bwd_cpu>);
 }
 
 }  // namespace gammacl

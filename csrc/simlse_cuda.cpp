@@ -22,7 +22,8 @@
 // (default 512 MiB, cuda_binding.h says why), rounded down to a multiple of 128 rows. At N = 65536
 // (fp32 S, bf16 W) that is 1280 rows in the backward: each GEMM is then 1280 x 65536 x D.
 //
-// GEMMs, checks and the chunk budget: cuda_binding.h.
+// GEMMs and the chunk budget: cuda_binding.h; the checks and empty problems: simlse_*_entry in
+// checks.h.
 #include <algorithm>
 #include <limits>
 #include <tuple>
@@ -41,28 +42,19 @@ int64_t bytes_per_row(int64_t n, int64_t acc_size, int64_t w_size, bool fwd) {
   return b;
 }
 
-std::tuple<at::Tensor, at::Tensor> simlse_fwd_cuda(const at::Tensor& a_in, const at::Tensor& b_in,
-                                                   const at::Tensor& scale, int64_t offset,
-                                                   bool exclude_pos, bool cols,
+// Non-empty problems (simlse_fwd_entry in checks.h does the checks and the empty ones).
+std::tuple<at::Tensor, at::Tensor> simlse_fwd_cuda(const SimlseProblem& pr, const at::Tensor& a_in,
+                                                   const at::Tensor& b_in, const at::Tensor& scale,
+                                                   int64_t offset, bool exclude_pos, bool cols,
                                                    const std::optional<at::Tensor>& col_scale) {
-  const char* op = "gammacl::simlse_fwd (cuda)";
-  bool vec = false;
-  const Problem pr =
-      check_simlse_problem(op, a_in, b_in, scale, col_scale, cols, kKernelDevice, &vec);
   const auto acc = pr.acc;
-  const int64_t M = pr.M, N = pr.N, D = pr.D;
+  const int64_t M = pr.M, N = pr.N;
   const c10::cuda::CUDAGuard guard(a_in.device());
   const at::Tensor a = gemm_operand(a_in), b = gemm_operand(b_in);
   const at::Tensor sc = scale.contiguous();
-  const at::Tensor csc = vec && cols ? col_scale->contiguous() : at::Tensor();
+  const at::Tensor csc = pr.vec && cols ? col_scale->contiguous() : at::Tensor();
   const auto opts = a.options().dtype(acc);
-  at::Tensor row = at::empty({M}, opts);
-  at::Tensor col = at::empty({cols ? N : 0}, opts);
-  if (M == 0 || N == 0) {  // LSE over an empty set
-    row.fill_(-std::numeric_limits<double>::infinity());
-    col.fill_(-std::numeric_limits<double>::infinity());
-    return {row, col};
-  }
+  at::Tensor row = at::empty({M}, opts), col = at::empty({cols ? N : 0}, opts);
   const int64_t asz = at::elementSize(acc);
   const int64_t R = cuda_chunk_rows(M, bytes_per_row(N, asz, 0, true));
   at::Tensor buf = at::empty({R, N}, opts);
@@ -71,23 +63,14 @@ std::tuple<at::Tensor, at::Tensor> simlse_fwd_cuda(const at::Tensor& a_in, const
                 a.options().dtype(at::kByte));
   at::Tensor col_m = at::empty({cols ? N : 0}, opts), col_l = at::empty({cols ? N : 0}, opts);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const GcType st = gc_type(acc);
-  for (int64_t i0 = 0; i0 < M; i0 += R) {
-    const int64_t rows = std::min(R, M - i0);
-    if (D == 0) {
-      buf.zero_();
-    } else {  // S[rows, N] = A_c @ B^T
-      gemm_rm(false, true, rows, N, D, byte_ptr(a) + i0 * a.stride(0) * a.element_size(),
-              a.stride(0), b.const_data_ptr(), b.stride(0), buf.data_ptr(), N, false,
-              a.scalar_type());
-    }
+  chunk_gemms(a, b, R, offset, buf, buf, false, at::Tensor(), at::Tensor(), [&](const RowChunk& c) {
     const int err = cuda::simlse_fwd_chunk(
-        buf.const_data_ptr(), st, rows, N, N, i0, offset, exclude_pos, cols, sc.const_data_ptr(),
-        row.data_ptr(), cols ? col_m.data_ptr() : nullptr, cols ? col_l.data_ptr() : nullptr,
-        i0 == 0, i0 + rows == M, cols ? col.data_ptr() : nullptr, work.data_ptr(), stream, vec,
+        c.k, exclude_pos, cols, sc.const_data_ptr(), row.data_ptr(),
+        cols ? col_m.data_ptr() : nullptr, cols ? col_l.data_ptr() : nullptr, c.k.row0 == 0,
+        c.k.row0 + c.k.rows == M, cols ? col.data_ptr() : nullptr, work.data_ptr(), stream, pr.vec,
         csc.defined() ? csc.const_data_ptr() : nullptr);
     C10_CUDA_CHECK(static_cast<cudaError_t>(err));
-  }
+  });
   return {row, col};
 }
 
@@ -96,12 +79,12 @@ std::tuple<at::Tensor, at::Tensor> simlse_fwd_cuda(const at::Tensor& a_in, const
 // p S (per warp per row) and p' S (per block row per column); then the two GEMMs. Returns
 // (dA, dB, cat(drs, dcs)). fp16 W: sigma from max|g_r rs| + max|g_c cs|.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cuda_vec(
-    const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& scale,
-    const std::optional<at::Tensor>& col_scale, const at::Tensor& row_lse,
+    const SimlseProblem& pr, const at::Tensor& a_in, const at::Tensor& b_in,
+    const at::Tensor& scale, const std::optional<at::Tensor>& col_scale, const at::Tensor& row_lse,
     const at::Tensor& col_lse, const at::Tensor& g_row, const at::Tensor& g_col, int64_t offset,
     bool exclude_pos, bool cols) {
-  const auto acc = acc_type(a_in.scalar_type());
-  const int64_t M = a_in.size(0), N = b_in.size(0), D = a_in.size(1);
+  const auto acc = pr.acc;
+  const int64_t M = pr.M, N = pr.N, D = pr.D;
   const c10::cuda::CUDAGuard guard(a_in.device());
   const at::Tensor a = gemm_operand(a_in), b = gemm_operand(b_in);
   const at::Tensor rs = scale.contiguous();
@@ -109,10 +92,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cuda_vec(
   const at::Tensor rl = row_lse.contiguous(), gr = g_row.contiguous();
   const at::Tensor cl = col_lse.contiguous(), gc = g_col.contiguous();
   const auto opts = a.options().dtype(acc);
-  at::Tensor da = at::zeros({M, D}, opts);
-  at::Tensor db = at::zeros({N, D}, opts);
+  at::Tensor da = at::empty({M, D}, opts);
+  at::Tensor db = at::empty({N, D}, opts);
   at::Tensor ds = at::zeros({M + (cols ? N : 0)}, opts);
-  if (M == 0 || N == 0 || D == 0) return {da, db, ds};
   const auto in = a.scalar_type();
   const bool half = in == at::kHalf || in == at::kBFloat16;
   const int64_t asz = at::elementSize(acc);
@@ -132,30 +114,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cuda_vec(
       at::empty({cols ? static_cast<int64_t>(cuda::simlse_bwd_vec_col_partials(R)) : 0, N}, opts);
   at::Tensor drs = ds.narrow(0, 0, M), dcs = ds.narrow(0, M, cols ? N : 0);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int64_t a_row_bytes = a.stride(0) * a.element_size();
-  for (int64_t i0 = 0; i0 < M; i0 += R) {
-    const int64_t rows = std::min(R, M - i0);
-    const char* a_c = byte_ptr(a) + i0 * a_row_bytes;
+  chunk_gemms(a, b, R, offset, buf, wbuf, true, da, db, [&](const RowChunk& c) {
     int64_t stride = 0, crow = 0;
-    gemm_rm(false, true, rows, N, D, a_c, a.stride(0), b.const_data_ptr(), b.stride(0),
-            buf.data_ptr(), N, false, in);
     const int err = cuda::simlse_bwd_weights_vec(
-        buf.const_data_ptr(), gc_type(acc), wbuf.data_ptr(), gc_type(wbuf.scalar_type()), rows, N,
-        N, N, i0, offset, exclude_pos, cols, rs.const_data_ptr(),
-        cols ? cs.const_data_ptr() : nullptr, rl.const_data_ptr(),
-        cols ? cl.const_data_ptr() : nullptr, gr.const_data_ptr(),
+        c.k, exclude_pos, cols, rs.const_data_ptr(), cols ? cs.const_data_ptr() : nullptr,
+        rl.const_data_ptr(), cols ? cl.const_data_ptr() : nullptr, gr.const_data_ptr(),
         cols ? gc.const_data_ptr() : nullptr, sigma.defined() ? sigma.const_data_ptr() : nullptr,
         drs_part.data_ptr(), &stride, cols ? dcs_part.data_ptr() : nullptr, &crow, stream);
     C10_CUDA_CHECK(static_cast<cudaError_t>(err));
     // drs_i = g_r_i sum_j p_ij S_ij;  dcs accumulates sum_i p'_ij S_ij (times g_c at the end)
+    const int64_t i0 = c.k.row0, rows = c.k.rows;
     at::Tensor parts = drs_part.view({-1}).narrow(0, 0, rows * stride).view({rows, stride});
     drs.narrow(0, i0, rows).copy_(gr.narrow(0, i0, rows) * parts.sum(1));
     if (cols) dcs.add_(dcs_part.narrow(0, 0, crow).sum(0));
-    gemm_rm(false, false, rows, D, N, wbuf.const_data_ptr(), N, b.const_data_ptr(), b.stride(0),
-            static_cast<char*>(da.data_ptr()) + i0 * D * asz, D, false, in);
-    gemm_rm(true, false, N, D, rows, wbuf.const_data_ptr(), N, a_c, a.stride(0), db.data_ptr(), D,
-            i0 > 0, in);
-  }
+  });
   if (cols) dcs.mul_(gc);
   if (sigma.defined()) {
     da.mul_(inv_sigma);
@@ -165,20 +137,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cuda_vec(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cuda(
-    const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& scale,
-    const at::Tensor& row_lse, const at::Tensor& col_lse, const at::Tensor& g_row,
-    const at::Tensor& g_col, int64_t offset, bool exclude_pos, bool cols,
+    const SimlseProblem& pr, const at::Tensor& a_in, const at::Tensor& b_in,
+    const at::Tensor& scale, const at::Tensor& row_lse, const at::Tensor& col_lse,
+    const at::Tensor& g_row, const at::Tensor& g_col, int64_t offset, bool exclude_pos, bool cols,
     const std::optional<at::Tensor>& col_scale) {
-  const char* op = "gammacl::simlse_bwd (cuda)";
-  bool vec = false;
-  const Problem pr =
-      check_simlse_problem(op, a_in, b_in, scale, col_scale, cols, kKernelDevice, &vec);
+  if (pr.vec)
+    return simlse_bwd_cuda_vec(pr, a_in, b_in, scale, col_scale, row_lse, col_lse, g_row, g_col,
+                               offset, exclude_pos, cols);
   const auto acc = pr.acc;
   const int64_t M = pr.M, N = pr.N, D = pr.D;
-  check_simlse_bwd_stats(op, pr, a_in, row_lse, col_lse, g_row, g_col, cols);
-  if (vec)
-    return simlse_bwd_cuda_vec(a_in, b_in, scale, col_scale, row_lse, col_lse, g_row, g_col, offset,
-                               exclude_pos, cols);
   const c10::cuda::CUDAGuard guard(a_in.device());
   const at::Tensor a = gemm_operand(a_in), b = gemm_operand(b_in);
   const at::Tensor sc = scale.contiguous();
@@ -188,11 +155,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cuda(
   at::Tensor da = at::empty({M, D}, opts);
   at::Tensor db = at::empty({N, D}, opts);
   at::Tensor ds = at::zeros({}, opts);
-  if (M == 0 || N == 0 || D == 0) {
-    da.zero_();
-    db.zero_();
-    return {da, db, ds};
-  }
   const auto in = a.scalar_type();
   const bool half = in == at::kHalf || in == at::kBFloat16;  // W in the input dtype
   const int64_t asz = at::elementSize(acc);
@@ -218,47 +180,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cuda(
   }
   at::Tensor ds_part = at::empty({static_cast<int64_t>(cuda::simlse_bwd_ds_partials(R, N))}, opts);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int64_t a_row_bytes = a.stride(0) * a.element_size();
-  for (int64_t i0 = 0; i0 < M; i0 += R) {
-    const int64_t rows = std::min(R, M - i0);
-    const char* a_c = byte_ptr(a) + i0 * a_row_bytes;
+  chunk_gemms(a, b, R, offset, buf, wbuf, true, da, db, [&](RowChunk& c) {
     int64_t n_part = 0;
-    gemm_rm(false, true, rows, N, D, a_c, a.stride(0), b.const_data_ptr(), b.stride(0),
-            buf.data_ptr(), N, false, in);
     const int err = cuda::simlse_bwd_weights(
-        buf.const_data_ptr(), gc_type(acc), wbuf.data_ptr(), gc_type(wbuf.scalar_type()), rows, N,
-        N, N, i0, offset, exclude_pos, cols, sc.const_data_ptr(), rl.const_data_ptr(),
+        c.k, exclude_pos, cols, sc.const_data_ptr(), rl.const_data_ptr(),
         cols ? cl.const_data_ptr() : nullptr, gr.const_data_ptr(),
         cols ? gc.const_data_ptr() : nullptr, sigma.defined() ? sigma.const_data_ptr() : nullptr,
         ds_part.data_ptr(), &n_part, stream);
     C10_CUDA_CHECK(static_cast<cudaError_t>(err));
     ds.add_(ds_part.narrow(0, 0, n_part).sum());
-    // da[i0:i0+rows] = W @ B
-    gemm_rm(false, false, rows, D, N, wbuf.const_data_ptr(), N, b.const_data_ptr(), b.stride(0),
-            static_cast<char*>(da.data_ptr()) + i0 * D * asz, D, false, in);
-    // db (+)= W^T @ A_c
-    const char* a_db = a_c;
-    int64_t ld_db = a.stride(0);
-    if (sigma.defined()) {
-      const at::Tensor sc = sigma.narrow(0, i0, rows);
-      da.narrow(0, i0, rows).div_(sc.unsqueeze(1));
+    if (sigma.defined()) {  // db's operand: A_c rows times sigma_min / sigma_i
+      const int64_t i0 = c.k.row0, rows = c.k.rows;
       at::Tensor as_c = a_s.narrow(0, 0, rows);
-      as_c.copy_(a.narrow(0, i0, rows).to(acc) * (sigma_min / sc).unsqueeze(1));
-      a_db = static_cast<const char*>(as_c.const_data_ptr());
-      ld_db = D;
+      as_c.copy_(a.narrow(0, i0, rows).to(acc) *
+                 (sigma_min / sigma.narrow(0, i0, rows)).unsqueeze(1));
+      c.a_db = static_cast<const char*>(as_c.const_data_ptr());
+      c.ld_db = D;
     }
-    gemm_rm(true, false, N, D, rows, wbuf.const_data_ptr(), N, a_db, ld_db, db.data_ptr(), D,
-            i0 > 0, in);
+  });
+  if (sigma.defined()) {  // da rows carry sigma_i, db carries sigma_min
+    da.div_(sigma.unsqueeze(1));
+    db.div_(sigma_min);
   }
-  if (sigma.defined()) db.div_(sigma_min);
   return {da, db, ds};
 }
+
+constexpr char kFwdOp[] = "gammacl::simlse_fwd (cuda)";
+constexpr char kBwdOp[] = "gammacl::simlse_bwd (cuda)";
 
 }  // namespace
 
 GC_CUDA_IMPL(m) {
-  m.impl("simlse_fwd", &simlse_fwd_cuda);
-  m.impl("simlse_bwd", &simlse_bwd_cuda);
+  m.impl("simlse_fwd", &simlse_fwd_entry<kFwdOp, kKernelDevice, simlse_fwd_cuda>);
+  m.impl("simlse_bwd", &simlse_bwd_entry<kBwdOp, kKernelDevice, simlse_bwd_cuda>);
 }
 
 }  // namespace gammacl

@@ -46,43 +46,17 @@ namespace {
 // row_pm/row_ps: [rows, n_ct] partials; col_pm/col_ps: [n_rt, n] partials (acc type).
 // Vector scales (SV): the row logits of row i read scale[row0 + i], the column logits of column j
 // col_scale[j] (l'_ij = cs_j S_ij, taken from the same S entries).
-template <int VEC, typename T, typename A>
-__device__ __forceinline__ void load_col_logits(const T* srow, int64_t col0, int lane, int64_t n,
-                                                int64_t excl, const A* __restrict__ cs,
-                                                A (&l)[kPerLane]) {
-  constexpr int U = kPerLane / VEC;
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    const int64_t j0 = col0 + int64_t(u * 32 + lane) * VEC;
-    if (j0 < n) {
-      const Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(srow + j0);
-#pragma unroll
-      for (int v = 0; v < VEC; ++v)
-        l[u * VEC + v] = (j0 + v == excl) ? neg_inf<A>() : mul_rn(to_acc(p.v[v]), cs[j0 + v]);
-    } else {
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) l[u * VEC + v] = neg_inf<A>();
-    }
-  }
-}
-
 template <typename T, int VEC, bool SV>
 __global__ void __launch_bounds__(kThreads)
     simlse_fwd_tile_kernel(const T* __restrict__ s, int64_t rows, int64_t n, int64_t ld,
                            int64_t row0, int64_t offset, bool exclude, bool cols,
-                           const typename AccOf<T>::type* __restrict__ scale,
-                           const typename AccOf<T>::type* __restrict__ col_scale,
-                           typename AccOf<T>::type* __restrict__ row_pm,
-                           typename AccOf<T>::type* __restrict__ row_ps,
-                           typename AccOf<T>::type* __restrict__ col_pm,
-                           typename AccOf<T>::type* __restrict__ col_ps, int64_t n_ct,
+                           const Acc<T>* __restrict__ scale, const Acc<T>* __restrict__ col_scale,
+                           Acc<T>* __restrict__ row_pm, Acc<T>* __restrict__ row_ps,
+                           Acc<T>* __restrict__ col_pm, Acc<T>* __restrict__ col_ps, int64_t n_ct,
                            int64_t n_rt) {
-  using A = typename AccOf<T>::type;
-  __shared__ A sm_m[kWarps][kTileCols];
-  __shared__ A sm_s[kWarps][kTileCols];
-
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
+  using A = Acc<T>;
+  __shared__ ColSmem<A> sm;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t ct = blockIdx.x;
   const int64_t col0 = ct * kTileCols;
   const A sl = SV ? A(0) : scale[0];
@@ -107,14 +81,14 @@ __global__ void __launch_bounds__(kThreads)
         row_ps[r * n_ct + ct] = sum;
       }
       if (cols) {
-        if (SV) load_col_logits<VEC>(s + r * ld, col0, lane, n, excl, col_scale, l);
+        if (SV) load_row_logits<VEC>(s + r * ld, col0, lane, n, excl, col_scale, l);
 #pragma unroll
         for (int k = 0; k < kPerLane; ++k) online_push(cm[k], cs[k], l[k]);
       }
     }
     if (cols) {  // block-uniform
       A m, sum;
-      block_col_merge<VEC>(cm, cs, sm_m, sm_s, m, sum);
+      block_col_merge<VEC>(cm, cs, sm, m, sum);
       const int64_t j = col0 + threadIdx.x;
       if (j < n) {
         col_pm[rt * n + j] = m;
@@ -169,14 +143,11 @@ template <typename T, typename TW, int VEC>
 __global__ void __launch_bounds__(kThreads)
     simlse_bwd_weight_kernel(const T* s, TW* w, int64_t rows, int64_t n, int64_t ld_s, int64_t ld_w,
                              int64_t row0, int64_t offset, bool exclude, bool cols,
-                             const typename AccOf<T>::type* __restrict__ scale,
-                             const typename AccOf<T>::type* __restrict__ row_lse,
-                             const typename AccOf<T>::type* __restrict__ col_lse,
-                             const typename AccOf<T>::type* __restrict__ g_row,
-                             const typename AccOf<T>::type* __restrict__ g_col,
-                             const typename AccOf<T>::type* __restrict__ w_scale,
-                             typename AccOf<T>::type* __restrict__ ds_part) {
-  using A = typename AccOf<T>::type;
+                             const Acc<T>* __restrict__ scale, const Acc<T>* __restrict__ row_lse,
+                             const Acc<T>* __restrict__ col_lse, const Acc<T>* __restrict__ g_row,
+                             const Acc<T>* __restrict__ g_col, const Acc<T>* __restrict__ w_scale,
+                             Acc<T>* __restrict__ ds_part) {
+  using A = Acc<T>;
   __shared__ A sm_ds[kWarps];
   const A sl = scale[0];
   const int64_t jstride = int64_t(gridDim.x) * kThreads * VEC;
@@ -231,16 +202,14 @@ template <typename T, typename TW, int VEC>
 __global__ void __launch_bounds__(kThreads)
     simlse_bwd_weight_vec_kernel(const T* s, TW* w, int64_t rows, int64_t n, int64_t ld_s,
                                  int64_t ld_w, int64_t row0, int64_t offset, bool exclude,
-                                 bool cols, const typename AccOf<T>::type* __restrict__ rscale,
-                                 const typename AccOf<T>::type* __restrict__ cscale,
-                                 const typename AccOf<T>::type* __restrict__ row_lse,
-                                 const typename AccOf<T>::type* __restrict__ col_lse,
-                                 const typename AccOf<T>::type* __restrict__ g_row,
-                                 const typename AccOf<T>::type* __restrict__ g_col,
-                                 const typename AccOf<T>::type* __restrict__ w_scale,
-                                 typename AccOf<T>::type* __restrict__ drs_part,
-                                 typename AccOf<T>::type* __restrict__ dcs_part) {
-  using A = typename AccOf<T>::type;
+                                 bool cols, const Acc<T>* __restrict__ rscale,
+                                 const Acc<T>* __restrict__ cscale,
+                                 const Acc<T>* __restrict__ row_lse,
+                                 const Acc<T>* __restrict__ col_lse,
+                                 const Acc<T>* __restrict__ g_row, const Acc<T>* __restrict__ g_col,
+                                 const Acc<T>* __restrict__ w_scale, Acc<T>* __restrict__ drs_part,
+                                 Acc<T>* __restrict__ dcs_part) {
+  using A = Acc<T>;
   const A ws = w_scale ? w_scale[0] : A(1);
   const A ninf = neg_inf<A>();
   const int64_t j0 = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * VEC;
@@ -308,11 +277,11 @@ inline FwdWork fwd_work(int64_t rows, int64_t n) {
 }
 
 template <typename T>
-int launch_fwd(const T* s, int64_t rows, int64_t n, int64_t ld, int64_t row0, int64_t offset,
-               bool exclude, bool cols, const void* scale, bool vec_scale, const void* col_scale,
-               void* row_lse, void* col_m, void* col_s, bool first, bool last, void* col_lse,
-               void* work, cudaStream_t stream) {
-  using A = typename AccOf<T>::type;
+int launch_fwd(const ChunkView& c, bool exclude, bool cols, const void* scale, bool vec_scale,
+               const void* col_scale, void* row_lse, void* col_m, void* col_s, bool first,
+               bool last, void* col_lse, void* work, cudaStream_t stream) {
+  using A = Acc<T>;
+  const int64_t rows = c.rows, n = c.n;
   const FwdWork f = fwd_work(rows, n);
   // Workspace layout: row_pm | row_ps | col_pm | col_ps, each 256-byte aligned.
   char* base = static_cast<char*>(work);
@@ -322,98 +291,74 @@ int launch_fwd(const T* s, int64_t rows, int64_t n, int64_t ld, int64_t row0, in
   A* row_ps = reinterpret_cast<A*>(base + rb);
   A* col_pm = reinterpret_cast<A*>(base + 2 * rb);
   A* col_ps = reinterpret_cast<A*>(base + 2 * rb + cb);
-  const A* sc = static_cast<const A*>(scale);
-  const A* csc = static_cast<const A*>(col_scale);
 
   constexpr int VEC = 16 / sizeof(T);
   const dim3 grid(static_cast<unsigned>(f.n_ct), grid_cap(f.n_rt));
-  const bool packed = n % VEC == 0 && ld % VEC == 0 && aligned(s, 16);
-#define GC_FWD(V, SV)                                                                       \
-  GC_LAUNCH(grid, kThreads, stream, simlse_fwd_tile_kernel<T, V, SV>)(                      \
-      s, rows, n, ld, row0, offset, exclude, cols, sc, csc, row_pm, row_ps, col_pm, col_ps, \
-      f.n_ct, f.n_rt)
-  if (packed && !vec_scale) {
-    GC_FWD(VEC, false);
-  } else if (!vec_scale) {
-    GC_FWD(1, false);
-  } else if (packed) {
-    GC_FWD(VEC, true);
-  } else {
-    GC_FWD(1, true);
-  }
-#undef GC_FWD
+  const bool vec_ok = packed(c, VEC, 0);
+  auto kernel =
+      vec_scale
+          ? (vec_ok ? simlse_fwd_tile_kernel<T, VEC, true> : simlse_fwd_tile_kernel<T, 1, true>)
+          : (vec_ok ? simlse_fwd_tile_kernel<T, VEC, false> : simlse_fwd_tile_kernel<T, 1, false>);
+  GC_LAUNCH(grid, kThreads, stream, kernel)(typed<T>(c.s), rows, n, c.ld_s, c.row0, c.offset,
+                                            exclude, cols, typed<A>(scale), typed<A>(col_scale),
+                                            row_pm, row_ps, col_pm, col_ps, f.n_ct, f.n_rt);
   GC_LAUNCH(grid_cap(cdiv(rows, kWarps)), kThreads, stream, simlse_row_merge_kernel<A>)(
-      row_pm, row_ps, rows, f.n_ct, row0, static_cast<A*>(row_lse));
+      row_pm, row_ps, rows, f.n_ct, c.row0, typed<A>(row_lse));
   if (cols) {
     GC_LAUNCH(grid_cap(cdiv(n, kThreads)), kThreads, stream, simlse_col_merge_kernel<A>)(
-        col_pm, col_ps, f.n_rt, n, static_cast<A*>(col_m), static_cast<A*>(col_s), first, last,
-        static_cast<A*>(col_lse));
+        col_pm, col_ps, f.n_rt, n, typed<A>(col_m), typed<A>(col_s), first, last,
+        typed<A>(col_lse));
   }
   return static_cast<int>(cudaGetLastError());
 }
 
+template <typename Kernel>
+struct Launch {
+  dim3 grid;
+  Kernel kernel;
+};
+
+// A backward kernel's launch: VEC columns per thread (kernel_vec) when S and W take VEC-wide
+// packs, else one (kernel_1); rows over grid.y.
+template <int VEC, typename TW, typename Kernel>
+Launch<Kernel> bwd_launch(const ChunkView& c, Kernel kernel_vec, Kernel kernel_1) {
+  const bool vec_ok = packed(c, VEC, sizeof(TW));
+  const int64_t per = vec_ok ? int64_t(kThreads) * VEC : int64_t(kThreads);
+  return {dim3(static_cast<unsigned>(cdiv(c.n, per)), grid_cap(c.rows)),
+          vec_ok ? kernel_vec : kernel_1};
+}
+
 template <typename T, typename TW>
-int launch_bwd(const T* s, TW* w, int64_t rows, int64_t n, int64_t ld_s, int64_t ld_w, int64_t row0,
-               int64_t offset, bool exclude, bool cols, const void* scale, const void* row_lse,
+int launch_bwd(const ChunkView& c, bool exclude, bool cols, const void* scale, const void* row_lse,
                const void* col_lse, const void* g_row, const void* g_col, const void* w_scale,
                void* ds_part, int64_t* ds_count, cudaStream_t stream) {
-  using A = typename AccOf<T>::type;
-  const A* sc = static_cast<const A*>(scale);
-  const A* rl = static_cast<const A*>(row_lse);
-  const A* cl = static_cast<const A*>(col_lse);
-  const A* gr = static_cast<const A*>(g_row);
-  const A* gc = static_cast<const A*>(g_col);
-  const A* wsc = static_cast<const A*>(w_scale);
-  A* dsp = static_cast<A*>(ds_part);
+  using A = Acc<T>;
   constexpr int VEC = 16 / sizeof(T);  // 16-byte loads of S; W stores are VEC * sizeof(TW)
-  const bool vec_ok = n % VEC == 0 && ld_s % VEC == 0 && ld_w % VEC == 0 && aligned(s, 16) &&
-                      aligned(w, VEC * sizeof(TW));
-  if (vec_ok) {
-    const dim3 grid(static_cast<unsigned>(cdiv(n, int64_t(kThreads) * VEC)), grid_cap(rows));
-    *ds_count = int64_t(grid.x) * grid.y;
-    GC_LAUNCH(grid, kThreads, stream, simlse_bwd_weight_kernel<T, TW, VEC>)(
-        s, w, rows, n, ld_s, ld_w, row0, offset, exclude, cols, sc, rl, cl, gr, gc, wsc, dsp);
-  } else {
-    const dim3 grid(static_cast<unsigned>(cdiv(n, int64_t(kThreads))), grid_cap(rows));
-    *ds_count = int64_t(grid.x) * grid.y;
-    GC_LAUNCH(grid, kThreads, stream, simlse_bwd_weight_kernel<T, TW, 1>)(
-        s, w, rows, n, ld_s, ld_w, row0, offset, exclude, cols, sc, rl, cl, gr, gc, wsc, dsp);
-  }
+  const auto [grid, kernel] = bwd_launch<VEC, TW>(c, simlse_bwd_weight_kernel<T, TW, VEC>,
+                                                  simlse_bwd_weight_kernel<T, TW, 1>);
+  *ds_count = int64_t(grid.x) * grid.y;
+  GC_LAUNCH(grid, kThreads, stream, kernel)(
+      typed<T>(c.s), typed<TW>(c.w), c.rows, c.n, c.ld_s, c.ld_w, c.row0, c.offset, exclude, cols,
+      typed<A>(scale), typed<A>(row_lse), typed<A>(col_lse), typed<A>(g_row), typed<A>(g_col),
+      typed<A>(w_scale), typed<A>(ds_part));
   return static_cast<int>(cudaGetLastError());
 }
 
 template <typename T, typename TW>
-int launch_bwd_vec(const T* s, TW* w, int64_t rows, int64_t n, int64_t ld_s, int64_t ld_w,
-                   int64_t row0, int64_t offset, bool exclude, bool cols, const void* row_scale,
+int launch_bwd_vec(const ChunkView& c, bool exclude, bool cols, const void* row_scale,
                    const void* col_scale, const void* row_lse, const void* col_lse,
                    const void* g_row, const void* g_col, const void* w_scale, void* drs_part,
                    int64_t* drs_stride, void* dcs_part, int64_t* dcs_rows, cudaStream_t stream) {
-  using A = typename AccOf<T>::type;
-  const A* rsc = static_cast<const A*>(row_scale);
-  const A* csc = static_cast<const A*>(col_scale);
-  const A* rl = static_cast<const A*>(row_lse);
-  const A* cl = static_cast<const A*>(col_lse);
-  const A* gr = static_cast<const A*>(g_row);
-  const A* gc = static_cast<const A*>(g_col);
-  const A* wsc = static_cast<const A*>(w_scale);
-  A* drs = static_cast<A*>(drs_part);
-  A* dcs = static_cast<A*>(dcs_part);
+  using A = Acc<T>;
   constexpr int VEC = 16 / sizeof(T);
-  const bool vec_ok = n % VEC == 0 && ld_s % VEC == 0 && ld_w % VEC == 0 && aligned(s, 16) &&
-                      aligned(w, VEC * sizeof(TW));
-  const int64_t per = vec_ok ? int64_t(kThreads) * VEC : int64_t(kThreads);
-  const dim3 grid(static_cast<unsigned>(cdiv(n, per)), grid_cap(rows));
+  const auto [grid, kernel] = bwd_launch<VEC, TW>(c, simlse_bwd_weight_vec_kernel<T, TW, VEC>,
+                                                  simlse_bwd_weight_vec_kernel<T, TW, 1>);
   *drs_stride = int64_t(grid.x) * kWarps;
   *dcs_rows = grid.y;
-  if (vec_ok) {
-    GC_LAUNCH(grid, kThreads, stream, simlse_bwd_weight_vec_kernel<T, TW, VEC>)(
-        s, w, rows, n, ld_s, ld_w, row0, offset, exclude, cols, rsc, csc, rl, cl, gr, gc, wsc, drs,
-        dcs);
-  } else {
-    GC_LAUNCH(grid, kThreads, stream, simlse_bwd_weight_vec_kernel<T, TW, 1>)(
-        s, w, rows, n, ld_s, ld_w, row0, offset, exclude, cols, rsc, csc, rl, cl, gr, gc, wsc, drs,
-        dcs);
-  }
+  GC_LAUNCH(grid, kThreads, stream, kernel)(
+      typed<T>(c.s), typed<TW>(c.w), c.rows, c.n, c.ld_s, c.ld_w, c.row0, c.offset, exclude, cols,
+      typed<A>(row_scale), typed<A>(col_scale), typed<A>(row_lse), typed<A>(col_lse),
+      typed<A>(g_row), typed<A>(g_col), typed<A>(w_scale), typed<A>(drs_part), typed<A>(dcs_part));
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -434,45 +379,38 @@ size_t simlse_fwd_workspace_bytes(int64_t rows, int64_t n, bool f64) {
   return 2 * round_up(f.row_elems * a, 256) + 2 * round_up(f.col_elems * a, 256);
 }
 
-int simlse_fwd_chunk(const void* s, gammacl::GcType s_type, int64_t rows, int64_t n, int64_t ld,
-                     int64_t row0, int64_t offset, bool exclude, bool cols, const void* scale,
-                     void* row_lse, void* col_m, void* col_l, bool first, bool last, void* col_lse,
-                     void* work, CUstream_st* stream, bool vec_scale, const void* col_scale) {
-  if (rows <= 0 || n <= 0) return static_cast<int>(cudaSuccess);
-  switch (s_type) {
+int simlse_fwd_chunk(const ChunkView& c, bool exclude, bool cols, const void* scale, void* row_lse,
+                     void* col_m, void* col_l, bool first, bool last, void* col_lse, void* work,
+                     CUstream_st* stream, bool vec_scale, const void* col_scale) {
+  if (c.rows <= 0 || c.n <= 0) return static_cast<int>(cudaSuccess);
+#define GC_FWD(TS)                                                                            \
+  launch_fwd<TS>(c, exclude, cols, scale, vec_scale, col_scale, row_lse, col_m, col_l, first, \
+                 last, col_lse, work, stream)
+  switch (c.s_type) {
     case gammacl::GcType::F32:
-      return launch_fwd(static_cast<const float*>(s), rows, n, ld, row0, offset, exclude, cols,
-                        scale, vec_scale, col_scale, row_lse, col_m, col_l, first, last, col_lse,
-                        work, stream);
+      return GC_FWD(float);
     case gammacl::GcType::F64:
-      return launch_fwd(static_cast<const double*>(s), rows, n, ld, row0, offset, exclude, cols,
-                        scale, vec_scale, col_scale, row_lse, col_m, col_l, first, last, col_lse,
-                        work, stream);
+      return GC_FWD(double);
     case gammacl::GcType::F16:
-      return launch_fwd(static_cast<const __half*>(s), rows, n, ld, row0, offset, exclude, cols,
-                        scale, vec_scale, col_scale, row_lse, col_m, col_l, first, last, col_lse,
-                        work, stream);
+      return GC_FWD(__half);
     case gammacl::GcType::BF16:
-      return launch_fwd(static_cast<const __nv_bfloat16*>(s), rows, n, ld, row0, offset, exclude,
-                        cols, scale, vec_scale, col_scale, row_lse, col_m, col_l, first, last,
-                        col_lse, work, stream);
+      return GC_FWD(__nv_bfloat16);
   }
+#undef GC_FWD
   return static_cast<int>(cudaErrorInvalidValue);
 }
 
-int simlse_bwd_weights(const void* s, gammacl::GcType s_type, void* w, gammacl::GcType w_type,
-                       int64_t rows, int64_t n, int64_t ld_s, int64_t ld_w, int64_t row0,
-                       int64_t offset, bool exclude, bool cols, const void* scale,
+int simlse_bwd_weights(const ChunkView& c, bool exclude, bool cols, const void* scale,
                        const void* row_lse, const void* col_lse, const void* g_row,
                        const void* g_col, const void* w_scale, void* ds_part, int64_t* ds_count,
                        CUstream_st* stream) {
   using gammacl::GcType;
   *ds_count = 0;
-  if (rows <= 0 || n <= 0) return static_cast<int>(cudaSuccess);
+  if (c.rows <= 0 || c.n <= 0) return static_cast<int>(cudaSuccess);
+  const GcType s_type = c.s_type, w_type = c.w_type;
 #define GC_BWD(TS, TWT)                                                                          \
-  launch_bwd(static_cast<const TS*>(s), static_cast<TWT*>(w), rows, n, ld_s, ld_w, row0, offset, \
-             exclude, cols, scale, row_lse, col_lse, g_row, g_col, w_scale, ds_part, ds_count,   \
-             stream)
+  launch_bwd<TS, TWT>(c, exclude, cols, scale, row_lse, col_lse, g_row, g_col, w_scale, ds_part, \
+                      ds_count, stream)
   if (s_type == GcType::F64) {
     return w_type == GcType::F64 ? GC_BWD(double, double) : static_cast<int>(cudaErrorInvalidValue);
   }
@@ -497,9 +435,7 @@ int simlse_bwd_weights(const void* s, gammacl::GcType s_type, void* w, gammacl::
   return static_cast<int>(cudaErrorInvalidValue);
 }
 
-int simlse_bwd_weights_vec(const void* s, gammacl::GcType s_type, void* w, gammacl::GcType w_type,
-                           int64_t rows, int64_t n, int64_t ld_s, int64_t ld_w, int64_t row0,
-                           int64_t offset, bool exclude, bool cols, const void* row_scale,
+int simlse_bwd_weights_vec(const ChunkView& c, bool exclude, bool cols, const void* row_scale,
                            const void* col_scale, const void* row_lse, const void* col_lse,
                            const void* g_row, const void* g_col, const void* w_scale,
                            void* drs_part, int64_t* drs_stride, void* dcs_part, int64_t* dcs_rows,
@@ -507,11 +443,11 @@ int simlse_bwd_weights_vec(const void* s, gammacl::GcType s_type, void* w, gamma
   using gammacl::GcType;
   *drs_stride = 0;
   *dcs_rows = 0;
-  if (rows <= 0 || n <= 0) return static_cast<int>(cudaSuccess);
-#define GC_BWD(TS, TWT)                                                                       \
-  launch_bwd_vec(static_cast<const TS*>(s), static_cast<TWT*>(w), rows, n, ld_s, ld_w, row0,  \
-                 offset, exclude, cols, row_scale, col_scale, row_lse, col_lse, g_row, g_col, \
-                 w_scale, drs_part, drs_stride, dcs_part, dcs_rows, stream)
+  if (c.rows <= 0 || c.n <= 0) return static_cast<int>(cudaSuccess);
+  const GcType s_type = c.s_type, w_type = c.w_type;
+#define GC_BWD(TS, TWT)                                                                           \
+  launch_bwd_vec<TS, TWT>(c, exclude, cols, row_scale, col_scale, row_lse, col_lse, g_row, g_col, \
+                          w_scale, drs_part, drs_stride, dcs_part, dcs_rows, stream)
   if (s_type == GcType::F64) {
     return w_type == GcType::F64 ? GC_BWD(double, double) : static_cast<int>(cudaErrorInvalidValue);
   }
