@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from cuda_emu.routing import available, routed
+from test_simlse_cpp import EMPTY_SHAPES, check_empty_simlse
 from tolerances import assert_close_dtype, assert_close_fp64, simlse_fwd_bwd
 
 import gammacl
@@ -289,3 +290,10 @@ def test_emulator_detects_what_the_cuda_tests_rely_on(selftest, monkeypatch):
         selftest.run("divergent")
     with pytest.raises(RuntimeError, match=r"invalid configuration: grid \(1, 65536, 1\)"):
         selftest.run("grid_y_too_large")
+
+
+@pytest.mark.parametrize("vec", [False, True], ids=["scalar", "vector"])
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=_ids)
+def test_simlse_cuda_emu_empty_problems(emu, shape, vec):
+    """The CUDA entry points (csrc/checks.h simlse_*_entry) on M, N or D = 0, as the cpp test."""
+    check_empty_simlse(emu, *shape, vec)

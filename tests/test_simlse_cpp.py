@@ -416,3 +416,39 @@ def test_cpp_vectorised_exp_accuracy_in_ulp(ops):
     ulp = torch.ldexp(torch.ones_like(want), torch.frexp(want).exponent - 24)
     err = ((da.double() - want).abs() / ulp).max().item()
     assert err <= 2.0, f"exp_f32 error {err:.2f} ulp (documented <= 1.4)"
+
+
+EMPTY_SHAPES = [(0, 5, 3), (4, 0, 3), (4, 5, 0), (0, 0, 0)]
+
+
+def check_empty_simlse(ops, m: int, n: int, d: int, vec: bool) -> None:
+    """simlse_fwd / simlse_bwd of a compiled library (`ops`) on a problem with M, N or D = 0
+    against the float64 reference: an empty LSE is -inf, D = 0 gives log of the count (every
+    logit 0), and the gradients are 0 of the input shapes (dscale [M + N] in vector mode)."""
+    g = torch.Generator().manual_seed(m * 100 + n * 10 + d)
+    a = torch.randn(m, d, generator=g, dtype=torch.float64)
+    b = torch.randn(n, d, generator=g, dtype=torch.float64)
+    s = torch.rand(m, generator=g, dtype=torch.float64) + 1 if vec else torch.tensor(2.0).double()
+    cs = torch.rand(n, generator=g, dtype=torch.float64) + 1 if vec else None
+    row, col = ops.simlse_fwd(a, b, s, 0, False, True, cs)
+    want_row, want_col = reference.simlse(a, b, s, col_scale=cs)
+    torch.testing.assert_close(row, want_row, rtol=0, atol=1e-15)
+    torch.testing.assert_close(col, want_col, rtol=0, atol=1e-15)
+    gr = torch.randn(m, generator=g, dtype=torch.float64)
+    gc = torch.randn(n, generator=g, dtype=torch.float64)
+    da, db, ds = ops.simlse_bwd(a, b, s, row, col, gr, gc, 0, False, True, cs)
+    assert da.shape == (m, d) and db.shape == (n, d)
+    assert ds.shape == ((m + n,) if vec else ())
+    want = reference.simlse_backward(a, b, s, want_row, want_col, gr, gc, col_scale=cs)
+    torch.testing.assert_close(da, want[0], rtol=0, atol=1e-15)
+    torch.testing.assert_close(db, want[1], rtol=0, atol=1e-15)
+    if vec:
+        torch.testing.assert_close(ds, want[2], rtol=0, atol=1e-15)
+    else:
+        assert float(ds) == 0.0  # every logit is 0 or there is none: d/ds = sum W * S = 0
+
+
+@pytest.mark.parametrize("vec", [False, True], ids=["scalar", "vector"])
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_simlse_cpp_empty_problems(ops, shape, vec):
+    check_empty_simlse(ops, *shape, vec)
