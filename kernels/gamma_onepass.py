@@ -81,6 +81,7 @@ from gammacl.kernels.tiles import (
 )
 from gammacl.kernels.tiles import acc_dtype as _acc_dtype
 from gammacl.kernels.tiles import device_guard as _device_guard
+from gammacl.kernels.tiles import dims as _dims
 from gammacl.kernels.tiles import operands as _operands
 
 
@@ -232,10 +233,7 @@ def _launch(a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offset, grad
     (col_lse, col_term, db): column LSE from the per-row-block partials (merged by
     _simlse_col_merge_kernel, no overflow at any logit range), col_term and db from atomics;
     without cols those three are None."""
-    m, d = a.shape
-    n = b.shape[0]
-    acc = _acc_dtype(a.dtype)
-    dev = a.device
+    m, n, d, acc, dev = _dims(a, b)
     cfg = _config(a.dtype, d)
     r = triton.cdiv(m, cfg["BLOCK_M"])
     row_lse = torch.empty(m, dtype=acc, device=dev)
@@ -299,12 +297,10 @@ def _gamma_onepass_tile_kernel(
 ):  # fmt: skip
     """One [BLOCK_M, BLOCK_N] tile of l = scale * X @ Y^T (entries (i, i + offset) excluded):
     the tile's row / column partial LSEs and terms, and (GRAD) its block of W."""
-    pid_m, pid_n, offs_m, offs_n, s = _tile_scores(
+    pid_m, pid_n, offs_m, offs_n, row_ok, col_ok, s = _tile_scores(
         X, Y, M, N, D, stride_x, stride_y, ACC, UPCAST, PRECISION,
         BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
     )  # fmt: skip
-    row_ok = offs_m < M
-    col_ok = offs_n < N
     scale = tl.load(SCALE).to(ACC)
     alpha_r = tl.load(ALPHA_R + offs_m, mask=row_ok, other=_NEG_INF).to(ACC)
     alpha_c = tl.load(ALPHA_C + offs_n, mask=col_ok, other=_NEG_INF).to(ACC)
@@ -343,10 +339,7 @@ def _tile_config(dtype: torch.dtype) -> dict:
 def _large_d_fwd(a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offset, grad):
     """The large-D path of gamma_onepass_fwd (same outputs), chunked over rows of a: R from
     GAMMACL_TRITON_CHUNK_MIB over W [R, N] plus the four partial buffers."""
-    m, d = a.shape
-    n = b.shape[0]
-    acc = _acc_dtype(a.dtype)
-    dev = a.device
+    m, n, d, acc, dev = _dims(a, b)
     cfg = _tile_config(a.dtype)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     isz = 8 if acc == torch.float64 else 4
@@ -368,9 +361,7 @@ def _large_d_fwd(a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offset,
     da = torch.empty(m if grad else 0, d, dtype=acc, device=dev)
     db = torch.zeros(n if grad else 0, d, dtype=acc, device=dev)
     weights = _weight_args(scale, alpha_row, alpha_col, w_row, w_col, clamp)
-    for i0, rows in chunks:
-        x = a[i0 : i0 + rows]
-        grid = (triton.cdiv(rows, bm) * triton.cdiv(n, bn),)
+    for i0, rows, x, grid in chunks.tiled(a, n, bm, bn):
         _gamma_onepass_tile_kernel[grid](
             **_operands(x, b),
             **dict(weights, ALPHA_R=alpha_row[i0 : i0 + rows]),
@@ -398,17 +389,10 @@ def _large_d_fwd(a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offset,
 
 
 def gamma_onepass_fwd(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale: torch.Tensor,
-    alpha_row: torch.Tensor,
-    alpha_col: torch.Tensor,
-    w_row: float,
-    w_col: float,
-    clamp: float,
-    offset: int,
-    grad: bool,
-) -> tuple[torch.Tensor, ...]:
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+    alpha_row: torch.Tensor, alpha_col: torch.Tensor, w_row: float, w_col: float, clamp: float,
+    offset: int, grad: bool,
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """(row_lse, col_lse, row_term, col_term, da_raw, db_raw), see the module docstring.
 
     Default: one launch, column statistics and dB merged across row blocks by atomics (6MND;
@@ -418,10 +402,7 @@ def gamma_onepass_fwd(
     outputs are exactly the column outputs (l^T_ji = l_ij, W^T_ji = W_ij, so its dA = W^T @ a =
     db_raw); every sum then has a fixed order (bitwise reproducible) for 8MND FLOPs."""
     _check(a, b, scale, alpha_row, alpha_col)
-    m, d = a.shape
-    n = b.shape[0]
-    acc = _acc_dtype(a.dtype)
-    dev = a.device
+    m, n, d, acc, dev = _dims(a, b)
     alpha_row, alpha_col = alpha_row.contiguous(), alpha_col.contiguous()
     if m == 0 or n == 0:
         row_lse = torch.full((m,), float("-inf"), dtype=acc, device=dev)

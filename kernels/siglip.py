@@ -59,6 +59,7 @@ from gammacl.kernels.tiles import (
 )
 from gammacl.kernels.tiles import acc_dtype as _acc_dtype
 from gammacl.kernels.tiles import device_guard as _device_guard
+from gammacl.kernels.tiles import dims as _dims
 from gammacl.kernels.tiles import operands as _operands
 
 FP16_W_SCALE = 2.0**14  # W * 2^14 in fp16 (module docstring)
@@ -208,10 +209,7 @@ def use_deterministic_path() -> bool:
 
 def _launch_onepass(a, b, scale, bias, offset: int, grad: bool, cols: bool):
     """One launch over the rows of a: (row_loss, row_wsum, da_raw, db_raw or None)."""
-    m, d = a.shape
-    n = b.shape[0]
-    acc = _acc_dtype(a.dtype)
-    dev = a.device
+    m, n, d, acc, dev = _dims(a, b)
     cfg = _onepass_config(a.dtype, d)
     row_loss = torch.empty(m, dtype=acc, device=dev)
     row_wsum = torch.empty(m, dtype=acc, device=dev)
@@ -253,10 +251,7 @@ def _chunks(m: int, n: int, dtype: torch.dtype, size: int | None = None) -> RowC
 
 def _launch_chunked(a, b, scale, bias, offset: int, grad: bool, size: int | None = None):
     """The chunked structure (module docstring 2): (row_loss, row_wsum, da_raw, db_raw)."""
-    m, d = a.shape
-    n = b.shape[0]
-    acc = _acc_dtype(a.dtype)
-    dev = a.device
+    m, n, d, acc, dev = _dims(a, b)
     cfg = _tile_config(a.dtype)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     ws = _w_scale(a.dtype)
@@ -303,20 +298,14 @@ def _launch_chunked(a, b, scale, bias, offset: int, grad: bool, size: int | None
 
 
 def siglip_fwd(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor,
-    offset: int,
-    grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+    offset: int, grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(row_loss, row_wsum, da_raw, db_raw), see gammacl.ops.siglip. Small D: the one-pass
     kernel (dB by atomics; under torch.use_deterministic_algorithms two atomic-free launches, the
     second on the transposed problem). Large D: the chunked weights + GEMM structure."""
     _check(a, b, scale, bias)
-    m, d = a.shape
-    n = b.shape[0]
-    acc = _acc_dtype(a.dtype)
+    m, n, d, acc, _ = _dims(a, b)
     if m == 0 or n == 0:
         z = torch.zeros(m, dtype=acc, device=a.device)
         da = torch.zeros(m if grad else 0, d, dtype=acc, device=a.device)

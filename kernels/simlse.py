@@ -111,6 +111,7 @@ from gammacl.kernels.tiles import (
 )
 from gammacl.kernels.tiles import acc_dtype as _acc_dtype
 from gammacl.kernels.tiles import device_guard as _device_guard
+from gammacl.kernels.tiles import dims as _dims
 from gammacl.kernels.tiles import operands as _operands
 
 # Column partials buffer [ceil(M/BLOCK_M), N] allowed up to this size; beyond it the forward
@@ -121,25 +122,17 @@ _AUTOTUNE = os.environ.get("GAMMACL_AUTOTUNE", "0") == "1" and not interpreter_o
 
 
 def _autotune_configs(kind: str) -> list[triton.Config]:
+    # (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages)
     shapes = {
         "fwd": [
-            (128, 64, 64, 8, 3),
-            (128, 128, 64, 8, 3),
-            (64, 128, 64, 4, 3),
-            (128, 64, 32, 4, 4),
-            (64, 64, 64, 4, 3),
-            (64, 64, 32, 4, 2),
-            (32, 32, 16, 4, 1),
+            (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 32, 4, 4),
+            (64, 64, 64, 4, 3), (64, 64, 32, 4, 2), (32, 32, 16, 4, 1),
         ],
         "bwd": [
-            (64, 64, 64, 4, 2),
-            (64, 128, 64, 8, 2),
-            (128, 64, 64, 8, 2),
-            (64, 64, 128, 4, 2),
-            (64, 64, 32, 4, 2),
-            (32, 32, 16, 4, 1),
+            (64, 64, 64, 4, 2), (64, 128, 64, 8, 2), (128, 64, 64, 8, 2), (64, 64, 128, 4, 2),
+            (64, 64, 32, 4, 2), (32, 32, 16, 4, 1),
         ],
-    }[kind]
+    }[kind]  # fmt: skip
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": d}, num_warps=w, num_stages=s)
         for m, n, d, w, s in shapes
@@ -403,14 +396,9 @@ def _row_lse(x, y, scale, offset, exclude_pos, out, col_part=None, col_scale=Non
 
 
 def simlse_fwd(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale: torch.Tensor,
-    offset: int,
-    exclude_pos: bool,
-    cols: bool,
-    col_scale: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+    offset: int, exclude_pos: bool, cols: bool, col_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(row_lse [M], col_lse [N] or [0]) of l = scale * a @ b.T, excluded (i, i+offset); with a
     [M] scale the row LSE reads scale[i] S_ij and the column LSE col_scale[j] S_ij."""
     vec = _check_features(a, b, scale, col_scale, cols)
@@ -468,18 +456,10 @@ def fp16_row_scale(
 
 
 def simlse_bwd(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale: torch.Tensor,
-    row_lse: torch.Tensor,
-    col_lse: torch.Tensor,
-    g_row: torch.Tensor,
-    g_col: torch.Tensor,
-    offset: int,
-    exclude_pos: bool,
-    cols: bool,
-    col_scale: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+    row_lse: torch.Tensor, col_lse: torch.Tensor, g_row: torch.Tensor, g_col: torch.Tensor,
+    offset: int, exclude_pos: bool, cols: bool, col_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(da_raw, db_raw, dscale_raw) = (W @ b, W^T @ a, sum_ij W_ij <a_i, b_j>), W_ij =
     g_row_i exp(l_ij - row_lse_i) + [cols] g_col_j exp(l_ij - col_lse_j), 0 on excluded
     entries; acc dtype; dscale_raw (0-d) from the unrounded W.
@@ -487,10 +467,7 @@ def simlse_bwd(
     inside W (gammacl.ops.simlse)."""
     vec = _check_features(a, b, scale, col_scale, cols)
     offset, exclude_pos, cols = int(offset), bool(exclude_pos), bool(cols)
-    m, d = a.shape
-    n = b.shape[0]
-    acc = _acc_dtype(a.dtype)
-    dev = a.device
+    m, n, d, acc, dev = _dims(a, b)
     row_lse = _check_vector("row_lse", row_lse, m, acc, dev)
     g_row = _check_vector("g_row", g_row, m, acc, dev)
     col_lse = _check_vector("col_lse", col_lse, n if cols else 0, acc, dev)

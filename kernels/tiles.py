@@ -241,14 +241,15 @@ def _tile_scores(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """The program's [BLOCK_M, BLOCK_N] tile of a 1-D tiled launch (grouped order, _tile_ids):
-    (pid_m, pid_n, offs_m, offs_n, S = X[offs_m] @ Y[offs_n]^T), K loop in BLOCK_K chunks."""
+    (pid_m, pid_n, offs_m, offs_n, row_ok, col_ok, S = X[offs_m] @ Y[offs_n]^T) with the
+    in-range masks offs_m < M, offs_n < N; K loop in BLOCK_K chunks."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     s = _scores_chunked(
         X, Y, offs_m, offs_n, M, N, D, stride_x, stride_y, ACC, UPCAST, PRECISION, BLOCK_K
     )
-    return pid_m, pid_n, offs_m, offs_n, s
+    return pid_m, pid_n, offs_m, offs_n, offs_m < M, offs_n < N, s
 
 
 @triton.jit
@@ -377,24 +378,12 @@ def gemm(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, accumulate: bool) 
     n = y.shape[1]
     cfg = gemm_config(x.dtype)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    fl = flags(x.dtype)
+    # A, B, C, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm
     _gemm_kernel[grid](
-        A=x,
-        B=y,
-        C=out,
-        M=m,
-        N=n,
-        K=k,
-        stride_am=x.stride(0),
-        stride_ak=x.stride(1),
-        stride_bk=y.stride(0),
-        stride_bn=y.stride(1),
-        stride_cm=out.stride(0),
-        ACCUM=accumulate,
-        ACC=flags(x.dtype)["ACC"],
-        UPCAST=flags(x.dtype)["UPCAST"],
-        PRECISION=flags(x.dtype)["PRECISION"],
-        **cfg,
-    )
+        x, y, out, m, n, k, *x.stride(), *y.stride(), out.stride(0),
+        ACCUM=accumulate, ACC=fl["ACC"], UPCAST=fl["UPCAST"], PRECISION=fl["PRECISION"], **cfg,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -423,6 +412,11 @@ def operands(x: torch.Tensor, y: torch.Tensor) -> dict:
     (m, d), n = x.shape, y.shape[0]
     strides = dict(stride_x=x.stride(0), stride_y=y.stride(0))
     return dict(X=x, Y=y, M=m, N=n, D=d, **strides, **flags(x.dtype))
+
+
+def dims(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int, int, torch.dtype, torch.device]:
+    """(M, N, D, accumulation dtype, device) of a launcher's operands a [M, D], b [N, D]."""
+    return a.shape[0], b.shape[0], a.shape[1], acc_dtype(a.dtype), a.device
 
 
 def device_guard(device: torch.device):
@@ -463,6 +457,14 @@ class RowChunks:
     def __iter__(self) -> Iterator[tuple[int, int]]:
         for i0 in range(0, self.m, self.size):
             yield i0, min(self.size, self.m - i0)
+
+    def tiled(
+        self, a: torch.Tensor, n: int, bm: int, bn: int
+    ) -> Iterator[tuple[int, int, torch.Tensor, tuple[int]]]:
+        """(i0, rows, a[i0 : i0 + rows], the 1-D grid of its [bm, bn] tiles against n columns)
+        per chunk: the loop of the tiled large-D launchers."""
+        for i0, rows in self:
+            yield i0, rows, a[i0 : i0 + rows], (triton.cdiv(rows, bm) * triton.cdiv(n, bn),)
 
 
 def chunk_gemms(w: torch.Tensor, b: torch.Tensor, a_c: torch.Tensor, da_c, db, i0: int) -> None:
