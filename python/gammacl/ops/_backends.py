@@ -84,6 +84,13 @@ def fwd_fake(a: torch.Tensor, b: torch.Tensor, grad: bool, *sizes: int) -> tuple
     return vecs + grads
 
 
+def stashed_grads(g: torch.Tensor, grads: tuple[torch.Tensor, ...], n_inputs: int) -> tuple:
+    """Backward of an op whose gradients were computed in its forward and stashed: the upstream
+    gradient g of its one differentiable output times each stashed gradient, then None for the
+    remaining inputs (n_inputs in all)."""
+    return tuple(g.to(x.dtype) * x for x in grads) + (None,) * (n_inputs - len(grads))
+
+
 def kernel(module: str, *names: str) -> Callable[[], Any]:
     """triton= loader: gammacl.kernels.<module>.<name> for each name, imported on first use; each
     follows the op's contract as it stands (no argument is bound here)."""

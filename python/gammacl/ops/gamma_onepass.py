@@ -44,24 +44,16 @@ import torch
 from gammacl._ext import compiled_fake
 from gammacl._validate import acc_dtype
 from gammacl.dispatch import resolve_traced
-from gammacl.ops._backends import fwd_backends, fwd_fake
+from gammacl.ops._backends import fwd_backends, fwd_fake, stashed_grads
 from gammacl.ops.simlse import _acc_operands, _masked_logits
 
 DEFAULT_CLAMP = 30.0
 
 
 def torch_fwd(
-    a,
-    b,
-    scale,
-    alpha_row,
-    alpha_col,
-    w_row: float,
-    w_col: float,
-    clamp: float,
-    offset: int,
-    grad: bool,
-):
+    a, b, scale, alpha_row, alpha_col,
+    w_row: float, w_col: float, clamp: float, offset: int, grad: bool,
+):  # fmt: skip
     af, bf, step = _acc_operands(a, b)
     acc = af.dtype
     m, n, d = a.shape[0], b.shape[0], a.shape[1]
@@ -111,27 +103,13 @@ _backend_impl = fwd_backends("gamma_onepass", _reference_fwd, torch_fwd)
 # can test its schema, fake function and autograd registration.
 @torch.library.custom_op("gammacl::gamma_onepass", mutates_args=())
 def _gamma_onepass_op(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale: torch.Tensor,
-    alpha_row: torch.Tensor,
-    alpha_col: torch.Tensor,
-    w_row: float,
-    w_col: float,
-    clamp: float,
-    offset: int,
-    grad: bool,
-    backend: str,
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+    alpha_row: torch.Tensor, alpha_col: torch.Tensor, w_row: float, w_col: float, clamp: float,
+    offset: int, grad: bool, backend: str,
 ) -> tuple[
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-]:
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+]:  # fmt: skip
     """(neg, row_lse, col_lse, row_term, col_term, dA, dB, dscale); dA/dB/dscale are d neg / d
     input (empty when grad=False), stashed for the backward."""
     fwd = _backend_impl(backend)
@@ -180,20 +158,7 @@ def _backward(ctx, g_neg, *unused):
         raise RuntimeError(
             "gamma_onepass was called with grad=False (no gradient was computed in the forward)"
         )
-    da, db, ds = ctx.saved_tensors
-    return (
-        g_neg.to(da.dtype) * da,
-        g_neg.to(db.dtype) * db,
-        g_neg.to(ds.dtype) * ds,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
+    return stashed_grads(g_neg, ctx.saved_tensors, 11)  # (dA, dB, dscale) of neg
 
 
 _gamma_onepass_op.register_autograd(_backward, setup_context=_setup_context)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from gammacl._ext import compiled_fake
 from gammacl._validate import acc_dtype
 from gammacl.dispatch import resolve_traced
-from gammacl.ops._backends import fwd_backends, fwd_fake
+from gammacl.ops._backends import fwd_backends, fwd_fake, stashed_grads
 from gammacl.ops.simlse import _acc_operands
 
 
@@ -92,14 +92,9 @@ _backend_impl = fwd_backends("siglip", _reference_fwd, torch_fwd)
 # function and autograd registration.
 @torch.library.custom_op("gammacl::siglip", mutates_args=())
 def _siglip_op(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor,
-    offset: int,
-    grad: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+    offset: int, grad: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(loss, dA, dB, dscale, dbias): dA/dB/dscale/dbias are d loss / d input (dA, dB empty when
     grad=False), stashed for the backward."""
     fwd = _backend_impl(backend)
@@ -140,16 +135,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, g, *unused):
     if not ctx.grad:
         raise RuntimeError("siglip was called with grad=False (no gradient was computed)")
-    da, db, ds, dbias = ctx.saved_tensors
-    return (
-        g.to(da.dtype) * da,
-        g.to(db.dtype) * db,
-        g.to(ds.dtype) * ds,
-        g.to(dbias.dtype) * dbias,
-        None,
-        None,
-        None,
-    )
+    return stashed_grads(g, ctx.saved_tensors, 7)  # (dA, dB, dscale, dbias) of the loss
 
 
 _siglip_op.register_autograd(_backward, setup_context=_setup_context)
