@@ -530,14 +530,8 @@ def simlse_bwd(
                 DS_PART=ds_part if has_ds else out,
                 stride_out=out.stride(0),
                 offset=off,
-                EXCLUDE=exclude_pos,
-                HAS_X=has_x,
-                HAS_Y=has_y,
-                G_NORM=g_norm,
-                TRANS=trans,
-                HAS_DS=has_ds,
-                IS_VEC=vec,
-                **kw,
+                **dict(EXCLUDE=exclude_pos, HAS_X=has_x, HAS_Y=has_y, G_NORM=g_norm, TRANS=trans),
+                **dict(HAS_DS=has_ds, IS_VEC=vec, **kw),
                 enable_fp_fusion=False,  # exponent from the rounded logit (Numerics)
             )
             if g_norm:
