@@ -73,7 +73,7 @@ from gammacl.kernels.tiles import (
     _online_lse_nat,
     _scores_chunked,
     _tile_lse_nat,
-    _tile_scores,
+    _tile_offsets,
     _valid,
     chunk_gemms,
     merge_lse,
@@ -297,16 +297,16 @@ def _gamma_onepass_tile_kernel(
 ):  # fmt: skip
     """One [BLOCK_M, BLOCK_N] tile of l = scale * X @ Y^T (entries (i, i + offset) excluded):
     the tile's row / column partial LSEs and terms, and (GRAD) its block of W."""
-    pid_m, pid_n, offs_m, offs_n, row_ok, col_ok, s = _tile_scores(
-        X, Y, M, N, D, stride_x, stride_y, ACC, UPCAST, PRECISION,
-        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-    )  # fmt: skip
+    pid_m, pid_n, offs_m, offs_n, row_ok, col_ok = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     scale = tl.load(SCALE).to(ACC)
     alpha_r = tl.load(ALPHA_R + offs_m, mask=row_ok, other=_NEG_INF).to(ACC)
     alpha_c = tl.load(ALPHA_C + offs_n, mask=col_ok, other=_NEG_INF).to(ACC)
     w_row = tl.cast(w_row_hi, ACC) + tl.cast(w_row_lo, ACC)
     w_col = tl.cast(w_col_hi, ACC) + tl.cast(w_col_lo, ACC)
     cap = tl.cast(cap_hi, ACC) + tl.cast(cap_lo, ACC)
+    s = _scores_chunked(
+        X, Y, offs_m, offs_n, M, N, D, stride_x, stride_y, ACC, UPCAST, PRECISION, BLOCK_K
+    )
     s = tl.where(_valid(offs_m, offs_n, M, N, offset, True), s * scale, _NEG_INF)
     tl.store(ROW_PART + pid_n * stride_rp + offs_m, _tile_lse_nat(s, 1, BASE2), mask=row_ok)
     tl.store(COL_PART + pid_m * stride_cp + offs_n, _tile_lse_nat(s, 0, BASE2), mask=col_ok)

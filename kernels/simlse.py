@@ -97,7 +97,6 @@ from gammacl.kernels.tiles import (
     _dot_nn,
     _dot_nt,
     _exp_nat,
-    _grad_rows,
     _load_rows,
     _log_nat,
     _online_lse_nat,
@@ -312,10 +311,15 @@ def _simlse_bwd_kernel(
         else:
             # this program alone owns OUT rows offs_m: accumulate there chunk by chunk
             # (read-modify-write; the first column tile writes without reading)
-            _grad_rows(
-                w, 1.0, X, Y, OUT, OUT, offs_m, offs_n, j0, M, N, D, stride_x, stride_y,
-                stride_out, 0, False, False, ACC, UPCAST, PRECISION, BLOCK_D,
-            )  # fmt: skip
+            for k0 in range(0, D, BLOCK_D):
+                offs_k = k0 + offs_d
+                y = _load_rows(Y, offs_n, offs_k, stride_y, N, D)
+                o_ptr = OUT + offs_m[:, None] * stride_out + offs_k[None, :]
+                o_mask = row_ok[:, None] & (offs_k[None, :] < D)
+                o = tl.load(o_ptr, mask=o_mask & (j0 > 0), other=0.0)
+                o = _dot_nn(w, y, o, UPCAST, PRECISION)
+                tl.store(o_ptr, o, mask=o_mask)
+            tl.debug_barrier()  # stores visible to every thread before the next tile's loads
     if SINGLE_D:
         o_ptr = OUT + offs_m[:, None] * stride_out + offs_d[None, :]
         tl.store(o_ptr, acc, mask=row_ok[:, None] & (offs_d[None, :] < D))

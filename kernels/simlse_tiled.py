@@ -30,8 +30,9 @@ from gammacl.kernels.tiles import (
     _NEG_INF,
     RowChunks,
     _exp_nat,
+    _scores_chunked,
     _tile_lse_nat,
-    _tile_scores,
+    _tile_offsets,
     _valid,
     _vec_weights,
     chunk_gemms,
@@ -54,23 +55,26 @@ def _simlse_fwd_tile_kernel(
     """ROW_PART[pid_n, i] = LSE_{j in tile} l_ij; with COLS, COL_PART[pid_m, j] = LSE_{i in
     tile} l'_ij, for the program's [BLOCK_M, BLOCK_N] tile of l = l' = scale * X @ Y^T, or with
     IS_VEC l_ij = SCALE[i] S_ij and l'_ij = COL_SCALE[j] S_ij."""
-    pid_m, pid_n, offs_m, offs_n, row_ok, col_ok, s = _tile_scores(
-        X, Y, M, N, D, stride_x, stride_y, ACC, UPCAST, PRECISION,
-        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-    )  # fmt: skip
+    # the in-range masks formed after the K loop, so they are not live across it
+    pid_m, pid_n, offs_m, offs_n, _, _ = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    s = _scores_chunked(
+        X, Y, offs_m, offs_n, M, N, D, stride_x, stride_y, ACC, UPCAST, PRECISION, BLOCK_K
+    )
     valid = _valid(offs_m, offs_n, M, N, offset, EXCLUDE)
     if IS_VEC:
-        rs = tl.load(SCALE + offs_m, mask=row_ok, other=0.0).to(ACC)
+        rs = tl.load(SCALE + offs_m, mask=offs_m < M, other=0.0).to(ACC)
         l_row = tl.where(valid, s * rs[:, None], _NEG_INF)
         if COLS:
-            cs = tl.load(COL_SCALE + offs_n, mask=col_ok, other=0.0).to(ACC)
+            cs = tl.load(COL_SCALE + offs_n, mask=offs_n < N, other=0.0).to(ACC)
             l_col = tl.where(valid, s * cs[None, :], _NEG_INF)
     else:
         l_row = tl.where(valid, s * tl.load(SCALE).to(ACC), _NEG_INF)
         l_col = l_row
-    tl.store(ROW_PART + pid_n * stride_rp + offs_m, _tile_lse_nat(l_row, 1, BASE2), mask=row_ok)
+    tl.store(ROW_PART + pid_n * stride_rp + offs_m, _tile_lse_nat(l_row, 1, BASE2), mask=offs_m < M)
     if COLS:
-        tl.store(COL_PART + pid_m * stride_cp + offs_n, _tile_lse_nat(l_col, 0, BASE2), mask=col_ok)
+        tl.store(
+            COL_PART + pid_m * stride_cp + offs_n, _tile_lse_nat(l_col, 0, BASE2), mask=offs_n < N
+        )
 
 
 @triton.jit(do_not_specialize=["offset"])
@@ -88,10 +92,10 @@ def _simlse_bwd_w_kernel(
     IS_VEC (SCALE [M] row scales, SCALE_Y [N] column scales; tiles._vec_weights): W carries the
     scales, DS_PART[pid_n, i] = sum_{j in tile} p_ij S_ij and DS_COL_PART[pid_m, j] =
     sum_{i in tile} p'_ij S_ij (the launcher sums the tiles and multiplies by g)."""
-    pid_m, pid_n, offs_m, offs_n, row_ok, col_ok, raw = _tile_scores(
-        X, Y, M, N, D, stride_x, stride_y, ACC, UPCAST, PRECISION,
-        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-    )  # fmt: skip
+    pid_m, pid_n, offs_m, offs_n, row_ok, col_ok = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    raw = _scores_chunked(
+        X, Y, offs_m, offs_n, M, N, D, stride_x, stride_y, ACC, UPCAST, PRECISION, BLOCK_K
+    )
     lse_x = tl.load(LSE_X + offs_m, mask=row_ok, other=0.0)
     g_x = tl.load(G_X + offs_m, mask=row_ok, other=0.0)
     if IS_VEC:

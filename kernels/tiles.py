@@ -235,21 +235,13 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 
 @triton.jit
-def _tile_scores(
-    X, Y, M, N, D, stride_x, stride_y,
-    ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):  # fmt: skip
+def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """The program's [BLOCK_M, BLOCK_N] tile of a 1-D tiled launch (grouped order, _tile_ids):
-    (pid_m, pid_n, offs_m, offs_n, row_ok, col_ok, S = X[offs_m] @ Y[offs_n]^T) with the
-    in-range masks offs_m < M, offs_n < N; K loop in BLOCK_K chunks."""
+    (pid_m, pid_n, offs_m, offs_n, row_ok = offs_m < M, col_ok = offs_n < N)."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    s = _scores_chunked(
-        X, Y, offs_m, offs_n, M, N, D, stride_x, stride_y, ACC, UPCAST, PRECISION, BLOCK_K
-    )
-    return pid_m, pid_n, offs_m, offs_n, offs_m < M, offs_n < N, s
+    return pid_m, pid_n, offs_m, offs_n, offs_m < M, offs_n < N
 
 
 @triton.jit
