@@ -1,8 +1,9 @@
 """Shared Triton tile helpers of every gammacl kernel (kernels/simlse.py, simlse_tiled.py,
 gamma_onepass.py, siglip.py): exp / log in natural units, masked tile loads, tl.dot wrappers, the
-S = X @ Y^T K loop, the validity mask, the online / per-tile LSE blocks, the grouped tile order,
-the LSE-partial merge kernel, a tiled GEMM with fp32 (fp64) output for the large-D paths, and
-the launch flags.
+S = X @ Y^T K loop, the row-block dA / dB loop of the one-pass kernels, the validity mask, the
+online / per-tile LSE blocks, the grouped tile order, the LSE-partial merge kernel, a tiled GEMM
+with fp32 (fp64) output for the large-D paths, and the launch helpers (dtype flags, the shared
+operand arguments, the row-chunk driver).
 
 One unit system: every logit, shift and LSE is in natural units, formed from one rounded logit
 l = scale * S; BASE2 (the fp32 path) only changes how exp / log are evaluated, exp2(x log2 e) /
