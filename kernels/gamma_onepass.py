@@ -62,19 +62,18 @@ import triton.language as tl
 
 from gammacl.dispatch import interpreter_on
 from gammacl.kernels.simlse import _COL_PART_MAX_BYTES
+from gammacl.kernels.simlse_checks import check_operands as _check_operands
 from gammacl.kernels.simlse_tiled import tile_config as _simlse_tile_config
 from gammacl.kernels.tiles import (
     _NEG_INF,
     RowChunks,
-    _dot_nn,
     _exp_nat,
-    _load_rows,
+    _grad_rows,
     _log_nat,
     _online_lse_nat,
     _scores_chunked,
-    _simlse_col_merge_kernel,
-    _tile_ids,
     _tile_lse_nat,
+    _tile_offsets,
     _valid,
     chunk_gemms,
     merge_lse,
@@ -82,9 +81,8 @@ from gammacl.kernels.tiles import (
 )
 from gammacl.kernels.tiles import acc_dtype as _acc_dtype
 from gammacl.kernels.tiles import device_guard as _device_guard
-from gammacl.kernels.tiles import flags as _flags
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from gammacl.kernels.tiles import dims as _dims
+from gammacl.kernels.tiles import operands as _operands
 
 
 @triton.jit
@@ -95,43 +93,14 @@ def _exp_capped(x, cap, BASE2: tl.constexpr):
 
 @triton.jit(do_not_specialize=["offset"])
 def _gamma_onepass_fwd_kernel(
-    X,
-    Y,
-    SCALE,
-    w_row_hi,
-    w_row_lo,
-    w_col_hi,
-    w_col_lo,
-    cap_hi,
-    cap_lo,
-    ALPHA_R,
-    ALPHA_C,
-    ROW_LSE,
-    ROW_TERM,
-    COL_PART,
-    COL_TERM,
-    DA,
-    DB,
-    M,
-    N,
-    D,
-    stride_x,
-    stride_y,
-    stride_da,
-    stride_db,
-    stride_part,
-    offset,
-    GRAD: tl.constexpr,
-    COLS: tl.constexpr,
-    SAT_FP16: tl.constexpr,
-    ACC: tl.constexpr,
-    BASE2: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
+    X, Y, SCALE,
+    w_row_hi, w_row_lo, w_col_hi, w_col_lo, cap_hi, cap_lo,
+    ALPHA_R, ALPHA_C, ROW_LSE, ROW_TERM, COL_PART, COL_TERM, DA, DB,
+    M, N, D, stride_x, stride_y, stride_da, stride_db, stride_part, offset,
+    GRAD: tl.constexpr, COLS: tl.constexpr, SAT_FP16: tl.constexpr,
+    ACC: tl.constexpr, BASE2: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
     """Rows [pid*BLOCK_M, ...) of X against every row of Y: ROW_LSE, ROW_TERM stored; DA rows
     written; with COLS, COL_PART[pid, j] = LSE_{i in block} l_ij stored (merged afterwards by
     _simlse_col_merge_kernel), COL_TERM and DB accumulated atomically (without COLS no atomics:
@@ -141,7 +110,6 @@ def _gamma_onepass_fwd_kernel(
     pid = tl.program_id(0).to(tl.int64)  # int64: offsets reach M*D > 2^31
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < M
-    offs_d = tl.arange(0, BLOCK_D)
     scale = tl.load(SCALE).to(ACC)
     alpha_r = tl.load(ALPHA_R + offs_m, mask=row_ok, other=_NEG_INF).to(ACC)
     w_row = tl.cast(w_row_hi, ACC) + tl.cast(w_row_lo, ACC)
@@ -154,21 +122,7 @@ def _gamma_onepass_fwd_kernel(
         offs_n = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         col_ok = offs_n < N
         s = _scores_chunked(
-            X,
-            Y,
-            offs_m,
-            offs_n,
-            M,
-            N,
-            D,
-            stride_x,
-            stride_y,
-            ACC,
-            UPCAST,
-            PRECISION,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_D,
+            X, Y, offs_m, offs_n, M, N, D, stride_x, stride_y, ACC, UPCAST, PRECISION, BLOCK_D
         )
         s = tl.where(_valid(offs_m, offs_n, M, N, offset, True), s * scale, _NEG_INF)
         # online row LSE; a shift of -inf (nothing valid yet) is replaced by 0
@@ -202,32 +156,11 @@ def _gamma_onepass_fwd_kernel(
             w = w.to(Y.dtype.element_ty)  # operand dtype for tl.dot, fp32 accumulation
             if UPCAST:
                 w = w.to(tl.float32)
-            wt = tl.trans(w)  # used for dB only (COLS); dead code otherwise
-            for k0 in range(0, D, BLOCK_D):
-                offs_k = k0 + offs_d
-                k_ok = offs_k < D
-                y = _load_rows(Y, offs_n, offs_k, stride_y, N, D)
-                # dA rows belong to this program alone (the first column tile stores)
-                o_ptr = DA + offs_m[:, None] * stride_da + offs_k[None, :]
-                o_mask = row_ok[:, None] & k_ok[None, :]
-                o = tl.load(o_ptr, mask=o_mask & (j0 > 0), other=0.0)
-                if SAT_FP16:  # undo the tile scaling before accumulating
-                    zero = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
-                    o = o + _dot_nn(w, y, zero, UPCAST, PRECISION) * w_inv
-                else:
-                    o = _dot_nn(w, y, o, UPCAST, PRECISION)
-                tl.store(o_ptr, o, mask=o_mask)
-                if COLS:  # dB rows are shared by every row block
-                    x = _load_rows(X, offs_m, offs_k, stride_x, M, D)
-                    p = _dot_nn(wt, x, tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC), UPCAST, PRECISION)
-                    if SAT_FP16:
-                        p = p * w_inv
-                    tl.atomic_add(
-                        DB + offs_n[:, None] * stride_db + offs_k[None, :],
-                        p,
-                        mask=col_ok[:, None] & k_ok[None, :],
-                    )
-            tl.debug_barrier()  # dA stores visible to every thread before the next tile's loads
+            # dA rows (this program's), dB rows by atomics; SAT_FP16 undoes the tile scaling
+            _grad_rows(
+                w, w_inv, X, Y, DA, DB, offs_m, offs_n, j0, M, N, D, stride_x, stride_y,
+                stride_da, stride_db, COLS, SAT_FP16, ACC, UPCAST, PRECISION, BLOCK_D,
+            )  # fmt: skip
     row = tl.where(l_i > 0, m_i + _log_nat(tl.where(l_i > 0, l_i, 1.0), BASE2), _NEG_INF)
     row = tl.where(l_i != l_i, l_i, row)  # NaN sum stays NaN
     tl.store(ROW_LSE + offs_m, row, mask=row_ok)
@@ -248,23 +181,7 @@ def _config(dtype: torch.dtype, d: int) -> dict:
 
 
 def _check(a, b, scale, alpha_row, alpha_col) -> None:
-    for name, x in (("a", a), ("b", b)):
-        if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.dtype not in _FLOAT_DTYPES:
-            raise ValueError(
-                f"gamma_onepass (triton): {name} must be a 2-D float16/bfloat16/"
-                f"float32/float64 tensor, got {getattr(x, 'shape', type(x))}"
-            )
-        if x.shape[1] > 1 and x.stride(1) != 1:
-            raise ValueError(
-                f"gamma_onepass (triton): {name} needs stride(-1) == 1, got "
-                f"strides {tuple(x.stride())}"
-            )
-    if a.dtype != b.dtype or a.shape[1] != b.shape[1] or a.device != b.device:
-        raise ValueError(
-            f"gamma_onepass (triton): a {tuple(a.shape)} {a.dtype} {a.device} and "
-            f"b {tuple(b.shape)} {b.dtype} {b.device} must agree in D, dtype, device"
-        )
-    acc = _acc_dtype(a.dtype)
+    acc = _check_operands("gamma_onepass", a, b)
     if scale.ndim != 0 or scale.dtype != acc or scale.device != a.device:
         raise ValueError(
             f"gamma_onepass (triton): scale must be a 0-d {acc} tensor on "
@@ -294,6 +211,16 @@ def _split_fp32(x: float) -> tuple[float, float]:
     return hi, float(torch.tensor(lo, dtype=torch.float32))
 
 
+def _weight_args(scale, alpha_row, alpha_col, w_row: float, w_col: float, clamp: float) -> dict:
+    """The weight arguments both kernels take: SCALE, ALPHA_R, ALPHA_C and the fp32 (hi, lo)
+    pairs of w_row, w_col and the clamp (_split_fp32)."""
+    (wr_hi, wr_lo), (wc_hi, wc_lo), (c_hi, c_lo) = map(_split_fp32, (w_row, w_col, clamp))
+    return dict(
+        SCALE=scale, ALPHA_R=alpha_row, ALPHA_C=alpha_col,
+        w_row_hi=wr_hi, w_row_lo=wr_lo, w_col_hi=wc_hi, w_col_lo=wc_lo, cap_hi=c_hi, cap_lo=c_lo,
+    )  # fmt: skip
+
+
 def _col_part_fits(m: int, n: int, dtype: torch.dtype) -> bool:
     """Whether the [ceil(M/BM), N] column-partial buffer stays under _COL_PART_MAX_BYTES."""
     bm = _config(dtype, 1)["BLOCK_M"]
@@ -306,10 +233,7 @@ def _launch(a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offset, grad
     (col_lse, col_term, db): column LSE from the per-row-block partials (merged by
     _simlse_col_merge_kernel, no overflow at any logit range), col_term and db from atomics;
     without cols those three are None."""
-    m, d = a.shape
-    n = b.shape[0]
-    acc = _acc_dtype(a.dtype)
-    dev = a.device
+    m, n, d, acc, dev = _dims(a, b)
     cfg = _config(a.dtype, d)
     r = triton.cdiv(m, cfg["BLOCK_M"])
     row_lse = torch.empty(m, dtype=acc, device=dev)
@@ -318,31 +242,16 @@ def _launch(a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offset, grad
     col_term = torch.zeros(n if cols else 0, dtype=acc, device=dev)
     da = torch.zeros(m if grad else 0, d, dtype=acc, device=dev)
     db = torch.zeros(n if grad and cols else 0, d, dtype=acc, device=dev)
-    (wr_hi, wr_lo), (wc_hi, wc_lo), (c_hi, c_lo) = map(_split_fp32, (w_row, w_col, clamp))
     with _device_guard(dev):
         _gamma_onepass_fwd_kernel[(r,)](
-            X=a,
-            Y=b,
-            SCALE=scale,
-            w_row_hi=wr_hi,
-            w_row_lo=wr_lo,
-            w_col_hi=wc_hi,
-            w_col_lo=wc_lo,
-            cap_hi=c_hi,
-            cap_lo=c_lo,
-            ALPHA_R=alpha_row,
-            ALPHA_C=alpha_col,
+            **_operands(a, b),
+            **_weight_args(scale, alpha_row, alpha_col, w_row, w_col, clamp),
             ROW_LSE=row_lse,
             ROW_TERM=row_term,
             COL_PART=col_part if cols else row_term,
             COL_TERM=col_term if cols else row_term,
             DA=da if grad else row_term,
             DB=db if grad and cols else row_term,
-            M=m,
-            N=n,
-            D=d,
-            stride_x=a.stride(0),
-            stride_y=b.stride(0),
             stride_da=da.stride(0) if grad else 0,
             stride_db=db.stride(0) if grad and cols else 0,
             stride_part=col_part.stride(0) if cols else 0,
@@ -350,25 +259,13 @@ def _launch(a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offset, grad
             GRAD=bool(grad),
             COLS=bool(cols),
             SAT_FP16=a.dtype == torch.float16,
-            **_flags(a.dtype),
             **cfg,
             enable_fp_fusion=False,  # the shift and the exponent from one rounded logit
         )
         if not cols:
             return row_lse, row_term, da, None, None, None
         col_lse = torch.empty(n, dtype=acc, device=dev)
-        block_r, block_n = (32, 64) if interpreter_on() else (16, 256)
-        _simlse_col_merge_kernel[(triton.cdiv(n, block_n),)](
-            PART=col_part,
-            COL_LSE=col_lse,
-            R=r,
-            N=n,
-            stride_part=col_part.stride(0),
-            ACC=_flags(a.dtype)["ACC"],
-            BLOCK_R=block_r,
-            BLOCK_N=block_n,
-            num_warps=4,
-        )
+        merge_lse(col_part, col_lse)
     return row_lse, row_term, da, col_lse, col_term, db
 
 
@@ -390,48 +287,17 @@ def _launch(a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offset, grad
 # kernel cannot be undone after a GEMM over many tiles): fp16 keeps the fused kernel.
 @triton.jit(do_not_specialize=["offset"])
 def _gamma_onepass_tile_kernel(
-    X,
-    Y,
-    SCALE,
-    w_row_hi,
-    w_row_lo,
-    w_col_hi,
-    w_col_lo,
-    cap_hi,
-    cap_lo,
-    ALPHA_R,
-    ALPHA_C,
-    ROW_PART,
-    ROW_TPART,
-    COL_PART,
-    COL_TPART,
-    W,
-    M,
-    N,
-    D,
-    stride_x,
-    stride_y,
-    stride_rp,
-    stride_cp,
-    stride_w,
-    offset,
+    X, Y, SCALE,
+    w_row_hi, w_row_lo, w_col_hi, w_col_lo, cap_hi, cap_lo,
+    ALPHA_R, ALPHA_C, ROW_PART, ROW_TPART, COL_PART, COL_TPART, W,
+    M, N, D, stride_x, stride_y, stride_rp, stride_cp, stride_w, offset,
     GRAD: tl.constexpr,
-    ACC: tl.constexpr,
-    BASE2: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
+    ACC: tl.constexpr, BASE2: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
     """One [BLOCK_M, BLOCK_N] tile of l = scale * X @ Y^T (entries (i, i + offset) excluded):
     the tile's row / column partial LSEs and terms, and (GRAD) its block of W."""
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = offs_m < M
-    col_ok = offs_n < N
+    pid_m, pid_n, offs_m, offs_n, row_ok, col_ok = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     scale = tl.load(SCALE).to(ACC)
     alpha_r = tl.load(ALPHA_R + offs_m, mask=row_ok, other=_NEG_INF).to(ACC)
     alpha_c = tl.load(ALPHA_C + offs_n, mask=col_ok, other=_NEG_INF).to(ACC)
@@ -439,9 +305,8 @@ def _gamma_onepass_tile_kernel(
     w_col = tl.cast(w_col_hi, ACC) + tl.cast(w_col_lo, ACC)
     cap = tl.cast(cap_hi, ACC) + tl.cast(cap_lo, ACC)
     s = _scores_chunked(
-        X, Y, offs_m, offs_n, M, N, D, stride_x, stride_y, ACC, UPCAST, PRECISION,
-        BLOCK_M, BLOCK_N, BLOCK_K,
-    )  # fmt: skip
+        X, Y, offs_m, offs_n, M, N, D, stride_x, stride_y, ACC, UPCAST, PRECISION, BLOCK_K
+    )
     s = tl.where(_valid(offs_m, offs_n, M, N, offset, True), s * scale, _NEG_INF)
     tl.store(ROW_PART + pid_n * stride_rp + offs_m, _tile_lse_nat(s, 1, BASE2), mask=row_ok)
     tl.store(COL_PART + pid_m * stride_cp + offs_n, _tile_lse_nat(s, 0, BASE2), mask=col_ok)
@@ -474,10 +339,7 @@ def _tile_config(dtype: torch.dtype) -> dict:
 def _large_d_fwd(a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offset, grad):
     """The large-D path of gamma_onepass_fwd (same outputs), chunked over rows of a: R from
     GAMMACL_TRITON_CHUNK_MIB over W [R, N] plus the four partial buffers."""
-    m, d = a.shape
-    n = b.shape[0]
-    acc = _acc_dtype(a.dtype)
-    dev = a.device
+    m, n, d, acc, dev = _dims(a, b)
     cfg = _tile_config(a.dtype)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     isz = 8 if acc == torch.float64 else 4
@@ -498,38 +360,21 @@ def _large_d_fwd(a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offset,
     col_term = torch.zeros(n, dtype=acc, device=dev)
     da = torch.empty(m if grad else 0, d, dtype=acc, device=dev)
     db = torch.zeros(n if grad else 0, d, dtype=acc, device=dev)
-    (wr_hi, wr_lo), (wc_hi, wc_lo), (c_hi, c_lo) = map(_split_fp32, (w_row, w_col, clamp))
-    for i0, rows in chunks:
-        x = a[i0 : i0 + rows]
-        grid = (triton.cdiv(rows, bm) * triton.cdiv(n, bn),)
+    weights = _weight_args(scale, alpha_row, alpha_col, w_row, w_col, clamp)
+    for i0, rows, x, grid in chunks.tiled(a, n, bm, bn):
         _gamma_onepass_tile_kernel[grid](
-            X=x,
-            Y=b,
-            SCALE=scale,
-            w_row_hi=wr_hi,
-            w_row_lo=wr_lo,
-            w_col_hi=wc_hi,
-            w_col_lo=wc_lo,
-            cap_hi=c_hi,
-            cap_lo=c_lo,
-            ALPHA_R=alpha_row[i0 : i0 + rows],
-            ALPHA_C=alpha_col,
+            **_operands(x, b),
+            **dict(weights, ALPHA_R=alpha_row[i0 : i0 + rows]),
             ROW_PART=row_part,
             ROW_TPART=row_tpart,
             COL_PART=col_part,
             COL_TPART=col_tpart,
             W=w if grad else row_part,
-            M=rows,
-            N=n,
-            D=d,
-            stride_x=a.stride(0),
-            stride_y=b.stride(0),
             stride_rp=row_part.stride(0),
             stride_cp=col_part.stride(0),
             stride_w=w.stride(0) if grad else 0,
             offset=int(offset) + i0,  # excluded (i0 + i, i0 + i + offset) in chunk coordinates
             GRAD=bool(grad),
-            **_flags(a.dtype),
             **cfg,
             enable_fp_fusion=False,  # the shift and the exponent from one rounded logit
         )
@@ -544,17 +389,10 @@ def _large_d_fwd(a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offset,
 
 
 def gamma_onepass_fwd(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale: torch.Tensor,
-    alpha_row: torch.Tensor,
-    alpha_col: torch.Tensor,
-    w_row: float,
-    w_col: float,
-    clamp: float,
-    offset: int,
-    grad: bool,
-) -> tuple[torch.Tensor, ...]:
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+    alpha_row: torch.Tensor, alpha_col: torch.Tensor, w_row: float, w_col: float, clamp: float,
+    offset: int, grad: bool,
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """(row_lse, col_lse, row_term, col_term, da_raw, db_raw), see the module docstring.
 
     Default: one launch, column statistics and dB merged across row blocks by atomics (6MND;
@@ -564,10 +402,7 @@ def gamma_onepass_fwd(
     outputs are exactly the column outputs (l^T_ji = l_ij, W^T_ji = W_ij, so its dA = W^T @ a =
     db_raw); every sum then has a fixed order (bitwise reproducible) for 8MND FLOPs."""
     _check(a, b, scale, alpha_row, alpha_col)
-    m, d = a.shape
-    n = b.shape[0]
-    acc = _acc_dtype(a.dtype)
-    dev = a.device
+    m, n, d, acc, dev = _dims(a, b)
     alpha_row, alpha_col = alpha_row.contiguous(), alpha_col.contiguous()
     if m == 0 or n == 0:
         row_lse = torch.full((m,), float("-inf"), dtype=acc, device=dev)

@@ -48,20 +48,20 @@ import triton
 import triton.language as tl
 
 from gammacl.dispatch import interpreter_on
+from gammacl.kernels.simlse_checks import check_operands as _check_operands
 from gammacl.kernels.tiles import (
     RowChunks,
-    _dot_nn,
     _exp_nat,
-    _load_rows,
+    _grad_rows,
     _log_nat,
     _scores_chunked,
     chunk_gemms,
 )
 from gammacl.kernels.tiles import acc_dtype as _acc_dtype
 from gammacl.kernels.tiles import device_guard as _device_guard
-from gammacl.kernels.tiles import flags as _flags
+from gammacl.kernels.tiles import dims as _dims
+from gammacl.kernels.tiles import operands as _operands
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FP16_W_SCALE = 2.0**14  # W * 2^14 in fp16 (module docstring)
 # one-pass (flash-style) kernel up to this D, the chunked GEMM structure above it
 _ONEPASS_MAX_D = {torch.float16: 128, torch.bfloat16: 128, torch.float32: 64, torch.float64: 64}
@@ -87,63 +87,26 @@ def _siglip_terms(s, scale, bias, offs_m, offs_n, M, N, offset, BASE2: tl.conste
 
 @triton.jit(do_not_specialize=["offset"])
 def _siglip_onepass_kernel(
-    X,
-    Y,
-    SCALE,
-    BIAS,
-    ROW_LOSS,
-    ROW_WSUM,
-    DA,
-    DB,
-    M,
-    N,
-    D,
-    stride_x,
-    stride_y,
-    stride_da,
-    stride_db,
-    offset,
-    w_scale,
-    GRAD: tl.constexpr,
-    COLS: tl.constexpr,
-    ACC: tl.constexpr,
-    BASE2: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
+    X, Y, SCALE, BIAS, ROW_LOSS, ROW_WSUM, DA, DB,
+    M, N, D, stride_x, stride_y, stride_da, stride_db, offset, w_scale,
+    GRAD: tl.constexpr, COLS: tl.constexpr,
+    ACC: tl.constexpr, BASE2: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
     """Rows [pid*BLOCK_M, ...) of X against every row of Y: ROW_LOSS, ROW_WSUM stored; with GRAD
     the DA rows written (w_scale * W @ Y) and, with COLS, DB accumulated atomically
     (w_scale * W^T @ X). w_scale: 2^14 for fp16 operands, else 1."""
     pid = tl.program_id(0).to(tl.int64)  # int64: offsets reach M*D > 2^31
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < M
-    offs_d = tl.arange(0, BLOCK_D)
     scale = tl.load(SCALE).to(ACC)
     bias = tl.load(BIAS).to(ACC)
     loss_i = tl.zeros((BLOCK_M,), dtype=ACC)
     wsum_i = tl.zeros((BLOCK_M,), dtype=ACC)
     for j0 in range(0, N, BLOCK_N):
         offs_n = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-        col_ok = offs_n < N
         s = _scores_chunked(
-            X,
-            Y,
-            offs_m,
-            offs_n,
-            M,
-            N,
-            D,
-            stride_x,
-            stride_y,
-            ACC,
-            UPCAST,
-            PRECISION,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_D,
+            X, Y, offs_m, offs_n, M, N, D, stride_x, stride_y, ACC, UPCAST, PRECISION, BLOCK_D
         )
         sp, w = _siglip_terms(s, scale, bias, offs_m, offs_n, M, N, offset, BASE2)
         loss_i += tl.sum(sp, axis=1)
@@ -152,58 +115,22 @@ def _siglip_onepass_kernel(
             w = (w * w_scale).to(Y.dtype.element_ty)  # operand dtype, fp32 accumulation
             if UPCAST:
                 w = w.to(tl.float32)
-            wt = tl.trans(w)  # dB only (COLS)
-            for k0 in range(0, D, BLOCK_D):
-                offs_k = k0 + offs_d
-                k_ok = offs_k < D
-                y = _load_rows(Y, offs_n, offs_k, stride_y, N, D)
-                # dA rows belong to this program alone (the first column tile stores)
-                o_ptr = DA + offs_m[:, None] * stride_da + offs_k[None, :]
-                o_mask = row_ok[:, None] & k_ok[None, :]
-                o = tl.load(o_ptr, mask=o_mask & (j0 > 0), other=0.0)
-                o = _dot_nn(w, y, o, UPCAST, PRECISION)
-                tl.store(o_ptr, o, mask=o_mask)
-                if COLS:  # dB rows are shared by every row block
-                    x = _load_rows(X, offs_m, offs_k, stride_x, M, D)
-                    p = _dot_nn(wt, x, tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC), UPCAST, PRECISION)
-                    tl.atomic_add(
-                        DB + offs_n[:, None] * stride_db + offs_k[None, :],
-                        p,
-                        mask=col_ok[:, None] & k_ok[None, :],
-                    )
-            tl.debug_barrier()  # dA stores visible to every thread before the next tile's loads
+            _grad_rows(
+                w, 1.0, X, Y, DA, DB, offs_m, offs_n, j0, M, N, D, stride_x, stride_y,
+                stride_da, stride_db, COLS, False, ACC, UPCAST, PRECISION, BLOCK_D,
+            )  # fmt: skip
     tl.store(ROW_LOSS + offs_m, loss_i, mask=row_ok)
     tl.store(ROW_WSUM + offs_m, wsum_i, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["offset", "row0"])
 def _siglip_weights_kernel(
-    X,
-    Y,
-    SCALE,
-    BIAS,
-    W,
-    PART_LOSS,
-    PART_WSUM,
-    R,
-    N,
-    D,
-    row0,
-    stride_x,
-    stride_y,
-    stride_w,
-    stride_part,
-    offset,
-    w_scale,
+    X, Y, SCALE, BIAS, W, PART_LOSS, PART_WSUM,
+    M, N, D, row0, stride_x, stride_y, stride_w, stride_part, offset, w_scale,
     GRAD: tl.constexpr,
-    ACC: tl.constexpr,
-    BASE2: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
+    ACC: tl.constexpr, BASE2: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
     """One [BLOCK_M, BLOCK_N] tile of the chunk's S (X: the chunk's R rows, global row
     row0 + r): W * w_scale stored in the operand dtype (with GRAD), the tile's loss / wsum row
     sums to PART_*[r, pid_n]."""
@@ -214,25 +141,11 @@ def _siglip_weights_kernel(
     scale = tl.load(SCALE).to(ACC)
     bias = tl.load(BIAS).to(ACC)
     s = _scores_chunked(
-        X,
-        Y,
-        offs_m,
-        offs_n,
-        R,
-        N,
-        D,
-        stride_x,
-        stride_y,
-        ACC,
-        UPCAST,
-        PRECISION,
-        BLOCK_M,
-        BLOCK_N,
-        BLOCK_D,
+        X, Y, offs_m, offs_n, M, N, D, stride_x, stride_y, ACC, UPCAST, PRECISION, BLOCK_D
     )
     # positives at global (row0 + r, row0 + r + offset): local offset row0 + offset
-    sp, w = _siglip_terms(s, scale, bias, offs_m, offs_n, R, N, row0 + offset, BASE2)
-    row_ok = offs_m < R
+    sp, w = _siglip_terms(s, scale, bias, offs_m, offs_n, M, N, row0 + offset, BASE2)
+    row_ok = offs_m < M
     tl.store(PART_LOSS + offs_m * stride_part + pid_n, tl.sum(sp, axis=1), mask=row_ok)
     tl.store(PART_WSUM + offs_m * stride_part + pid_n, tl.sum(w, axis=1), mask=row_ok)
     if GRAD:
@@ -279,22 +192,7 @@ def _w_scale(dtype: torch.dtype) -> float:
 
 
 def _check(a, b, scale, bias) -> None:
-    for name, x in (("a", a), ("b", b)):
-        if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.dtype not in _FLOAT_DTYPES:
-            raise ValueError(
-                f"siglip (triton): {name} must be a 2-D float16/bfloat16/float32/float64 "
-                f"tensor, got {getattr(x, 'shape', type(x))}"
-            )
-        if x.shape[1] > 1 and x.stride(1) != 1:
-            raise ValueError(
-                f"siglip (triton): {name} needs stride(-1) == 1, got strides {tuple(x.stride())}"
-            )
-    if a.dtype != b.dtype or a.shape[1] != b.shape[1] or a.device != b.device:
-        raise ValueError(
-            f"siglip (triton): a {tuple(a.shape)} {a.dtype} {a.device} and b {tuple(b.shape)} "
-            f"{b.dtype} {b.device} must agree in D, dtype, device"
-        )
-    acc = _acc_dtype(a.dtype)
+    acc = _check_operands("siglip", a, b)
     for name, v in (("scale", scale), ("bias", bias)):
         if v.ndim != 0 or v.dtype != acc or v.device != a.device:
             raise ValueError(
@@ -311,10 +209,7 @@ def use_deterministic_path() -> bool:
 
 def _launch_onepass(a, b, scale, bias, offset: int, grad: bool, cols: bool):
     """One launch over the rows of a: (row_loss, row_wsum, da_raw, db_raw or None)."""
-    m, d = a.shape
-    n = b.shape[0]
-    acc = _acc_dtype(a.dtype)
-    dev = a.device
+    m, n, d, acc, dev = _dims(a, b)
     cfg = _onepass_config(a.dtype, d)
     row_loss = torch.empty(m, dtype=acc, device=dev)
     row_wsum = torch.empty(m, dtype=acc, device=dev)
@@ -323,26 +218,19 @@ def _launch_onepass(a, b, scale, bias, offset: int, grad: bool, cols: bool):
     ws = _w_scale(a.dtype)
     with _device_guard(dev):
         _siglip_onepass_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
-            X=a,
-            Y=b,
+            **_operands(a, b),
             SCALE=scale,
             BIAS=bias,
             ROW_LOSS=row_loss,
             ROW_WSUM=row_wsum,
             DA=da if grad else row_loss,
             DB=db if grad and cols else row_loss,
-            M=m,
-            N=n,
-            D=d,
-            stride_x=a.stride(0),
-            stride_y=b.stride(0),
             stride_da=da.stride(0) if grad else 0,
             stride_db=db.stride(0) if grad and cols else 0,
             offset=int(offset),
             w_scale=ws,
             GRAD=bool(grad),
             COLS=bool(cols),
-            **_flags(a.dtype),
             **cfg,
         )
     if grad and ws != 1.0:  # undo the fp16 weight scaling (exact power of two)
@@ -363,13 +251,9 @@ def _chunks(m: int, n: int, dtype: torch.dtype, size: int | None = None) -> RowC
 
 def _launch_chunked(a, b, scale, bias, offset: int, grad: bool, size: int | None = None):
     """The chunked structure (module docstring 2): (row_loss, row_wsum, da_raw, db_raw)."""
-    m, d = a.shape
-    n = b.shape[0]
-    acc = _acc_dtype(a.dtype)
-    dev = a.device
+    m, n, d, acc, dev = _dims(a, b)
     cfg = _tile_config(a.dtype)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    fl = _flags(a.dtype)
     ws = _w_scale(a.dtype)
     p2 = max(16, triton.next_power_of_2(max(d, 1)))
     chunks = _chunks(m, n, a.dtype, size)
@@ -385,19 +269,13 @@ def _launch_chunked(a, b, scale, bias, offset: int, grad: bool, size: int | None
         for i0, rows in chunks:
             a_c = a[i0 : i0 + rows]
             _siglip_weights_kernel[(triton.cdiv(rows, bm), n_ct)](
-                X=a_c,
-                Y=b,
+                **_operands(a_c, b),
                 SCALE=scale,
                 BIAS=bias,
                 W=wbuf if grad else part,
                 PART_LOSS=part[0],
                 PART_WSUM=part[1],
-                R=rows,
-                N=n,
-                D=d,
                 row0=i0,
-                stride_x=a.stride(0),
-                stride_y=b.stride(0),
                 stride_w=wbuf.stride(0) if grad else 0,
                 stride_part=part.stride(1),
                 offset=int(offset),
@@ -408,7 +286,6 @@ def _launch_chunked(a, b, scale, bias, offset: int, grad: bool, size: int | None
                 BLOCK_D=min(p2, cfg["BLOCK_K"]),
                 num_warps=cfg["num_warps"],
                 num_stages=cfg["num_stages"],
-                **fl,
             )
             row_loss[i0 : i0 + rows] = part[0, :rows].sum(1)
             row_wsum[i0 : i0 + rows] = part[1, :rows].sum(1)
@@ -421,20 +298,14 @@ def _launch_chunked(a, b, scale, bias, offset: int, grad: bool, size: int | None
 
 
 def siglip_fwd(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor,
-    offset: int,
-    grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+    offset: int, grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(row_loss, row_wsum, da_raw, db_raw), see gammacl.ops.siglip. Small D: the one-pass
     kernel (dB by atomics; under torch.use_deterministic_algorithms two atomic-free launches, the
     second on the transposed problem). Large D: the chunked weights + GEMM structure."""
     _check(a, b, scale, bias)
-    m, d = a.shape
-    n = b.shape[0]
-    acc = _acc_dtype(a.dtype)
+    m, n, d, acc, _ = _dims(a, b)
     if m == 0 or n == 0:
         z = torch.zeros(m, dtype=acc, device=a.device)
         da = torch.zeros(m if grad else 0, d, dtype=acc, device=a.device)

@@ -101,15 +101,17 @@ from gammacl.kernels.tiles import (
     _log_nat,
     _online_lse_nat,
     _scores_chunked,
-    _simlse_col_merge_kernel,
+    _simlse_col_merge_kernel,  # noqa: F401 (gammacl.aot looks the merge kernel up here)
     _tile_lse_nat,
     _valid,
     _vec_weights,
+    merge_lse,
     use_large_d,
 )
 from gammacl.kernels.tiles import acc_dtype as _acc_dtype
 from gammacl.kernels.tiles import device_guard as _device_guard
-from gammacl.kernels.tiles import flags as _flags
+from gammacl.kernels.tiles import dims as _dims
+from gammacl.kernels.tiles import operands as _operands
 
 # Column partials buffer [ceil(M/BLOCK_M), N] allowed up to this size; beyond it the forward
 # computes the column LSE with a second, transposed sweep instead.
@@ -119,25 +121,17 @@ _AUTOTUNE = os.environ.get("GAMMACL_AUTOTUNE", "0") == "1" and not interpreter_o
 
 
 def _autotune_configs(kind: str) -> list[triton.Config]:
+    # (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages)
     shapes = {
         "fwd": [
-            (128, 64, 64, 8, 3),
-            (128, 128, 64, 8, 3),
-            (64, 128, 64, 4, 3),
-            (128, 64, 32, 4, 4),
-            (64, 64, 64, 4, 3),
-            (64, 64, 32, 4, 2),
-            (32, 32, 16, 4, 1),
+            (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 32, 4, 4),
+            (64, 64, 64, 4, 3), (64, 64, 32, 4, 2), (32, 32, 16, 4, 1),
         ],
         "bwd": [
-            (64, 64, 64, 4, 2),
-            (64, 128, 64, 8, 2),
-            (128, 64, 64, 8, 2),
-            (64, 64, 128, 4, 2),
-            (64, 64, 32, 4, 2),
-            (32, 32, 16, 4, 1),
+            (64, 64, 64, 4, 2), (64, 128, 64, 8, 2), (128, 64, 64, 8, 2), (64, 64, 128, 4, 2),
+            (64, 64, 32, 4, 2), (32, 32, 16, 4, 1),
         ],
-    }[kind]
+    }[kind]  # fmt: skip
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": d}, num_warps=w, num_stages=s)
         for m, n, d, w, s in shapes
@@ -169,31 +163,12 @@ _AUTOTUNE_MIN_BLOCK_M = 32  # smallest BLOCK_M in the autotune lists (sizes the 
 @triton.heuristics({"SINGLE_D": lambda args: args["D"] <= args["BLOCK_D"]})
 @triton.jit(do_not_specialize=["offset"])
 def _simlse_fwd_kernel(
-    X,
-    Y,
-    SCALE,
-    COL_SCALE,
-    ROW_LSE,
-    COL_PART,
-    M,
-    N,
-    D,
-    stride_x,
-    stride_y,
-    stride_part,
-    offset,
-    EXCLUDE: tl.constexpr,
-    COLS: tl.constexpr,
-    IS_VEC: tl.constexpr,
-    ACC: tl.constexpr,
-    BASE2: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    SINGLE_D: tl.constexpr,
-):
+    X, Y, SCALE, COL_SCALE, ROW_LSE, COL_PART,
+    M, N, D, stride_x, stride_y, stride_part, offset,
+    EXCLUDE: tl.constexpr, COLS: tl.constexpr, IS_VEC: tl.constexpr,
+    ACC: tl.constexpr, BASE2: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
+):  # fmt: skip
     """ROW_LSE[i] = LSE_j l_ij for this program's BLOCK_M rows of X; with COLS, also
     COL_PART[pid, j] = LSE_{i in block} l'_ij for every column j. l = l' = scale * S, or with
     IS_VEC l_ij = SCALE[i] S_ij (row scales) and l'_ij = COL_SCALE[j] S_ij (column scales)."""
@@ -215,21 +190,7 @@ def _simlse_fwd_kernel(
             s = _dot_nt(x, y, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), UPCAST, PRECISION)
         else:
             s = _scores_chunked(
-                X,
-                Y,
-                offs_m,
-                offs_n,
-                M,
-                N,
-                D,
-                stride_x,
-                stride_y,
-                ACC,
-                UPCAST,
-                PRECISION,
-                BLOCK_M,
-                BLOCK_N,
-                BLOCK_D,
+                X, Y, offs_m, offs_n, M, N, D, stride_x, stride_y, ACC, UPCAST, PRECISION, BLOCK_D
             )
         valid = _valid(offs_m, offs_n, M, N, offset, EXCLUDE)
         if IS_VEC and COLS:  # the column logits cs_j S_ij, before S becomes the row logits
@@ -255,40 +216,13 @@ def _simlse_fwd_kernel(
 @triton.heuristics({"SINGLE_D": lambda args: args["D"] <= args["BLOCK_D"]})
 @triton.jit(do_not_specialize=["offset"])
 def _simlse_bwd_kernel(
-    X,
-    Y,
-    SCALE,
-    SCALE_Y,
-    LSE_X,
-    LSE_Y,
-    G_X,
-    G_Y,
-    G_INV,
-    OUT,
-    DS_PART,
-    M,
-    N,
-    D,
-    stride_x,
-    stride_y,
-    stride_out,
-    offset,
-    EXCLUDE: tl.constexpr,
-    HAS_X: tl.constexpr,
-    HAS_Y: tl.constexpr,
-    G_NORM: tl.constexpr,
-    TRANS: tl.constexpr,
-    HAS_DS: tl.constexpr,
-    IS_VEC: tl.constexpr,
-    ACC: tl.constexpr,
-    BASE2: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    SINGLE_D: tl.constexpr,
-):
+    X, Y, SCALE, SCALE_Y, LSE_X, LSE_Y, G_X, G_Y, G_INV, OUT, DS_PART,
+    M, N, D, stride_x, stride_y, stride_out, offset,
+    EXCLUDE: tl.constexpr, HAS_X: tl.constexpr, HAS_Y: tl.constexpr, G_NORM: tl.constexpr,
+    TRANS: tl.constexpr, HAS_DS: tl.constexpr, IS_VEC: tl.constexpr,
+    ACC: tl.constexpr, BASE2: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
+):  # fmt: skip
     """OUT[i] = sum_j W_ij Y[j] for this program's BLOCK_M rows of X, with
     W_ij = [HAS_X] G_X[i] exp(l_ij - LSE_X[i]) + [HAS_Y] G_Y[j] exp(l_ij - LSE_Y[j]),
     l_ij = scale * <X_i, Y_j>, W = 0 on excluded (j == i + offset) and out-of-range entries.
@@ -333,40 +267,12 @@ def _simlse_bwd_kernel(
                 s = _dot_nt(x, y, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), UPCAST, PRECISION)
         elif TRANS:
             s = _scores_chunked(
-                Y,
-                X,
-                offs_n,
-                offs_m,
-                N,
-                M,
-                D,
-                stride_y,
-                stride_x,
-                ACC,
-                UPCAST,
-                PRECISION,
-                BLOCK_N,
-                BLOCK_M,
-                BLOCK_D,
+                Y, X, offs_n, offs_m, N, M, D, stride_y, stride_x, ACC, UPCAST, PRECISION, BLOCK_D
             )
             s = tl.trans(s)
         else:
             s = _scores_chunked(
-                X,
-                Y,
-                offs_m,
-                offs_n,
-                M,
-                N,
-                D,
-                stride_x,
-                stride_y,
-                ACC,
-                UPCAST,
-                PRECISION,
-                BLOCK_M,
-                BLOCK_N,
-                BLOCK_D,
+                X, Y, offs_m, offs_n, M, N, D, stride_x, stride_y, ACC, UPCAST, PRECISION, BLOCK_D
             )
         s_raw = s  # <X_i, Y_j> (0 out of range)
         if IS_VEC:
@@ -474,42 +380,29 @@ def _row_lse(x, y, scale, offset, exclude_pos, out, col_part=None, col_scale=Non
     ([ceil(M/BLOCK_M), N]) also the per-row-block column partials. A 1-D scale: x's row scales
     (and col_scale y's, for the column partials)."""
     m, d = x.shape
-    n = y.shape[0]
     cols = col_part is not None
     kw = {} if _AUTOTUNE else _config("fwd", x.dtype, d)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
     _simlse_fwd_kernel[grid](
-        X=x,
-        Y=y,
+        **_operands(x, y),
         SCALE=scale,
         COL_SCALE=col_scale if col_scale is not None else scale,
         ROW_LSE=out,
         COL_PART=col_part if cols else out,
-        M=m,
-        N=n,
-        D=d,
-        stride_x=x.stride(0),
-        stride_y=y.stride(0),
         stride_part=col_part.stride(0) if cols else 0,
         offset=offset,
         EXCLUDE=exclude_pos,
         COLS=cols,
         IS_VEC=scale.ndim == 1,
-        **_flags(x.dtype),
         **kw,
         enable_fp_fusion=False,  # max and exponent from the same rounded logit (Numerics)
     )
 
 
 def simlse_fwd(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale: torch.Tensor,
-    offset: int,
-    exclude_pos: bool,
-    cols: bool,
-    col_scale: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+    offset: int, exclude_pos: bool, cols: bool, col_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(row_lse [M], col_lse [N] or [0]) of l = scale * a @ b.T, excluded (i, i+offset); with a
     [M] scale the row LSE reads scale[i] S_ij and the column LSE col_scale[j] S_ij."""
     vec = _check_features(a, b, scale, col_scale, cols)
@@ -540,18 +433,7 @@ def simlse_fwd(
             _row_lse(a, b, scale, offset, exclude_pos, row, col_part=part, col_scale=cs)
             # interpreter: 4 partial rows per trip, so tests reach the merge loop's second trip
             # with M > 4 * 64 rows (tests/test_merge_loops.py)
-            block_r, block_n = (4, 64) if interpreter_on() else (16, 256)
-            _simlse_col_merge_kernel[(triton.cdiv(n, block_n),)](
-                PART=part,
-                COL_LSE=col,
-                R=r,
-                N=n,
-                stride_part=part.stride(0),
-                ACC=_flags(a.dtype)["ACC"],
-                BLOCK_R=block_r,
-                BLOCK_N=block_n,
-                num_warps=4,
-            )
+            merge_lse(part, col, interp_block_r=4)
         else:
             # transposed sweep: c_j = LSE_i l_ij is the row LSE of b @ a.T with offset -offset
             _row_lse(a, b, scale, offset, exclude_pos, row)
@@ -578,18 +460,10 @@ def fp16_row_scale(
 
 
 def simlse_bwd(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale: torch.Tensor,
-    row_lse: torch.Tensor,
-    col_lse: torch.Tensor,
-    g_row: torch.Tensor,
-    g_col: torch.Tensor,
-    offset: int,
-    exclude_pos: bool,
-    cols: bool,
-    col_scale: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+    row_lse: torch.Tensor, col_lse: torch.Tensor, g_row: torch.Tensor, g_col: torch.Tensor,
+    offset: int, exclude_pos: bool, cols: bool, col_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(da_raw, db_raw, dscale_raw) = (W @ b, W^T @ a, sum_ij W_ij <a_i, b_j>), W_ij =
     g_row_i exp(l_ij - row_lse_i) + [cols] g_col_j exp(l_ij - col_lse_j), 0 on excluded
     entries; acc dtype; dscale_raw (0-d) from the unrounded W.
@@ -597,10 +471,7 @@ def simlse_bwd(
     inside W (gammacl.ops.simlse)."""
     vec = _check_features(a, b, scale, col_scale, cols)
     offset, exclude_pos, cols = int(offset), bool(exclude_pos), bool(cols)
-    m, d = a.shape
-    n = b.shape[0]
-    acc = _acc_dtype(a.dtype)
-    dev = a.device
+    m, n, d, acc, dev = _dims(a, b)
     row_lse = _check_vector("row_lse", row_lse, m, acc, dev)
     g_row = _check_vector("g_row", g_row, m, acc, dev)
     col_lse = _check_vector("col_lse", col_lse, n if cols else 0, acc, dev)
@@ -610,7 +481,6 @@ def simlse_bwd(
     if m == 0 or n == 0:
         ds = torch.zeros(m + (n if cols else 0) if vec else (), dtype=acc, device=dev)
         return da.zero_(), db.zero_(), ds
-    flags = _flags(a.dtype)
     ds_part = None
     # fp16 only (5-bit exponent): W rows scaled by powers of two sigma_i (fp16_row_scale; bf16
     # shares fp32's exponent range and needs no scaling)
@@ -652,8 +522,7 @@ def simlse_bwd(
                 bm = _AUTOTUNE_MIN_BLOCK_M if _AUTOTUNE else kw["BLOCK_M"]
                 ds_part = torch.zeros(triton.cdiv(rows, bm), dtype=acc, device=dev)
             _simlse_bwd_kernel[grid](
-                X=x,
-                Y=y,
+                **_operands(x, y),
                 SCALE=s_x if vec and has_x else scale,
                 SCALE_Y=s_y if vec and has_y else scale,
                 LSE_X=lse_x if has_x else lse_y,
@@ -663,22 +532,10 @@ def simlse_bwd(
                 G_INV=sigma if g_norm else scale,
                 OUT=out,
                 DS_PART=ds_part if has_ds else out,
-                M=rows,
-                N=y.shape[0],
-                D=d,
-                stride_x=x.stride(0),
-                stride_y=y.stride(0),
                 stride_out=out.stride(0),
                 offset=off,
-                EXCLUDE=exclude_pos,
-                HAS_X=has_x,
-                HAS_Y=has_y,
-                G_NORM=g_norm,
-                TRANS=trans,
-                HAS_DS=has_ds,
-                IS_VEC=vec,
-                **flags,
-                **kw,
+                **dict(EXCLUDE=exclude_pos, HAS_X=has_x, HAS_Y=has_y, G_NORM=g_norm, TRANS=trans),
+                **dict(HAS_DS=has_ds, IS_VEC=vec, **kw),
                 enable_fp_fusion=False,  # exponent from the rounded logit (Numerics)
             )
             if g_norm:

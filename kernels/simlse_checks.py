@@ -66,6 +66,28 @@ def check_features(
     return False
 
 
+def check_operands(op: str, a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
+    """The feature checks of the one-sweep ops' launchers (gamma_onepass, siglip): a [M, D] and
+    b [N, D] float tensors with stride(-1) == 1 that agree in D, dtype and device; returns the
+    accumulation dtype."""
+    for name, x in (("a", a), ("b", b)):
+        if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.dtype not in _FLOAT_DTYPES:
+            raise ValueError(
+                f"{op} (triton): {name} must be a 2-D float16/bfloat16/float32/float64 "
+                f"tensor, got {getattr(x, 'shape', type(x))}"
+            )
+        if x.shape[1] > 1 and x.stride(1) != 1:
+            raise ValueError(
+                f"{op} (triton): {name} needs stride(-1) == 1, got strides {tuple(x.stride())}"
+            )
+    if a.dtype != b.dtype or a.shape[1] != b.shape[1] or a.device != b.device:
+        raise ValueError(
+            f"{op} (triton): a {tuple(a.shape)} {a.dtype} {a.device} and b {tuple(b.shape)} "
+            f"{b.dtype} {b.device} must agree in D, dtype, device"
+        )
+    return _acc_dtype(a.dtype)
+
+
 def check_vector(name: str, v: torch.Tensor, n: int, acc: torch.dtype, device) -> torch.Tensor:
     if not isinstance(v, torch.Tensor) or v.shape != (n,):
         shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v)

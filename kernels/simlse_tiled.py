@@ -31,14 +31,14 @@ from gammacl.kernels.tiles import (
     RowChunks,
     _exp_nat,
     _scores_chunked,
-    _tile_ids,
     _tile_lse_nat,
+    _tile_offsets,
     _valid,
     _vec_weights,
     chunk_gemms,
     merge_lse,
 )
-from gammacl.kernels.tiles import flags as _flags
+from gammacl.kernels.tiles import operands as _operands
 
 
 # ----------------------------------------------------------------------------------------------
@@ -46,42 +46,20 @@ from gammacl.kernels.tiles import flags as _flags
 # ----------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["offset"])
 def _simlse_fwd_tile_kernel(
-    X,
-    Y,
-    SCALE,
-    COL_SCALE,
-    ROW_PART,
-    COL_PART,
-    M,
-    N,
-    D,
-    stride_x,
-    stride_y,
-    stride_rp,
-    stride_cp,
-    offset,
-    EXCLUDE: tl.constexpr,
-    COLS: tl.constexpr,
-    IS_VEC: tl.constexpr,
-    ACC: tl.constexpr,
-    BASE2: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
+    X, Y, SCALE, COL_SCALE, ROW_PART, COL_PART,
+    M, N, D, stride_x, stride_y, stride_rp, stride_cp, offset,
+    EXCLUDE: tl.constexpr, COLS: tl.constexpr, IS_VEC: tl.constexpr,
+    ACC: tl.constexpr, BASE2: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
     """ROW_PART[pid_n, i] = LSE_{j in tile} l_ij; with COLS, COL_PART[pid_m, j] = LSE_{i in
     tile} l'_ij, for the program's [BLOCK_M, BLOCK_N] tile of l = l' = scale * X @ Y^T, or with
     IS_VEC l_ij = SCALE[i] S_ij and l'_ij = COL_SCALE[j] S_ij."""
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # the in-range masks formed after the K loop, so they are not live across it
+    pid_m, pid_n, offs_m, offs_n, _, _ = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     s = _scores_chunked(
-        X, Y, offs_m, offs_n, M, N, D, stride_x, stride_y, ACC, UPCAST, PRECISION,
-        BLOCK_M, BLOCK_N, BLOCK_K,
-    )  # fmt: skip
+        X, Y, offs_m, offs_n, M, N, D, stride_x, stride_y, ACC, UPCAST, PRECISION, BLOCK_K
+    )
     valid = _valid(offs_m, offs_n, M, N, offset, EXCLUDE)
     if IS_VEC:
         rs = tl.load(SCALE + offs_m, mask=offs_m < M, other=0.0).to(ACC)
@@ -101,39 +79,12 @@ def _simlse_fwd_tile_kernel(
 
 @triton.jit(do_not_specialize=["offset"])
 def _simlse_bwd_w_kernel(
-    X,
-    Y,
-    SCALE,
-    SCALE_Y,
-    LSE_X,
-    LSE_Y,
-    G_X,
-    G_Y,
-    G_INV,
-    W,
-    DS_PART,
-    DS_COL_PART,
-    M,
-    N,
-    D,
-    stride_x,
-    stride_y,
-    stride_w,
-    stride_dsc,
-    offset,
-    EXCLUDE: tl.constexpr,
-    HAS_Y: tl.constexpr,
-    G_NORM: tl.constexpr,
-    IS_VEC: tl.constexpr,
-    ACC: tl.constexpr,
-    BASE2: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
+    X, Y, SCALE, SCALE_Y, LSE_X, LSE_Y, G_X, G_Y, G_INV, W, DS_PART, DS_COL_PART,
+    M, N, D, stride_x, stride_y, stride_w, stride_dsc, offset,
+    EXCLUDE: tl.constexpr, HAS_Y: tl.constexpr, G_NORM: tl.constexpr, IS_VEC: tl.constexpr,
+    ACC: tl.constexpr, BASE2: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
     """W[i, j] = G_X[i] exp(l_ij - LSE_X[i]) + [HAS_Y] G_Y[j] exp(l_ij - LSE_Y[j]) (times G_INV[i]
     with G_NORM), 0 on excluded entries, stored in W's dtype for one [BLOCK_M, BLOCK_N] tile;
     DS_PART[program] = sum over the tile of W_ij S_ij from the acc-typed W before G_INV and the
@@ -141,15 +92,10 @@ def _simlse_bwd_w_kernel(
     IS_VEC (SCALE [M] row scales, SCALE_Y [N] column scales; tiles._vec_weights): W carries the
     scales, DS_PART[pid_n, i] = sum_{j in tile} p_ij S_ij and DS_COL_PART[pid_m, j] =
     sum_{i in tile} p'_ij S_ij (the launcher sums the tiles and multiplies by g)."""
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = offs_m < M
-    col_ok = offs_n < N
+    pid_m, pid_n, offs_m, offs_n, row_ok, col_ok = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     raw = _scores_chunked(
-        X, Y, offs_m, offs_n, M, N, D, stride_x, stride_y, ACC, UPCAST, PRECISION,
-        BLOCK_M, BLOCK_N, BLOCK_K,
-    )  # fmt: skip
+        X, Y, offs_m, offs_n, M, N, D, stride_x, stride_y, ACC, UPCAST, PRECISION, BLOCK_K
+    )
     lse_x = tl.load(LSE_X + offs_m, mask=row_ok, other=0.0)
     g_x = tl.load(G_X + offs_m, mask=row_ok, other=0.0)
     if IS_VEC:
@@ -232,28 +178,19 @@ def large_d_fwd(a, b, scale, offset, exclude_pos, cols, row, col, col_scale=None
     r = chunks.size
     row_part = torch.empty((triton.cdiv(n, bn), r), dtype=acc, device=a.device)
     col_part = torch.empty((triton.cdiv(r, bm), n) if cols else (0, 0), dtype=acc, device=a.device)
-    for i0, rows in chunks:
-        x = a[i0 : i0 + rows]
-        grid = (triton.cdiv(rows, bm) * triton.cdiv(n, bn),)
+    for i0, rows, x, grid in chunks.tiled(a, n, bm, bn):
         _simlse_fwd_tile_kernel[grid](
-            X=x,
-            Y=b,
+            **_operands(x, b),
             SCALE=scale[i0 : i0 + rows] if vec else scale,
             COL_SCALE=col_scale if col_scale is not None else scale,
             ROW_PART=row_part,
             COL_PART=col_part if cols else row_part,
-            M=rows,
-            N=n,
-            D=d,
-            stride_x=a.stride(0),
-            stride_y=b.stride(0),
             stride_rp=row_part.stride(0),
             stride_cp=col_part.stride(0) if cols else 0,
             offset=offset + i0,  # excluded (i0 + i, i0 + i + offset) in chunk coordinates
             EXCLUDE=exclude_pos,
             COLS=cols,
             IS_VEC=vec,
-            **_flags(a.dtype),
             **cfg,
             enable_fp_fusion=False,  # the shift and the exponent from one rounded logit
         )
@@ -290,12 +227,9 @@ def large_d_bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos
     if vec and cols:
         ds[m:].zero_()
     sigma_min = sigma.amin() if sigma is not None else None
-    for i0, rows in chunks:
-        x = a[i0 : i0 + rows]
-        grid = (triton.cdiv(rows, bm) * triton.cdiv(n, bn),)
+    for i0, rows, x, grid in chunks.tiled(a, n, bm, bn):
         _simlse_bwd_w_kernel[grid](
-            X=x,
-            Y=b,
+            **_operands(x, b),
             SCALE=scale[i0 : i0 + rows] if vec else scale,
             SCALE_Y=col_scale if col_scale is not None else scale,
             LSE_X=row_lse[i0 : i0 + rows],
@@ -306,11 +240,6 @@ def large_d_bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos
             W=w,
             DS_PART=ds_part,
             DS_COL_PART=dsc_part,
-            M=rows,
-            N=n,
-            D=d,
-            stride_x=a.stride(0),
-            stride_y=b.stride(0),
             stride_w=w.stride(0),
             stride_dsc=dsc_part.stride(0),
             offset=offset + i0,
@@ -318,7 +247,6 @@ def large_d_bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos
             HAS_Y=cols,
             G_NORM=sigma is not None,
             IS_VEC=vec,
-            **_flags(a.dtype),
             **cfg,
             enable_fp_fusion=False,  # exponent from the rounded logit (tiles._exp_nat)
         )

@@ -1,8 +1,9 @@
 """Shared Triton tile helpers of every gammacl kernel (kernels/simlse.py, simlse_tiled.py,
 gamma_onepass.py, siglip.py): exp / log in natural units, masked tile loads, tl.dot wrappers, the
-S = X @ Y^T K loop, the validity mask, the online / per-tile LSE blocks, the grouped tile order,
-the LSE-partial merge kernel, a tiled GEMM with fp32 (fp64) output for the large-D paths, and
-the launch flags.
+S = X @ Y^T K loop, the row-block dA / dB loop of the one-pass kernels, the validity mask, the
+online / per-tile LSE blocks, the grouped tile order, the LSE-partial merge kernel, a tiled GEMM
+with fp32 (fp64) output for the large-D paths, and the launch helpers (dtype flags, the shared
+operand arguments, the row-chunk driver).
 
 One unit system: every logit, shift and LSE is in natural units, formed from one rounded logit
 l = scale * S; BASE2 (the fp32 path) only changes how exp / log are evaluated, exp2(x log2 e) /
@@ -88,30 +89,58 @@ def _dot_nn(w, y, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 @triton.jit
 def _scores_chunked(
-    X,
-    Y,
-    offs_m,
-    offs_n,
-    M,
-    N,
-    D,
-    stride_x,
-    stride_y,
-    ACC: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
+    X, Y, offs_m, offs_n, M, N, D, stride_x, stride_y,
+    ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
     """S = X[offs_m] @ Y[offs_n]^T with the K loop over D in BLOCK_D chunks (2*BM*BN*D FLOPs)."""
     offs_d = tl.arange(0, BLOCK_D)
-    s = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    s = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=ACC)
     for k0 in range(0, D, BLOCK_D):
         x = _load_rows(X, offs_m, k0 + offs_d, stride_x, M, D)
         y = _load_rows(Y, offs_n, k0 + offs_d, stride_y, N, D)
         s = _dot_nt(x, y, s, UPCAST, PRECISION)
     return s
+
+
+@triton.jit
+def _grad_rows(
+    w, w_inv, X, Y, DA, DB, offs_m, offs_n, j0, M, N, D, stride_x, stride_y, stride_da, stride_db,
+    COLS: tl.constexpr, SCALED: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One column tile's share of the row-block gradients, w [BM, BN] in the operand dtype:
+    DA[offs_m] (+)= W @ Y[offs_n] (the rows belong to one program: read-modify-write per D
+    chunk, the first column tile j0 = 0 stores) and with COLS DB[offs_n] += W^T @ X[offs_m] by
+    atomics (every row block adds). SCALED: both products times w_inv (undoes a tile scaling
+    of W). FLOPs 2*BM*BN*D per product."""
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < M
+    wt = tl.trans(w)  # dB only (COLS); dead code otherwise
+    for k0 in range(0, D, BLOCK_D):
+        offs_k = k0 + offs_d
+        k_ok = offs_k < D
+        y = _load_rows(Y, offs_n, offs_k, stride_y, N, D)
+        o_ptr = DA + offs_m[:, None] * stride_da + offs_k[None, :]
+        o_mask = row_ok[:, None] & k_ok[None, :]
+        o = tl.load(o_ptr, mask=o_mask & (j0 > 0), other=0.0)
+        if SCALED:
+            zero = tl.zeros((offs_m.shape[0], BLOCK_D), dtype=ACC)
+            o = o + _dot_nn(w, y, zero, UPCAST, PRECISION) * w_inv
+        else:
+            o = _dot_nn(w, y, o, UPCAST, PRECISION)
+        tl.store(o_ptr, o, mask=o_mask)
+        if COLS:
+            x = _load_rows(X, offs_m, offs_k, stride_x, M, D)
+            zero_t = tl.zeros((offs_n.shape[0], BLOCK_D), dtype=ACC)
+            p = _dot_nn(wt, x, zero_t, UPCAST, PRECISION)
+            if SCALED:
+                p = p * w_inv
+            tl.atomic_add(
+                DB + offs_n[:, None] * stride_db + offs_k[None, :],
+                p,
+                mask=(offs_n < N)[:, None] & k_ok[None, :],
+            )
+    tl.debug_barrier()  # DA stores visible to every thread before the next tile's loads
 
 
 @triton.jit
@@ -152,27 +181,13 @@ def _tile_lse_nat(s, AXIS: tl.constexpr, BASE2: tl.constexpr):
 
 @triton.jit
 def _vec_weights(
-    s_raw,
-    sx,
-    lse_x,
-    g_x,
-    SCALE_Y,
-    LSE_Y,
-    G_Y,
-    offs_m,
-    offs_n,
-    M,
-    N,
-    offset,
-    ds_acc,
-    EXCLUDE: tl.constexpr,
-    HAS_X: tl.constexpr,
-    HAS_Y: tl.constexpr,
-    HAS_DS: tl.constexpr,
-    ACC: tl.constexpr,
-    BASE2: tl.constexpr,
+    s_raw, sx, lse_x, g_x,
+    SCALE_Y, LSE_Y, G_Y,
+    offs_m, offs_n, M, N, offset, ds_acc,
+    EXCLUDE: tl.constexpr, HAS_X: tl.constexpr, HAS_Y: tl.constexpr, HAS_DS: tl.constexpr,
+    ACC: tl.constexpr, BASE2: tl.constexpr,
     DS_Y: tl.constexpr = False,
-):
+):  # fmt: skip
     """Vector-scale weights of one tile (ops/simlse.py): W_ij = [HAS_X] g_x_i sx_i p_ij +
     [HAS_Y] G_Y[j] SCALE_Y[j] p'_ij, p_ij = exp(sx_i S_ij - lse_x_i), p'_ij = exp(SCALE_Y[j]
     S_ij - LSE_Y[j]), 0 on excluded / out-of-range entries; with HAS_DS also
@@ -221,16 +236,22 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 
 @triton.jit
+def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """The program's [BLOCK_M, BLOCK_N] tile of a 1-D tiled launch (grouped order, _tile_ids):
+    (pid_m, pid_n, offs_m, offs_n, row_ok = offs_m < M, col_ok = offs_n < N)."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_m, pid_n, offs_m, offs_n, offs_m < M, offs_n < N
+
+
+@triton.jit
 def _simlse_col_merge_kernel(
-    PART,
-    COL_LSE,
-    R,
-    N,
-    stride_part,
+    PART, COL_LSE,
+    R, N, stride_part,
     ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     """COL_LSE[j] = LSE_p PART[p, j] (online over the R row-block partials; -inf stays -inf)."""
     pid = tl.program_id(0).to(tl.int64)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -251,16 +272,19 @@ def _simlse_col_merge_kernel(
     tl.store(COL_LSE + offs_n, out, mask=col_ok)
 
 
-def merge_lse(part: torch.Tensor, out: torch.Tensor, into: bool = False) -> None:
+def merge_lse(
+    part: torch.Tensor, out: torch.Tensor, into: bool = False, interp_block_r: int = 32
+) -> None:
     """out[j] = LSE_p part[p, j] (the merge kernel over the rows of a [P, n] partials buffer);
-    `into`: out[j] = logaddexp(out[j], LSE_p part[p, j]) (a later row chunk's partials)."""
+    `into`: out[j] = logaddexp(out[j], LSE_p part[p, j]) (a later row chunk's partials).
+    interp_block_r: partial rows per loop trip under the interpreter (16 on GPU)."""
     if into:
         new = torch.empty_like(out)
-        merge_lse(part, new)
+        merge_lse(part, new, interp_block_r=interp_block_r)
         torch.logaddexp(out, new, out=out)
         return
     n = part.shape[1]
-    block_r, block_n = (32, 64) if interpreter_on() else (16, 256)
+    block_r, block_n = (interp_block_r, 64) if interpreter_on() else (16, 256)
     _simlse_col_merge_kernel[(triton.cdiv(n, block_n),)](
         PART=part,
         COL_LSE=out,
@@ -279,26 +303,12 @@ def merge_lse(part: torch.Tensor, out: torch.Tensor, into: bool = False) -> None
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _gemm_kernel(
-    A,
-    B,
-    C,
-    M,
-    N,
-    K,
-    stride_am,
-    stride_ak,
-    stride_bk,
-    stride_bn,
-    stride_cm,
+    A, B, C,
+    M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm,
     ACCUM: tl.constexpr,
-    ACC: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
+    ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
     """C[M, N] (+= when ACCUM) A[M, K] @ B[K, N]; operands in the input dtype, accumulation and
     C in ACC (tensor cores for 16-bit operands). 2*BM*BN*K FLOPs per tile; bytes per tile
     (BM + BN)*K*size from L2 plus BM*BN*4 (x2 with ACCUM) for C: with ACCUM the C round trip
@@ -361,24 +371,12 @@ def gemm(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, accumulate: bool) 
     n = y.shape[1]
     cfg = gemm_config(x.dtype)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    fl = flags(x.dtype)
+    # A, B, C, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm
     _gemm_kernel[grid](
-        A=x,
-        B=y,
-        C=out,
-        M=m,
-        N=n,
-        K=k,
-        stride_am=x.stride(0),
-        stride_ak=x.stride(1),
-        stride_bk=y.stride(0),
-        stride_bn=y.stride(1),
-        stride_cm=out.stride(0),
-        ACCUM=accumulate,
-        ACC=flags(x.dtype)["ACC"],
-        UPCAST=flags(x.dtype)["UPCAST"],
-        PRECISION=flags(x.dtype)["PRECISION"],
-        **cfg,
-    )
+        x, y, out, m, n, k, *x.stride(), *y.stride(), out.stride(0),
+        ACCUM=accumulate, ACC=fl["ACC"], UPCAST=fl["UPCAST"], PRECISION=fl["PRECISION"], **cfg,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,6 +397,19 @@ def flags(dtype: torch.dtype) -> dict:
         UPCAST=dtype == torch.bfloat16 and interpreter_on(),
         PRECISION=precision,
     )
+
+
+def operands(x: torch.Tensor, y: torch.Tensor) -> dict:
+    """The launch arguments every S = X @ Y^T kernel shares: X, Y, M, N, D, their row strides
+    and the dtype flags (x may be a row slice of a larger operand: same row stride)."""
+    (m, d), n = x.shape, y.shape[0]
+    strides = dict(stride_x=x.stride(0), stride_y=y.stride(0))
+    return dict(X=x, Y=y, M=m, N=n, D=d, **strides, **flags(x.dtype))
+
+
+def dims(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int, int, torch.dtype, torch.device]:
+    """(M, N, D, accumulation dtype, device) of a launcher's operands a [M, D], b [N, D]."""
+    return a.shape[0], b.shape[0], a.shape[1], acc_dtype(a.dtype), a.device
 
 
 def device_guard(device: torch.device):
@@ -439,6 +450,14 @@ class RowChunks:
     def __iter__(self) -> Iterator[tuple[int, int]]:
         for i0 in range(0, self.m, self.size):
             yield i0, min(self.size, self.m - i0)
+
+    def tiled(
+        self, a: torch.Tensor, n: int, bm: int, bn: int
+    ) -> Iterator[tuple[int, int, torch.Tensor, tuple[int]]]:
+        """(i0, rows, a[i0 : i0 + rows], the 1-D grid of its [bm, bn] tiles against n columns)
+        per chunk: the loop of the tiled large-D launchers."""
+        for i0, rows in self:
+            yield i0, rows, a[i0 : i0 + rows], (triton.cdiv(rows, bm) * triton.cdiv(n, bn),)
 
 
 def chunk_gemms(w: torch.Tensor, b: torch.Tensor, a_c: torch.Tensor, da_c, db, i0: int) -> None:

@@ -232,7 +232,8 @@ def test_many_row_chunks(backend, monkeypatch):
     """Chunked CPU backends with 4-row chunks (the torch budget) / 8-row chunks (cpp's)."""
     if backend == "cpp" and not gammacl._ext.available()[0]:
         pytest.skip("C++ extension unavailable")
-    monkeypatch.setattr(importlib.import_module("gammacl.ops.siglip"), "_chunk_rows", lambda *a: 4)
+    simlse_mod = importlib.import_module("gammacl.ops.simlse")  # the torch backends' budget
+    monkeypatch.setattr(simlse_mod, "_CHUNK_BYTES", 4 * 35 * 2 * 8)  # 4 rows of two fp64 buffers
     monkeypatch.setenv("GAMMACL_CPU_CHUNK_MIB", str(8 * 35 * 8 / 2**20))
     a, b = _feats(37, 35, 20, torch.float64)
     s, bias = _sb(torch.float64)

@@ -15,6 +15,9 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
+from gammacl._validate import acc_dtype
 from gammacl.dispatch import BY_NAME
 
 NAMES = tuple(BY_NAME)  # the backend records (gammacl.dispatch.RECORDS)
@@ -56,6 +59,36 @@ def compiled(*names: str) -> dict[str, Callable[[], Any]]:
         return load
 
     return {"cpp": loader(False), "cuda": loader(True)}
+
+
+def fwd_backends(op: str, reference: Callable[..., Any], torch_fwd: Callable[..., Any]) -> Backends:
+    """The table of a one-function op (gamma_onepass, siglip): the reference and torch fwd given,
+    the triton and compiled ones named <op>_fwd (gammacl.kernels.<op>, the C++ / CUDA library)."""
+    return Backends(
+        op,
+        reference=lambda: reference,
+        torch=lambda: torch_fwd,
+        triton=kernel(op, f"{op}_fwd"),
+        **compiled(f"{op}_fwd"),
+    )
+
+
+def fwd_fake(a: torch.Tensor, b: torch.Tensor, grad: bool, *sizes: int) -> tuple[torch.Tensor, ...]:
+    """Shapes of a one-sweep fwd's outputs: an accumulation-dtype vector of each size in `sizes`,
+    then da_raw [M, D] and db_raw [N, D] ([0, D] each without grad)."""
+    acc = acc_dtype(a.dtype)
+    vecs = tuple(a.new_empty((k,), dtype=acc) for k in sizes)
+    grads = tuple(
+        a.new_empty((k if grad else 0, a.shape[1]), dtype=acc) for k in (a.shape[0], b.shape[0])
+    )
+    return vecs + grads
+
+
+def stashed_grads(g: torch.Tensor, grads: tuple[torch.Tensor, ...], n_inputs: int) -> tuple:
+    """Backward of an op whose gradients were computed in its forward and stashed: the upstream
+    gradient g of its one differentiable output times each stashed gradient, then None for the
+    remaining inputs (n_inputs in all)."""
+    return tuple(g.to(x.dtype) * x for x in grads) + (None,) * (n_inputs - len(grads))
 
 
 def kernel(module: str, *names: str) -> Callable[[], Any]:

@@ -44,34 +44,25 @@ import torch
 from gammacl._ext import compiled_fake
 from gammacl._validate import acc_dtype
 from gammacl.dispatch import resolve_traced
-from gammacl.ops._backends import Backends, compiled, kernel
-from gammacl.ops.simlse import _chunk_rows, _masked_logits
+from gammacl.ops._backends import fwd_backends, fwd_fake, stashed_grads
+from gammacl.ops.simlse import _acc_operands, _masked_logits
 
 DEFAULT_CLAMP = 30.0
 
 
 def torch_fwd(
-    a,
-    b,
-    scale,
-    alpha_row,
-    alpha_col,
-    w_row: float,
-    w_col: float,
-    clamp: float,
-    offset: int,
-    grad: bool,
-):
-    acc = acc_dtype(a.dtype)
+    a, b, scale, alpha_row, alpha_col,
+    w_row: float, w_col: float, clamp: float, offset: int, grad: bool,
+):  # fmt: skip
+    af, bf, step = _acc_operands(a, b)
+    acc = af.dtype
     m, n, d = a.shape[0], b.shape[0], a.shape[1]
-    af, bf = a.to(acc), b.to(acc)
     row_lse = torch.empty(m, dtype=acc, device=a.device)
     row_term = torch.empty(m, dtype=acc, device=a.device)
     col_lse = torch.full((n,), float("-inf"), dtype=acc, device=a.device)
     col_term = torch.zeros(n, dtype=acc, device=a.device)
     da = torch.empty(m if grad else 0, d, dtype=acc, device=a.device)
     db = torch.zeros(n if grad else 0, d, dtype=acc, device=a.device)
-    step = _chunk_rows(m, n, 4 if acc == torch.float32 else 8)
     for i0 in range(0, m, step):
         i1 = min(m, i0 + step)
         s = _masked_logits(af[i0:i1], bf, scale, i0, offset, True)  # excluded at -inf
@@ -100,47 +91,25 @@ def _reference_fwd(a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offse
 @compiled_fake("gammacl::gamma_onepass_fwd")
 def _compiled_fwd_fake(a, b, scale, alpha_row, alpha_col, w_row, w_col, clamp, offset, grad):
     """Shapes of the compiled fwd (cpp / cuda) of the contract above."""
-    m, n, d = a.shape[0], b.shape[0], a.shape[1]
-    vec = lambda k: a.new_empty((k,), dtype=acc_dtype(a.dtype))  # noqa: E731
-    grads = [a.new_empty((k if grad else 0, d), dtype=acc_dtype(a.dtype)) for k in (m, n)]
-    return vec(m), vec(n), vec(m), vec(n), *grads
+    m, n = a.shape[0], b.shape[0]
+    return fwd_fake(a, b, grad, m, n, m, n)
 
 
 # The dispatch seam of this op: backend name -> fwd of the contract above.
-_backend_impl = Backends(
-    "gamma_onepass",
-    reference=lambda: _reference_fwd,
-    torch=lambda: torch_fwd,
-    triton=kernel("gamma_onepass", "gamma_onepass_fwd"),
-    **compiled("gamma_onepass_fwd"),
-)
+_backend_impl = fwd_backends("gamma_onepass", _reference_fwd, torch_fwd)
 
 
 # A torch.library custom op (like gammacl::simlse): one opaque node for torch.compile, and opcheck
 # can test its schema, fake function and autograd registration.
 @torch.library.custom_op("gammacl::gamma_onepass", mutates_args=())
 def _gamma_onepass_op(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale: torch.Tensor,
-    alpha_row: torch.Tensor,
-    alpha_col: torch.Tensor,
-    w_row: float,
-    w_col: float,
-    clamp: float,
-    offset: int,
-    grad: bool,
-    backend: str,
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+    alpha_row: torch.Tensor, alpha_col: torch.Tensor, w_row: float, w_col: float, clamp: float,
+    offset: int, grad: bool, backend: str,
 ) -> tuple[
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-]:
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+]:  # fmt: skip
     """(neg, row_lse, col_lse, row_term, col_term, dA, dB, dscale); dA/dB/dscale are d neg / d
     input (empty when grad=False), stashed for the backward."""
     fwd = _backend_impl(backend)
@@ -189,20 +158,7 @@ def _backward(ctx, g_neg, *unused):
         raise RuntimeError(
             "gamma_onepass was called with grad=False (no gradient was computed in the forward)"
         )
-    da, db, ds = ctx.saved_tensors
-    return (
-        g_neg.to(da.dtype) * da,
-        g_neg.to(db.dtype) * db,
-        g_neg.to(ds.dtype) * ds,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
+    return stashed_grads(g_neg, ctx.saved_tensors, 11)  # (dA, dB, dscale) of neg
 
 
 _gamma_onepass_op.register_autograd(_backward, setup_context=_setup_context)

@@ -40,22 +40,21 @@ import torch.nn.functional as F
 from gammacl._ext import compiled_fake
 from gammacl._validate import acc_dtype
 from gammacl.dispatch import resolve_traced
-from gammacl.ops._backends import Backends, compiled, kernel
-from gammacl.ops.simlse import _chunk_rows
+from gammacl.ops._backends import fwd_backends, fwd_fake, stashed_grads
+from gammacl.ops.simlse import _acc_operands
 
 
 def torch_fwd(a, b, scale, bias, offset: int, grad: bool):
     """Chunked PyTorch backend: per chunk of R rows, l = scale * a_c @ b^T + bias (R x N, the
     positive diagonal sign-flipped in place to y = -z l), the loss rows, W in place, then
     da_c = W @ b and db += W^T @ a_c."""
-    acc = acc_dtype(a.dtype)
+    af, bf, step = _acc_operands(a, b, 2)  # two R x N buffers
+    acc = af.dtype
     m, n, d = a.shape[0], b.shape[0], a.shape[1]
-    af, bf = a.to(acc), b.to(acc)
     row_loss = torch.empty(m, dtype=acc, device=a.device)
     row_wsum = torch.empty(m, dtype=acc, device=a.device)
     da = torch.empty(m if grad else 0, d, dtype=acc, device=a.device)
     db = torch.zeros(n if grad else 0, d, dtype=acc, device=a.device)
-    step = _chunk_rows(m, n, 8 if acc == torch.float32 else 16)  # two R x N buffers
     for i0 in range(0, m, step):
         i1 = min(m, i0 + step)
         y = torch.mm(af[i0:i1], bf.t()).mul_(scale).add_(bias)  # l
@@ -82,34 +81,20 @@ def _reference_fwd(a, b, scale, bias, offset, grad):
 @compiled_fake("gammacl::siglip_fwd")
 def _compiled_fwd_fake(a, b, scale, bias, offset, grad):
     """Shapes of the compiled fwd (cpp / cuda) of the contract above."""
-    m, n, d = a.shape[0], b.shape[0], a.shape[1]
-    vec = lambda k: a.new_empty((k,), dtype=acc_dtype(a.dtype))  # noqa: E731
-    grads = [a.new_empty((k if grad else 0, d), dtype=acc_dtype(a.dtype)) for k in (m, n)]
-    return vec(m), vec(m), *grads
+    return fwd_fake(a, b, grad, a.shape[0], a.shape[0])
 
 
 # The dispatch seam of this op: backend name -> fwd of the contract above.
-_backend_impl = Backends(
-    "siglip",
-    reference=lambda: _reference_fwd,
-    torch=lambda: torch_fwd,
-    triton=kernel("siglip", "siglip_fwd"),
-    **compiled("siglip_fwd"),
-)
+_backend_impl = fwd_backends("siglip", _reference_fwd, torch_fwd)
 
 
 # A torch.library custom op: one opaque node for torch.compile; opcheck tests its schema, fake
 # function and autograd registration.
 @torch.library.custom_op("gammacl::siglip", mutates_args=())
 def _siglip_op(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor,
-    offset: int,
-    grad: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+    offset: int, grad: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(loss, dA, dB, dscale, dbias): dA/dB/dscale/dbias are d loss / d input (dA, dB empty when
     grad=False), stashed for the backward."""
     fwd = _backend_impl(backend)
@@ -150,16 +135,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, g, *unused):
     if not ctx.grad:
         raise RuntimeError("siglip was called with grad=False (no gradient was computed)")
-    da, db, ds, dbias = ctx.saved_tensors
-    return (
-        g.to(da.dtype) * da,
-        g.to(db.dtype) * db,
-        g.to(ds.dtype) * ds,
-        g.to(dbias.dtype) * dbias,
-        None,
-        None,
-        None,
-    )
+    return stashed_grads(g, ctx.saved_tensors, 7)  # (dA, dB, dscale, dbias) of the loss
 
 
 _siglip_op.register_autograd(_backward, setup_context=_setup_context)

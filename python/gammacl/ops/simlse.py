@@ -63,6 +63,23 @@ def _chunk_rows(m: int, n: int, itemsize: int) -> int:
     return max(1, min(m, _CHUNK_BYTES // max(1, n * itemsize)))
 
 
+def _acc_operands(
+    a: torch.Tensor, b: torch.Tensor, buffers: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(a, b) in the accumulation dtype and the torch backends' rows per chunk: `buffers`
+    [rows, N] accumulation-dtype buffers under GAMMACL_CHUNK_MIB."""
+    acc = acc_dtype(a.dtype)
+    step = _chunk_rows(a.shape[0], b.shape[0], buffers * acc.itemsize)
+    return a.to(acc), b.to(acc), step
+
+
+def _lse_buffers(af: torch.Tensor, n: int, cols: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward's outputs: row LSE [M] (every entry written) and column LSE [N or 0] at -inf
+    (the chunks' column LSEs logaddexp'd into it)."""
+    row = torch.empty(af.shape[0], dtype=af.dtype, device=af.device)
+    return row, torch.full((n if cols else 0,), float("-inf"), dtype=af.dtype, device=af.device)
+
+
 def _masked_logits(
     a_chunk: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, i0: int, offset: int, exclude: bool
 ) -> torch.Tensor:
@@ -78,13 +95,9 @@ def _masked_logits(
 def torch_fwd(a, b, scale, offset: int, exclude_pos: bool, cols: bool, col_scale=None):
     if scale.dim() == 1:
         return _torch_fwd_vec(a, b, scale, col_scale, offset, exclude_pos, cols)
-    acc = acc_dtype(a.dtype)
-    m, n = a.shape[0], b.shape[0]
-    af, bf = a.to(acc), b.to(acc)
-    row = torch.empty(m, dtype=acc, device=a.device)
-    col = torch.full((n if cols else 0,), float("-inf"), dtype=acc, device=a.device)
-    step = _chunk_rows(m, n, 4 if acc == torch.float32 else 8)
-    for i0 in range(0, m, step):
+    af, bf, step = _acc_operands(a, b)
+    row, col = _lse_buffers(af, b.shape[0], cols)
+    for i0 in range(0, a.shape[0], step):
         s = _masked_logits(af[i0 : i0 + step], bf, scale, i0, offset, exclude_pos)
         row[i0 : i0 + step] = torch.logsumexp(s, dim=1)
         if cols:
@@ -109,12 +122,10 @@ def torch_bwd(
         return _torch_bwd_vec(
             a, b, scale, col_scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols
         )
-    acc = acc_dtype(a.dtype)
-    m, n = a.shape[0], b.shape[0]
-    af, bf = a.to(acc), b.to(acc)
-    da = torch.empty(m, a.shape[1], dtype=acc, device=a.device)
-    db = torch.zeros(n, b.shape[1], dtype=acc, device=a.device)
-    step = _chunk_rows(m, n, 4 if acc == torch.float32 else 8)
+    af, bf, step = _acc_operands(a, b)
+    m = a.shape[0]
+    da = torch.empty_like(af, memory_format=torch.contiguous_format)
+    db = torch.zeros_like(bf, memory_format=torch.contiguous_format)
     for i0 in range(0, m, step):
         i1 = min(m, i0 + step)
         s = _masked_logits(af[i0:i1], bf, scale, i0, offset, exclude_pos)
@@ -142,12 +153,9 @@ def _scaled(s: torch.Tensor, scale: torch.Tensor, diag: int, exclude: bool) -> t
 
 def _torch_fwd_vec(a, b, rs, cs, offset: int, exclude_pos: bool, cols: bool):
     """Vector mode: r_i = LSE_j rs_i s_ij, c_j = LSE_i cs_j s_ij (module docstring)."""
-    acc = acc_dtype(a.dtype)
-    m, n = a.shape[0], b.shape[0]
-    af, bf = a.to(acc), b.to(acc)
-    row = torch.empty(m, dtype=acc, device=a.device)
-    col = torch.full((n if cols else 0,), float("-inf"), dtype=acc, device=a.device)
-    step = _chunk_rows(m, n, 4 if acc == torch.float32 else 8)
+    af, bf, step = _acc_operands(a, b)
+    m = a.shape[0]
+    row, col = _lse_buffers(af, b.shape[0], cols)
     for i0 in range(0, m, step):
         i1 = min(m, i0 + step)
         s = torch.mm(af[i0:i1], bf.t())
@@ -160,15 +168,13 @@ def _torch_fwd_vec(a, b, rs, cs, offset: int, exclude_pos: bool, cols: bool):
 
 def _torch_bwd_vec(a, b, rs, cs, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols):
     """Vector mode: (dA, dB, cat(drs, dcs)) with the scales inside W (module docstring)."""
-    acc = acc_dtype(a.dtype)
+    af, bf, step = _acc_operands(a, b)
     m, n = a.shape[0], b.shape[0]
-    af, bf = a.to(acc), b.to(acc)
-    da = torch.empty(m, a.shape[1], dtype=acc, device=a.device)
-    db = torch.zeros(n, b.shape[1], dtype=acc, device=a.device)
-    drs = torch.empty(m, dtype=acc, device=a.device)
-    dcs = torch.zeros(n if cols else 0, dtype=acc, device=a.device)
+    da = torch.empty_like(af, memory_format=torch.contiguous_format)
+    db = torch.zeros_like(bf, memory_format=torch.contiguous_format)
+    drs = torch.empty(m, dtype=af.dtype, device=a.device)
+    dcs = torch.zeros(n if cols else 0, dtype=af.dtype, device=a.device)
     gc_cs = (g_col * cs)[None, :] if cols else None
-    step = _chunk_rows(m, n, 4 if acc == torch.float32 else 8)
     for i0 in range(0, m, step):
         i1 = min(m, i0 + step)
         k = i0 + offset
