@@ -176,6 +176,11 @@ class TemperatureMixin:
                     "temperature='individual' needs rate='ema' and update='before', got "
                     f"rate={self.rate!r}, update={self.update!r}"
                 )
+            if self.grad_comm == "local":  # individual_step gathers the features with autograd
+                raise ValueError(
+                    "temperature='individual' has no grad_comm='local' path (its backward reduces "
+                    "the gathered features' gradient, N x D); pass grad_comm='reduce'"
+                )
             n = self.num_samples
             for d in ("image", "text"):
                 self.register_buffer(
