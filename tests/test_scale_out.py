@@ -1,7 +1,8 @@
 """Scale-out modes on 2 and 4 gloo ranks (issue 25): grad_comm="local" (each rank computes its
 own features' gradient, no feature-gradient collective) equals "reduce" and the single-process
-full batch; state_sharding="owner" equals "replicated" over 8 random-index steps and keeps
-ceil(num_samples / W) entries per rank; owner checkpoints round-trip and refuse another world.
+full batch; state_sharding="owner" equals "replicated" over 8 random-index steps (two-pass and
+one-pass paths) and keeps ceil(num_samples / W) entries per rank; owner checkpoints round-trip and
+refuse another world.
 Every collective is counted (gammacl.distributed.CommCounter): "local"'s backward moves no
 feature-sized tensor. The multi-process runs are slow-marked (CI's `-m "emu or slow"` step); the
 single-process checks below them run by default.
@@ -206,17 +207,31 @@ def _check_local_gamma(rank, world, report):
         report(key + " local grad_comm", run)
 
 
+OWNER = {  # test key -> (class, options): the two-pass path, and the one-pass (+ LSE) path
+    "SogCLRLoss": GAMMA_LOCAL["sogclr"],
+    "GammaClipLoss": GAMMA_LOCAL["gamma ema"],
+    "GammaClipLoss after": ("GammaClipLoss", {"rate": "ema", "ema": 0.3, "shape": 2.0,
+                                              "update": "after"}),
+}  # fmt: skip
+
+
 def _owner_steps(world: int):
     """8 steps of W x 4 random indices drawn WITH replacement (duplicates within and across
-    ranks), features as _gamma_steps."""
+    ranks), features as _gamma_steps; for certain: step 1 revisits step 0's first index on rank
+    0, and in step 2 ranks 0 and 1 share an index (positions 1 and 4 + 1)."""
     g = torch.Generator().manual_seed(17 + world)
     out = []
-    for _ in range(OWNER_STEPS):
+    for k in range(OWNER_STEPS):
         img, txt = _global_batch(world, n=4)
         img = torch.nn.functional.normalize(
             img + 0.3 * torch.randn(img.shape, generator=g, dtype=img.dtype), dim=1
         )
-        out.append((img, txt, torch.randint(0, SAMPLES, (world * 4,), generator=g)))
+        idx = torch.randint(0, SAMPLES, (world * 4,), generator=g)
+        if k == 1:
+            idx[0] = out[0][2][0]
+        if k == 2:
+            idx[4 + 1] = idx[1]
+        out.append((img, txt, idx))
     return out
 
 
@@ -238,8 +253,8 @@ def _check_owner(rank, world, report):
             assert torch.equal(mine.visited, full.visited[ks]), f"{what} {name} visited"
             assert_close_fp64(mine.log_rate, full.log_rate[ks], f"{what} {name} log_rate")
 
-    for cls_name, kwargs in (GAMMA_LOCAL["sogclr"], GAMMA_LOCAL["gamma ema"]):
-        key = f"owner {cls_name}"
+    for name, (cls_name, kwargs) in OWNER.items():
+        key = f"owner {name}"
 
         def run(cls_name=cls_name, kwargs=kwargs, key=key):
             rep = _gamma(cls_name, kwargs, seed=3)
@@ -247,20 +262,33 @@ def _check_owner(rank, world, report):
                 g: _gamma(cls_name, kwargs, seed=3, grad_comm=g, state_sharding="owner")
                 for g in ("reduce", "local")
             }
-            bytes_per_step = {}
+            bytes_per_step, paths = {}, []
             for k, (img, txt, idx) in enumerate(steps):
                 s = torch.tensor(4.0, dtype=torch.float64)
-                r = _run(lambda a, b, s_, i=idx[sl]: rep(a, b, s_, i), img[sl], txt[sl], s)
+                with CommCounter() as c:
+                    r = _run(lambda a, b, s_, i=idx[sl]: rep(a, b, s_, i), img[sl], txt[sl], s)
+                bytes_per_step["replicated"], rep_ops = c.total(), [r[1:] for r in c.records]
+                paths.append(rep.last_path)
                 for g, own in owners.items():
                     with CommCounter() as c:
                         o = _run(
                             lambda a, b, s_, i=idx[sl], m=own: m(a, b, s_, i), img[sl], txt[sl],
                             s, counter=c,
                         )  # fmt: skip
-                    bytes_per_step[g] = c.total()
+                    bytes_per_step[g], ops = c.total(), [r[1:] for r in c.records]
+                    if g == "reduce":  # the same feature traffic as replicated: owner's extra ops
+                        extra = sorted(set(ops) - set(rep_ops))
+                    assert own.last_path == rep.last_path, (key, g, k, own.last_path)
                     for what, x, y in zip(("loss", "d_image", "d_text"), o, r, strict=False):
                         assert_close_fp64(x, y, f"{key} {g} step {k} {what} owner vs replicated")
                     shard_vs_full(own, rep, f"{key} {g} step {k}")
+                # owner's extra traffic per step (N = 4 W, fp64 features, fp32 state): two-pass,
+                # the [2, N] fp64 all-reduce of the updated rates; one-pass, the [N] int64 index
+                # all-gather and the [4, N] fp32 read all-reduce (the write needs no all-reduce)
+                want = 4 * world * (16 if rep.update == "before" else 8 + 16)
+                assert bytes_per_step["reduce"] - bytes_per_step["replicated"] == want, (
+                    key, bytes_per_step, extra, ops, rep_ops
+                )  # fmt: skip
                 if k == 3:  # checkpoint round trip at the same world: a fresh loss resumes
                     sd = owners["local"].state_dict()
                     fresh = _gamma(
@@ -279,7 +307,7 @@ def _check_owner(rank, world, report):
                 raise AssertionError("a shard of another world size was loaded")
             assert f"rank {rank} of {world}" in msg and "rank 0 of 1" in msg, msg
             dist.barrier()
-            return {"bytes per step": bytes_per_step, "refusal": msg}
+            return {"bytes per step": bytes_per_step, "paths": paths, "refusal": msg}
 
         report(key, run)
 
@@ -368,9 +396,11 @@ def test_gamma_local_equals_reduce_and_full_batch(scale_run, config):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cls_name", ["SogCLRLoss", "GammaClipLoss"])
-def test_owner_sharding_equals_replicated_and_checkpoints(scale_run, cls_name):
-    _ok(scale_run, f"owner {cls_name}")
+@pytest.mark.parametrize("config", list(OWNER))
+def test_owner_sharding_equals_replicated_and_checkpoints(scale_run, config):
+    got = _ok(scale_run, f"owner {config}")
+    if OWNER[config][1].get("update") == "after":  # both one-pass paths ran, on every rank
+        assert all({"lse+one_pass", "one_pass"} <= set(r["paths"]) for r in got), got
 
 
 @pytest.mark.slow
@@ -431,11 +461,11 @@ def test_scale_out_arguments_validated():
         gammacl.SigLipLoss(grad_comm=None)
     with pytest.raises(ValueError, match="state_sharding must be one of"):
         gammacl.SogCLRLoss(10, state_sharding="sharded")
-    with pytest.raises(ValueError, match=r"'owner' runs on the two-pass.*update='after'"):
-        gammacl.SogCLRLoss(10, update="after", state_sharding="owner")
-    with pytest.raises(ValueError, match=r"'owner' runs on the two-pass.*rate='fixed'"):
+    for update in ("before", "after"):  # "owner" shards the EMA state on both paths
+        assert gammacl.SogCLRLoss(10, update=update, state_sharding="owner").shard is not None
+    with pytest.raises(ValueError, match=r"'owner' shards the moving-average.*got rate='fixed'"):
         gammacl.GammaClipLoss(10, rate="fixed", state_sharding="owner")
-    with pytest.raises(ValueError, match=r"'owner' runs on the two-pass.*rate='batch'"):
+    with pytest.raises(ValueError, match=r"'owner' shards the moving-average.*got rate='batch'"):
         gammacl.GammaClipLoss(10, rate="batch", state_sharding="owner")
     from gammacl.distributed import set_agreement_check
 

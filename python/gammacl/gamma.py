@@ -73,9 +73,10 @@ def _range_error(num_samples: int, lo: int, hi: int) -> ValueError:
 class CheckedIndex:
     """A batch's data-set indices after their one check (RatePair.check): `index` int64 on the
     state's device (clamped into range while compiling), `all_seen` (eager, when asked: every
-    sample visited in both directions; None when compiled: unknown on the host), `bad` (compiled:
-    0-d device bool "some index was out of range"; None in eager). LogRateState.lookup / update
-    take it as it is, without a second check."""
+    sample visited in both directions; None when compiled: unknown on the host; owner shard: None
+    until RatePair.lookup's read sets it), `bad` (compiled: 0-d device bool "some index was out of
+    range"; None in eager). LogRateState.lookup / update take it as it is, without a second
+    check."""
 
     index: torch.Tensor | None
     all_seen: bool | None = True
@@ -183,23 +184,25 @@ class RatePair:
             bad = ((index < 0) | (index >= self.num_samples)).any()
             return CheckedIndex(index.clamp(0, self.num_samples - 1), None, bad)
         stats = [index.min(), index.max()]
-        if want_seen:
+        owner = want_seen and SS.place(self.image) is not None  # owner: seen after the read
+        if want_seen and not owner:
             safe = index.clamp(0, self.num_samples - 1)
             img, txt = self._on(device)
             stats.append((img.visited[safe] & txt.visited[safe]).all().long())
         vals = torch.stack(stats).tolist()
         if vals[0] < 0 or vals[1] >= self.num_samples:
             raise _range_error(self.num_samples, vals[0], vals[1])
-        return CheckedIndex(index, bool(vals[2]) if want_seen else True)
+        return CheckedIndex(index, None if owner else bool(vals[2]) if want_seen else True)
 
-    def lookup(self, idx: CheckedIndex) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log_rate, visited) [2, n] of the batch's samples (row 0 image, row 1 text)."""
-        got = [s.lookup(idx) for s in self._on(idx.index.device)]
-        return torch.stack([g[0] for g in got]), torch.stack([g[1] for g in got])
+    def lookup(self, idx: CheckedIndex, world: World):
+        """(log_rate, visited) [2, n] of the batch's samples (row 0 image, row 1 text), and idx
+        (owner: with all_seen from the read, sharded_state.lookup)."""
+        return SS.lookup(self._on(idx.index.device), idx, world)
 
-    def update(self, idx: CheckedIndex, log_zhat: torch.Tensor, world: World) -> torch.Tensor:
+    def update(self, idx: CheckedIndex, log_zhat, world: World, want: bool = True):
         """The rate update from every rank's (index, log Zhat) (identical state on every rank);
-        returns the updated log-rates of this rank's rows [2, n] (update-before-use rates)."""
+        returns the updated log-rates of this rank's rows [2, n] (update-before-use rates), or
+        None when not `want`ed (update after use: owner skips its all-reduce)."""
         index = idx.index
         if world.size > 1:  # one all-gather of an [n, 3] float64 buffer (indices < 2^53 exact)
             packed = torch.cat([index.to(torch.float64)[:, None], log_zhat.t().double()], dim=1)
@@ -209,9 +212,9 @@ class RatePair:
         else:
             every, all_lz = idx, log_zhat
         img, txt = self._on(log_zhat.device)
-        new = SS.update((img, txt), every.index, all_lz, world)  # replicated, or owner's shards
+        new = SS.update((img, txt), every.index, all_lz, world, want)  # replicated, or owner's
         n = index.shape[0]
-        return new[:, world.rank * n : (world.rank + 1) * n]
+        return None if new is None else new[:, world.rank * n : (world.rank + 1) * n]
 
 
 def _valid_estimates(image, text, all_image, all_text, off: int, scale) -> torch.Tensor:
@@ -592,7 +595,7 @@ class GammaClipLoss(InWorld, _GeneratorAttr, TemperatureMixin, nn.Module):
             neg = _neg_two_pass(row, col, log_w, log_r, log_m)
             path = "two_pass"
         else:
-            stored, seen = rates.lookup(idx)
+            stored, seen, idx = rates.lookup(idx, world)  # owner: one all-reduce, all_seen
             stored = stored.to(acc)
             log_zhat = None
             if self.rate == "fixed" or idx.all_seen:  # (all_seen is None when compiled: unknown)
@@ -615,7 +618,7 @@ class GammaClipLoss(InWorld, _GeneratorAttr, TemperatureMixin, nn.Module):
                     # eager: every sample seen -> the one-pass statistics, else the LSE pass's;
                     # compiled: the same choice, made on the device
                     log_zhat = one if log_zhat is None else torch.where(seen.all(), one, log_zhat)
-                rates.update(idx, log_zhat, world)
+                rates.update(idx, log_zhat, world, want=False)
         out = neg - pos.mean()
         estimate = 0.5 * log_r.mean(dim=1).sum() - pos.mean()
         if idx.bad is not None:  # compiled: an out-of-range index poisons the loss and every grad
