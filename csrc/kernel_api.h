@@ -93,7 +93,7 @@ int simlse_bwd_weights(const ChunkView& c, bool exclude, bool cols, const void* 
 
 // Vector scales (vec_scale: `scale` is [M] row scales rs, indexed by global row; col_scale [N]
 // column scales cs, needed when cols): the forward's row LSE reads rs_i S_ij and its column LSE
-// cs_j S_ij. simlse_bwd_weights_vec writes W_ij = w_scale * (g_row[i] rs_i p_ij + [cols]
+// cs_j S_ij. simlse_bwd_weights_vec writes W_ij = w_scale[i] * (g_row[i] rs_i p_ij + [cols]
 // g_col[j] cs_j p'_ij), p_ij = exp(rs_i S_ij - row_lse[i]), p'_ij = exp(cs_j S_ij - col_lse[j])
 // (0 if excluded; S must be F32 or F64), and from the acc-typed p the partial sums
 //   drs_part[r * *drs_stride + k] (k < *drs_stride):  sum_k = sum_j p_ij S_ij of local row r

@@ -189,14 +189,15 @@ GC_INLINE void cols_online(const T* x, int64_t n, const T* cs, T* cm, T* cl) {
   }
 }
 
-// Vector scales, in place: x_j <- grs p^r_j [if row] + gccs_j p^c_j [if gccs], with
+// Vector scales, in place: x_j <- grs p^r_j + gccs_j p^c_j [if gccs], with
 // p^r_j = exp(rs x_j - r), p^c_j = exp(cs_j x_j - c_j) and grs = g_r rs, gccs_j = g_c_j cs_j.
+// Every entry is formed, g = 0 rows too (0 * exp(NaN) stays NaN, as on the torch backend).
 // Returns sum_j p^r_j x_j (drs / g_r) and adds p^c_j x_j to pcs_j (dcs / g_c).
 template <typename T>
-GC_INLINE T weights_vec(T* x, int64_t n, T rs, bool row, T grs, T r, const T* cs, const T* gccs,
-                        const T* c, T* pcs) {
+GC_INLINE T weights_vec(T* x, int64_t n, T rs, T grs, T r, const T* cs, const T* gccs, const T* c,
+                        T* pcs) {
   T acc = 0;
-  if (row && gccs) {
+  if (gccs) {
 #pragma omp simd reduction(+ : acc)
     for (int64_t j = 0; j < n; ++j) {
       const T sj = x[j];
@@ -205,7 +206,7 @@ GC_INLINE T weights_vec(T* x, int64_t n, T rs, bool row, T grs, T r, const T* cs
       pcs[j] += pc * sj;
       x[j] = grs * pr + gccs[j] * pc;
     }
-  } else if (row) {
+  } else {
 #pragma omp simd reduction(+ : acc)
     for (int64_t j = 0; j < n; ++j) {
       const T sj = x[j];
@@ -213,16 +214,6 @@ GC_INLINE T weights_vec(T* x, int64_t n, T rs, bool row, T grs, T r, const T* cs
       acc += pr * sj;
       x[j] = grs * pr;
     }
-  } else if (gccs) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      const T sj = x[j];
-      const T pc = exp_(cs[j] * sj - c[j]);
-      pcs[j] += pc * sj;
-      x[j] = gccs[j] * pc;
-    }
-  } else {
-    std::fill(x, x + n, T(0));
   }
   return acc;
 }
@@ -230,9 +221,9 @@ GC_INLINE T weights_vec(T* x, int64_t n, T rs, bool row, T grs, T r, const T* cs
 GC_CLONES void cols_online_f32(const float* x, int64_t n, const float* cs, float* cm, float* cl) {
   cols_online(x, n, cs, cm, cl);
 }
-GC_CLONES float weights_vec_f32(float* x, int64_t n, float rs, bool row, float grs, float r,
-                                const float* cs, const float* gccs, const float* c, float* pcs) {
-  return weights_vec(x, n, rs, row, grs, r, cs, gccs, c, pcs);
+GC_CLONES float weights_vec_f32(float* x, int64_t n, float rs, float grs, float r, const float* cs,
+                                const float* gccs, const float* c, float* pcs) {
+  return weights_vec(x, n, rs, grs, r, cs, gccs, c, pcs);
 }
 inline void col_update(const float* x, int64_t n, const float* cs, float* cm, float* cl) {
   cols_online_f32(x, n, cs, cm, cl);
@@ -240,13 +231,13 @@ inline void col_update(const float* x, int64_t n, const float* cs, float* cm, fl
 inline void col_update(const double* x, int64_t n, const double* cs, double* cm, double* cl) {
   cols_online(x, n, cs, cm, cl);
 }
-inline float row_weights_vec(float* x, int64_t n, float rs, bool row, float grs, float r,
-                             const float* cs, const float* gccs, const float* c, float* pcs) {
-  return weights_vec_f32(x, n, rs, row, grs, r, cs, gccs, c, pcs);
+inline float row_weights_vec(float* x, int64_t n, float rs, float grs, float r, const float* cs,
+                             const float* gccs, const float* c, float* pcs) {
+  return weights_vec_f32(x, n, rs, grs, r, cs, gccs, c, pcs);
 }
-inline double row_weights_vec(double* x, int64_t n, double rs, bool row, double grs, double r,
+inline double row_weights_vec(double* x, int64_t n, double rs, double grs, double r,
                               const double* cs, const double* gccs, const double* c, double* pcs) {
-  return weights_vec(x, n, rs, row, grs, r, cs, gccs, c, pcs);
+  return weights_vec(x, n, rs, grs, r, cs, gccs, c, pcs);
 }
 
 GC_CLONES float max_scaled_f32(const float* x, int64_t n, float s) { return max_scaled(x, n, s); }
@@ -466,18 +457,17 @@ void bwd_vec_impl(const at::Tensor& a, const at::Tensor& b, const T* rs, const T
           const int64_t i = i0 + r;
           T* x = sp + r * N;
           const int64_t e = excluded_col(exclude, i, offset, N);
-          const bool row_on = gr[i] != T(0) && rl[i] != kNegInf<T>;
           const T grs = gr[i] * rs[i];
           const int64_t n0 = e < 0 ? N : e;
-          T sum = row_weights_vec(x, n0, rs[i], row_on, grs, rl[i], cs, gcp, clse, bp);
+          T sum = row_weights_vec(x, n0, rs[i], grs, rl[i], cs, gcp, clse, bp);
           if (e >= 0) {
             x[e] = T(0);
             const int64_t k = e + 1;
-            sum += row_weights_vec(x + k, N - k, rs[i], row_on, grs, rl[i], cs ? cs + k : nullptr,
+            sum += row_weights_vec(x + k, N - k, rs[i], grs, rl[i], cs ? cs + k : nullptr,
                                    gcp ? gcp + k : nullptr, clse ? clse + k : nullptr,
                                    bp ? bp + k : nullptr);
           }
-          drs[i] = row_on ? gr[i] * sum : T(0);
+          drs[i] = gr[i] * sum;
         }
       }
     });

@@ -26,6 +26,7 @@
 // checks.h.
 #include <algorithm>
 #include <limits>
+#include <optional>
 #include <tuple>
 
 #include "cuda_binding.h"
@@ -41,6 +42,41 @@ int64_t bytes_per_row(int64_t n, int64_t acc_size, int64_t w_size, bool fwd) {
   if (fwd) b += 2 * acc_size * ((n + 255) / 256 + (n + 63) / 64);
   return b;
 }
+
+// fp16 W: |W_ij| <= u_i (the caller's row bound), but typical entries (g ~ 1/N times a
+// probability ~ 1/N) fall below fp16's normal range (6e-5), and one scale for all rows loses
+// the rows whose g is 2^-24 below the largest. Row i is scaled by sigma_i = 2^(14 - ceil
+// log2 u_i) (1 where u_i is 0 or not finite; exact, on the device: no sync); da rows are
+// divided by sigma_i, and db = W^T A = (1 / sigma_min) W'^T A_s with A_s_i = A_i sigma_min /
+// sigma_i (a factor <= 1; an [R, D] fp16 copy per chunk), as kernels/simlse_tiled.py.
+struct Fp16Rows {
+  at::Tensor sigma, sigma_min, a_s;
+
+  Fp16Rows(const at::Tensor& u, int64_t R, int64_t D, const at::TensorOptions& half) {
+    const at::Tensor ok = at::isfinite(u).logical_and_(u > 0);
+    const at::Tensor e =
+        at::clamp(at::ceil(at::log2(at::where(ok, u, at::ones_like(u)))), -100.0, 100.0);
+    sigma = at::where(ok, at::exp2(14.0 - e), at::ones_like(u));
+    sigma_min = sigma.amin();
+    a_s = at::empty({R, D}, half);
+  }
+
+  // db's operand for the chunk: A_c rows times sigma_min / sigma_i.
+  void db_operand(const at::Tensor& a, RowChunk& c) const {
+    const int64_t i0 = c.k.row0, rows = c.k.rows;
+    at::Tensor as_c = a_s.narrow(0, 0, rows);
+    as_c.copy_(a.narrow(0, i0, rows).to(sigma.scalar_type()) *
+               (sigma_min / sigma.narrow(0, i0, rows)).unsqueeze(1));
+    c.a_db = static_cast<const char*>(as_c.const_data_ptr());
+    c.ld_db = a.size(1);
+  }
+
+  // da rows carry sigma_i, db carries sigma_min.
+  void undo(at::Tensor& da, at::Tensor& db) const {
+    da.div_(sigma.unsqueeze(1));
+    db.div_(sigma_min);
+  }
+};
 
 // Non-empty problems (simlse_fwd_entry in checks.h does the checks and the empty ones).
 std::tuple<at::Tensor, at::Tensor> simlse_fwd_cuda(const SimlseProblem& pr, const at::Tensor& a_in,
@@ -77,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor> simlse_fwd_cuda(const SimlseProblem& pr, cons
 // Vector scales (scale [M], col_scale [N] when cols; ops/simlse.py): per chunk S = A_c B^T, the
 // vector weight kernel writes W = g_r rs p + g_c cs p' (scales inside W) and partial sums of
 // p S (per warp per row) and p' S (per block row per column); then the two GEMMs. Returns
-// (dA, dB, cat(drs, dcs)). fp16 W: sigma from max|g_r rs| + max|g_c cs|.
+// (dA, dB, cat(drs, dcs)). fp16 W: Fp16Rows with the bound |g_r_i rs_i| + max_j |g_c_j cs_j|.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cuda_vec(
     const SimlseProblem& pr, const at::Tensor& a_in, const at::Tensor& b_in,
     const at::Tensor& scale, const std::optional<at::Tensor>& col_scale, const at::Tensor& row_lse,
@@ -101,12 +137,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cuda_vec(
   const int64_t R = cuda_chunk_rows(M, bytes_per_row(N, asz, half ? 2 : 0, false));
   at::Tensor buf = at::empty({R, N}, opts);
   at::Tensor wbuf = half ? at::empty({R, N}, a.options()) : buf;
-  at::Tensor sigma, inv_sigma;
+  std::optional<Fp16Rows> f16;  // W carries g * scale: u_i = |g_r_i rs_i| + max_j |g_c_j cs_j|
   if (in == at::kHalf) {
-    at::Tensor gmax = (gr * rs).abs().amax();
-    if (cols) gmax = gmax + (gc * cs).abs().amax();
-    sigma = at::exp2(at::clamp(at::floor(at::log2(16384.0 / gmax)), -120.0, 120.0));
-    inv_sigma = at::reciprocal(sigma);
+    at::Tensor u = (gr * rs).abs();
+    if (cols && N > 0) u = u + (gc * cs).abs().amax();
+    f16.emplace(u, R, D, a.options());
   }
   at::Tensor drs_part =
       at::empty({R, static_cast<int64_t>(cuda::simlse_bwd_vec_row_partials(N))}, opts);
@@ -114,12 +149,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cuda_vec(
       at::empty({cols ? static_cast<int64_t>(cuda::simlse_bwd_vec_col_partials(R)) : 0, N}, opts);
   at::Tensor drs = ds.narrow(0, 0, M), dcs = ds.narrow(0, M, cols ? N : 0);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  chunk_gemms(a, b, R, offset, buf, wbuf, true, da, db, [&](const RowChunk& c) {
+  chunk_gemms(a, b, R, offset, buf, wbuf, true, da, db, [&](RowChunk& c) {
     int64_t stride = 0, crow = 0;
     const int err = cuda::simlse_bwd_weights_vec(
         c.k, exclude_pos, cols, rs.const_data_ptr(), cols ? cs.const_data_ptr() : nullptr,
         rl.const_data_ptr(), cols ? cl.const_data_ptr() : nullptr, gr.const_data_ptr(),
-        cols ? gc.const_data_ptr() : nullptr, sigma.defined() ? sigma.const_data_ptr() : nullptr,
+        cols ? gc.const_data_ptr() : nullptr, f16 ? f16->sigma.const_data_ptr() : nullptr,
         drs_part.data_ptr(), &stride, cols ? dcs_part.data_ptr() : nullptr, &crow, stream);
     C10_CUDA_CHECK(static_cast<cudaError_t>(err));
     // drs_i = g_r_i sum_j p_ij S_ij;  dcs accumulates sum_i p'_ij S_ij (times g_c at the end)
@@ -127,12 +162,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cuda_vec(
     at::Tensor parts = drs_part.view({-1}).narrow(0, 0, rows * stride).view({rows, stride});
     drs.narrow(0, i0, rows).copy_(gr.narrow(0, i0, rows) * parts.sum(1));
     if (cols) dcs.add_(dcs_part.narrow(0, 0, crow).sum(0));
+    if (f16) f16->db_operand(a, c);
   });
   if (cols) dcs.mul_(gc);
-  if (sigma.defined()) {
-    da.mul_(inv_sigma);
-    db.mul_(inv_sigma);
-  }
+  if (f16) f16->undo(da, db);
   return {da, db, ds};
 }
 
@@ -161,22 +194,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cuda(
   const int64_t R = cuda_chunk_rows(M, bytes_per_row(N, asz, half ? 2 : 0, false));
   at::Tensor buf = at::empty({R, N}, opts);
   at::Tensor wbuf = half ? at::empty({R, N}, a.options()) : buf;
-  // fp16 W: |W_ij| <= u_i = |g_r_i| + max_j |g_c_j|, but typical entries (g ~ 1/N times a
-  // probability ~ 1/N) fall below fp16's normal range (6e-5), and one scale for all rows loses
-  // the rows whose g is 2^-24 below the largest. Row i is scaled by sigma_i = 2^(14 - ceil
-  // log2 u_i) (1 where u_i is 0 or not finite; exact, on the device: no sync); da rows are
-  // divided by sigma_i, and db = W^T A = (1 / sigma_min) W'^T A_s with A_s_i = A_i sigma_min /
-  // sigma_i (a factor <= 1; an [R, D] fp16 copy per chunk), as kernels/simlse_tiled.py.
-  at::Tensor sigma, sigma_min, a_s;
+  std::optional<Fp16Rows> f16;  // u_i = |g_r_i| + max_j |g_c_j| >= max_j |W_ij|
   if (in == at::kHalf) {
     at::Tensor u = gr.abs();
     if (cols && N > 0) u = u + gc.abs().amax();
-    const at::Tensor ok = at::isfinite(u).logical_and_(u > 0);
-    const at::Tensor e =
-        at::clamp(at::ceil(at::log2(at::where(ok, u, at::ones_like(u)))), -100.0, 100.0);
-    sigma = at::where(ok, at::exp2(14.0 - e), at::ones_like(u));
-    sigma_min = sigma.amin();
-    a_s = at::empty({R, D}, a.options());
+    f16.emplace(u, R, D, a.options());
   }
   at::Tensor ds_part = at::empty({static_cast<int64_t>(cuda::simlse_bwd_ds_partials(R, N))}, opts);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -185,23 +207,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cuda(
     const int err = cuda::simlse_bwd_weights(
         c.k, exclude_pos, cols, sc.const_data_ptr(), rl.const_data_ptr(),
         cols ? cl.const_data_ptr() : nullptr, gr.const_data_ptr(),
-        cols ? gc.const_data_ptr() : nullptr, sigma.defined() ? sigma.const_data_ptr() : nullptr,
+        cols ? gc.const_data_ptr() : nullptr, f16 ? f16->sigma.const_data_ptr() : nullptr,
         ds_part.data_ptr(), &n_part, stream);
     C10_CUDA_CHECK(static_cast<cudaError_t>(err));
     ds.add_(ds_part.narrow(0, 0, n_part).sum());
-    if (sigma.defined()) {  // db's operand: A_c rows times sigma_min / sigma_i
-      const int64_t i0 = c.k.row0, rows = c.k.rows;
-      at::Tensor as_c = a_s.narrow(0, 0, rows);
-      as_c.copy_(a.narrow(0, i0, rows).to(acc) *
-                 (sigma_min / sigma.narrow(0, i0, rows)).unsqueeze(1));
-      c.a_db = static_cast<const char*>(as_c.const_data_ptr());
-      c.ld_db = D;
-    }
+    if (f16) f16->db_operand(a, c);
   });
-  if (sigma.defined()) {  // da rows carry sigma_i, db carries sigma_min
-    da.div_(sigma.unsqueeze(1));
-    db.div_(sigma_min);
-  }
+  if (f16) f16->undo(da, db);
   return {da, db, ds};
 }
 

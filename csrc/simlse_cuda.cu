@@ -192,7 +192,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Vector scales: W_ij = g_r_i rs_i p_ij + g_c_j cs_j p'_ij, p_ij = e^(rs_i S_ij - r_i),
-// p'_ij = e^(cs_j S_ij - c_j) (0 if excluded), written as the scalar kernel does; the scale
+// p'_ij = e^(cs_j S_ij - c_j) (0 if excluded; formed for g = 0 rows and columns too, so a NaN S
+// reaches W as on the torch backend), written as the scalar kernel does; the scale
 // gradients' sums from the acc-typed p: drs_part[r * gridDim.x * kWarps + blockIdx.x * kWarps +
 // warp] = the warp's share of sum_j p_ij S_ij, dcs_part[blockIdx.y * n + j] = the block row's
 // share of sum_i p'_ij S_ij (no atomics: one writer each). grid.x = cdiv(n, kThreads * VEC)
@@ -210,29 +211,25 @@ __global__ void __launch_bounds__(kThreads)
                                  const Acc<T>* __restrict__ w_scale, Acc<T>* __restrict__ drs_part,
                                  Acc<T>* __restrict__ dcs_part) {
   using A = Acc<T>;
-  const A ws = w_scale ? w_scale[0] : A(1);
+  const bool scaled = w_scale != nullptr;  // fp16: row i times w_scale[i] (binding)
   const A ninf = neg_inf<A>();
   const int64_t j0 = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * VEC;
   const bool active = j0 < n;  // VEC > 1 only when n % VEC == 0: a pack is in or out whole
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const bool in = cols && active;
   A csv[VEC], gcs[VEC], cl[VEC], dc[VEC];
-  bool con[VEC];
 #pragma unroll
   for (int v = 0; v < VEC; ++v) {
     const int64_t j = j0 + v;
-    const bool in = cols && active;
     csv[v] = in ? cscale[j] : A(0);
     gcs[v] = in ? g_col[j] * csv[v] : A(0);
     cl[v] = in ? col_lse[j] : ninf;
-    con[v] = in && g_col[j] != A(0) && cl[v] != ninf;
     dc[v] = A(0);
   }
   for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
     const int64_t i = row0 + r;
     const A gr = g_row[i], ri = row_lse[i], rs = rscale[i];
-    const A grs = gr * rs;
-    // A row with LSE -inf has every entry excluded; g = 0 rows contribute nothing.
-    const bool row_on = gr != A(0) && ri != ninf;
+    const A grs = gr * rs, ws = scaled ? w_scale[i] : A(1);
     const int64_t excl = exclude ? i + offset : int64_t(-1);
     A pr_sum = A(0);
     if (active) {
@@ -242,8 +239,8 @@ __global__ void __launch_bounds__(kThreads)
       for (int v = 0; v < VEC; ++v) {
         const A sv = to_acc(p.v[v]);
         const bool off = j0 + v == excl;
-        const A pr = (row_on && !off) ? ex(mul_rn(sv, rs) - ri) : A(0);
-        const A pc = (con[v] && !off) ? ex(mul_rn(sv, csv[v]) - cl[v]) : A(0);
+        const A pr = off ? A(0) : ex(mul_rn(sv, rs) - ri);
+        const A pc = (in && !off) ? ex(mul_rn(sv, csv[v]) - cl[v]) : A(0);
         pr_sum += pr * sv;
         dc[v] += pc * sv;
         q.v[v] = from_acc<TW>((grs * pr + gcs[v] * pc) * ws);

@@ -28,6 +28,15 @@ def _leaves(*xs):
     return [x.detach().clone().requires_grad_() for x in xs]
 
 
+def _scales(s, m, n, vector, seed):
+    """(scale, col_scale): the 0-d s, or per-row / per-column scales around s (vector mode)."""
+    if not vector:
+        return s, None
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(m + n, generator=g, dtype=s.dtype)
+    return s * (0.5 + u[:m]), s * (0.5 + u[m:])
+
+
 def _materialised_clip(img, txt, s, one_direction=False):
     """float64 open_clip formula: CE(s I T^T, arange) (+ CE of the transpose) / 2."""
     logits = s * img @ txt.t()
@@ -100,16 +109,18 @@ def _loss_fn(loss, backend):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("backend", ALL)
-def test_simlse_zero_upstream_rows_still_propagate_nan(backend):
-    """g = 0 on the NaN row (and everywhere): W = 0 * exp(NaN) = NaN, as torch forms it."""
+@pytest.mark.parametrize("vector", [False, True], ids=["scalar", "vector"])
+def test_simlse_zero_upstream_rows_still_propagate_nan(backend, vector):
+    """g = 0 on the NaN row (and everywhere): W = 0 * exp(NaN) = NaN, as torch forms it (with
+    vector scales the scale gradients g_r_i sum_j p_ij S_ij are NaN too)."""
     a, b = torch.randn(4, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
     a[1, 0] = float("nan")
-    s = torch.tensor(2.0, dtype=torch.float64)
+    s, cs = _scales(torch.tensor(2.0, dtype=torch.float64), 4, 5, vector, seed=3)
     g_row, g_col = torch.zeros(4, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
 
     def run(name):
         return simlse_fwd_bwd(
-            lambda x, y, z: simlse(x, y, z, backend=name), a, b, s, g_row, g_col, True
+            lambda x, y, z: simlse(x, y, z, backend=name, col_scale=cs), a, b, s, g_row, g_col, True
         )
 
     want = run("torch")
@@ -122,7 +133,8 @@ def test_simlse_zero_upstream_rows_still_propagate_nan(backend):
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("cols", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_simlse_all_excluded_rows_have_zero_gradient(backend, cols, dtype):
+@pytest.mark.parametrize("vector", [False, True], ids=["scalar", "vector"])
+def test_simlse_all_excluded_rows_have_zero_gradient(backend, cols, dtype, vector):
     """N = 1 with exclude_pos: every row is all-excluded (LSE -inf), and the backward op gets
     upstream 1 on it anyway (its callers may pass any g): W = 0 on excluded entries, so the
     gradients are exactly 0, never -inf - -inf = NaN. With N = 2 and offset -1 rows 1, 2 keep one
@@ -131,16 +143,18 @@ def test_simlse_all_excluded_rows_have_zero_gradient(backend, cols, dtype):
     a = torch.randn(5, 4, dtype=dtype)
     for n, offset in ((1, 0), (2, -1)):
         b = torch.randn(n, 4, dtype=dtype)
-        s = torch.tensor(3.0, dtype=acc)
-        row, col = simlse(a, b, s, offset, True, cols, backend)
+        s, cs = _scales(torch.tensor(3.0, dtype=acc), 5, n, vector, seed=n)
+        cs = cs if cols else None
+        row, col = simlse(a, b, s, offset, True, cols, backend, col_scale=cs)
         assert bool(torch.isneginf(row[0])) == (n == 1) and torch.isfinite(row[1:]).all()
         g_row, g_col = torch.ones(5, dtype=acc), torch.ones(n if cols else 0, dtype=acc)
         got = torch.ops.gammacl.simlse_backward(
-            a, b, s, row, col, g_row, g_col, offset, True, cols, backend
+            a, b, s, row, col, g_row, g_col, offset, True, cols, backend, cs
         )
+        cs64 = cs.double() if cs is not None else None
         want = torch.ops.gammacl.simlse_backward(
             a.double(), b.double(), s.double(), row.double(), col.double(), g_row.double(),
-            g_col.double(), offset, True, cols, "reference",
+            g_col.double(), offset, True, cols, "reference", cs64,
         )  # fmt: skip
         for name, x, y in zip(("da", "db", "dscale"), got, want, strict=True):
             assert torch.isfinite(x).all(), (name, n)
@@ -198,18 +212,23 @@ def _fp16_case(m, n, d, seed):
 
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("d", [24, 160], ids=["fused", "large-d"])
-def test_fp16_backward_keeps_every_row_when_upstream_spans_beyond_fp16(backend, d):
+@pytest.mark.parametrize("vector", [False, True], ids=["scalar", "vector"])
+def test_fp16_backward_keeps_every_row_when_upstream_spans_beyond_fp16(backend, d, vector):
     """fp16 triton / cuda backwards round W to fp16 for their GEMMs: with one global power-of-two
     scale, rows whose g is 2^-24 below the largest lost their gradient (0.004-0.02 instead of the
-    true value). Each row's gradient must match the float64 reference relative to ITS OWN size."""
+    true value). Each row's gradient must match the float64 reference relative to ITS OWN size,
+    with a 0-d scale and with per-row / per-column scales (W then carries g_i rs_i)."""
     a, b, s, g_row, g_col = _fp16_case(37, 29, d, seed=d)
+    s, cs = _scales(s, 37, 29, vector, seed=d)
     got = torch.ops.gammacl.simlse_backward(
-        a, b, s, *simlse(a, b, s, 0, False, True, backend), g_row, g_col, 0, False, True, backend
-    )
+        a, b, s, *simlse(a, b, s, 0, False, True, backend, col_scale=cs),
+        g_row, g_col, 0, False, True, backend, cs,
+    )  # fmt: skip
     a64, b64, s64 = a.double(), b.double(), s.double()
-    row, col = simlse(a64, b64, s64, 0, False, True, "reference")
+    cs64 = cs.double() if vector else None
+    row, col = simlse(a64, b64, s64, 0, False, True, "reference", col_scale=cs64)
     want = torch.ops.gammacl.simlse_backward(
-        a64, b64, s64, row, col, g_row.double(), g_col.double(), 0, False, True, "reference"
+        a64, b64, s64, row, col, g_row.double(), g_col.double(), 0, False, True, "reference", cs64
     )
     da, da64 = got[0].double(), want[0]
     rel = (da - da64).norm(dim=1) / da64.norm(dim=1)

@@ -250,7 +250,6 @@ def test_rates_and_gradients_agree_with_libauc_gcloss_v2(capsys):
         ({"ema_schedule": "linear"}, "ema_schedule must be one of"),
         ({"ema_schedule": "cosine"}, "ema_decay_epochs"),
         ({"temperature": "individual", "update": "after"}, "update='before'"),
-        ({"temperature": "individual", "grad_comm": "local"}, "no grad_comm='local' path"),
     ],
 )
 def test_constructor_validation(kwargs, match):

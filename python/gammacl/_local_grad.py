@@ -20,6 +20,12 @@ The scale: that backward's dscale on rank r covers its rows of both directions A
 of every anchor, so summed over ranks it counts every logit twice; rank r returns half of it.
 Summed over ranks (what DDP averages) it equals the sum of "reduce"'s per-rank dscale; per rank
 it is a different share. The da/db the kernel forms for the gathered side (db_raw) are unused.
+
+Per-anchor scales (temperature="individual": l_ij = rs_i s_ij for image anchor i, cs_j s_ij for
+text anchor j): the same sweep with vector scales, rows at this rank's rs, columns at every
+anchor's cs (gathered in the forward with the LSEs, 2 N more floats). Its da is again the exact
+d/dx_{R_r} (the scales sit inside W), and its drs is the full gradient of this rank's rs (an
+anchor's scale enters only its own LSE); the column partials dcs are other ranks' and unused.
 """
 
 from __future__ import annotations
@@ -32,39 +38,49 @@ from gammacl.ops.simlse import _simlse_backward_op, simlse
 
 class _LocalPairLse(torch.autograd.Function):
     """(a_{R_r}, b_{R_r}, [2, N] every anchor's LSE) for local x, y against gathered all_x, all_y;
-    backward: d/dx_{R_r}, d/dy_{R_r}, dscale (module docstring)."""
+    backward: d/dx_{R_r}, d/dy_{R_r}, dscale (module docstring). scale: 0-d, or [2, n] this
+    rank's (rs, cs) (vector mode: the forward also gathers every anchor's [2, N])."""
 
     @staticmethod
     def forward(ctx, x, y, all_x, all_y, scale, world, offset, exclude_pos, backend):
-        rx, _ = simlse(x, all_y, scale, offset, exclude_pos, False, backend)
-        ry, _ = simlse(y, all_x, scale, offset, exclude_pos, False, backend)
-        lse_all = world.gather(torch.stack([rx, ry], dim=1), with_grad=False).t().contiguous()
-        ctx.save_for_backward(x, y, all_x, all_y, scale, rx, ry, lse_all)
-        ctx.args = (world, offset, exclude_pos, backend)
+        vec = scale.dim() == 2
+        sx, sy = (scale[0].contiguous(), scale[1].contiguous()) if vec else (scale, scale)
+        rx, _ = simlse(x, all_y, sx, offset, exclude_pos, False, backend)
+        ry, _ = simlse(y, all_x, sy, offset, exclude_pos, False, backend)
+        mine = torch.stack([rx, ry, *((sx, sy) if vec else ())], dim=1)
+        every = world.gather(mine.detach(), with_grad=False).t().contiguous()
+        lse_all, scale_all = every[:2], every[2:] if vec else None
+        ctx.save_for_backward(x, y, all_x, all_y, sx, sy, rx, ry, lse_all, scale_all)
+        ctx.args = (world, offset, exclude_pos, backend, vec)
         ctx.mark_non_differentiable(lse_all)
         return rx, ry, lse_all
 
     @staticmethod
     def backward(ctx, g_rx, g_ry, _g_lse):
-        x, y, all_x, all_y, scale, rx, ry, lse_all = ctx.saved_tensors
-        world, offset, exclude_pos, backend = ctx.args
+        x, y, all_x, all_y, sx, sy, rx, ry, lse_all, scale_all = ctx.saved_tensors
+        world, offset, exclude_pos, backend, vec = ctx.args
         g_rx = torch.zeros_like(rx) if g_rx is None else g_rx.to(rx.dtype)
         g_ry = torch.zeros_like(ry) if g_ry is None else g_ry.to(ry.dtype)
         # every anchor's upstream, in rank order: the one collective of the backward (2 N floats)
         g_all = world.gather(torch.stack([g_rx, g_ry], dim=1), with_grad=False).t().contiguous()
         dx_raw, _, ds_x = _simlse_backward_op(
-            x, all_y, scale, rx, lse_all[1], g_rx.contiguous(), g_all[1], offset, exclude_pos,
-            True, backend,
+            x, all_y, sx, rx, lse_all[1], g_rx.contiguous(), g_all[1], offset, exclude_pos,
+            True, backend, scale_all[1] if vec else None,
         )  # fmt: skip
         dy_raw, _, ds_y = _simlse_backward_op(
-            y, all_x, scale, ry, lse_all[0], g_ry.contiguous(), g_all[0], offset, exclude_pos,
-            True, backend,
+            y, all_x, sy, ry, lse_all[0], g_ry.contiguous(), g_all[0], offset, exclude_pos,
+            True, backend, scale_all[0] if vec else None,
         )  # fmt: skip
         need_x, need_y, _, _, need_s = ctx.needs_input_grad[:5]
-        dx = (dx_raw * scale).to(x.dtype) if need_x else None
-        dy = (dy_raw * scale).to(y.dtype) if need_y else None
-        ds = 0.5 * (ds_x + ds_y) if need_s else None
-        return dx, dy, None, None, ds, None, None, None, None
+        n = x.shape[0]
+        if vec:  # the scales are inside W; drs = ds[:n] (module docstring)
+            dx, dy = dx_raw.to(x.dtype), dy_raw.to(y.dtype)
+            ds = torch.stack([ds_x[:n], ds_y[:n]])
+        else:
+            dx, dy = (dx_raw * sx).to(x.dtype), (dy_raw * sx).to(y.dtype)
+            ds = 0.5 * (ds_x + ds_y)
+        grads = (dx if need_x else None, dy if need_y else None, None, None, ds if need_s else None)
+        return (*grads, None, None, None, None)
 
 
 def local_pair_lse(
@@ -81,10 +97,21 @@ def local_pair_lse(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row LSEs [n], [n] of this rank's x against all_y and y against all_x (gathered without
     autograd, rank order), and every anchor's LSE [2, N] (no gradient). Gradients reach x, y
-    and scale only, computed locally (module docstring)."""
+    and scale only, computed locally (module docstring). scale: 0-d, or [2, n] per-anchor scales
+    (this rank's image anchors', text anchors')."""
     return _LocalPairLse.apply(
         x, y, all_x.detach(), all_y.detach(), scale, world, offset, exclude_pos, backend
     )
+
+
+def mean_dots(x, all_y, rs, lse, offset: int, backend: str) -> torch.Tensor:
+    """E_p[s_i.] = sum_j p_ij s_ij [n] of this rank's anchors (p_ij = e^{rs_i s_ij - lse_i}, the
+    positive (i, i + offset) left out) = d lse_i / d rs_i: the vector-scale backward's drs at
+    upstream 1, local (no collective)."""
+    ones, none = torch.ones_like(lse), lse.new_empty(0)
+    return _simlse_backward_op(
+        x.detach(), all_y, rs, lse.detach(), none, ones, none, offset, True, False, backend
+    )[2]
 
 
 def siglip_local(

@@ -40,6 +40,7 @@ import math
 import torch
 
 from gammacl import _validate as V
+from gammacl._local_grad import local_pair_lse, mean_dots
 from gammacl.dispatch import resolve_traced
 from gammacl.ops.simlse import simlse
 
@@ -176,11 +177,6 @@ class TemperatureMixin:
                     "temperature='individual' needs rate='ema' and update='before', got "
                     f"rate={self.rate!r}, update={self.update!r}"
                 )
-            if self.grad_comm == "local":  # individual_step gathers the features with autograd
-                raise ValueError(
-                    "temperature='individual' has no grad_comm='local' path (its backward reduces "
-                    "the gathered features' gradient, N x D); pass grad_comm='reduce'"
-                )
             n = self.num_samples
             for d in ("image", "text"):
                 self.register_buffer(
@@ -287,22 +283,32 @@ def individual_step(loss, image_features, text_features, logit_scale, index, wor
     log_m = math.log(total - 1)
     log_w = loss._log_weights(total, image_features, world)[:, off : off + n]
     tau = _tau_rows(loss, index, image_features)
-    all_image = world.gather(image_features, with_grad=True)
-    all_text = world.gather(text_features, with_grad=True)
-    with torch.enable_grad():  # E_p[s] below needs the graph of the LSEs to the scales
-        rs, cs = (t.reciprocal().requires_grad_() for t in tau)
-        if world.size == 1:
-            row, col = simlse(
-                image_features, text_features, rs, exclude_pos=True, backend=name, col_scale=cs
-            )
-        else:
-            kw = {"offset": off, "exclude_pos": True, "cols": False, "backend": name}
-            row = simlse(image_features, all_text, rs, **kw)[0]
-            col = simlse(text_features, all_image, cs, **kw)[0]
-        lse = torch.stack([row, col])
-        mean_s = torch.stack(
-            torch.autograd.grad(lse, (rs, cs), torch.ones_like(lse), retain_graph=True)
+    local = loss.grad_comm == "local" and world.size > 1  # no feature-gradient collective
+    all_image = world.gather(image_features, with_grad=not local)
+    all_text = world.gather(text_features, with_grad=not local)
+    if local:  # _local_grad: every anchor's LSE and scale gathered, each rank's exact gradient
+        feats = (image_features, text_features, all_image, all_text)
+        row, col, _ = local_pair_lse(
+            *feats, tau.reciprocal(), world, offset=off, exclude_pos=True, backend=name
         )
+        lse = torch.stack([row, col])
+        pairs = ((image_features, all_text, tau[0], row), (text_features, all_image, tau[1], col))
+        mean_s = torch.stack([mean_dots(x, y, 1.0 / t, r, off, name) for x, y, t, r in pairs])
+    else:
+        with torch.enable_grad():  # E_p[s] below needs the graph of the LSEs to the scales
+            rs, cs = (t.reciprocal().requires_grad_() for t in tau)
+            if world.size == 1:
+                row, col = simlse(
+                    image_features, text_features, rs, exclude_pos=True, backend=name, col_scale=cs
+                )
+            else:
+                kw = {"offset": off, "exclude_pos": True, "cols": False, "backend": name}
+                row = simlse(image_features, all_text, rs, **kw)[0]
+                col = simlse(text_features, all_image, cs, **kw)[0]
+            lse = torch.stack([row, col])
+            mean_s = torch.stack(
+                torch.autograd.grad(lse, (rs, cs), torch.ones_like(lse), retain_graph=True)
+            )
     log_zhat = lse.detach() - log_m
     log_r = loss._rates.update(idx, log_zhat, world).to(lse.dtype)
     acc = lse.dtype
