@@ -138,13 +138,15 @@ namespace gammacl::cuda {
 size_t siglip_workspace_bytes(int64_t rows, int64_t n, bool f64);
 
 // One row chunk of the siglip op: S of c F32 or F64. With l = scale * S + bias, z = +1 at
-// (row0 + i, row0 + i + offset), -1 elsewhere, y = -z l:
-//   row_loss[row0 + i] = sum_j softplus(y_ij),  row_wsum[row0 + i] = sum_j W_ij,  W = -z sigmoid(y)
+// (row0 + i, row0 + i + offset), -1 elsewhere, y = -z l, W = -z sigmoid(y), the kSiglipStats
+// row statistics row_stats[k * ld_stats + row0 + i] (acc type):
+//   k = 0: sum_j softplus(y_ij),  1: sum_j W_ij,  2: sum_j W_ij S_ij (from the acc-typed W)
 //   grad: w_scale * W into W of c: w_type == s_type (w may alias s), or BF16 / F16 for F32
 //         (w_scale: a power of two; 2^14 keeps fp16 weights normal, |W| <= 1).
 // scale, bias: acc-typed device scalars. No atomics: per-(row, column-tile) partials in `work`
 // (siglip_workspace_bytes(rows, n, s_type == F64) bytes) summed in a fixed order.
+constexpr int kSiglipStats = 3;
 int siglip_chunk(const ChunkView& c, const void* scale, const void* bias, double w_scale, bool grad,
-                 void* row_loss, void* row_wsum, void* work, CUstream_st* stream);
+                 void* row_stats, int64_t ld_stats, void* work, CUstream_st* stream);
 
 }  // namespace gammacl::cuda

@@ -3,7 +3,7 @@
 //
 //   l_ij = scale * <a_i, b_j> + bias,  z_ij = +1 at (i, i + offset), -1 elsewhere,  y = -z l
 //   row_loss_i = sum_j softplus(y_ij)       W_ij = -z_ij sigmoid(y_ij)      row_wsum_i = sum_j W_ij
-//   da_raw = W @ b,  db_raw = W^T @ a                                       (only when grad)
+//   row_wdot_i = sum_j W_ij <a_i, b_j>      da_raw = W @ b,  db_raw = W^T @ a  (only when grad)
 //
 // Per row chunk (rows chosen so one chunk x N buffer stays under GAMMACL_CPU_CHUNK_MIB, default
 // 32): S = a_chunk @ b^T (ATen GEMM, 2RND FLOPs) into the buffer; epilogue parallel over rows
@@ -31,8 +31,8 @@ constexpr double kCpuChunkMiB = 32.0;  // GAMMACL_CPU_CHUNK_MIB, shared with the
 
 template <typename T>
 void siglip_impl(const at::Tensor& af, const at::Tensor& bf, T sc, T bias, int64_t offset,
-                 bool grad, at::Tensor& row_loss, at::Tensor& row_wsum, at::Tensor& da,
-                 at::Tensor& db) {
+                 bool grad, at::Tensor& row_loss, at::Tensor& row_wsum, at::Tensor& row_wdot,
+                 at::Tensor& da, at::Tensor& db) {
   const int64_t m = af.size(0), n = bf.size(0);
   const int64_t step =
       gammacl::chunk_rows(m, n * static_cast<int64_t>(sizeof(T)),
@@ -41,6 +41,7 @@ void siglip_impl(const at::Tensor& af, const at::Tensor& bf, T sc, T bias, int64
   const at::Tensor bt = bf.t();
   T* rl = row_loss.data_ptr<T>();
   T* rw = row_wsum.data_ptr<T>();
+  T* rd = grad ? row_wdot.data_ptr<T>() : nullptr;
   for (int64_t i0 = 0; i0 < m; i0 += step) {
     const int64_t rows = std::min(step, m - i0);
     at::Tensor s = buf.narrow(0, 0, rows);
@@ -50,9 +51,10 @@ void siglip_impl(const at::Tensor& af, const at::Tensor& bf, T sc, T bias, int64
       for (int64_t i = r0; i < r1; ++i) {
         T* srow = S + i * n;
         const int64_t pos = i0 + i + offset;  // the positive column of this row (may be outside)
-        T loss = T(0), wsum = T(0);
+        T loss = T(0), wsum = T(0), wdot = T(0);
         for (int64_t j = 0; j < n; ++j) {
-          const T l = sc * srow[j] + bias;
+          const T sv = srow[j];
+          const T l = sc * sv + bias;
           const bool p = j == pos;
           const T y = p ? -l : l;              // y = -z l
           const T e = std::exp(-std::abs(y));  // in (0, 1]; NaN stays NaN
@@ -60,10 +62,12 @@ void siglip_impl(const at::Tensor& af, const at::Tensor& bf, T sc, T bias, int64
           const T sig = (y >= T(0) ? T(1) : e) / (T(1) + e);
           const T w = p ? -sig : sig;  // W = -z sigmoid(y)
           wsum += w;
+          wdot += w * sv;
           srow[j] = w;
         }
         rl[i0 + i] = loss;
         rw[i0 + i] = wsum;
+        if (rd) rd[i0 + i] = wdot;
       }
     });
     if (grad) {
@@ -76,7 +80,7 @@ void siglip_impl(const at::Tensor& af, const at::Tensor& bf, T sc, T bias, int64
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_fwd_cpu(
     const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, const at::Tensor& bias,
     int64_t offset, bool grad) {
   const char* op = "gammacl::siglip_fwd (cpu)";
@@ -88,22 +92,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_fwd_cpu(
   const auto opts = a.options().dtype(acc);
   at::Tensor af = a.to(acc).contiguous(), bf = b.to(acc).contiguous();
   at::Tensor row_loss = at::zeros({m}, opts), row_wsum = at::zeros({m}, opts);
+  at::Tensor row_wdot = at::zeros({grad ? m : 0}, opts);  // the scale's gradient: grad only
   at::Tensor da = at::zeros({grad ? m : 0, d}, opts), db = at::zeros({grad ? n : 0, d}, opts);
-  if (m == 0 || n == 0) return {row_loss, row_wsum, da, db};
+  if (m == 0 || n == 0) return {row_loss, row_wsum, row_wdot, da, db};
   if (acc == at::kDouble) {
     siglip_impl<double>(af, bf, scale.item<double>(), bias.item<double>(), offset, grad, row_loss,
-                        row_wsum, da, db);
+                        row_wsum, row_wdot, da, db);
   } else {
     siglip_impl<float>(af, bf, scale.item<float>(), bias.item<float>(), offset, grad, row_loss,
-                       row_wsum, da, db);
+                       row_wsum, row_wdot, da, db);
   }
-  return {row_loss, row_wsum, da, db};
+  return {row_loss, row_wsum, row_wdot, da, db};
 }
 
 TORCH_LIBRARY_FRAGMENT(gammacl, m) {
   m.def(
       "siglip_fwd(Tensor a, Tensor b, Tensor scale, Tensor bias, int offset, bool grad) -> "
-      "(Tensor, Tensor, Tensor, Tensor)");
+      "(Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(gammacl, CPU, m) { m.impl("siglip_fwd", &siglip_fwd_cpu); }

@@ -4,7 +4,7 @@
 // Per chunk of R rows (R from the memory budget GAMMACL_CUDA_CHUNK_MIB, default 256 MiB):
 //   S = A_c @ B^T                   cuBLAS, raw dots, fp32 out from 16-bit operands (fp32
 //                                   accumulate); fp32 / fp64 in their own type          2RND
-//   siglip_chunk(S)                 row loss / wsum, and w_scale * W -- S read once
+//   siglip_chunk(S)                 row loss / wsum / wdot, and w_scale * W -- S read once
 //   grad: da_c = W @ B;  db (+)= W^T @ A_c   fp32 (fp64) outputs                        4RND
 //         W in the inputs' dtype for bf16 / fp16 (tensor cores; fp16 as W * 2^14, exact, so
 //         the negatives' sigmoid ~ 4.5e-5 at bias -10 stays a normal fp16 number), in place
@@ -23,12 +23,12 @@ namespace {
 
 constexpr double kFp16WScale = 16384.0;  // 2^14
 
-// Bytes per chunk row: S (+ a 16-bit W) + the two per-256-column partials.
+// Bytes per chunk row: S (+ a 16-bit W) + the per-256-column partials of the row statistics.
 int64_t siglip_bytes_per_row(int64_t n, int64_t acc_size, int64_t w_size) {
-  return n * (acc_size + w_size) + 2 * acc_size * ((n + 255) / 256);
+  return n * (acc_size + w_size) + cuda::kSiglipStats * acc_size * ((n + 255) / 256);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_fwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_fwd_cuda(
     const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& scale, const at::Tensor& bias,
     int64_t offset, bool grad) {
   const char* op = "gammacl::siglip_fwd (cuda)";
@@ -41,14 +41,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_fwd_cuda(
   const at::Tensor a = gemm_operand(a_in), b = gemm_operand(b_in);
   const at::Tensor sc = scale.contiguous(), bi = bias.contiguous();
   const auto opts = a.options().dtype(acc);
-  at::Tensor row_loss = at::empty({M}, opts), row_wsum = at::empty({M}, opts);
+  at::Tensor stats = at::empty({cuda::kSiglipStats, M}, opts);  // loss, wsum, wdot rows
   at::Tensor da = at::empty({grad ? M : 0, D}, opts), db = at::empty({grad ? N : 0, D}, opts);
   if (M == 0 || N == 0) {  // empty sums
-    row_loss.zero_();
-    row_wsum.zero_();
+    stats.zero_();
     da.zero_();
     db.zero_();
-    return {row_loss, row_wsum, da, db};
+    return {stats[0].clone(), stats[1].clone(), stats[2].narrow(0, 0, grad ? M : 0).clone(), da,
+            db};
   }
   const auto in = a.scalar_type();
   const bool half_w = grad && (in == at::kBFloat16 || in == at::kHalf);
@@ -62,16 +62,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_fwd_cuda(
                 a.options().dtype(at::kByte));
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   chunk_gemms(a, b, R, offset, buf, wbuf, grad, da, db, [&](const RowChunk& c) {
-    const int err =
-        cuda::siglip_chunk(c.k, sc.const_data_ptr(), bi.const_data_ptr(), w_scale, grad,
-                           row_loss.data_ptr(), row_wsum.data_ptr(), work.data_ptr(), stream);
+    const int err = cuda::siglip_chunk(c.k, sc.const_data_ptr(), bi.const_data_ptr(), w_scale, grad,
+                                       stats.data_ptr(), M, work.data_ptr(), stream);
     C10_CUDA_CHECK(static_cast<cudaError_t>(err));
   });
   if (w_scale != 1.0) {  // undo the fp16 weight scaling (exact power of two)
     da.mul_(1.0 / w_scale);
     db.mul_(1.0 / w_scale);
   }
-  return {row_loss, row_wsum, da, db};
+  // outputs never alias; row_wdot (the scale's gradient) with grad only
+  return {stats[0].clone(), stats[1].clone(), stats[2].narrow(0, 0, grad ? M : 0).clone(), da, db};
 }
 
 }  // namespace

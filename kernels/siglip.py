@@ -6,14 +6,15 @@ Per entry (l = scale * S + bias, z = +1 on the positive (i, i + offset), y = -z 
     softplus(y) = max(y, 0) + log1p(e)       log1p(e) = e log(u) / (u - 1), u = 1 + e
                                              (Goldberg: exact to rounding where log(u) is not)
     W = -z sigmoid(y),  sigmoid(y) = (y >= 0 ? 1 : e) / (1 + e)              |W| <= 1
-row_loss_i = sum_j softplus(y_ij), row_wsum_i = sum_j W_ij, da_raw = W @ b, db_raw = W^T @ a.
+row_loss_i = sum_j softplus(y_ij), row_wsum_i = sum_j W_ij, row_wdot_i = sum_j W_ij S_ij (from
+the accumulation-dtype W, before any 16-bit rounding), da_raw = W @ b, db_raw = W^T @ a.
 
 Two structures, chosen by D (_use_chunked: D > 128 for 16-bit inputs, D > 64 for fp32 / fp64):
 
 1. Small D, flash-style one pass (`_siglip_onepass_kernel`, mirrors kernels/gamma_onepass.py):
    program p owns rows [p*BM, (p+1)*BM) and streams every column tile:
        S = a_blk @ b_tile^T (K loop over D)                          2*BM*BN*D FLOPs
-       loss / wsum rows in registers; W in the operand dtype
+       loss / wsum / wdot rows in registers; W in the operand dtype
        dA[rows] += W @ b_tile   (rows owned by p: read-modify-write, no atomics)
        dB[cols] += W^T @ a_blk  (atomic add: every row block adds)     4*BM*BN*D FLOPs
    6MND FLOPs; bytes: a, b re-read from L2 per tile, dA RMW 8*BM*D and dB atomics 4*BN*D per
@@ -25,8 +26,8 @@ Two structures, chosen by D (_use_chunked: D > 128 for 16-bit inputs, D > 64 for
 2. Large D, chunked (the large-D structure): per chunk of R rows (tiles.RowChunks: R from
    GAMMACL_TRITON_CHUNK_MIB),
        `_siglip_weights_kernel`, grid (R/BM, N/BN): one GEMM tile of S per program (K loop over
-       D), W stored in the operand dtype to an [R, N] buffer, the tile's loss / wsum row sums
-       to [R, N/BN] partials (summed afterwards in a fixed order: no atomics)   2RND FLOPs
+       D), W stored in the operand dtype to an [R, N] buffer, the tile's loss / wsum / wdot row
+       sums to [R, N/BN] partials (summed afterwards in a fixed order: no atomics)  2RND FLOPs
        the shared GEMM (tiles.gemm) twice: da_c = W @ b and db (+)= W^T @ a_c, fp32 (fp64)
        outputs accumulated in registers, transposes by strides                    4RND FLOPs
    6MND FLOPs in all. Bytes beyond the inputs: W written once (2 B per entry for 16-bit
@@ -87,14 +88,14 @@ def _siglip_terms(s, scale, bias, offs_m, offs_n, M, N, offset, BASE2: tl.conste
 
 @triton.jit(do_not_specialize=["offset"])
 def _siglip_onepass_kernel(
-    X, Y, SCALE, BIAS, ROW_LOSS, ROW_WSUM, DA, DB,
+    X, Y, SCALE, BIAS, ROW_LOSS, ROW_WSUM, ROW_WDOT, DA, DB,
     M, N, D, stride_x, stride_y, stride_da, stride_db, offset, w_scale,
     GRAD: tl.constexpr, COLS: tl.constexpr,
     ACC: tl.constexpr, BASE2: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Rows [pid*BLOCK_M, ...) of X against every row of Y: ROW_LOSS, ROW_WSUM stored; with GRAD
-    the DA rows written (w_scale * W @ Y) and, with COLS, DB accumulated atomically
+    """Rows [pid*BLOCK_M, ...) of X against every row of Y: ROW_LOSS, ROW_WSUM, ROW_WDOT stored;
+    with GRAD the DA rows written (w_scale * W @ Y) and, with COLS, DB accumulated atomically
     (w_scale * W^T @ X). w_scale: 2^14 for fp16 operands, else 1."""
     pid = tl.program_id(0).to(tl.int64)  # int64: offsets reach M*D > 2^31
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -103,6 +104,7 @@ def _siglip_onepass_kernel(
     bias = tl.load(BIAS).to(ACC)
     loss_i = tl.zeros((BLOCK_M,), dtype=ACC)
     wsum_i = tl.zeros((BLOCK_M,), dtype=ACC)
+    wdot_i = tl.zeros((BLOCK_M,), dtype=ACC)
     for j0 in range(0, N, BLOCK_N):
         offs_n = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         s = _scores_chunked(
@@ -112,6 +114,7 @@ def _siglip_onepass_kernel(
         loss_i += tl.sum(sp, axis=1)
         wsum_i += tl.sum(w, axis=1)
         if GRAD:
+            wdot_i += tl.sum(w * s, axis=1)
             w = (w * w_scale).to(Y.dtype.element_ty)  # operand dtype, fp32 accumulation
             if UPCAST:
                 w = w.to(tl.float32)
@@ -121,19 +124,21 @@ def _siglip_onepass_kernel(
             )  # fmt: skip
     tl.store(ROW_LOSS + offs_m, loss_i, mask=row_ok)
     tl.store(ROW_WSUM + offs_m, wsum_i, mask=row_ok)
+    if GRAD:
+        tl.store(ROW_WDOT + offs_m, wdot_i, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["offset", "row0"])
 def _siglip_weights_kernel(
-    X, Y, SCALE, BIAS, W, PART_LOSS, PART_WSUM,
+    X, Y, SCALE, BIAS, W, PART_LOSS, PART_WSUM, PART_WDOT,
     M, N, D, row0, stride_x, stride_y, stride_w, stride_part, offset, w_scale,
     GRAD: tl.constexpr,
     ACC: tl.constexpr, BASE2: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """One [BLOCK_M, BLOCK_N] tile of the chunk's S (X: the chunk's R rows, global row
-    row0 + r): W * w_scale stored in the operand dtype (with GRAD), the tile's loss / wsum row
-    sums to PART_*[r, pid_n]."""
+    row0 + r): W * w_scale stored in the operand dtype (with GRAD), the tile's loss / wsum / wdot
+    row sums to PART_*[r, pid_n]."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -149,6 +154,7 @@ def _siglip_weights_kernel(
     tl.store(PART_LOSS + offs_m * stride_part + pid_n, tl.sum(sp, axis=1), mask=row_ok)
     tl.store(PART_WSUM + offs_m * stride_part + pid_n, tl.sum(w, axis=1), mask=row_ok)
     if GRAD:
+        tl.store(PART_WDOT + offs_m * stride_part + pid_n, tl.sum(w * s, axis=1), mask=row_ok)
         mask = row_ok[:, None] & (offs_n[None, :] < N)
         w_ptr = W + offs_m[:, None] * stride_w + offs_n[None, :]
         tl.store(w_ptr, (w * w_scale).to(W.dtype.element_ty), mask=mask)
@@ -208,11 +214,10 @@ def use_deterministic_path() -> bool:
 
 
 def _launch_onepass(a, b, scale, bias, offset: int, grad: bool, cols: bool):
-    """One launch over the rows of a: (row_loss, row_wsum, da_raw, db_raw or None)."""
+    """One launch over the rows of a: (row_loss, row_wsum, row_wdot, da_raw, db_raw or None)."""
     m, n, d, acc, dev = _dims(a, b)
     cfg = _onepass_config(a.dtype, d)
-    row_loss = torch.empty(m, dtype=acc, device=dev)
-    row_wsum = torch.empty(m, dtype=acc, device=dev)
+    stats = torch.empty(3 if grad else 2, m, dtype=acc, device=dev)  # loss, wsum[, wdot] rows
     da = torch.zeros(m if grad else 0, d, dtype=acc, device=dev)
     db = torch.zeros(n if grad and cols else 0, d, dtype=acc, device=dev)
     ws = _w_scale(a.dtype)
@@ -221,10 +226,11 @@ def _launch_onepass(a, b, scale, bias, offset: int, grad: bool, cols: bool):
             **_operands(a, b),
             SCALE=scale,
             BIAS=bias,
-            ROW_LOSS=row_loss,
-            ROW_WSUM=row_wsum,
-            DA=da if grad else row_loss,
-            DB=db if grad and cols else row_loss,
+            ROW_LOSS=stats[0],
+            ROW_WSUM=stats[1],
+            ROW_WDOT=stats[-1],
+            DA=da if grad else stats,
+            DB=db if grad and cols else stats,
             stride_da=da.stride(0) if grad else 0,
             stride_db=db.stride(0) if grad and cols else 0,
             offset=int(offset),
@@ -236,21 +242,23 @@ def _launch_onepass(a, b, scale, bias, offset: int, grad: bool, cols: bool):
     if grad and ws != 1.0:  # undo the fp16 weight scaling (exact power of two)
         da.mul_(1.0 / ws)
         db.mul_(1.0 / ws)
-    return row_loss, row_wsum, da, (db if cols else None)
+    rows = stats.unbind(0) if grad else (*stats.unbind(0), stats.new_empty(0))
+    return (*rows, da, db if cols else None)
 
 
 def _chunks(m: int, n: int, dtype: torch.dtype, size: int | None = None) -> RowChunks:
-    """Row chunks of the chunked path: the [R, N] W buffer (operand dtype) + 2 [R, N/BN] partials
+    """Row chunks of the chunked path: the [R, N] W buffer (operand dtype) + 3 [R, N/BN] partials
     under the one Triton budget (tiles.RowChunks.fit); `size` fixes R (aot_launches)."""
     cfg = _tile_config(dtype)
     if size is not None:
         return RowChunks(m, size)
-    per_row = n * dtype.itemsize + 2 * triton.cdiv(n, cfg["BLOCK_N"]) * 8
+    per_row = n * dtype.itemsize + 3 * triton.cdiv(n, cfg["BLOCK_N"]) * 8
     return RowChunks.fit(m, per_row, cfg["BLOCK_M"])
 
 
 def _launch_chunked(a, b, scale, bias, offset: int, grad: bool, size: int | None = None):
-    """The chunked structure (module docstring 2): (row_loss, row_wsum, da_raw, db_raw)."""
+    """The chunked structure (module docstring 2): (row_loss, row_wsum, row_wdot, da_raw,
+    db_raw)."""
     m, n, d, acc, dev = _dims(a, b)
     cfg = _tile_config(a.dtype)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
@@ -260,9 +268,9 @@ def _launch_chunked(a, b, scale, bias, offset: int, grad: bool, size: int | None
     step = chunks.size
     n_ct = triton.cdiv(n, bn)
     wbuf = torch.empty((step if grad else 0, n), dtype=a.dtype, device=dev)
-    part = torch.empty((2, step, n_ct), dtype=acc, device=dev)
-    row_loss = torch.empty(m, dtype=acc, device=dev)
-    row_wsum = torch.empty(m, dtype=acc, device=dev)
+    k = 3 if grad else 2  # loss, wsum[, wdot]
+    part = torch.empty((k, step, n_ct), dtype=acc, device=dev)
+    stats = torch.empty(k, m, dtype=acc, device=dev)
     da = torch.empty(m if grad else 0, d, dtype=acc, device=dev)
     db = torch.empty(n if grad else 0, d, dtype=acc, device=dev)
     with _device_guard(dev):
@@ -275,6 +283,7 @@ def _launch_chunked(a, b, scale, bias, offset: int, grad: bool, size: int | None
                 W=wbuf if grad else part,
                 PART_LOSS=part[0],
                 PART_WSUM=part[1],
+                PART_WDOT=part[k - 1],
                 row0=i0,
                 stride_w=wbuf.stride(0) if grad else 0,
                 stride_part=part.stride(1),
@@ -287,21 +296,21 @@ def _launch_chunked(a, b, scale, bias, offset: int, grad: bool, size: int | None
                 num_warps=cfg["num_warps"],
                 num_stages=cfg["num_stages"],
             )
-            row_loss[i0 : i0 + rows] = part[0, :rows].sum(1)
-            row_wsum[i0 : i0 + rows] = part[1, :rows].sum(1)
+            stats[:, i0 : i0 + rows] = part[:, :rows].sum(2)
             if grad:
                 chunk_gemms(wbuf[:rows], b, a_c, da[i0 : i0 + rows], db, i0)
     if grad and ws != 1.0:  # undo the fp16 weight scaling (a power of two: exact)
         da.mul_(1.0 / ws)
         db.mul_(1.0 / ws)
-    return row_loss, row_wsum, da, db
+    rows = stats.unbind(0) if grad else (*stats.unbind(0), stats.new_empty(0))
+    return (*rows, da, db)
 
 
 def siglip_fwd(
     a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
     offset: int, grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(row_loss, row_wsum, da_raw, db_raw), see gammacl.ops.siglip. Small D: the one-pass
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(row_loss, row_wsum, row_wdot, da_raw, db_raw), see gammacl.ops.siglip. Small D: the one-pass
     kernel (dB by atomics; under torch.use_deterministic_algorithms two atomic-free launches, the
     second on the transposed problem). Large D: the chunked weights + GEMM structure."""
     _check(a, b, scale, bias)
@@ -310,13 +319,15 @@ def siglip_fwd(
         z = torch.zeros(m, dtype=acc, device=a.device)
         da = torch.zeros(m if grad else 0, d, dtype=acc, device=a.device)
         db = torch.zeros(n if grad else 0, d, dtype=acc, device=a.device)
-        return z, z.clone(), da, db
+        return z, z.clone(), z[: m if grad else 0].clone(), da, db
     if _use_chunked(a.dtype, d):
         return _launch_chunked(a, b, scale, bias, offset, grad)
     if use_deterministic_path():
-        row_loss, row_wsum, da, _ = _launch_onepass(a, b, scale, bias, offset, grad, False)
-        _, _, db, _ = _launch_onepass(b, a, scale, bias, -offset, grad, False)
-        return row_loss, row_wsum, da, db
+        row_loss, row_wsum, row_wdot, da, _ = _launch_onepass(
+            a, b, scale, bias, offset, grad, False
+        )
+        db = _launch_onepass(b, a, scale, bias, -offset, grad, False)[3]
+        return row_loss, row_wsum, row_wdot, da, db
     return _launch_onepass(a, b, scale, bias, offset, grad, True)
 
 

@@ -6,7 +6,7 @@ gammacl.reference.siglip):
     loss = (1/M) sum_ij softplus(y_ij)                 softplus(y) = max(y, 0) + log1p(e^{-|y|})
     W_ij = d softplus(y_ij) / d l_ij = -z_ij sigmoid(y_ij)            (|W_ij| <= 1)
     dloss/da = (scale/M) W @ b       dloss/db = (scale/M) W^T @ a
-    dloss/dscale = (1/M) <W, S>_F = (1/M) <a, W @ b>_F        dloss/dbias = (1/M) sum_ij W_ij
+    dloss/dscale = (1/M) <W, S>_F = (1/M) sum_i row_wdot_i        dloss/dbias = (1/M) sum_ij W_ij
 W needs nothing but l_ij itself (no normaliser, unlike the softmax losses), so each S tile is
 final when it is formed: one sweep computes S (2MND FLOPs), the loss, W, and the two gradient
 GEMMs (4MND): 3 GEMM-equivalents, 6MND FLOPs, against 8MND for a forward then a backward that
@@ -14,14 +14,18 @@ recomputes S. Never an M x N buffer (row chunks / tiles only).
 
 Backend contract (every backend implements exactly this function):
     fwd(a, b, scale, bias, offset, grad)
-        -> (row_loss [M], row_wsum [M], da_raw [M, D], db_raw [N, D])
+        -> (row_loss [M], row_wsum [M], row_wdot [M], da_raw [M, D], db_raw [N, D])
     a: [M, D], b: [N, D] same dtype, stride(-1) == 1; scale, bias: 0-d tensors in the
     accumulation dtype (fp64 for fp64 inputs, else fp32) on the features' device; outputs in the
     accumulation dtype: row_loss_i = sum_j softplus(y_ij), row_wsum_i = sum_j W_ij,
-    da_raw = W @ b, db_raw = W^T @ a. grad=False skips the two gradient GEMMs (da_raw, db_raw are
-    then [0, D]). Implementations: torch_fwd below (chunked PyTorch), gammacl.kernels.siglip
-    (Triton), csrc/siglip.cpp (torch.ops.gammacl.siglip_fwd, CPU), csrc/siglip_cuda.{cpp,cu}
-    (CUDA), gammacl.reference.siglip.siglip (materialised).
+    row_wdot_i = sum_j W_ij S_ij, da_raw = W @ b, db_raw = W^T @ a. grad=False skips the two
+    gradient GEMMs and row_wdot (da_raw, db_raw are then [0, D], row_wdot [0]). row_wdot (the
+    scale's gradient) comes from the accumulation-dtype W: the backends that round W to 16 bits
+    for their GEMMs would otherwise lose it where its positive and negative terms cancel (as
+    simlse's dscale).
+    Implementations: torch_fwd below (chunked PyTorch), gammacl.kernels.siglip (Triton),
+    csrc/siglip.cpp (torch.ops.gammacl.siglip_fwd, CPU), csrc/siglip_cuda.{cpp,cu} (CUDA),
+    gammacl.reference.siglip.siglip (materialised).
 
 Numerics: softplus and sigmoid from one e^{-|y|} in fp32 (fp64 for fp64): no overflow at any
 |l| (tested at |l| = 1e4), log1p accurate for small e^{-|y|} (a bias of -10 puts every negative at
@@ -48,25 +52,28 @@ def torch_fwd(a, b, scale, bias, offset: int, grad: bool):
     """Chunked PyTorch backend: per chunk of R rows, l = scale * a_c @ b^T + bias (R x N, the
     positive diagonal sign-flipped in place to y = -z l), the loss rows, W in place, then
     da_c = W @ b and db += W^T @ a_c."""
-    af, bf, step = _acc_operands(a, b, 2)  # two R x N buffers
+    af, bf, step = _acc_operands(a, b, 3)  # S, y / W and W * S: three R x N buffers
     acc = af.dtype
     m, n, d = a.shape[0], b.shape[0], a.shape[1]
     row_loss = torch.empty(m, dtype=acc, device=a.device)
     row_wsum = torch.empty(m, dtype=acc, device=a.device)
+    row_wdot = torch.empty(m if grad else 0, dtype=acc, device=a.device)
     da = torch.empty(m if grad else 0, d, dtype=acc, device=a.device)
     db = torch.zeros(n if grad else 0, d, dtype=acc, device=a.device)
     for i0 in range(0, m, step):
         i1 = min(m, i0 + step)
-        y = torch.mm(af[i0:i1], bf.t()).mul_(scale).add_(bias)  # l
+        s = torch.mm(af[i0:i1], bf.t())
+        y = s * scale + bias  # l
         y.diagonal(i0 + offset).neg_()  # y = -z l (z = +1 on the positives)
         row_loss[i0:i1] = F.logsigmoid(-y).sum(1).neg_()  # softplus(y), stable for any y
         w = y.sigmoid_()
         w.diagonal(i0 + offset).neg_()  # W = -z sigmoid(y)
         row_wsum[i0:i1] = w.sum(1)
         if grad:
+            row_wdot[i0:i1] = (w * s).sum(1)
             torch.mm(w, bf, out=da[i0:i1])
             db.addmm_(w.t(), af[i0:i1])
-    return row_loss, row_wsum, da, db
+    return row_loss, row_wsum, row_wdot, da, db
 
 
 def _reference_fwd(a, b, scale, bias, offset, grad):
@@ -74,14 +81,15 @@ def _reference_fwd(a, b, scale, bias, offset, grad):
 
     out = ref(a, b, scale, bias, offset, upcast=False)
     if not grad:
-        out = out[:2] + (out[2][:0], out[3][:0])
+        out = out[:2] + (out[2][:0], out[3][:0], out[4][:0])
     return out
 
 
 @compiled_fake("gammacl::siglip_fwd")
 def _compiled_fwd_fake(a, b, scale, bias, offset, grad):
     """Shapes of the compiled fwd (cpp / cuda) of the contract above."""
-    return fwd_fake(a, b, grad, a.shape[0], a.shape[0])
+    m = a.shape[0]
+    return fwd_fake(a, b, grad, m, m, m if grad else 0)
 
 
 # The dispatch seam of this op: backend name -> fwd of the contract above.
@@ -100,13 +108,13 @@ def _siglip_op(
     fwd = _backend_impl(backend)
     m = a.shape[0]
     with torch.autocast(a.device.type, enabled=False):
-        row_loss, row_wsum, da_raw, db_raw = fwd(a, b, scale, bias, offset, grad)
+        row_loss, row_wsum, row_wdot, da_raw, db_raw = fwd(a, b, scale, bias, offset, grad)
         loss = row_loss.sum() / m
         dbias = row_wsum.sum() / m
         if grad:
             da = (da_raw * (scale / m)).to(a.dtype)
             db = (db_raw * (scale / m)).to(b.dtype)
-            ds = (a.to(da_raw.dtype) * da_raw).sum() / m  # (1/M) sum_ij W_ij <a_i, b_j>
+            ds = row_wdot.sum() / m  # (1/M) sum_ij W_ij <a_i, b_j>
         else:
             da, db = a.new_empty(0, a.shape[1]), b.new_empty(0, b.shape[1])
             ds = scale.new_zeros(())

@@ -47,7 +47,7 @@ def siglip_loss(
 def siglip(a, b, scale, bias, offset: int = 0, *, upcast: bool = True):
     """Materialised siglip op (gammacl.ops.siglip): with y = -z * l,
         row_loss_i = sum_j softplus(y_ij),  W_ij = d softplus(y_ij) / d l_ij = -z_ij sigmoid(y_ij),
-        row_wsum_i = sum_j W_ij,  da_raw = W @ b,  db_raw = W^T @ a.
+        row_wsum_i = sum_j W_ij,  row_wdot_i = sum_j W_ij s_ij,  da_raw = W @ b,  db_raw = W^T @ a.
     upcast=False: everything in the accumulation dtype, the three GEMMs included (fp32 for 16-bit
     inputs: backend="reference" is the materialised formula at fp32 precision, docs/numerics.md)."""
     l, dt = _logits(a, b, scale, bias, upcast)
@@ -57,6 +57,7 @@ def siglip(a, b, scale, bias, offset: int = 0, *, upcast: bool = True):
     return (
         -F.logsigmoid(-y).sum(1),  # softplus(y), exact for any y (no threshold)
         w.sum(1),
+        (w * (a.to(dt) @ b.to(dt).t())).sum(1),
         w @ b.to(dt),
         w.t() @ a.to(dt),
     )
