@@ -122,8 +122,9 @@ inline void check_simlse_bwd_stats(const char* op, const Problem& pr, const at::
 // simlse_fwd and simlse_bwd as every backend registers them (schemas: simlse.cpp): the checks
 // above under the op's name `Op` on the backend's device `Dev`; then an empty problem's outputs
 // (forward M or N = 0: row [M], col [N or 0] LSEs of no terms, -inf; backward M, N or D = 0: zero
-// da [M, D], db [N, D] and ds, [M + N or M] for vector scales, [] otherwise), else the backend's
-// Fwd / Bwd with the checked problem first and the schema's arguments after it.
+// da [M, D], db [N, D] ([0, D] without need_db) and ds, [M + N or M] for vector scales, []
+// otherwise), else the backend's Fwd / Bwd with the checked problem first and the schema's
+// arguments after it.
 template <const char* Op, at::DeviceType Dev, auto Fwd>
 std::tuple<at::Tensor, at::Tensor> simlse_fwd_entry(const at::Tensor& a, const at::Tensor& b,
                                                     const at::Tensor& scale, int64_t offset,
@@ -140,16 +141,16 @@ template <const char* Op, at::DeviceType Dev, auto Bwd>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_entry(
     const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, const at::Tensor& row_lse,
     const at::Tensor& col_lse, const at::Tensor& g_row, const at::Tensor& g_col, int64_t offset,
-    bool exclude_pos, bool cols, const std::optional<at::Tensor>& col_scale) {
+    bool exclude_pos, bool cols, const std::optional<at::Tensor>& col_scale, bool need_db) {
   const SimlseProblem pr = check_simlse_problem(Op, a, b, scale, col_scale, cols, Dev);
   check_simlse_bwd_stats(Op, pr, a, row_lse, col_lse, g_row, g_col, cols);
   if (pr.M > 0 && pr.N > 0 && pr.D > 0) {
     return Bwd(pr, a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols,
-               col_scale);
+               col_scale, need_db);
   }
   const auto opts = a.options().dtype(pr.acc);
   const at::Tensor ds = pr.vec ? at::zeros({pr.M + (cols ? pr.N : 0)}, opts) : at::zeros({}, opts);
-  return {at::zeros({pr.M, pr.D}, opts), at::zeros({pr.N, pr.D}, opts), ds};
+  return {at::zeros({pr.M, pr.D}, opts), at::zeros({need_db ? pr.N : 0, pr.D}, opts), ds};
 }
 
 }  // namespace gammacl

@@ -118,7 +118,8 @@ struct RowChunk {
 // operands: gemm_operand; `offset` goes to the kernels):
 //   S[rows, N] = A_c @ B^T   into buf (acc dtype; zeros when D = 0)
 //   epilogue(chunk)          reads S; writes W into wbuf (buf itself, or a 16-bit [R, N] buffer)
-//   grad: da[i0:i0+rows] = W @ B,  db (+)= W^T @ A_c   (da, db: acc dtype, contiguous)
+//   grad: da[i0:i0+rows] = W @ B,  db (+)= W^T @ A_c   (da, db: acc dtype, contiguous; an
+//         undefined db skips its GEMM)
 template <typename Epilogue>
 void chunk_gemms(const at::Tensor& a, const at::Tensor& b, int64_t R, int64_t offset,
                  const at::Tensor& buf, const at::Tensor& wbuf, bool grad, const at::Tensor& da,
@@ -143,6 +144,7 @@ void chunk_gemms(const at::Tensor& a, const at::Tensor& b, int64_t R, int64_t of
     if (!grad || D == 0) continue;
     gemm_rm(false, false, rows, D, N, wbuf.const_data_ptr(), N, b.const_data_ptr(), b.stride(0),
             static_cast<char*>(da.data_ptr()) + i0 * D * da.element_size(), D, false, in);
+    if (!db.defined()) continue;
     gemm_rm(true, false, N, D, rows, wbuf.const_data_ptr(), N, c.a_db, c.ld_db, db.data_ptr(), D,
             i0 > 0, in);
   }

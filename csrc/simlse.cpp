@@ -325,7 +325,7 @@ T row_lse_vec(const T* x, int64_t n, T rs, const T* cs, int64_t e, T* cm, T* cl)
 
 // Per chunk of R rows of a [M, D] against b [N, D] (acc dtype): S[rows, N] = A_c @ B^T in a
 // buffer (zeros when D = 0), then epilogue(i0, rows, S) (grad: W over S in place), then with grad
-// da[i0:i0+rows] = W @ B and db += W^T @ A_c (db zeroed by the caller).
+// da[i0:i0+rows] = W @ B and, unless db is null, db += W^T @ A_c (db zeroed by the caller).
 template <typename Epilogue>
 void chunk_mm(const at::Tensor& a, const at::Tensor& b, int64_t R, bool grad, at::Tensor* da,
               at::Tensor* db, Epilogue&& epilogue) {
@@ -344,8 +344,8 @@ void chunk_mm(const at::Tensor& a, const at::Tensor& b, int64_t R, bool grad, at
     epilogue(i0, rows, S);
     if (!grad) continue;
     at::Tensor da_c = da->narrow(0, i0, rows);
-    at::mm_out(da_c, S, b);  // da_c = W @ B
-    db->addmm_(S.t(), a_c);  // db += W^T @ A_c
+    at::mm_out(da_c, S, b);          // da_c = W @ B
+    if (db) db->addmm_(S.t(), a_c);  // db += W^T @ A_c
   }
 }
 
@@ -407,10 +407,10 @@ void fwd_impl(const at::Tensor& a, const at::Tensor& b, T s, const T* rs, const 
 template <typename T>
 void bwd_impl(const at::Tensor& a, const at::Tensor& b, T s, const T* rl, const T* clse,
               const T* gr, const T* gc, int64_t offset, bool exclude, bool cols, at::Tensor& da,
-              at::Tensor& db) {
+              at::Tensor* db) {
   const int64_t M = a.size(0), N = b.size(0);
   const int64_t R = cpu_chunk_rows(M, N, sizeof(T));
-  chunk_mm(a, b, R, true, &da, &db, [&](int64_t i0, int64_t rows, const at::Tensor& S) {
+  chunk_mm(a, b, R, true, &da, db, [&](int64_t i0, int64_t rows, const at::Tensor& S) {
     T* sp = S.data_ptr<T>();
     at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
@@ -439,14 +439,14 @@ void bwd_impl(const at::Tensor& a, const at::Tensor& b, T s, const T* rl, const 
 template <typename T>
 void bwd_vec_impl(const at::Tensor& a, const at::Tensor& b, const T* rs, const T* cs, const T* rl,
                   const T* clse, const T* gr, const T* gc, int64_t offset, bool exclude, bool cols,
-                  at::Tensor& da, at::Tensor& db, T* drs, T* dcs) {
+                  at::Tensor& da, at::Tensor* db, T* drs, T* dcs) {
   const int64_t M = a.size(0), N = b.size(0);
   const int64_t R = cpu_chunk_rows(M, N, sizeof(T));
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t nblk_max = std::min(nthreads, R);
   std::vector<T> pcs(cols ? nblk_max * N : 0, T(0)), gccs(cols ? N : 0);
   for (int64_t j = 0; j < (cols ? N : 0); ++j) gccs[j] = gc[j] * cs[j];
-  chunk_mm(a, b, R, true, &da, &db, [&](int64_t i0, int64_t rows, const at::Tensor& S) {
+  chunk_mm(a, b, R, true, &da, db, [&](int64_t i0, int64_t rows, const at::Tensor& S) {
     T* sp = S.data_ptr<T>();
     const int64_t nblk = std::min(nthreads, rows);
     at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
@@ -510,12 +510,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cpu(
     const SimlseProblem& pr, const at::Tensor& a_in, const at::Tensor& b_in,
     const at::Tensor& scale, const at::Tensor& row_lse, const at::Tensor& col_lse,
     const at::Tensor& g_row, const at::Tensor& g_col, int64_t offset, bool exclude_pos, bool cols,
-    const std::optional<at::Tensor>& col_scale) {
+    const std::optional<at::Tensor>& col_scale, bool need_db) {
   const auto acc = pr.acc;
   const int64_t M = pr.M, N = pr.N, D = pr.D;
   const auto opts = a_in.options().dtype(acc);
   at::Tensor da = at::empty({M, D}, opts);
-  at::Tensor db = at::zeros({N, D}, opts);  // accumulated by chunk_mm
+  at::Tensor db = at::zeros({need_db ? N : 0, D}, opts);  // accumulated by chunk_mm
+  at::Tensor* dbp = need_db ? &db : nullptr;
   const at::Tensor a = a_in.to(acc), b = b_in.to(acc);
   const at::Tensor rl = row_lse.contiguous(), gr = g_row.contiguous();
   const at::Tensor cl = col_lse.contiguous(), gc = g_col.contiguous();
@@ -529,7 +530,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cpu(
           a, b, rs.const_data_ptr<scalar_t>(), cols ? cs.const_data_ptr<scalar_t>() : nullptr,
           rl.const_data_ptr<scalar_t>(), cols ? cl.const_data_ptr<scalar_t>() : nullptr,
           gr.const_data_ptr<scalar_t>(), cols ? gc.const_data_ptr<scalar_t>() : nullptr, offset,
-          exclude_pos, cols, da, db, dsp, dsp + M);
+          exclude_pos, cols, da, dbp, dsp, dsp + M);
     });
     return {da, db, ds};
   }
@@ -537,7 +538,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cpu(
     bwd_impl<scalar_t>(
         a, b, scale.item<scalar_t>(), rl.const_data_ptr<scalar_t>(),
         cols ? cl.const_data_ptr<scalar_t>() : nullptr, gr.const_data_ptr<scalar_t>(),
-        cols ? gc.const_data_ptr<scalar_t>() : nullptr, offset, exclude_pos, cols, da, db);
+        cols ? gc.const_data_ptr<scalar_t>() : nullptr, offset, exclude_pos, cols, da, dbp);
   });
   // sum_ij W_ij <a_i, b_j> = <A, W B>_F: W is acc-typed here, so no cancellation (cf. the CUDA
   // backend, which rounds W to 16 bits for its GEMMs and sums W_ij S_ij in the kernel).
@@ -556,7 +557,7 @@ TORCH_LIBRARY_FRAGMENT(gammacl, m) {
   m.def(
       "simlse_bwd(Tensor a, Tensor b, Tensor scale, Tensor row_lse, Tensor col_lse, "
       "Tensor g_row, Tensor g_col, int offset, bool exclude_pos, bool cols, "
-      "Tensor? col_scale=None) -> (Tensor, Tensor, Tensor)");
+      "Tensor? col_scale=None, bool need_db=True) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace {

@@ -71,10 +71,10 @@ struct Fp16Rows {
     c.ld_db = a.size(1);
   }
 
-  // da rows carry sigma_i, db carries sigma_min.
+  // da rows carry sigma_i, db (when defined) carries sigma_min.
   void undo(at::Tensor& da, at::Tensor& db) const {
     da.div_(sigma.unsqueeze(1));
-    db.div_(sigma_min);
+    if (db.defined()) db.div_(sigma_min);
   }
 };
 
@@ -118,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cuda_vec(
     const SimlseProblem& pr, const at::Tensor& a_in, const at::Tensor& b_in,
     const at::Tensor& scale, const std::optional<at::Tensor>& col_scale, const at::Tensor& row_lse,
     const at::Tensor& col_lse, const at::Tensor& g_row, const at::Tensor& g_col, int64_t offset,
-    bool exclude_pos, bool cols) {
+    bool exclude_pos, bool cols, bool need_db) {
   const auto acc = pr.acc;
   const int64_t M = pr.M, N = pr.N, D = pr.D;
   const c10::cuda::CUDAGuard guard(a_in.device());
@@ -129,7 +129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cuda_vec(
   const at::Tensor cl = col_lse.contiguous(), gc = g_col.contiguous();
   const auto opts = a.options().dtype(acc);
   at::Tensor da = at::empty({M, D}, opts);
-  at::Tensor db = at::empty({N, D}, opts);
+  at::Tensor db = need_db ? at::empty({N, D}, opts) : at::Tensor();  // undefined: no dB GEMM
   at::Tensor ds = at::zeros({M + (cols ? N : 0)}, opts);
   const auto in = a.scalar_type();
   const bool half = in == at::kHalf || in == at::kBFloat16;
@@ -162,21 +162,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cuda_vec(
     at::Tensor parts = drs_part.view({-1}).narrow(0, 0, rows * stride).view({rows, stride});
     drs.narrow(0, i0, rows).copy_(gr.narrow(0, i0, rows) * parts.sum(1));
     if (cols) dcs.add_(dcs_part.narrow(0, 0, crow).sum(0));
-    if (f16) f16->db_operand(a, c);
+    if (f16 && need_db) f16->db_operand(a, c);
   });
   if (cols) dcs.mul_(gc);
   if (f16) f16->undo(da, db);
-  return {da, db, ds};
+  return {da, need_db ? db : at::zeros({0, D}, opts), ds};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cuda(
     const SimlseProblem& pr, const at::Tensor& a_in, const at::Tensor& b_in,
     const at::Tensor& scale, const at::Tensor& row_lse, const at::Tensor& col_lse,
     const at::Tensor& g_row, const at::Tensor& g_col, int64_t offset, bool exclude_pos, bool cols,
-    const std::optional<at::Tensor>& col_scale) {
+    const std::optional<at::Tensor>& col_scale, bool need_db) {
   if (pr.vec)
     return simlse_bwd_cuda_vec(pr, a_in, b_in, scale, col_scale, row_lse, col_lse, g_row, g_col,
-                               offset, exclude_pos, cols);
+                               offset, exclude_pos, cols, need_db);
   const auto acc = pr.acc;
   const int64_t M = pr.M, N = pr.N, D = pr.D;
   const c10::cuda::CUDAGuard guard(a_in.device());
@@ -186,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cuda(
   const at::Tensor cl = col_lse.contiguous(), gc = g_col.contiguous();
   const auto opts = a.options().dtype(acc);
   at::Tensor da = at::empty({M, D}, opts);
-  at::Tensor db = at::empty({N, D}, opts);
+  at::Tensor db = need_db ? at::empty({N, D}, opts) : at::Tensor();  // undefined: no dB GEMM
   at::Tensor ds = at::zeros({}, opts);
   const auto in = a.scalar_type();
   const bool half = in == at::kHalf || in == at::kBFloat16;  // W in the input dtype
@@ -211,10 +211,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> simlse_bwd_cuda(
         ds_part.data_ptr(), &n_part, stream);
     C10_CUDA_CHECK(static_cast<cudaError_t>(err));
     ds.add_(ds_part.narrow(0, 0, n_part).sum());
-    if (f16) f16->db_operand(a, c);
+    if (f16 && need_db) f16->db_operand(a, c);
   });
   if (f16) f16->undo(da, db);
-  return {da, db, ds};
+  return {da, need_db ? db : at::zeros({0, D}, opts), ds};
 }
 
 constexpr char kFwdOp[] = "gammacl::simlse_fwd (cuda)";

@@ -463,12 +463,15 @@ def simlse_bwd(
     a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
     row_lse: torch.Tensor, col_lse: torch.Tensor, g_row: torch.Tensor, g_col: torch.Tensor,
     offset: int, exclude_pos: bool, cols: bool, col_scale: torch.Tensor | None = None,
+    need_db: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(da_raw, db_raw, dscale_raw) = (W @ b, W^T @ a, sum_ij W_ij <a_i, b_j>), W_ij =
     g_row_i exp(l_ij - row_lse_i) + [cols] g_col_j exp(l_ij - col_lse_j), 0 on excluded
     entries; acc dtype; dscale_raw (0-d) from the unrounded W.
     Vector scales (scale [M], col_scale [N] when cols): (dA, dB, cat(drs, dcs)) with the scales
-    inside W (gammacl.ops.simlse)."""
+    inside W (gammacl.ops.simlse). need_db=False: db_raw [0, D], its GEMM (large D) or its
+    launch (fused) skipped; the fused vector path with cols still runs the transposed launch,
+    which forms dcs."""
     vec = _check_features(a, b, scale, col_scale, cols)
     offset, exclude_pos, cols = int(offset), bool(exclude_pos), bool(cols)
     m, n, d, acc, dev = _dims(a, b)
@@ -478,9 +481,10 @@ def simlse_bwd(
     g_col = _check_vector("g_col", g_col, n if cols else 0, acc, dev)
     da = torch.empty(m, d, dtype=acc, device=dev)
     db = torch.empty(n, d, dtype=acc, device=dev)
+    no_db = db[:0]  # need_db=False
     if m == 0 or n == 0:
         ds = torch.zeros(m + (n if cols else 0) if vec else (), dtype=acc, device=dev)
-        return da.zero_(), db.zero_(), ds
+        return da.zero_(), db.zero_() if need_db else no_db, ds
     ds_part = None
     # fp16 only (5-bit exponent): W rows scaled by powers of two sigma_i (fp16_row_scale; bf16
     # shares fp32's exponent range and needs no scaling)
@@ -494,17 +498,21 @@ def simlse_bwd(
             sigma = fp16_row_scale(g_r, g_c, True, cols, m) if g_norm else None
             _tiled.large_d_bwd(
                 a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols, sigma,
-                da, db, ds, col_scale=cs,
+                da, db if need_db else None, ds, col_scale=cs,
             )  # fmt: skip
-            return da, db, ds
+            return da, db if need_db else no_db, ds
         if vec:  # rows of a write drs = ds[:m], rows of b dcs = ds[m:]
             ds_vec = torch.empty(m + (n if cols else 0), dtype=acc, device=dev)
         # da_raw = W @ b over row blocks of a; db_raw = W^T @ a over row blocks of b, where W^T
         # has the same form with (r, g_r) <-> (c, g_c) and offset -> -offset.
-        for x, y, lse_x, lse_y, g_x, g_y, s_x, s_y, off, has_x, has_y, out, trans in (
+        launches = (
             (a, b, row_lse, col_lse, g_row, g_col, scale, cs, offset, True, cols, da, False),
             (b, a, col_lse, row_lse, g_col, g_row, cs, scale, -offset, cols, True, db, True),
-        ):
+        )
+        # without need_db the transposed launch runs only for the column-scale gradients dcs
+        for x, y, lse_x, lse_y, g_x, g_y, s_x, s_y, off, has_x, has_y, out, trans in launches[
+            : 2 if need_db or (vec and cols) else 1
+        ]:
             kw = {} if _AUTOTUNE else _config("bwd", x.dtype, d, vec)
             rows = x.shape[0]
             grid = lambda meta, rows=rows: (triton.cdiv(rows, meta["BLOCK_M"]),)  # noqa: E731
@@ -540,6 +548,7 @@ def simlse_bwd(
             )
             if g_norm:
                 out.div_(sigma[:, None])  # exact: sigma is a power of two
+    db = db if need_db else no_db
     if vec:
         return da, db, ds_vec
     return da, db, ds_part.sum()

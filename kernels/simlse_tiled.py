@@ -202,8 +202,8 @@ def large_d_fwd(a, b, scale, offset, exclude_pos, cols, row, col, col_scale=None
 def large_d_bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols, sigma,
                  da, db, ds, col_scale=None) -> None:  # fmt: skip
     """Per chunk of R rows: W [R, N] (operand dtype) by _simlse_bwd_w_kernel, then
-    da[chunk] = W @ b and db (+)= W^T @ a[chunk], ds (0-d) += sum_ij W_ij S_ij from the
-    kernel's per-tile partials. R from GAMMACL_TRITON_CHUNK_MIB over W.
+    da[chunk] = W @ b and db (+)= W^T @ a[chunk] (db None: skipped), ds (0-d) += sum_ij W_ij S_ij
+    from the kernel's per-tile partials. R from GAMMACL_TRITON_CHUNK_MIB over W.
     fp16 (sigma [M], powers of two, simlse.fp16_row_scale): W' = diag(sigma) W, so
     da = diag(1 / sigma) (W' @ b) exactly per row, and db = W^T a = (1 / sigma_min) W'^T (a_s)
     with a_s_i = a_i * sigma_min / sigma_i (a factor <= 1, rounded to fp16: an [R, D] copy).
@@ -259,11 +259,12 @@ def large_d_bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos
             ds += ds_part[: grid[0]].sum()
         if sigma is not None:  # W' = diag(sigma) W: A's rows pre-scaled, dA's rows unscaled
             sc = sigma[i0 : i0 + rows]
-            x = (x.float() * (sigma_min / sc)[:, None]).to(x.dtype)
+            if db is not None:
+                x = (x.float() * (sigma_min / sc)[:, None]).to(x.dtype)
         chunk_gemms(w[:rows], b, x, da[i0 : i0 + rows], db, i0)
         if sigma is not None:
             da[i0 : i0 + rows].div_(sc[:, None])
     if vec and cols:
         ds[m:] *= g_col
-    if sigma is not None:
+    if sigma is not None and db is not None:
         db.div_(sigma_min)

@@ -462,9 +462,11 @@ class RowChunks:
 
 def chunk_gemms(w: torch.Tensor, b: torch.Tensor, a_c: torch.Tensor, da_c, db, i0: int) -> None:
     """A chunk's two gradient GEMMs from its weights W [rows, N]: dA_c = W @ B and
-    dB (+)= W^T @ A_c (the first chunk stores, later ones accumulate in the GEMM epilogue)."""
+    dB (+)= W^T @ A_c (the first chunk stores, later ones accumulate in the GEMM epilogue;
+    db None: no dB GEMM)."""
     gemm(w, b, da_c, accumulate=False)
-    gemm(w.t(), a_c, db, accumulate=i0 > 0)
+    if db is not None:
+        gemm(w.t(), a_c, db, accumulate=i0 > 0)
 
 
 def chunk_rows(m: int, bytes_per_row: int, multiple: int) -> int:

@@ -33,22 +33,9 @@ def test_opcheck_simlse(backend, offset, exclude, cols):
     torch.library.opcheck(_simlse_op, (a, b, s, offset, exclude, cols, backend))
     row, col = _simlse_op(a.detach(), b.detach(), s.detach(), offset, exclude, cols, backend)
     g_row, g_col = torch.rand_like(row), torch.rand_like(col)
-    torch.library.opcheck(
-        _simlse_backward_op,
-        (
-            a.detach(),
-            b.detach(),
-            s.detach(),
-            row,
-            col,
-            g_row,
-            g_col,
-            offset,
-            exclude,
-            cols,
-            backend,
-        ),
-    )
+    args = (a.detach(), b.detach(), s.detach(), row, col, g_row, g_col, offset, exclude, cols)
+    torch.library.opcheck(_simlse_backward_op, (*args, backend))
+    torch.library.opcheck(_simlse_backward_op, (*args, backend, None, False))  # no dB
 
 
 @pytest.mark.parametrize("backend", NO_TRITON)

@@ -450,6 +450,44 @@ def test_local_pair_lse_gradient_is_both_directions(exclude_pos):
         assert_close_fp64(a, b, what)
 
 
+@pytest.mark.parametrize("exclude_pos", [False, True])
+def test_local_pair_lse_vector_scales_and_no_db_gemm(exclude_pos, monkeypatch):
+    """Per-anchor scales ([2, n]: temperature="individual"): in a world of one the local backward
+    gives simlse's autograd of both directions with vector scales, the scales' gradient included
+    (each sweep's drs); every backward sweep runs with need_db=False (no dB GEMM: the gathered
+    side's gradient is never used)."""
+    import gammacl._local_grad as local_grad
+    from gammacl.distributed import World
+    from gammacl.ops.simlse import simlse
+
+    flags, real = [], local_grad._simlse_backward_op
+
+    def spy(*args):
+        flags.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(local_grad, "_simlse_backward_op", spy)
+    g = torch.Generator().manual_seed(4)
+    x, y = (torch.randn(9, 6, generator=g, dtype=torch.float64) for _ in range(2))
+    wx, wy = (torch.rand(9, generator=g, dtype=torch.float64) for _ in range(2))
+    scales = 1.0 + torch.rand(2, 9, generator=g, dtype=torch.float64)
+
+    def ref(a, b, s):
+        row, col = simlse(a, b, s[0], exclude_pos=exclude_pos, backend="torch", col_scale=s[1])
+        return (wx * row).sum() + (wy * col).sum()
+
+    def ours(a, b, s):
+        rx, ry, _ = local_grad.local_pair_lse(
+            a, b, a, b, s, World(), offset=0, exclude_pos=exclude_pos, backend="torch"
+        )
+        return (wx * rx).sum() + (wy * ry).sum()
+
+    want, got = _run(ref, x, y, scales), _run(ours, x, y, scales)
+    for what, a, b in zip(("value", "d_x", "d_y", "d_scales"), got, want, strict=True):
+        assert_close_fp64(a, b, what)
+    assert flags == [False, False], flags
+
+
 def test_scale_out_arguments_validated():
     import gammacl
 

@@ -19,7 +19,8 @@ instead and has no backward collective; SigLIP (siglip_local) gathers features o
 The scale: that backward's dscale on rank r covers its rows of both directions AND its columns
 of every anchor, so summed over ranks it counts every logit twice; rank r returns half of it.
 Summed over ranks (what DDP averages) it equals the sum of "reduce"'s per-rank dscale; per rank
-it is a different share. The da/db the kernel forms for the gathered side (db_raw) are unused.
+it is a different share. The gathered side's gradient (db_raw) is not needed: the sweeps run
+with need_db=False, which skips its GEMM (12 n N D FLOPs per step instead of 16).
 
 Per-anchor scales (temperature="individual": l_ij = rs_i s_ij for image anchor i, cs_j s_ij for
 text anchor j): the same sweep with vector scales, rows at this rank's rs, columns at every
@@ -65,11 +66,11 @@ class _LocalPairLse(torch.autograd.Function):
         g_all = world.gather(torch.stack([g_rx, g_ry], dim=1), with_grad=False).t().contiguous()
         dx_raw, _, ds_x = _simlse_backward_op(
             x, all_y, sx, rx, lse_all[1], g_rx.contiguous(), g_all[1], offset, exclude_pos,
-            True, backend, scale_all[1] if vec else None,
+            True, backend, scale_all[1] if vec else None, False,
         )  # fmt: skip
         dy_raw, _, ds_y = _simlse_backward_op(
             y, all_x, sy, ry, lse_all[0], g_ry.contiguous(), g_all[0], offset, exclude_pos,
-            True, backend, scale_all[0] if vec else None,
+            True, backend, scale_all[0] if vec else None, False,
         )  # fmt: skip
         need_x, need_y, _, _, need_s = ctx.needs_input_grad[:5]
         n = x.shape[0]
@@ -110,8 +111,9 @@ def mean_dots(x, all_y, rs, lse, offset: int, backend: str) -> torch.Tensor:
     upstream 1, local (no collective)."""
     ones, none = torch.ones_like(lse), lse.new_empty(0)
     return _simlse_backward_op(
-        x.detach(), all_y, rs, lse.detach(), none, ones, none, offset, True, False, backend
-    )[2]
+        x.detach(), all_y, rs, lse.detach(), none, ones, none, offset, True, False, backend, None,
+        False,
+    )[2]  # fmt: skip
 
 
 def siglip_local(

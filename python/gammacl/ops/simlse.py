@@ -42,6 +42,12 @@ the vector mode from scale.dim() == 1 and one trailing argument col_scale ([N] w
 None); their bwd then returns (dA, dB, dscale) with dscale = cat(drs [M], dcs [N or 0]), every
 term summed from the accumulation-dtype weights. Scalar calls pass no col_scale and run the code
 they ran before.
+
+need_db: bwd(..., col_scale, need_db=False) returns db_raw as [0, D] and skips its GEMM (its
+launch on triton's fused path, except with vector scales and cols, whose transposed launch forms
+dcs); every other output is unchanged. The autograd backward passes need_db = whether b needs a
+gradient; grad_comm="local" (gammacl._local_grad), whose gathered side needs none, saves 2 M N D
+of the 6 M N D backward FLOPs.
 """
 
 from __future__ import annotations
@@ -117,15 +123,17 @@ def torch_bwd(
     exclude_pos: bool,
     cols: bool,
     col_scale=None,
+    need_db: bool = True,
 ):
     if scale.dim() == 1:
         return _torch_bwd_vec(
-            a, b, scale, col_scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols
-        )
+            a, b, scale, col_scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols,
+            need_db,
+        )  # fmt: skip
     af, bf, step = _acc_operands(a, b)
     m = a.shape[0]
     da = torch.empty_like(af, memory_format=torch.contiguous_format)
-    db = torch.zeros_like(bf, memory_format=torch.contiguous_format)
+    db = _db_buffer(bf, need_db)
     for i0 in range(0, m, step):
         i1 = min(m, i0 + step)
         s = _masked_logits(af[i0:i1], bf, scale, i0, offset, exclude_pos)
@@ -138,8 +146,16 @@ def torch_bwd(
         if exclude_pos:  # exp(-inf - (-inf)) on an all-excluded row would be nan
             w.diagonal(i0 + offset).zero_()
         da[i0:i1] = torch.mm(w, bf)
-        db.addmm_(w.t(), af[i0:i1])
+        if need_db:
+            db.addmm_(w.t(), af[i0:i1])
     return da, db, (af * da).sum()
+
+
+def _db_buffer(bf: torch.Tensor, need_db: bool) -> torch.Tensor:
+    """db_raw, accumulated over row chunks: [N, D] zeros, or [0, D] without need_db."""
+    if not need_db:
+        return bf.new_zeros(0, bf.shape[1])
+    return torch.zeros_like(bf, memory_format=torch.contiguous_format)
 
 
 def _scaled(s: torch.Tensor, scale: torch.Tensor, diag: int, exclude: bool) -> torch.Tensor:
@@ -166,12 +182,14 @@ def _torch_fwd_vec(a, b, rs, cs, offset: int, exclude_pos: bool, cols: bool):
     return row, col
 
 
-def _torch_bwd_vec(a, b, rs, cs, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols):
+def _torch_bwd_vec(
+    a, b, rs, cs, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols, need_db=True
+):
     """Vector mode: (dA, dB, cat(drs, dcs)) with the scales inside W (module docstring)."""
     af, bf, step = _acc_operands(a, b)
     m, n = a.shape[0], b.shape[0]
     da = torch.empty_like(af, memory_format=torch.contiguous_format)
-    db = torch.zeros_like(bf, memory_format=torch.contiguous_format)
+    db = _db_buffer(bf, need_db)
     drs = torch.empty(m, dtype=af.dtype, device=a.device)
     dcs = torch.zeros(n if cols else 0, dtype=af.dtype, device=a.device)
     gc_cs = (g_col * cs)[None, :] if cols else None
@@ -193,7 +211,8 @@ def _torch_bwd_vec(a, b, rs, cs, row_lse, col_lse, g_row, g_col, offset, exclude
             w.add_(pc.mul_(gc_cs))
             del pc
         da[i0:i1] = torch.mm(w, bf)
-        db.addmm_(w.t(), af[i0:i1])
+        if need_db:
+            db.addmm_(w.t(), af[i0:i1])
     return da, db, torch.cat([drs, dcs * g_col]) if cols else drs
 
 
@@ -213,7 +232,10 @@ def _reference_impls():
             col_scale=col_scale,
         )
 
-    def bwd(a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols, col_scale=None):
+    def bwd(
+        a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols, col_scale=None,
+        need_db=True,
+    ):  # fmt: skip
         out = ref_bwd(
             a,
             b,
@@ -229,9 +251,10 @@ def _reference_impls():
             col_scale=col_scale,
         )
         if scale.dim() == 1:
-            return out
-        da, db = out
-        return da, db, (a * da).sum()
+            da, db, ds = out
+        else:
+            (da, db), ds = out, (a * out[0]).sum()
+        return da, db if need_db else db[:0], ds
 
     return fwd, bwd
 
@@ -247,15 +270,16 @@ def _compiled_fwd_fake(a, b, scale, offset, exclude_pos, cols, col_scale=None):
 
 @compiled_fake("gammacl::simlse_bwd")
 def _compiled_bwd_fake(
-    a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols, col_scale=None
-):
-    """Shapes of the compiled bwd: (da_raw, db_raw, dscale_raw), dscale_raw 0-d, or with vector
-    scales (scale [M]) cat(drs [M], dcs [N or 0])."""
+    a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols, col_scale=None,
+    need_db=True,
+):  # fmt: skip
+    """Shapes of the compiled bwd: (da_raw, db_raw ([0, D] without need_db), dscale_raw),
+    dscale_raw 0-d, or with vector scales (scale [M]) cat(drs [M], dcs [N or 0])."""
     acc = acc_dtype(a.dtype)
     ds = () if scale.dim() == 0 else (a.shape[0] + (b.shape[0] if cols else 0),)
     return (
         a.new_empty(a.shape, dtype=acc),
-        b.new_empty(b.shape, dtype=acc),
+        b.new_empty(b.shape if need_db else (0, b.shape[1]), dtype=acc),
         a.new_empty(ds, dtype=acc),
     )
 
@@ -365,23 +389,27 @@ def _simlse_backward_op(
     cols: bool,
     backend: str,
     col_scale: torch.Tensor | None = None,
+    need_db: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backend's bwd (module docstring): (da_raw, db_raw, dscale_raw = sum_ij W_ij
     <a_i, b_j>) with a 0-d scale; (dA, dB, cat(drs, dcs)) with vector scales (col_scale given
-    when cols)."""
+    when cols). need_db=False: db_raw is [0, D] and its GEMM is skipped (2 N M D FLOPs)."""
     _, bwd = _backend_impl(backend, a.device)
     a, b = _last_dim_contiguous(a), _last_dim_contiguous(b)
     args = (a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols)
     with torch.autocast(a.device.type, enabled=False):
+        if not need_db:
+            return bwd(*args, col_scale, False)
         return bwd(*args) if scale.dim() == 0 else bwd(*args, col_scale)
 
 
 @_simlse_backward_op.register_fake
 def _(
-    a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols, backend, col_scale=None
-):
+    a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols, backend, col_scale=None,
+    need_db=True,
+):  # fmt: skip
     args = (a, b, scale, row_lse, col_lse, g_row, g_col, offset, exclude_pos, cols, col_scale)
-    return _compiled_bwd_fake(*args)  # the same shapes on every backend
+    return _compiled_bwd_fake(*args, need_db)  # the same shapes on every backend
 
 
 def _setup_context(ctx, inputs, output):
@@ -408,7 +436,7 @@ def _backward(ctx, g_row, g_col):
     need_a, need_b, need_s = ctx.needs_input_grad[:3]
     if scale.dim() == 0:
         da_raw, db_raw, ds_raw = _simlse_backward_op(
-            a, b, scale, row, col, g_row, g_col, offset, exclude_pos, cols, backend
+            a, b, scale, row, col, g_row, g_col, offset, exclude_pos, cols, backend, None, need_b
         )
         da = (da_raw * scale).to(a.dtype) if need_a else None
         db = (db_raw * scale).to(b.dtype) if need_b else None
@@ -428,6 +456,7 @@ def _backward(ctx, g_row, g_col):
         cols,
         backend,
         col_scale.contiguous() if cols else None,
+        need_b,
     )
     m = a.shape[0]
     ds = ds_raw[:m] if need_s else None
