@@ -480,7 +480,8 @@ def simlse_bwd(
     col_lse = _check_vector("col_lse", col_lse, n if cols else 0, acc, dev)
     g_col = _check_vector("g_col", g_col, n if cols else 0, acc, dev)
     da = torch.empty(m, d, dtype=acc, device=dev)
-    db = torch.empty(n, d, dtype=acc, device=dev)
+    # without need_db only the fused vector path with cols writes db (its dcs launch, below)
+    db = torch.empty(n if need_db or (vec and cols) else 0, d, dtype=acc, device=dev)
     no_db = db[:0]  # need_db=False
     if m == 0 or n == 0:
         ds = torch.zeros(m + (n if cols else 0) if vec else (), dtype=acc, device=dev)

@@ -78,7 +78,7 @@ class _LocalPairLse(torch.autograd.Function):
             dx, dy = dx_raw.to(x.dtype), dy_raw.to(y.dtype)
             ds = torch.stack([ds_x[:n], ds_y[:n]])
         else:
-            dx, dy = (dx_raw * sx).to(x.dtype), (dy_raw * sx).to(y.dtype)
+            dx, dy = (dx_raw * sx).to(x.dtype), (dy_raw * sy).to(y.dtype)
             ds = 0.5 * (ds_x + ds_y)
         grads = (dx if need_x else None, dy if need_y else None, None, None, ds if need_s else None)
         return (*grads, None, None, None, None)

@@ -288,12 +288,11 @@ def individual_step(loss, image_features, text_features, logit_scale, index, wor
     all_text = world.gather(text_features, with_grad=not local)
     if local:  # _local_grad: every anchor's LSE and scale gathered, each rank's exact gradient
         feats = (image_features, text_features, all_image, all_text)
-        row, col, _ = local_pair_lse(
-            *feats, tau.reciprocal(), world, offset=off, exclude_pos=True, backend=name
-        )
+        rs = tau.reciprocal()  # [2, n]: this rank's image and text anchors' scales
+        row, col, _ = local_pair_lse(*feats, rs, world, offset=off, exclude_pos=True, backend=name)
         lse = torch.stack([row, col])
-        pairs = ((image_features, all_text, tau[0], row), (text_features, all_image, tau[1], col))
-        mean_s = torch.stack([mean_dots(x, y, 1.0 / t, r, off, name) for x, y, t, r in pairs])
+        pairs = ((image_features, all_text, rs[0], row), (text_features, all_image, rs[1], col))
+        mean_s = torch.stack([mean_dots(x, y, s, r, off, name) for x, y, s, r in pairs])
     else:
         with torch.enable_grad():  # E_p[s] below needs the graph of the LSEs to the scales
             rs, cs = (t.reciprocal().requires_grad_() for t in tau)
